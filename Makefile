@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` (train on the embedded synthetic data) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build of torch; a GPU user installs their CUDA build into the venv first (see README).
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test lint
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/fedrec-centralized
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy shared_model fl_client fl_server simulations
+	$(BIN)/lint-imports
+
+test: lint
+	$(BIN)/pytest

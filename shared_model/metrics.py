@@ -1,0 +1,104 @@
+"""Full-catalog ranking metrics (HR@K, NDCG@K, MRR), model evaluation and the popularity baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from shared_model.modeling_fedrec import FedRecModel
+from shared_model.sequences import Split, UserSequences, make_batch
+
+DEFAULT_KS: tuple[int, ...] = (5, 10, 20)
+
+
+@dataclass
+class RankingMetrics:
+    """Running sums of per-user ranking metrics; `result()` gives the means."""
+
+    ks: Sequence[int] = DEFAULT_KS
+    count: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def update(self, ranks: torch.Tensor) -> None:
+        """Add users whose held-out item got 0-based rank `ranks` among all catalog items.  # (B,)"""
+        ranks = ranks.double()
+        for k in self.ks:
+            hit = (ranks < k).double()
+            self._add(f"hr@{k}", hit.sum().item())
+            self._add(f"ndcg@{k}", (hit / torch.log2(ranks + 2.0)).sum().item())
+        self._add("mrr", (1.0 / (ranks + 1.0)).sum().item())
+        self.count += int(ranks.numel())
+
+    def _add(self, name: str, value: float) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + value
+
+    def result(self) -> dict[str, float]:
+        """Mean of each metric over the users seen (empty dict when none)."""
+        if not self.count:
+            return {}
+        return {name: total / self.count for name, total in self.sums.items()}
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target: items scoring strictly higher, plus half the ties (fair to constant
+    scorers).  # scores (B, V), targets (B,) -> (B,)"""
+    target_scores = scores.gather(1, targets.unsqueeze(1))  # (B, 1)
+    higher = (scores > target_scores).sum(1)
+    ties = (scores == target_scores).sum(1) - 1
+    return higher + torch.div(ties, 2, rounding_mode="floor")
+
+
+def mask_seen(scores: torch.Tensor, item_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Set already-seen items to -inf (except the target), for the history-masked protocol."""
+    masked = scores.scatter(1, item_ids, float("-inf"))
+    return masked.scatter(1, targets.unsqueeze(1), scores.gather(1, targets.unsqueeze(1)))
+
+
+Scorer = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def evaluate_scorer(scorer: Scorer, seqs: UserSequences, split: Split, max_len: int, batch_size: int = 512,
+                    mask_history: bool = False, ks: Sequence[int] = DEFAULT_KS,
+                    device: torch.device | str = "cpu") -> dict[str, float]:
+    """Rank each user's held-out item against the whole catalog with any batch -> (B, V) scorer."""
+    metrics = RankingMetrics(ks=ks)
+    for start in range(0, len(seqs), batch_size):
+        users = np.arange(start, min(start + batch_size, len(seqs)))
+        batch = {k: v.to(device) for k, v in make_batch(seqs, users, split, max_len).items()}
+        scores = scorer(batch).float()  # (B, V)
+        if mask_history:
+            scores = mask_seen(scores, batch["item_ids"], batch["labels"])
+        metrics.update(target_ranks(scores, batch["labels"]).cpu())
+    return {**metrics.result(), "users": float(metrics.count)}
+
+
+@torch.no_grad()
+def evaluate_model(model: FedRecModel, seqs: UserSequences, split: Split, batch_size: int = 512,
+                   mask_history: bool = False, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Full-ranking metrics of a model on the valid or test split."""
+    was_training = model.training
+    model.eval()
+
+    def scorer(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model.score_next(batch["item_ids"], batch["event_types"], batch["time_buckets"])
+
+    try:
+        return evaluate_scorer(scorer, seqs, split, model.config.max_len, batch_size, mask_history,
+                               device=device)
+    finally:
+        model.train(was_training)
+
+
+def evaluate_popularity(train_seqs: UserSequences, seqs: UserSequences, split: Split, num_rows: int,
+                        max_len: int = 50, mask_history: bool = False) -> dict[str, float]:
+    """The popularity baseline through the same ranking code: score = training-part count."""
+    counts = torch.from_numpy(train_seqs.item_counts(num_rows)).double()
+    counts[0] = float("-inf")
+
+    def scorer(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return counts.unsqueeze(0).expand(batch["labels"].shape[0], -1)
+
+    return evaluate_scorer(scorer, seqs, split, max_len, mask_history=mask_history)

@@ -1,0 +1,147 @@
+"""The behaviour model: a causal transformer over (item, position, event type, time gap) that scores
+every catalog item as the user's next one. Only Opacus-supported layers: Embedding, Linear, LayerNorm,
+Dropout (HF BertLayer blocks, attention through SDPA)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.models.bert.modeling_bert import BertLayer
+
+from shared_model.configuration_fedrec import FedRecConfig
+
+
+class FedRecPreTrainedModel(PreTrainedModel):
+    """HF plumbing: config class and weight init."""
+
+    config_class = FedRecConfig
+    base_model_prefix = "fedrec"
+    # One Parameter in two modules when tied: Opacus' hook mode sums both per-sample parts.
+    _tied_weights_keys = {"output.weight": "item_embeddings.weight"}  # noqa: RUF012 (HF instance attribute)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class FedRecModel(FedRecPreTrainedModel):
+    """Next-item recommender: hidden states per position, and logits over all catalog rows."""
+
+    item_text: torch.Tensor  # (V, text_dim) frozen buffer, present when config.text_dim > 0
+
+    def __init__(self, config: FedRecConfig) -> None:
+        super().__init__(config)
+        d = config.hidden_size
+        self.item_embeddings = nn.Embedding(config.num_item_rows, d, padding_idx=0)
+        self.position_embeddings = nn.Embedding(config.max_len, d)
+        self.event_type_embeddings = nn.Embedding(config.num_event_types, d, padding_idx=0)
+        self.time_embeddings = nn.Embedding(config.num_time_buckets, d, padding_idx=0)
+        if config.text_dim:
+            # Frozen public item-text features (e.g. MiniLM title embeddings), projected into item space.
+            self.register_buffer("item_text", torch.zeros(config.num_item_rows, config.text_dim), persistent=True)
+            self.text_projection = nn.Linear(config.text_dim, d, bias=False)
+        self.embedding_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        bert = config.to_bert_config()
+        self.layers = nn.ModuleList([BertLayer(bert, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.output = nn.Linear(d, config.num_item_rows, bias=False)
+        self.post_init()
+
+    def set_item_text(self, features: torch.Tensor) -> None:
+        """Install the frozen (num_item_rows, text_dim) item-text feature table."""
+        if not self.config.text_dim:
+            raise ValueError("this model was configured without text features (text_dim=0)")
+        self.item_text.copy_(features.to(self.item_text.dtype))
+
+    def embed(self, item_ids: torch.Tensor, event_types: torch.Tensor,
+              time_buckets: torch.Tensor) -> torch.Tensor:
+        """Sum of the input embeddings for left-padded sequences.  # (B, T) -> (B, T, d)"""
+        B, T = item_ids.shape
+        # Positions count back from the most recent event, so padding width never shifts them; they are
+        # expanded to the batch because broadcast ids break per-sample gradients.
+        positions = torch.arange(T - 1, -1, -1, device=item_ids.device).clamp(max=self.config.max_len - 1)
+        positions = positions.unsqueeze(0).expand(B, T).contiguous()  # (B, T)
+        x = self.item_embeddings(item_ids) + self.position_embeddings(positions)  # (B, T, d)
+        x = x + self.event_type_embeddings(event_types)
+        if self.config.use_time_gaps:
+            x = x + self.time_embeddings(time_buckets)
+        if self.config.text_dim:
+            x = x + self.text_projection(self.item_text[item_ids])  # (B, T, text_dim) -> (B, T, d)
+        return self.dropout(self.embedding_norm(x))
+
+    @staticmethod
+    def attention_mask(item_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Additive causal + key-padding mask; each position may always see itself (no empty rows)."""
+        B, T = item_ids.shape
+        causal = torch.ones(T, T, dtype=torch.bool, device=item_ids.device).tril()  # (T, T)
+        keys = (item_ids != 0).unsqueeze(1)  # (B, 1, T)
+        allowed = causal.unsqueeze(0) & keys  # (B, T, T)
+        allowed = allowed | torch.eye(T, dtype=torch.bool, device=item_ids.device)
+        mask = torch.zeros(B, 1, T, T, dtype=dtype, device=item_ids.device)
+        return mask.masked_fill(~allowed.unsqueeze(1), torch.finfo(dtype).min)  # (B, 1, T, T)
+
+    def forward(self, item_ids: torch.Tensor, event_types: torch.Tensor,
+                time_buckets: torch.Tensor) -> torch.Tensor:
+        """Hidden state after each event.  # (B, T) ids -> (B, T, d)"""
+        x = self.embed(item_ids, event_types, time_buckets)
+        mask = self.attention_mask(item_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, attention_mask=mask)
+        return self.final_norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores of every catalog row; row 0 (padding) can never be recommended.  # (..., d) -> (..., V)"""
+        scores = self.output(hidden)
+        return scores.index_fill(-1, torch.zeros(1, dtype=torch.long, device=scores.device), float("-inf"))
+
+    def score_next(self, item_ids: torch.Tensor, event_types: torch.Tensor,
+                   time_buckets: torch.Tensor) -> torch.Tensor:
+        """Scores for the item after the last event of each sequence.  # (B, T) -> (B, V)"""
+        return self.logits(self.forward(item_ids, event_types, time_buckets)[:, -1])
+
+    def sampled_logits(self, hidden: torch.Tensor, labels: torch.Tensor, num_negatives: int,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sampled softmax for large catalogs: column 0 is the positive, then shared uniform negatives.
+
+        # hidden (B, T, d), labels (B, T) -> (B, T, 1 + K). Not usable under DP (functional weight use).
+        """
+        negatives = torch.randint(1, self.config.num_item_rows, (num_negatives,), generator=generator,
+                                  device=hidden.device)  # (K,)
+        weight = self.output.weight
+        positive = (hidden * weight[labels]).sum(-1, keepdim=True)  # (B, T, 1)
+        negative = hidden @ weight[negatives].T  # (B, T, K)
+        negative = negative.masked_fill(negatives.view(1, 1, -1) == labels.unsqueeze(-1), float("-inf"))
+        return torch.cat([positive, negative], dim=-1)
+
+
+def sequence_loss(model: FedRecModel, batch: dict[str, torch.Tensor], per_user: bool = False,
+                  num_negatives: int = 0) -> torch.Tensor:
+    """Next-item cross-entropy at every non-padding position.
+
+    Returns the mean over positions, or with `per_user` the (B,) per-user mean that DP-SGD clips.
+    """
+    hidden = model(batch["item_ids"], batch["event_types"], batch["time_buckets"])  # (B, T, d)
+    labels = batch["labels"]  # (B, T)
+    if not per_user and not num_negatives:
+        # Score only real positions: the (N, V) output layer dominates the cost and most rows are padding.
+        keep = labels != 0
+        return F.cross_entropy(model.logits(hidden[keep]), labels[keep])  # (N, d) -> (N, V)
+    if num_negatives:
+        logits = model.sampled_logits(hidden, labels, num_negatives)  # (B, T, 1 + K)
+        targets = torch.zeros_like(labels)
+    else:
+        logits, targets = model.logits(hidden), labels  # (B, T, V)
+    valid = (labels != 0).to(hidden.dtype)  # (B, T)
+    targets = targets.masked_fill(labels == 0, -100)  # padding positions are ignored
+    losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(labels)
+    if per_user:
+        return losses.sum(1) / valid.sum(1).clamp(min=1)  # (B,)
+    return losses.sum() / valid.sum().clamp(min=1)

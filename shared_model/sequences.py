@@ -1,0 +1,152 @@
+"""One time-ordered sequence per user, the leave-one-out split, and padded batches for the model.
+
+One row per user is what makes Opacus' per-sample guarantee a per-user guarantee: keep it that way.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from shared_model.catalog import PADDING_ROW, ItemCatalog
+from shared_model.events import EVENT_TYPE_CODES, EventLog, LoadReport
+
+Split = Literal["train", "valid", "test"]
+MIN_EVENTS = 3  # leave-one-out needs one training target, one validation and one test event
+FIRST_EVENT_BUCKET = 1  # time bucket of a user's first event; 0 is padding / no timestamps
+
+
+@dataclass
+class UserSequences:
+    """Per-user event sequences stored flat (CSR): user u owns positions offsets[u]:offsets[u+1]."""
+
+    user_ids: list[str]
+    offsets: np.ndarray  # (U+1,)
+    items: np.ndarray  # (E,) catalog rows
+    event_types: np.ndarray  # (E,) EVENT_TYPE_CODES
+    time_buckets: np.ndarray  # (E,) 0 when the log has no timestamps
+    regions: list[str] = field(default_factory=list)
+    merchants: list[str] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def lengths(self) -> np.ndarray:
+        """Events per user."""
+        return np.diff(self.offsets)
+
+    def subset(self, users: np.ndarray | list[int]) -> UserSequences:
+        """A new UserSequences with only the given user indices (e.g. one client's partition)."""
+        users = np.asarray(users, dtype=np.int64)
+        parts = [np.arange(self.offsets[u], self.offsets[u + 1]) for u in users]
+        pos = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        lengths = self.lengths()[users]
+        return UserSequences(
+            user_ids=[self.user_ids[u] for u in users],
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            items=self.items[pos], event_types=self.event_types[pos], time_buckets=self.time_buckets[pos],
+            regions=[self.regions[u] for u in users] if self.regions else [],
+            merchants=[self.merchants[u] for u in users] if self.merchants else [])
+
+    def window(self, user: int, split: Split) -> tuple[slice, int | None]:
+        """Input slice of the flat arrays and the target row for one user and split (None for train)."""
+        start, end = int(self.offsets[user]), int(self.offsets[user + 1])
+        if split == "train":  # inputs e_1..e_{n-3}, targets e_2..e_{n-2}
+            return slice(start, end - 3), None
+        if split == "valid":
+            return slice(start, end - 2), int(self.items[end - 2])
+        return slice(start, end - 1), int(self.items[end - 1])
+
+    def trainable_users(self) -> np.ndarray:
+        """Users with at least one training target (4+ events): the rows a training epoch samples."""
+        return np.flatnonzero(self.lengths() >= MIN_EVENTS + 1)
+
+    def item_counts(self, num_rows: int) -> np.ndarray:
+        """How often each catalog row occurs in the training part of the sequences (popularity)."""
+        counts = np.zeros(num_rows, dtype=np.int64)
+        for u in range(len(self)):
+            start, end = int(self.offsets[u]), int(self.offsets[u + 1])
+            np.add.at(counts, self.items[start:end - 2], 1)
+        return counts
+
+
+def gap_buckets(timestamps: np.ndarray, starts: np.ndarray, num_buckets: int) -> np.ndarray:
+    """Log2-minute buckets of the gap to the previous event of the same user (first event -> 1)."""
+    gaps = np.diff(timestamps, prepend=timestamps[:1]).clip(min=0) / 60.0
+    buckets = 2 + np.floor(np.log2(1.0 + gaps)).astype(np.int64)
+    buckets = np.minimum(buckets, num_buckets - 1)
+    buckets[starts] = FIRST_EVENT_BUCKET
+    return buckets
+
+
+def _most_common(values: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """The most frequent value in each user's slice (ties: first seen), for natural partitions."""
+    return [Counter(values[offsets[u]:offsets[u + 1]].tolist()).most_common(1)[0][0]
+            for u in range(len(offsets) - 1)]
+
+
+def to_user_sequences(log: EventLog, catalog: ItemCatalog, num_time_buckets: int = 32,
+                      min_events: int = MIN_EVENTS) -> UserSequences:
+    """Map events through the catalog and group them into one time-ordered sequence per user.
+
+    Events of unknown items and of users with fewer than `min_events` events are dropped; the returned
+    `dropped` dict counts them next to the load report's own drops (the log itself is not changed).
+    """
+    frame = log.frame
+    report = LoadReport(source=log.report.source, rows_read=log.report.rows_read, dropped=dict(log.report.dropped))
+    rows = catalog.rows(frame["item_id"])
+    known = rows != PADDING_ROW
+    report.drop("unknown item", int((~known).sum()))
+    frame, rows = frame.loc[known], rows[known]
+    sizes = frame.groupby("user_id", sort=False).size()
+    keep_users = sizes.index[sizes >= min_events]
+    short = frame["user_id"].isin(keep_users).to_numpy()
+    report.drop(f"user with < {min_events} events", int((~short).sum()))
+    frame, rows = frame.loc[short], rows[short]
+    user_ids = frame["user_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, user_ids[1:] != user_ids[:-1]]) if len(frame) else np.zeros(0, int)
+    offsets = np.r_[starts, len(frame)].astype(np.int64)
+    if log.has_timestamps and len(frame):
+        buckets = gap_buckets(frame["timestamp"].to_numpy(np.int64), starts, num_time_buckets)
+    else:
+        buckets = np.zeros(len(frame), dtype=np.int64)
+    return UserSequences(
+        user_ids=[str(u) for u in user_ids[starts]], offsets=offsets, items=rows.astype(np.int64),
+        event_types=frame["event_type"].map(EVENT_TYPE_CODES).to_numpy(np.int64), time_buckets=buckets,
+        regions=_most_common(frame["region"].to_numpy(str), offsets) if "region" in frame else [],
+        merchants=_most_common(frame["merchant_id"].to_numpy(str), offsets) if "merchant_id" in frame else [],
+        dropped=report.dropped)
+
+
+def make_batch(seqs: UserSequences, users: np.ndarray | list[int], split: Split,
+               max_len: int) -> dict[str, torch.Tensor]:
+    """Left-padded tensors for a batch of users, padded to the longest input in the batch.
+
+    Train batches carry `labels` (B, T): the next item at every position (0 = ignore).
+    Eval batches carry `labels` (B,): the held-out item.
+    """
+    windows = [seqs.window(int(u), split) for u in users]
+    lengths = [min(max_len, w.stop - w.start) for w, _ in windows]
+    width = max(lengths, default=1) or 1
+    batch = {name: np.zeros((len(windows), width), dtype=np.int64)
+             for name in ("item_ids", "event_types", "time_buckets")}
+    train_labels = np.zeros((len(windows), width), dtype=np.int64)
+    for b, ((window, _), length) in enumerate(zip(windows, lengths, strict=True)):
+        if length == 0:
+            continue
+        src = slice(window.stop - length, window.stop)
+        batch["item_ids"][b, -length:] = seqs.items[src]
+        batch["event_types"][b, -length:] = seqs.event_types[src]
+        batch["time_buckets"][b, -length:] = seqs.time_buckets[src]
+        train_labels[b, -length:] = seqs.items[src.start + 1:src.stop + 1]
+    tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+    if split == "train":
+        tensors["labels"] = torch.from_numpy(train_labels)
+    else:
+        tensors["labels"] = torch.tensor([t for _, t in windows], dtype=torch.int64)
+    return tensors

@@ -1,0 +1,67 @@
+"""Typed schemas of the Hydra config groups, registered with Hydra's ConfigStore."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from fl_client.privacy import PrivacyConfig
+from fl_client.train import TrainConfig
+
+
+@dataclass
+class DataConfig:
+    """Which events to load and how (paths are resolved against the directory the command runs in)."""
+
+    name: str = "synthetic"  # (str) synthetic, events, movielens, s3rec or tianchi
+    path: str | None = None  # (str) file or folder of the data set; unused for synthetic
+    options: dict[str, Any] = field(default_factory=dict)  # (dict) adapter options (e.g. column mapping)
+    synthetic: dict[str, Any] = field(default_factory=dict)  # (dict) generator settings for synthetic
+    min_events: int = 3  # (int) users with fewer events are dropped (counted)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the behaviour model (see shared_model.configuration_fedrec)."""
+
+    max_len: int = 50  # (int) most recent events read per user
+    hidden_size: int = 64  # (int) width d
+    num_hidden_layers: int = 2  # (int) transformer blocks
+    num_attention_heads: int = 2  # (int) heads per block
+    hidden_dropout_prob: float = 0.2  # (float) dropout on embeddings and block outputs
+    attention_probs_dropout_prob: float = 0.2  # (float) dropout on attention weights
+    use_time_gaps: bool = True  # (bool) time-gap embedding (ignored when the data has no timestamps)
+    text_features: bool = False  # (bool) add frozen MiniLM title embeddings, projected into item space
+    tie_item_embeddings: bool = True  # (bool) score items with the input item table
+
+
+@dataclass
+class EvalConfig:
+    """How ranking metrics are computed."""
+
+    mask_history: bool = False  # (bool) exclude already-seen items from the ranking (off = stricter)
+    batch_size: int = 512  # (int) users per evaluation batch
+
+
+@dataclass
+class CentralizedConfig:
+    """Root schema of `fedrec-centralized`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "."  # (str) where metrics and the model directory go (Hydra's run dir by default)
+
+
+def register_schemas() -> None:
+    """Register the schemas so YAML files are validated against them."""
+    store = ConfigStore.instance()
+    store.store(name="centralized_schema", node=CentralizedConfig)
+    store.store(group="data", name="data_schema", node=DataConfig)
+    store.store(group="model", name="model_schema", node=ModelConfig)
+    store.store(group="train", name="train_schema", node=TrainConfig)
+    store.store(group="privacy", name="privacy_schema", node=PrivacyConfig)

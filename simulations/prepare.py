@@ -1,0 +1,81 @@
+"""Turning a data config into a catalog, per-user sequences and a fresh model (shared by every entry point)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.utils import to_absolute_path
+
+from shared_model.catalog import ItemCatalog
+from shared_model.configuration_fedrec import FedRecConfig
+from shared_model.events import EventLog
+from shared_model.modeling_fedrec import FedRecModel
+from shared_model.sequences import UserSequences, to_user_sequences
+from simulations.config import DataConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    """Everything derived from one events source."""
+
+    events: EventLog
+    catalog: ItemCatalog
+    sequences: UserSequences
+
+
+def absolute(path: str) -> str:
+    """A config path made absolute against the directory the command was started from."""
+    try:
+        return to_absolute_path(path)
+    except ValueError:  # outside a Hydra run (tests, plain Python)
+        return str(Path(path).resolve())
+
+
+def load_configured_events(config: DataConfig) -> EventLog:
+    """Load the events a data config names (the synthetic generator or a file adapter)."""
+    if config.name == "synthetic":
+        from simulations.synthetic import generate_events  # heavy only when used
+
+        return generate_events(**dict(config.synthetic))
+    if not config.path:
+        raise ValueError(f"data.path is required for data.name={config.name!r}")
+    from shared_model.adapters import load_dataset
+
+    return load_dataset(config.name, absolute(config.path), **dict(config.options))
+
+
+def prepare_data(config: DataConfig, num_time_buckets: int = 32) -> PreparedData:
+    """Events -> public catalog -> one sequence per user, logging counts of everything filtered."""
+    events = load_configured_events(config)
+    catalog = ItemCatalog.from_events(events.frame)
+    sequences = to_user_sequences(events, catalog, num_time_buckets=num_time_buckets, min_events=config.min_events)
+    log.info("%s", events.report.summary())
+    log.info("filtered while building sequences (events): %s", sequences.dropped or "none")
+    log.info("%d users, %d items, %d events in sequences (catalog %s)", len(sequences), len(catalog.item_ids),
+             len(sequences.items), catalog.fingerprint[:12])
+    return PreparedData(events=events, catalog=catalog, sequences=sequences)
+
+
+def build_model(config: ModelConfig, data: PreparedData, text_cache: str | None = None) -> FedRecModel:
+    """A freshly initialised model sized to the catalog, with text features installed if asked for."""
+    text_dim = 0
+    if config.text_features:
+        from shared_model.text import TEXT_DIM  # pulls in the MiniLM loader only when used
+
+        text_dim = TEXT_DIM
+    model = FedRecModel(FedRecConfig(
+        num_items=len(data.catalog.item_ids), max_len=config.max_len, hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        hidden_dropout_prob=config.hidden_dropout_prob,
+        attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+        use_time_gaps=config.use_time_gaps and data.events.has_timestamps, text_dim=text_dim,
+        tie_item_embeddings=config.tie_item_embeddings, catalog_fingerprint=data.catalog.fingerprint))
+    if text_dim:
+        from shared_model.text import item_text_table
+
+        model.set_item_text(item_text_table(data.catalog, cache_dir=text_cache))
+    return model

@@ -1,0 +1,123 @@
+"""DP-SGD mechanics: per-user gradients are exact, clipped to C, and ε is what was asked for."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from opacus import PrivacyEngine
+
+from fl_client.privacy import PrivacyConfig, calibrate_noise, make_private, unwrap_state_dict
+from fl_client.train import TrainConfig, train, user_loader
+from shared_model.catalog import ItemCatalog
+from shared_model.configuration_fedrec import FedRecConfig
+from shared_model.events import LoadReport, finish_events
+from shared_model.modeling_fedrec import FedRecModel, sequence_loss
+from shared_model.sequences import make_batch, to_user_sequences
+
+
+@pytest.fixture
+def seqs():
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(60):
+        start = int(rng.integers(0, 20))
+        for i in range(int(rng.integers(4, 12))):
+            rows.append((f"u{u}", f"i{(start + i) % 30}", 1000 + 600 * i, "view" if i % 2 else "purchase"))
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "event_type"])
+    log = finish_events(frame, LoadReport("memory", len(frame)))
+    return to_user_sequences(log, ItemCatalog.from_events(log.frame))
+
+
+def tiny_model(tie: bool) -> FedRecModel:
+    torch.manual_seed(0)
+    return FedRecModel(FedRecConfig(num_items=30, hidden_size=16, max_len=8, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0, tie_item_embeddings=tie))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_per_user_gradients_equal_each_users_own_gradient(seqs, tie):
+    model = tiny_model(tie)
+    reference = tiny_model(tie)
+    reference.load_state_dict(model.state_dict())
+    users = seqs.trainable_users()[:4]
+    batch = make_batch(seqs, users, "train", 8)
+    engine = PrivacyEngine()
+    loader = user_loader(seqs, users, 4, 8, torch.Generator().manual_seed(0))
+    private, _optimizer, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                                data_loader=loader, noise_multiplier=0.0, max_grad_norm=1e6)
+    sequence_loss(model, batch, per_user=True).mean().backward()
+    for i in range(len(users)):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        reference.zero_grad()
+        sequence_loss(reference, one, per_user=True).sum().backward()
+        for (name, p), q in zip(private._module.named_parameters(), reference.parameters(), strict=True):
+            assert torch.allclose(p.grad_sample[i], q.grad, atol=1e-5), name
+
+
+@pytest.mark.parametrize("mode,tie", [("hooks", True), ("ghost", False)])
+def test_each_users_gradient_is_clipped_to_max_grad_norm(seqs, mode, tie):
+    model = tiny_model(tie)
+    config = PrivacyConfig(enabled=True, max_grad_norm=0.01, grad_sample_mode=mode)
+    loader = user_loader(seqs, seqs.trainable_users(), 16, 8, torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _engine, private, optimizer, _loader = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                                                         loader, config, noise_multiplier=0.0)
+    batch = make_batch(seqs, seqs.trainable_users()[:16], "train", 8)
+    per_user = sequence_loss(model, batch, per_user=True)
+    expected = None
+    if mode == "ghost":
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+        DPTensorFastGradientClipping(private, optimizer, per_user, "mean").backward()
+    else:
+        per_user.mean().backward()
+        params = [p for p in model.parameters() if p.requires_grad]
+        norms = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in params]).norm(dim=0)  # (B,)
+        assert (norms > config.max_grad_norm).all()  # the bound binds, so the test means something
+        scale = config.max_grad_norm / norms  # every user's gradient is rescaled to norm exactly C
+        expected = torch.cat([(p.grad_sample * scale.view(-1, *[1] * (p.dim()))).sum(0).flatten()
+                              for p in params]) / optimizer.expected_batch_size
+    optimizer.step()
+    # σ = 0 and lr = 1: the update is the sum of clipped per-user gradients over the expected batch size.
+    after = dict(private._module.named_parameters())
+    step = torch.cat([(before[k] - after[k].detach()).flatten() for k in after])
+    assert 0 < step.norm() <= config.max_grad_norm * 16 / optimizer.expected_batch_size + 1e-6
+    if expected is not None:
+        assert torch.allclose(step, expected, atol=1e-7)
+
+
+def test_noise_is_calibrated_to_the_requested_epsilon(seqs):
+    for epsilon in (1.0, 8.0):
+        model = tiny_model(True)
+        result = train(model, seqs, TrainConfig(epochs=2, batch_size=16, lr=1e-3),
+                       PrivacyConfig(enabled=True, epsilon=epsilon))
+        assert result.privacy is not None
+        assert result.privacy.epsilon == pytest.approx(epsilon, rel=0.02)
+        assert result.privacy.delta == pytest.approx(1 / len(seqs))
+        assert sum(steps for _, _, steps in result.privacy.history) == 2 * 4  # ceil(52 users / 16) steps
+        assert "per user" in result.privacy.claim()
+    assert calibrate_noise(PrivacyConfig(epsilon=1.0), 0.1, 100, 1e-5) > calibrate_noise(
+        PrivacyConfig(epsilon=8.0), 0.1, 100, 1e-5)
+
+
+def test_training_without_dp_makes_no_privacy_claim(seqs):
+    result = train(tiny_model(True), seqs, TrainConfig(epochs=1, batch_size=16), PrivacyConfig(enabled=False))
+    assert result.privacy is None
+
+
+def test_unwrapped_state_dict_has_no_opacus_prefix(seqs):
+    model = tiny_model(True)
+    loader = user_loader(seqs, seqs.trainable_users(), 16, 8, torch.Generator())
+    _, private, _, _ = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                                    PrivacyConfig(enabled=True), noise_multiplier=1.0)
+    assert any(k.startswith("_module.") for k in private.state_dict())
+    state = unwrap_state_dict(private)
+    assert set(state) == set(tiny_model(True).state_dict())
+
+
+def test_ghost_clipping_refuses_a_tied_item_table(seqs):
+    loader = user_loader(seqs, seqs.trainable_users(), 16, 8, torch.Generator())
+    model = tiny_model(True)
+    with pytest.raises(ValueError, match="tie_item_embeddings"):
+        make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                     PrivacyConfig(enabled=True, grad_sample_mode="ghost"), noise_multiplier=1.0)

@@ -1,0 +1,97 @@
+"""Behaviour of the transformer model: shapes, causality, padding invariance, save/load, Opacus validity."""
+
+import torch
+from opacus.validators import ModuleValidator
+
+from shared_model.configuration_fedrec import FedRecConfig
+from shared_model.modeling_fedrec import FedRecModel, sequence_loss
+
+
+def tiny(**overrides) -> FedRecModel:
+    config = dict(num_items=99, hidden_size=32, num_hidden_layers=2, max_len=10, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)
+    config.update(overrides)
+    torch.manual_seed(0)
+    return FedRecModel(FedRecConfig(**config)).eval()
+
+
+def inputs(item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    present = (item_ids != 0).long()
+    return item_ids, present * 4, present * 2
+
+
+def test_opacus_accepts_every_layer():
+    assert ModuleValidator.validate(tiny().train(), strict=False) == []
+    assert ModuleValidator.validate(tiny(tie_item_embeddings=False, text_dim=8).train(), strict=False) == []
+
+
+def test_shapes_and_padding_row_never_scores():
+    model = tiny()
+    ids = torch.randint(1, 100, (3, 7))
+    hidden = model(*inputs(ids))
+    assert hidden.shape == (3, 7, 32)
+    scores = model.score_next(*inputs(ids))
+    assert scores.shape == (3, 100)
+    assert torch.isinf(scores[:, 0]).all() and torch.isfinite(scores[:, 1:]).all()
+
+
+def test_causal_future_events_do_not_change_the_past():
+    model = tiny()
+    ids = torch.randint(1, 100, (2, 6))
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] % 99) + 1
+    before, after = model(*inputs(ids)), model(*inputs(changed))
+    assert torch.allclose(before[:, :-1], after[:, :-1], atol=1e-5)
+    assert not torch.allclose(before[:, -1], after[:, -1], atol=1e-5)
+
+
+def test_extra_left_padding_leaves_predictions_unchanged():
+    model = tiny()
+    ids = torch.randint(1, 100, (2, 5))
+    padded = torch.cat([torch.zeros(2, 3, dtype=torch.long), ids], dim=1)
+    assert torch.allclose(model.score_next(*inputs(ids)), model.score_next(*inputs(padded)), atol=1e-4)
+
+
+def test_time_gap_and_event_type_inputs_matter():
+    model = tiny()
+    ids = torch.randint(1, 100, (2, 5))
+    a = model.score_next(ids, torch.ones_like(ids), torch.ones_like(ids))
+    b = model.score_next(ids, torch.full_like(ids, 4), torch.ones_like(ids))
+    c = model.score_next(ids, torch.ones_like(ids), torch.full_like(ids, 9))
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+    no_time = tiny(use_time_gaps=False)
+    assert torch.allclose(no_time.score_next(ids, torch.ones_like(ids), torch.ones_like(ids)),
+                          no_time.score_next(ids, torch.ones_like(ids), torch.full_like(ids, 9)))
+
+
+def test_loss_ignores_padding_and_per_user_mean():
+    model = tiny()
+    ids = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4]])
+    labels = torch.tensor([[0, 0, 6, 7], [2, 3, 4, 5]])
+    batch = dict(zip(("item_ids", "event_types", "time_buckets"), inputs(ids), strict=True), labels=labels)
+    per_user = sequence_loss(model, batch, per_user=True)
+    assert per_user.shape == (2,) and torch.isfinite(per_user).all()
+    token_mean = sequence_loss(model, batch)
+    expected = (per_user[0] * 2 + per_user[1] * 4) / 6
+    assert torch.allclose(token_mean, expected, atol=1e-5)
+    sampled = sequence_loss(model, batch, num_negatives=20)
+    assert torch.isfinite(sampled) and sampled < token_mean  # fewer competitors than the full catalog
+
+
+def test_save_and_load_round_trip_keeps_ties_and_outputs(tmp_path):
+    for tie in (True, False):
+        model = tiny(tie_item_embeddings=tie)
+        model.save_pretrained(tmp_path / str(tie))
+        loaded = FedRecModel.from_pretrained(tmp_path / str(tie)).eval()
+        assert (loaded.output.weight is loaded.item_embeddings.weight) == tie
+        ids = torch.randint(1, 100, (2, 4))
+        assert torch.allclose(model.score_next(*inputs(ids)), loaded.score_next(*inputs(ids)))
+        assert (tmp_path / str(tie) / "model.safetensors").exists()
+
+
+def test_text_features_feed_the_item_representation():
+    model = tiny(text_dim=8)
+    ids = torch.randint(1, 100, (2, 4))
+    before = model.score_next(*inputs(ids))
+    model.set_item_text(torch.randn(100, 8))
+    assert not torch.allclose(before, model.score_next(*inputs(ids)))

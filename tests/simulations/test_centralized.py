@@ -1,0 +1,56 @@
+"""The centralized baseline end to end on the embedded synthetic data, configured through Hydra's compose()."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from shared_model.serialization import load_model_dir
+from simulations.centralized import run_centralized
+from simulations.config import CentralizedConfig, register_schemas
+
+SMALL = ["data.synthetic.num_users=300", "data.synthetic.num_items=60", "model.hidden_size=32", "model.max_len=20",
+         "train.batch_size=64", "train.lr=0.003", "train.patience=0"]
+
+
+def typed_config(tmp_path: Path, overrides: list[str]) -> CentralizedConfig:
+    register_schemas()
+    with initialize_config_module(config_module="simulations.conf", version_base="1.3"):
+        cfg = compose(config_name="centralized", overrides=[*SMALL, *overrides, f"output_dir={tmp_path}"])
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def test_defaults_compose_into_the_typed_schema(tmp_path):
+    cfg = typed_config(tmp_path, [])
+    assert cfg.data.name == "synthetic" and cfg.privacy.enabled is False
+    assert cfg.model.tie_item_embeddings and cfg.train.epochs == 30
+
+
+def test_schema_rejects_a_misspelt_setting(tmp_path):
+    with pytest.raises(Exception, match="epoch"):
+        typed_config(tmp_path, ["train.epoch=3"])
+
+
+@pytest.mark.slow
+def test_centralized_run_learns_beyond_popularity_and_exports_a_model(tmp_path):
+    metrics = run_centralized(typed_config(tmp_path, ["train.epochs=8"]))
+    assert metrics["test"]["hr@10"] > 1.5 * metrics["popularity_test"]["hr@10"]
+    assert metrics["training"]["epoch_losses"][-1] < metrics["training"]["epoch_losses"][0]
+    assert metrics["privacy"] == {"dp": False, "claim": "no differential privacy (DP was off)"}
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["test"] == metrics["test"]
+    model, catalog = load_model_dir(tmp_path / "model")
+    assert model.config.num_items == len(catalog.item_ids) == metrics["data"]["items"]
+    assert model.config.catalog_fingerprint == catalog.fingerprint
+
+
+@pytest.mark.slow
+def test_centralized_dp_run_reports_the_spent_budget_per_user(tmp_path):
+    metrics = run_centralized(typed_config(tmp_path, ["privacy=dp", "privacy.epsilon=3", "train.epochs=2"]))
+    privacy = metrics["privacy"]
+    assert privacy["dp"] is True and privacy["unit"] == "one user"
+    assert privacy["epsilon"] == pytest.approx(3.0, rel=0.02)
+    assert privacy["delta"] == pytest.approx(1 / metrics["data"]["users"])
+    assert "per user" in privacy["claim"]
