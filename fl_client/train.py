@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from opacus.optimizers import DPOptimizer
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from fl_client.privacy import PrivacyConfig, PrivacySpent, calibrate_noise, make_private, resolve_delta, spent
 from shared_model.metrics import evaluate_model
@@ -33,6 +35,8 @@ class TrainConfig:
     device: str = "auto"  # (str) auto, cpu or cuda
     seed: int = 0  # (int) seed for sampling and dropout
     num_threads: int = 0  # (int) torch CPU threads; 0 = torch default
+    micro_batch_tokens: int = 8192  # (int) DP: padded positions per length-sorted micro-batch (memory bound)
+    micro_batch_users: int = 128  # (int) DP: users per micro-batch (per-user item-table gradients: memory)
 
 
 @dataclass
@@ -68,15 +72,33 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     raise ValueError(f"train.optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
 
 
-def user_loader(seqs: UserSequences, users: np.ndarray, batch_size: int, max_len: int,
-                generator: torch.Generator) -> DataLoader:
-    """Shuffled batches of user rows, collated into padded model inputs.
+def user_loader(users: np.ndarray, batch_size: int, generator: torch.Generator) -> DataLoader:
+    """Shuffled batches of user indices; the padded model inputs are built per (micro-)batch later.
 
-    Items are 1-tuples of user indices because Opacus' Poisson loader inspects `dataset[0]` as a tuple.
+    Items are 1-tuples because Opacus' Poisson loader inspects `dataset[0]` as a tuple.
     """
     rows = [(int(u),) for u in users]
     return DataLoader(rows, batch_size=batch_size, shuffle=True, generator=generator,  # type: ignore[arg-type]
-                      collate_fn=lambda items: make_batch(seqs, [u for (u,) in items], "train", max_len))
+                      collate_fn=lambda items: {"users": torch.tensor([u for (u,) in items], dtype=torch.long)})
+
+
+def length_chunks(seqs: UserSequences, users: list[int], max_len: int, max_tokens: int,
+                  max_users: int = 1 << 30) -> list[list[int]]:
+    """Split a batch into micro-batches of similar length: at most `max_tokens` padded positions and
+    `max_users` users each (per-user gradients of the item table cost users x items x d memory).
+
+    Under DP this changes nothing about privacy (the Poisson-sampled batch is the same set of users, each
+    clipped on its own) but stops short histories from paying for the longest one in the batch.
+    """
+    lengths = {u: min(max_len, max(1, seqs.window(u, "train")[0].stop - seqs.window(u, "train")[0].start))
+               for u in users}
+    chunks: list[list[int]] = []
+    for user in sorted(users, key=lambda u: lengths[u]):
+        if chunks and len(chunks[-1]) < max_users and (len(chunks[-1]) + 1) * lengths[user] <= max_tokens:
+            chunks[-1].append(user)
+        else:
+            chunks.append([user])
+    return chunks
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -89,7 +111,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy: PrivacyConfig,
-          valid: UserSequences | None = None, progress: Progress | None = None) -> TrainResult:
+          valid: UserSequences | None = None, progress: Progress | None = None,
+          progress_bar: bool = False) -> TrainResult:
     """Train in place; with `privacy.enabled`, DP-SGD per user whose ε covers every step taken here.
 
     With `valid` and `patience`, the best-validating weights are restored at the end.
@@ -103,7 +126,7 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
     if len(users) == 0:
         raise ValueError("no user has enough events to train on (need 4+ per user for leave-one-out)")
     generator = torch.Generator().manual_seed(config.seed)
-    loader = user_loader(seqs, users, config.batch_size, model.config.max_len, generator)
+    loader = user_loader(users, config.batch_size, generator)
     optimizer = build_optimizer(model, config)
     step_model: torch.nn.Module = model
     engine = None
@@ -119,7 +142,8 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
     best_score, best_state, stale = -1.0, None, 0
     started, samples = time.perf_counter(), 0
     for epoch in range(1, config.epochs + 1):
-        loss, seen = run_epoch(step_model, model, loader, optimizer, privacy, config.num_negatives, device)
+        batches = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress_bar, unit="batch")
+        loss, seen = run_epoch(step_model, model, seqs, batches, optimizer, privacy, config, device)
         result.epoch_losses.append(loss)
         samples += seen
         metrics = None
@@ -145,29 +169,51 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
     return result
 
 
-def run_epoch(step_model: torch.nn.Module, model: FedRecModel, loader: DataLoader,
-              optimizer: torch.optim.Optimizer, privacy: PrivacyConfig, num_negatives: int,
+def run_epoch(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequences,
+              loader: Iterable[dict[str, torch.Tensor]],
+              optimizer: torch.optim.Optimizer, privacy: PrivacyConfig, config: TrainConfig,
               device: torch.device) -> tuple[float, int]:
     """One pass over the loader; returns the mean training loss and the number of user rows seen."""
     total, steps, seen = 0.0, 0, 0
     for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        users = batch["users"].tolist()
         optimizer.zero_grad(set_to_none=True)
         if privacy.enabled:
-            # Per-user mean loss: the gradient Opacus clips is exactly one user's.
-            per_user = sequence_loss(model, batch, per_user=True)  # (B,)
-            if privacy.grad_sample_mode == "ghost":
-                loss = DPTensorFastGradientClipping(step_model, optimizer, per_user, "mean")
-                loss.backward()
-                value = float(loss.item())
-            else:
-                mean_loss = per_user.mean() if per_user.numel() else per_user.sum()
-                mean_loss.backward()
-                value = float(mean_loss.item())
+            value = private_step(step_model, model, seqs, users, optimizer, privacy, config, device)
         else:
-            loss_t = sequence_loss(model, batch, num_negatives=num_negatives)
-            loss_t.backward()
-            value = float(loss_t.item())
-        optimizer.step()
-        total, steps, seen = total + value, steps + 1, seen + int(batch["labels"].shape[0])
+            inputs = {k: v.to(device) for k, v in make_batch(seqs, users, "train", model.config.max_len).items()}
+            loss = sequence_loss(model, inputs, num_negatives=config.num_negatives)
+            loss.backward()
+            optimizer.step()
+            value = float(loss.item())
+        total, steps, seen = total + value, steps + 1, seen + len(users)
     return total / max(steps, 1), seen
+
+
+def private_step(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequences, users: list[int],
+                 optimizer: torch.optim.Optimizer, privacy: PrivacyConfig, config: TrainConfig,
+                 device: torch.device) -> float:
+    """One DP-SGD step over a Poisson-sampled batch, in length-sorted micro-batches.
+
+    Each micro-batch's clipped per-user gradients are summed by Opacus (skipped steps); noise is added
+    and the accountant records the step once, at the last micro-batch.
+    """
+    dp_optimizer: DPOptimizer = optimizer
+    chunks = length_chunks(seqs, users, model.config.max_len, config.micro_batch_tokens, config.micro_batch_users)
+    if not chunks:  # an empty Poisson batch: still a step the accountant must count
+        if dp_optimizer.step_hook is not None:
+            dp_optimizer.step_hook(dp_optimizer)
+        return 0.0
+    total = 0.0
+    for i, chunk in enumerate(chunks):
+        inputs = {k: v.to(device) for k, v in make_batch(seqs, chunk, "train", model.config.max_len).items()}
+        per_user = sequence_loss(model, inputs, per_user=True)  # (b,) one loss per user
+        if privacy.grad_sample_mode == "ghost":
+            DPTensorFastGradientClipping(step_model, dp_optimizer, per_user, "mean").backward()
+        else:
+            per_user.mean().backward()  # Opacus rescales to per-user gradients of this micro-batch
+        dp_optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)
+        dp_optimizer.step()
+        dp_optimizer.zero_grad(set_to_none=True)
+        total += float(per_user.detach().sum())
+    return total / len(users)

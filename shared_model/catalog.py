@@ -25,6 +25,7 @@ class ItemCatalog:
 
     item_ids: list[str]
     titles: dict[str, str] = field(default_factory=dict)
+    attributes: dict[str, list[str]] = field(default_factory=dict)  # public metadata: brand, categories, ...
 
     def __post_init__(self) -> None:
         self._rows = {item: i + 1 for i, item in enumerate(self.item_ids)}
@@ -32,9 +33,10 @@ class ItemCatalog:
             raise ValueError("item catalog has duplicate item ids")
 
     @classmethod
-    def from_items(cls, item_ids: Iterable[str], titles: dict[str, str] | None = None) -> ItemCatalog:
+    def from_items(cls, item_ids: Iterable[str], titles: dict[str, str] | None = None,
+                   attributes: dict[str, list[str]] | None = None) -> ItemCatalog:
         """A catalog of the distinct ids, sorted so every party building it from the same set agrees."""
-        return cls(sorted({str(i) for i in item_ids}), dict(titles or {}))
+        return cls(sorted({str(i) for i in item_ids}), dict(titles or {}), dict(attributes or {}))
 
     @classmethod
     def from_events(cls, frame: pd.DataFrame) -> ItemCatalog:
@@ -85,7 +87,8 @@ class ItemCatalog:
         """Write catalog.json (ids, titles, fingerprint) into a directory."""
         path = Path(directory) / CATALOG_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"fingerprint": self.fingerprint, "item_ids": self.item_ids, "titles": self.titles}
+        payload = {"fingerprint": self.fingerprint, "item_ids": self.item_ids, "titles": self.titles,
+                   "attributes": self.attributes}
         path.write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
         return path
 
@@ -96,7 +99,7 @@ class ItemCatalog:
         if path.is_dir():
             path = path / CATALOG_FILE
         payload = json.loads(path.read_text(encoding="utf-8"))
-        catalog = cls(list(payload["item_ids"]), dict(payload.get("titles", {})))
+        catalog = cls(list(payload["item_ids"]), dict(payload.get("titles", {})), dict(payload.get("attributes", {})))
         if payload.get("fingerprint") not in (None, catalog.fingerprint):
             raise CatalogMismatchError(f"{path}: stored fingerprint does not match its item ids (file altered?)")
         return catalog

@@ -30,7 +30,9 @@ class FedRecConfig(PretrainedConfig):
         num_event_types: int = len(EVENT_TYPES) + 1,
         num_time_buckets: int = 32,
         use_time_gaps: bool = True,
-        text_dim: int = 0,
+        feature_dim: int = 0,
+        feature_scoring: bool = False,
+        item_bias: bool = False,
         tie_item_embeddings: bool = True,
         catalog_fingerprint: str = "",
         **kwargs: Any,
@@ -50,7 +52,9 @@ class FedRecConfig(PretrainedConfig):
         self.num_event_types = num_event_types  # (int) event-type codes incl. padding 0
         self.num_time_buckets = num_time_buckets  # (int) log2-minute gap buckets incl. 0 = none
         self.use_time_gaps = use_time_gaps  # (bool) add the time-gap embedding (needs real timestamps)
-        self.text_dim = text_dim  # (int) width of frozen item-text features; 0 = no text features
+        self.feature_dim = feature_dim  # (int) width of frozen public item features (text/attributes); 0 = none
+        self.feature_scoring = feature_scoring  # (bool) also score items through their public features
+        self.item_bias = item_bias  # (bool) a learned per-item score offset (popularity)
         self.tie_item_embeddings = tie_item_embeddings  # (bool) score with the input item table
         self.tie_word_embeddings = tie_item_embeddings  # HF's name for the same switch (save/load ties)
         self.catalog_fingerprint = catalog_fingerprint  # (str) the catalog the item rows refer to

@@ -34,7 +34,7 @@ class FedRecPreTrainedModel(PreTrainedModel):
 class FedRecModel(FedRecPreTrainedModel):
     """Next-item recommender: hidden states per position, and logits over all catalog rows."""
 
-    item_text: torch.Tensor  # (V, text_dim) frozen buffer, present when config.text_dim > 0
+    item_features: torch.Tensor  # (V, F) frozen public features, present when config.feature_dim > 0
 
     def __init__(self, config: FedRecConfig) -> None:
         super().__init__(config)
@@ -42,24 +42,28 @@ class FedRecModel(FedRecPreTrainedModel):
         self.item_embeddings = nn.Embedding(config.num_item_rows, d, padding_idx=0)
         self.position_embeddings = nn.Embedding(config.max_len, d)
         self.event_type_embeddings = nn.Embedding(config.num_event_types, d, padding_idx=0)
-        self.time_embeddings = nn.Embedding(config.num_time_buckets, d, padding_idx=0)
-        if config.text_dim:
-            # Frozen public item-text features (e.g. MiniLM title embeddings), projected into item space.
-            self.register_buffer("item_text", torch.zeros(config.num_item_rows, config.text_dim), persistent=True)
-            self.text_projection = nn.Linear(config.text_dim, d, bias=False)
+        if config.use_time_gaps:  # unused parameters would get no per-user gradient under Opacus
+            self.time_embeddings = nn.Embedding(config.num_time_buckets, d, padding_idx=0)
+        if config.feature_dim:
+            # Frozen public item features (title embeddings, catalog attributes): items that share them share
+            # signal, which matters under DP where each item row alone sees few users.
+            self.register_buffer("item_features", torch.zeros(config.num_item_rows, config.feature_dim))
+            self.feature_projection = nn.Linear(config.feature_dim, d, bias=False)
+            if config.feature_scoring:
+                self.feature_output = nn.Linear(d, config.feature_dim, bias=False)
         self.embedding_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         bert = config.to_bert_config()
         self.layers = nn.ModuleList([BertLayer(bert, layer_idx=i) for i in range(config.num_hidden_layers)])
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.output = nn.Linear(d, config.num_item_rows, bias=False)
+        self.output = nn.Linear(d, config.num_item_rows, bias=config.item_bias)
         self.post_init()
 
-    def set_item_text(self, features: torch.Tensor) -> None:
-        """Install the frozen (num_item_rows, text_dim) item-text feature table."""
-        if not self.config.text_dim:
-            raise ValueError("this model was configured without text features (text_dim=0)")
-        self.item_text.copy_(features.to(self.item_text.dtype))
+    def set_item_features(self, features: torch.Tensor) -> None:
+        """Install the frozen (num_item_rows, feature_dim) public item-feature table."""
+        if not self.config.feature_dim:
+            raise ValueError("this model was configured without item features (feature_dim=0)")
+        self.item_features.copy_(features.to(self.item_features.dtype))
 
     def embed(self, item_ids: torch.Tensor, event_types: torch.Tensor,
               time_buckets: torch.Tensor) -> torch.Tensor:
@@ -73,8 +77,8 @@ class FedRecModel(FedRecPreTrainedModel):
         x = x + self.event_type_embeddings(event_types)
         if self.config.use_time_gaps:
             x = x + self.time_embeddings(time_buckets)
-        if self.config.text_dim:
-            x = x + self.text_projection(self.item_text[item_ids])  # (B, T, text_dim) -> (B, T, d)
+        if self.config.feature_dim:
+            x = x + self.feature_projection(self.item_features[item_ids])  # (B, T, F) -> (B, T, d)
         return self.dropout(self.embedding_norm(x))
 
     @staticmethod
@@ -100,6 +104,9 @@ class FedRecModel(FedRecPreTrainedModel):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores of every catalog row; row 0 (padding) can never be recommended.  # (..., d) -> (..., V)"""
         scores = self.output(hidden)
+        if self.config.feature_scoring:
+            # A parameter-free product with the frozen table: Opacus only needs feature_output's gradient.
+            scores = scores + self.feature_output(hidden) @ self.item_features.T  # (..., F) @ (F, V)
         return scores.index_fill(-1, torch.zeros(1, dtype=torch.long, device=scores.device), float("-inf"))
 
     def score_next(self, item_ids: torch.Tensor, event_types: torch.Tensor,
@@ -115,9 +122,15 @@ class FedRecModel(FedRecPreTrainedModel):
         """
         negatives = torch.randint(1, self.config.num_item_rows, (num_negatives,), generator=generator,
                                   device=hidden.device)  # (K,)
-        weight = self.output.weight
+        weight, bias = self.output.weight, self.output.bias
         positive = (hidden * weight[labels]).sum(-1, keepdim=True)  # (B, T, 1)
         negative = hidden @ weight[negatives].T  # (B, T, K)
+        if bias is not None:
+            positive, negative = positive + bias[labels].unsqueeze(-1), negative + bias[negatives]
+        if self.config.feature_scoring:
+            query = self.feature_output(hidden)  # (B, T, F)
+            positive = positive + (query * self.item_features[labels]).sum(-1, keepdim=True)
+            negative = negative + query @ self.item_features[negatives].T
         negative = negative.masked_fill(negatives.view(1, 1, -1) == labels.unsqueeze(-1), float("-inf"))
         return torch.cat([positive, negative], dim=-1)
 

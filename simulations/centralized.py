@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -41,10 +42,10 @@ def run_centralized(cfg: CentralizedConfig) -> dict[str, Any]:
     """Train and evaluate centrally; returns (and writes) the metrics document."""
     out = Path(cfg.output_dir)
     data = prepare_data(cfg.data)
-    model = build_model(cfg.model, data, text_cache=str(out / "cache"))
+    model = build_model(cfg.model, data, cache_dir=str(out / "cache"))
     train_cfg, privacy_cfg = TrainConfig(**asdict(cfg.train)), PrivacyConfig(**asdict(cfg.privacy))
     result = train(model, data.sequences, train_cfg, privacy_cfg, valid=data.sequences,
-                   progress=epoch_logger(train_cfg.epochs))
+                   progress=epoch_logger(train_cfg.epochs), progress_bar=sys.stderr.isatty())
     device = resolve_device(train_cfg.device)
     metrics = {
         "data": {"name": cfg.data.name, "users": len(data.sequences), "items": len(data.catalog.item_ids),

@@ -20,6 +20,7 @@ class DataConfig:
     options: dict[str, Any] = field(default_factory=dict)  # (dict) adapter options (e.g. column mapping)
     synthetic: dict[str, Any] = field(default_factory=dict)  # (dict) generator settings for synthetic
     min_events: int = 3  # (int) users with fewer events are dropped (counted)
+    item_attributes: str | None = None  # (str) public {item: [attribute ids]} JSON added to the catalog
 
 
 @dataclass
@@ -33,7 +34,10 @@ class ModelConfig:
     hidden_dropout_prob: float = 0.2  # (float) dropout on embeddings and block outputs
     attention_probs_dropout_prob: float = 0.2  # (float) dropout on attention weights
     use_time_gaps: bool = True  # (bool) time-gap embedding (ignored when the data has no timestamps)
-    text_features: bool = False  # (bool) add frozen MiniLM title embeddings, projected into item space
+    item_features: list[str] = field(default_factory=list)  # (list) public feature sources: text, attributes
+    feature_dim: int = 64  # (int) principal components kept from the public item features
+    feature_scoring: bool = False  # (bool) also score items through their public features
+    item_bias: bool = False  # (bool) learned per-item score offset (popularity)
     tie_item_embeddings: bool = True  # (bool) score items with the input item table
 
 

@@ -11,6 +11,7 @@ from hydra.utils import to_absolute_path
 from shared_model.catalog import ItemCatalog
 from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.events import EventLog
+from shared_model.item_features import item_feature_table
 from shared_model.modeling_fedrec import FedRecModel
 from shared_model.sequences import UserSequences, to_user_sequences
 from simulations.config import DataConfig, ModelConfig
@@ -52,6 +53,13 @@ def prepare_data(config: DataConfig, num_time_buckets: int = 32) -> PreparedData
     """Events -> public catalog -> one sequence per user, logging counts of everything filtered."""
     events = load_configured_events(config)
     catalog = ItemCatalog.from_events(events.frame)
+    if config.item_attributes:
+        from shared_model.adapters import load_item_attributes
+
+        attributes = load_item_attributes(absolute(config.item_attributes))
+        catalog.attributes = {item: [str(a) for a in attributes[item]] for item in catalog.item_ids
+                              if item in attributes}
+        log.info("public attributes for %d of %d items", len(catalog.attributes), len(catalog.item_ids))
     sequences = to_user_sequences(events, catalog, num_time_buckets=num_time_buckets, min_events=config.min_events)
     log.info("%s", events.report.summary())
     log.info("filtered while building sequences (events): %s", sequences.dropped or "none")
@@ -60,22 +68,17 @@ def prepare_data(config: DataConfig, num_time_buckets: int = 32) -> PreparedData
     return PreparedData(events=events, catalog=catalog, sequences=sequences)
 
 
-def build_model(config: ModelConfig, data: PreparedData, text_cache: str | None = None) -> FedRecModel:
-    """A freshly initialised model sized to the catalog, with text features installed if asked for."""
-    text_dim = 0
-    if config.text_features:
-        from shared_model.text import TEXT_DIM  # pulls in the MiniLM loader only when used
-
-        text_dim = TEXT_DIM
+def build_model(config: ModelConfig, data: PreparedData, cache_dir: str | None = None) -> FedRecModel:
+    """A freshly initialised model sized to the catalog, with public item features installed if asked for."""
+    feature_dim = config.feature_dim if config.item_features else 0
     model = FedRecModel(FedRecConfig(
         num_items=len(data.catalog.item_ids), max_len=config.max_len, hidden_size=config.hidden_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         hidden_dropout_prob=config.hidden_dropout_prob,
         attention_probs_dropout_prob=config.attention_probs_dropout_prob,
-        use_time_gaps=config.use_time_gaps and data.events.has_timestamps, text_dim=text_dim,
+        use_time_gaps=config.use_time_gaps and data.events.has_timestamps, feature_dim=feature_dim,
+        feature_scoring=config.feature_scoring and feature_dim > 0, item_bias=config.item_bias,
         tie_item_embeddings=config.tie_item_embeddings, catalog_fingerprint=data.catalog.fingerprint))
-    if text_dim:
-        from shared_model.text import item_text_table
-
-        model.set_item_text(item_text_table(data.catalog, cache_dir=text_cache))
+    if feature_dim:
+        model.set_item_features(item_feature_table(data.catalog, config.item_features, feature_dim, cache_dir))
     return model

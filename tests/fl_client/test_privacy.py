@@ -7,7 +7,7 @@ import torch
 from opacus import PrivacyEngine
 
 from fl_client.privacy import PrivacyConfig, calibrate_noise, make_private, unwrap_state_dict
-from fl_client.train import TrainConfig, train, user_loader
+from fl_client.train import TrainConfig, length_chunks, private_step, train, user_loader
 from shared_model.catalog import ItemCatalog
 from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.events import LoadReport, finish_events
@@ -42,7 +42,7 @@ def test_per_user_gradients_equal_each_users_own_gradient(seqs, tie):
     users = seqs.trainable_users()[:4]
     batch = make_batch(seqs, users, "train", 8)
     engine = PrivacyEngine()
-    loader = user_loader(seqs, users, 4, 8, torch.Generator().manual_seed(0))
+    loader = user_loader(users, 4, torch.Generator().manual_seed(0))
     private, _optimizer, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                                 data_loader=loader, noise_multiplier=0.0, max_grad_norm=1e6)
     sequence_loss(model, batch, per_user=True).mean().backward()
@@ -58,7 +58,7 @@ def test_per_user_gradients_equal_each_users_own_gradient(seqs, tie):
 def test_each_users_gradient_is_clipped_to_max_grad_norm(seqs, mode, tie):
     model = tiny_model(tie)
     config = PrivacyConfig(enabled=True, max_grad_norm=0.01, grad_sample_mode=mode)
-    loader = user_loader(seqs, seqs.trainable_users(), 16, 8, torch.Generator().manual_seed(0))
+    loader = user_loader(seqs.trainable_users(), 16, torch.Generator().manual_seed(0))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _engine, private, optimizer, _loader = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0),
                                                          loader, config, noise_multiplier=0.0)
@@ -107,7 +107,7 @@ def test_training_without_dp_makes_no_privacy_claim(seqs):
 
 def test_unwrapped_state_dict_has_no_opacus_prefix(seqs):
     model = tiny_model(True)
-    loader = user_loader(seqs, seqs.trainable_users(), 16, 8, torch.Generator())
+    loader = user_loader(seqs.trainable_users(), 16, torch.Generator())
     _, private, _, _ = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
                                     PrivacyConfig(enabled=True), noise_multiplier=1.0)
     assert any(k.startswith("_module.") for k in private.state_dict())
@@ -116,8 +116,64 @@ def test_unwrapped_state_dict_has_no_opacus_prefix(seqs):
 
 
 def test_ghost_clipping_refuses_a_tied_item_table(seqs):
-    loader = user_loader(seqs, seqs.trainable_users(), 16, 8, torch.Generator())
+    loader = user_loader(seqs.trainable_users(), 16, torch.Generator())
     model = tiny_model(True)
     with pytest.raises(ValueError, match="tie_item_embeddings"):
         make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
                      PrivacyConfig(enabled=True, grad_sample_mode="ghost"), noise_multiplier=1.0)
+
+
+def test_length_chunks_cover_every_user_once_within_the_token_bound(seqs):
+    users = seqs.trainable_users().tolist()
+    chunks = length_chunks(seqs, users, max_len=8, max_tokens=20, max_users=2)
+    assert sorted(u for chunk in chunks for u in chunk) == sorted(users)
+    for chunk in chunks:
+        assert len(chunk) <= 2
+        longest = max(min(8, seqs.window(u, "train")[0].stop - seqs.window(u, "train")[0].start) for u in chunk)
+        assert len(chunk) == 1 or len(chunk) * longest <= 20
+
+
+@pytest.mark.parametrize("mode,tie", [("hooks", True), ("ghost", False)])
+def test_micro_batching_gives_the_same_dp_update_as_one_batch(seqs, mode, tie):
+    users = seqs.trainable_users()[:12].tolist()
+    updates = []
+    for tokens in (10_000, 16):
+        model = tiny_model(tie)
+        before = {k: v.clone() for k, v in model.named_parameters()}
+        config = PrivacyConfig(enabled=True, max_grad_norm=0.05, grad_sample_mode=mode)
+        loader = user_loader(seqs.trainable_users(), 12, torch.Generator())
+        _, private, optimizer, _ = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), loader,
+                                                config, noise_multiplier=0.0)
+        private_step(private, model, seqs, users, optimizer, config,
+                     TrainConfig(micro_batch_tokens=tokens), torch.device("cpu"))
+        updates.append(torch.cat([(before[k] - p.detach()).flatten() for k, p in model.named_parameters()]))
+    assert updates[0].norm() > 0
+    assert torch.allclose(updates[0], updates[1], atol=1e-6)
+
+
+def test_dp_training_works_without_timestamps(seqs):
+    model = FedRecModel(FedRecConfig(num_items=30, hidden_size=16, max_len=8, use_time_gaps=False))
+    assert not hasattr(model, "time_embeddings")  # no parameter without a per-user gradient
+    result = train(model, seqs, TrainConfig(epochs=1, batch_size=16), PrivacyConfig(enabled=True))
+    assert result.privacy is not None and result.privacy.epsilon > 0
+
+
+def test_per_user_gradients_are_exact_with_public_features_and_item_bias(seqs):
+    config = FedRecConfig(num_items=30, hidden_size=16, max_len=8, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0, feature_dim=4, feature_scoring=True, item_bias=True)
+    torch.manual_seed(0)
+    model, reference = FedRecModel(config), FedRecModel(config)
+    features = torch.randn(31, 4)
+    model.set_item_features(features)
+    reference.load_state_dict(model.state_dict())
+    users = seqs.trainable_users()[:3]
+    batch = make_batch(seqs, users, "train", 8)
+    loader = user_loader(users, 3, torch.Generator())
+    PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                 data_loader=loader, noise_multiplier=0.0, max_grad_norm=1e6)
+    sequence_loss(model, batch, per_user=True).mean().backward()
+    for i in range(len(users)):
+        reference.zero_grad()
+        sequence_loss(reference, {k: v[i:i + 1] for k, v in batch.items()}, per_user=True).sum().backward()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+            assert torch.allclose(p.grad_sample[i], q.grad, atol=1e-5), name

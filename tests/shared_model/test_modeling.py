@@ -22,7 +22,8 @@ def inputs(item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def test_opacus_accepts_every_layer():
     assert ModuleValidator.validate(tiny().train(), strict=False) == []
-    assert ModuleValidator.validate(tiny(tie_item_embeddings=False, text_dim=8).train(), strict=False) == []
+    full = tiny(tie_item_embeddings=False, feature_dim=8, feature_scoring=True, item_bias=True)
+    assert ModuleValidator.validate(full.train(), strict=False) == []
 
 
 def test_shapes_and_padding_row_never_scores():
@@ -89,9 +90,36 @@ def test_save_and_load_round_trip_keeps_ties_and_outputs(tmp_path):
         assert (tmp_path / str(tie) / "model.safetensors").exists()
 
 
-def test_text_features_feed_the_item_representation():
-    model = tiny(text_dim=8)
+def test_public_item_features_feed_inputs_and_scores():
     ids = torch.randint(1, 100, (2, 4))
+    for scoring in (False, True):
+        model = tiny(feature_dim=8, feature_scoring=scoring)
+        before = model.score_next(*inputs(ids))
+        features = torch.randn(100, 8)
+        model.set_item_features(features)
+        assert not torch.allclose(before, model.score_next(*inputs(ids)))
+    # With feature scoring, two items with equal features and equal id rows score the same.
+    model.item_embeddings.weight.data[7] = model.item_embeddings.weight.data[8]
+    features[7] = features[8]
+    model.set_item_features(features)
+    scores = model.score_next(*inputs(ids))
+    assert torch.allclose(scores[:, 7], scores[:, 8])
+
+
+def test_item_bias_shifts_every_users_scores_equally():
+    model = tiny(item_bias=True)
+    ids = torch.randint(1, 100, (3, 4))
     before = model.score_next(*inputs(ids))
-    model.set_item_text(torch.randn(100, 8))
-    assert not torch.allclose(before, model.score_next(*inputs(ids)))
+    model.output.bias.data[5] += 10.0
+    delta = model.score_next(*inputs(ids)) - before
+    assert torch.allclose(delta[:, 5], torch.full((3,), 10.0)) and torch.allclose(delta[:, 6], torch.zeros(3))
+
+
+def test_sampled_logits_agree_with_full_logits_on_the_positive():
+    model = tiny(feature_dim=8, feature_scoring=True, item_bias=True)
+    model.set_item_features(torch.randn(100, 8))
+    hidden = model(*inputs(torch.randint(1, 100, (2, 3))))
+    labels = torch.randint(1, 100, (2, 3))
+    sampled = model.sampled_logits(hidden, labels, num_negatives=5)
+    full = model.logits(hidden).gather(-1, labels.unsqueeze(-1))
+    assert torch.allclose(sampled[..., :1], full, atol=1e-5)
