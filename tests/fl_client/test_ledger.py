@@ -1,0 +1,60 @@
+"""The site's privacy ledger: ε only grows, survives restarts, refuses over-budget rounds and double records."""
+
+import json
+
+import pytest
+
+from fl_client.ledger import BudgetExceededError, PrivacyLedger, epsilon_of
+
+ROUND = [(1.0, 0.05, 40)]  # σ, sample rate, steps of one local training round
+DELTA = 1e-4
+
+
+def test_epsilon_never_decreases_as_rounds_are_recorded(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.json", DELTA)
+    assert ledger.spent() == 0.0
+    previous = 0.0
+    for r in range(1, 5):
+        entry = ledger.record("run-a", r, ROUND)
+        assert entry.epsilon_after > previous
+        assert ledger.spent() == pytest.approx(entry.epsilon_after)
+        previous = entry.epsilon_after
+    assert ledger.spent() == pytest.approx(epsilon_of(ROUND * 4, DELTA))
+
+
+def test_ledger_survives_a_restart_and_keeps_counting(tmp_path):
+    path = tmp_path / "site" / "ledger.json"
+    first = PrivacyLedger(path, DELTA)
+    first.record("run-a", 1, ROUND)
+    spent = first.spent()
+    restarted = PrivacyLedger(path, DELTA)
+    assert restarted.spent() == pytest.approx(spent)
+    assert restarted.has("run-a", 1) and not restarted.has("run-a", 2)
+    restarted.record("run-a", 2, ROUND)
+    assert PrivacyLedger(path, DELTA).spent() > spent
+    assert json.loads(path.read_text())["unit"] == "one user"
+
+
+def test_budget_check_declines_a_round_that_would_overspend(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.json", DELTA)
+    one_round = epsilon_of(ROUND, DELTA)
+    assert ledger.check(ROUND, budget_epsilon=one_round * 1.01) == pytest.approx(one_round)
+    ledger.record("run-a", 1, ROUND)
+    with pytest.raises(BudgetExceededError, match="over its budget"):
+        ledger.check(ROUND, budget_epsilon=one_round * 1.01)
+    assert ledger.spent() == pytest.approx(one_round)  # a refused check spends nothing
+
+
+def test_the_same_round_cannot_be_recorded_twice(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.json", DELTA)
+    ledger.record("run-a", 1, ROUND)
+    with pytest.raises(ValueError, match="already recorded"):
+        ledger.record("run-a", 1, ROUND)
+    ledger.record("run-b", 1, ROUND)  # another run's round 1 is new spending
+
+
+def test_changing_delta_for_an_existing_ledger_is_refused(tmp_path):
+    path = tmp_path / "ledger.json"
+    PrivacyLedger(path, DELTA).record("run-a", 1, ROUND)
+    with pytest.raises(ValueError, match="δ"):
+        PrivacyLedger(path, DELTA * 10)

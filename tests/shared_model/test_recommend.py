@@ -1,0 +1,49 @@
+"""fedrec-recommend: top-k from an exported model directory, with titles, skipping unknown history items."""
+
+import json
+
+import pytest
+import torch
+
+from shared_model.catalog import ItemCatalog
+from shared_model.configuration_fedrec import FedRecConfig
+from shared_model.modeling_fedrec import FedRecModel
+from shared_model.recommend import main, recommend
+from shared_model.serialization import save_model_dir
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    catalog = ItemCatalog.from_items([f"i{n:02d}" for n in range(20)], titles={"i05": "Red lipstick"})
+    torch.manual_seed(0)
+    model = FedRecModel(FedRecConfig(num_items=20, hidden_size=16, max_len=8))
+    model.output.weight.data[catalog.rows(["i05"])[0]] *= 0  # a neutral score for one item
+    model.item_embeddings.weight.data[catalog.rows(["i07"])[0]] = 5.0  # i07 scores very high for every history
+    save_model_dir(model, catalog, tmp_path / "model")
+    return tmp_path / "model", model, catalog
+
+
+def test_recommend_ranks_by_score_and_excludes_the_history(model_dir):
+    _, model, catalog = model_dir
+    recs, unknown = recommend(model, catalog, ["i01", "i02", "nope"], k=5)
+    assert unknown == ["nope"]
+    assert len(recs) == 5 and [r.score for r in recs] == sorted((r.score for r in recs), reverse=True)
+    assert {"i01", "i02"}.isdisjoint(r.item_id for r in recs)
+    with_seen, _ = recommend(model, catalog, ["i07"], k=20, exclude_seen=False)
+    assert "i07" in {r.item_id for r in with_seen}
+    assert "i07" not in {r.item_id for r in recommend(model, catalog, ["i07"], k=19)[0]}
+
+
+def test_history_of_only_unknown_items_is_an_error(model_dir):
+    _, model, catalog = model_dir
+    with pytest.raises(ValueError, match="none of the 2 history items"):
+        recommend(model, catalog, ["x", "y"])
+
+
+def test_command_line_prints_json_with_titles(model_dir, capsys):
+    path, _, _ = model_dir
+    assert main([str(path), "i01", "i03", "--k", "19", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out) == 18  # 20 items minus the 2 in the history
+    titled = [r for r in out if r["item_id"] == "i05"]
+    assert titled and titled[0]["title"] == "Red lipstick"
