@@ -33,6 +33,7 @@ class FedRecConfig(PretrainedConfig):
         feature_dim: int = 0,
         feature_scoring: bool = False,
         item_bias: bool = False,
+        train_item_embeddings: bool = True,
         tie_item_embeddings: bool = True,
         catalog_fingerprint: str = "",
         **kwargs: Any,
@@ -55,6 +56,7 @@ class FedRecConfig(PretrainedConfig):
         self.feature_dim = feature_dim  # (int) width of frozen public item features (text/attributes); 0 = none
         self.feature_scoring = feature_scoring  # (bool) also score items through their public features
         self.item_bias = item_bias  # (bool) a learned per-item score offset (popularity)
+        self.train_item_embeddings = train_item_embeddings  # (bool) False: item table fixed at 0, no noise on it
         self.tie_item_embeddings = tie_item_embeddings  # (bool) score with the input item table
         self.tie_word_embeddings = tie_item_embeddings  # HF's name for the same switch (save/load ties)
         self.catalog_fingerprint = catalog_fingerprint  # (str) the catalog the item rows refer to

@@ -58,6 +58,12 @@ class FedRecModel(FedRecPreTrainedModel):
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.output = nn.Linear(d, config.num_item_rows, bias=config.item_bias)
         self.post_init()
+        if not config.train_item_embeddings:
+            # Items are then known only through public features and the bias: under DP this removes the
+            # largest noised block (items x d) at the price of item-specific detail.
+            for table in (self.item_embeddings, self.output):
+                table.weight.data.zero_()
+                table.weight.requires_grad_(False)
 
     def set_item_features(self, features: torch.Tensor) -> None:
         """Install the frozen (num_item_rows, feature_dim) public item-feature table."""

@@ -38,6 +38,7 @@ class ModelConfig:
     feature_dim: int = 64  # (int) principal components kept from the public item features
     feature_scoring: bool = False  # (bool) also score items through their public features
     item_bias: bool = False  # (bool) learned per-item score offset (popularity)
+    train_item_embeddings: bool = True  # (bool) false: no per-item vectors (public features + bias only)
     tie_item_embeddings: bool = True  # (bool) score items with the input item table
 
 

@@ -78,6 +78,7 @@ def build_model(config: ModelConfig, data: PreparedData, cache_dir: str | None =
         attention_probs_dropout_prob=config.attention_probs_dropout_prob,
         use_time_gaps=config.use_time_gaps and data.events.has_timestamps, feature_dim=feature_dim,
         feature_scoring=config.feature_scoring and feature_dim > 0, item_bias=config.item_bias,
+        train_item_embeddings=config.train_item_embeddings,
         tie_item_embeddings=config.tie_item_embeddings, catalog_fingerprint=data.catalog.fingerprint))
     if feature_dim:
         model.set_item_features(item_feature_table(data.catalog, config.item_features, feature_dim, cache_dir))

@@ -158,9 +158,11 @@ def test_dp_training_works_without_timestamps(seqs):
     assert result.privacy is not None and result.privacy.epsilon > 0
 
 
-def test_per_user_gradients_are_exact_with_public_features_and_item_bias(seqs):
+@pytest.mark.parametrize("train_items", [True, False])
+def test_per_user_gradients_are_exact_with_public_features_and_item_bias(seqs, train_items):
     config = FedRecConfig(num_items=30, hidden_size=16, max_len=8, hidden_dropout_prob=0.0,
-                          attention_probs_dropout_prob=0.0, feature_dim=4, feature_scoring=True, item_bias=True)
+                          attention_probs_dropout_prob=0.0, feature_dim=4, feature_scoring=True, item_bias=True,
+                          train_item_embeddings=train_items)
     torch.manual_seed(0)
     model, reference = FedRecModel(config), FedRecModel(config)
     features = torch.randn(31, 4)
@@ -176,4 +178,16 @@ def test_per_user_gradients_are_exact_with_public_features_and_item_bias(seqs):
         reference.zero_grad()
         sequence_loss(reference, {k: v[i:i + 1] for k, v in batch.items()}, per_user=True).sum().backward()
         for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
-            assert torch.allclose(p.grad_sample[i], q.grad, atol=1e-5), name
+            if p.requires_grad:
+                assert torch.allclose(p.grad_sample[i], q.grad, atol=1e-5), name
+            else:
+                assert q.grad is None and getattr(p, "grad_sample", None) is None, name
+
+
+def test_a_frozen_item_table_stays_zero_under_dp_training(seqs):
+    model = FedRecModel(FedRecConfig(num_items=30, hidden_size=16, max_len=8, item_bias=True,
+                                     train_item_embeddings=False))
+    bias_before = model.output.bias.detach().clone()
+    train(model, seqs, TrainConfig(epochs=1, batch_size=16), PrivacyConfig(enabled=True, epsilon=8.0))
+    assert model.item_embeddings.weight.abs().sum() == 0  # no noise was added to it
+    assert not torch.equal(model.output.bias.detach(), bias_before)
