@@ -1,0 +1,146 @@
+"""One federated round at a site, as plain functions: check the catalog and the budget, train, account, reply.
+
+Nothing here sees a Flower Message or Context; the ClientApp handlers decode and encode around these.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fl_client.ledger import BudgetExceededError, PrivacyLedger
+from fl_client.privacy import AccountantHistory, PrivacyConfig, calibrate_noise, unwrap_state_dict
+from fl_client.site import SiteConfig, SiteData
+from fl_client.train import TrainConfig, resolve_device, train
+from shared_model import wire
+from shared_model.configuration_fedrec import FedRecConfig
+from shared_model.metrics import evaluate_model
+from shared_model.modeling_fedrec import FedRecModel
+
+
+@dataclass
+class RoundConfig:
+    """What the server asks of a site for one round (never noise, clipping or budget)."""
+
+    server_round: int
+    num_rounds: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str
+    model_config: str  # FedRecConfig JSON
+    catalog_fingerprint: str
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RoundConfig:
+        """Parse the round's ConfigRecord, naming any missing key."""
+        keys = {"server_round": wire.SERVER_ROUND, "num_rounds": wire.NUM_ROUNDS, "local_epochs": wire.LOCAL_EPOCHS,
+                "batch_size": wire.BATCH_SIZE, "lr": wire.LEARNING_RATE, "optimizer": wire.OPTIMIZER,
+                "model_config": wire.MODEL_CONFIG, "catalog_fingerprint": wire.CATALOG_FINGERPRINT}
+        missing = [key for key in keys.values() if key not in record]
+        if missing:
+            raise ValueError(f"round config from the server lacks {missing}")
+        types = {"server_round": int, "num_rounds": int, "local_epochs": int, "batch_size": int, "lr": float,
+                 "optimizer": str, "model_config": str, "catalog_fingerprint": str}
+        return cls(**{field: types[field](record[key]) for field, key in keys.items()})
+
+
+@dataclass
+class RoundReply:
+    """A site's answer to a train request."""
+
+    state: dict[str, torch.Tensor]
+    num_examples: int
+    train_loss: float
+    dp: bool
+    epsilon: float  # cumulative over every round this site trained (0 when DP is off)
+    delta: float
+    declined: str = ""  # the reason, when the site refused to train
+
+    def metrics(self) -> dict[str, float]:
+        """The MetricRecord content; keys are identical for every reply, as Flower's strategies require."""
+        return {wire.NUM_EXAMPLES: float(self.num_examples), wire.TRAIN_LOSS: self.train_loss,
+                wire.DP_ENABLED: float(self.dp), wire.EPSILON: self.epsilon, wire.DELTA: self.delta,
+                wire.DECLINED: float(bool(self.declined))}
+
+
+def build_global_model(round_cfg: RoundConfig, state: Mapping[str, torch.Tensor]) -> FedRecModel:
+    """The server's model, rebuilt from its config and weights."""
+    model = FedRecModel(FedRecConfig.from_dict(json.loads(round_cfg.model_config)))
+    model.load_state_dict(dict(state), strict=True)
+    return model
+
+
+def site_delta(site: SiteConfig, data: SiteData) -> float:
+    """The site's δ: configured, or 1 / its number of users."""
+    return site.delta if site.delta is not None else 1.0 / max(len(data.sequences), 1)
+
+
+def plan_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
+               delta: float) -> tuple[float, AccountantHistory]:
+    """σ that spreads the site's whole budget over all planned rounds, and this round's planned steps."""
+    steps_per_epoch = math.ceil(len(data.sequences.trainable_users()) / round_cfg.batch_size)
+    round_steps = round_cfg.local_epochs * steps_per_epoch
+    privacy = PrivacyConfig(enabled=True, epsilon=site.epsilon, delta=delta)
+    sigma = calibrate_noise(privacy, 1.0 / steps_per_epoch, round_cfg.num_rounds * round_steps, delta)
+    return sigma, [(sigma, 1.0 / steps_per_epoch, round_steps)]
+
+
+def reply_path(site: SiteConfig, run_id: str, server_round: int) -> Path:
+    """Where a trained round's reply is kept, so a resent round is answered without spending ε again."""
+    return Path(site.state_dir) / "replies" / f"run{run_id}_round{server_round}.pt"
+
+
+def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, state: Mapping[str, torch.Tensor],
+                run_id: str) -> RoundReply:
+    """Train the global model on the site's users for one round, within the site's privacy budget."""
+    data.catalog.check_matches(round_cfg.catalog_fingerprint)
+    delta = site_delta(site, data)
+    ledger = PrivacyLedger(site.ledger_path, delta) if site.dp else None
+    cached = reply_path(site, run_id, round_cfg.server_round)
+    if ledger is not None and ledger.has(run_id, round_cfg.server_round):
+        if cached.exists():  # the server resent a round we already paid for: same answer, no new spending
+            return RoundReply(**torch.load(cached, weights_only=False))
+        return declined(state, delta, ledger.spent(), "this round was already trained here and its reply is lost")
+    sigma, planned = plan_round(site, data, round_cfg, delta) if site.dp else (0.0, [])
+    if ledger is not None:
+        try:
+            ledger.check(planned, site.epsilon)
+        except BudgetExceededError as err:
+            return declined(state, delta, ledger.spent(), str(err))
+    model = build_global_model(round_cfg, state)
+    result = train(model, data.sequences,
+                   TrainConfig(epochs=round_cfg.local_epochs, batch_size=round_cfg.batch_size, lr=round_cfg.lr,
+                               optimizer=round_cfg.optimizer, device=site.device, patience=0, eval_every=0),
+                   PrivacyConfig(enabled=site.dp, epsilon=site.epsilon, delta=delta, noise_multiplier=sigma,
+                                 max_grad_norm=site.max_grad_norm, secure_mode=site.secure_mode))
+    epsilon = 0.0
+    if ledger is not None and result.privacy is not None:
+        epsilon = ledger.record(run_id, round_cfg.server_round, result.privacy.history).epsilon_after
+    reply = RoundReply(state=unwrap_state_dict(model.cpu()), num_examples=len(data.sequences.trainable_users()),
+                       train_loss=result.epoch_losses[-1], dp=site.dp, epsilon=epsilon, delta=delta)
+    if ledger is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(reply.__dict__, cached)
+    return reply
+
+
+def declined(state: Mapping[str, torch.Tensor], delta: float, epsilon: float, reason: str) -> RoundReply:
+    """A refusal: the incoming weights back unchanged, zero examples, and the reason."""
+    return RoundReply(state=dict(state), num_examples=0, train_loss=0.0, dp=True, epsilon=epsilon, delta=delta,
+                      declined=reason)
+
+
+def evaluate_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
+                   state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Full-catalog metrics of the global model on the site's own held-out (test) events."""
+    data.catalog.check_matches(round_cfg.catalog_fingerprint)
+    model = build_global_model(round_cfg, state)
+    metrics = evaluate_model(model, data.sequences, "test", device=resolve_device(site.device))
+    return {**{k: v for k, v in metrics.items() if k != "users"}, wire.NUM_EXAMPLES: metrics.get("users", 0.0)}

@@ -1,0 +1,116 @@
+"""A data site: its settings (from the SuperNode's node config), and its preprocessed data, cached on disk.
+
+Deployment starts a fresh client process for every message, so parsing and mapping the site's events is done
+once and cached next to the site's state; a changed events file or catalog invalidates the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shared_model.adapters import load_dataset
+from shared_model.catalog import ItemCatalog
+from shared_model.sequences import UserSequences, to_user_sequences
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+@dataclass
+class SiteConfig:
+    """Everything a site decides for itself; the server never dictates noise, clipping or budget."""
+
+    data_path: str  # (str) the site's events file (or folder, for folder-based formats)
+    catalog_path: str  # (str) the public catalog.json shared by every party
+    state_dir: str  # (str) where the ledger, the preprocessing cache and round replies live
+    data_format: str = "events"  # (str) adapter: events, movielens, s3rec or tianchi
+    dp: bool = True  # (bool) train with DP-SGD (one row per user)
+    epsilon: float = 8.0  # (float) the site's total ε budget over all rounds, per user
+    delta: float | None = None  # (float) the site's δ; None = 1 / the site's number of users
+    max_grad_norm: float = 1.0  # (float) per-user clipping bound C
+    secure_mode: bool = False  # (bool) Opacus secure RNG (production)
+    device: str = "auto"  # (str) auto (CUDA when present), cpu or cuda
+    min_events: int = 3  # (int) users with fewer events are dropped (counted)
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, object]) -> SiteConfig:
+        """Parse a SuperNode's `--node-config` (kebab-case keys) once, with a clear error for missing keys."""
+        missing = [k for k in ("data-path", "catalog-path", "state-dir") if k not in node_config]
+        if missing:
+            raise ValueError(f"node config is missing {missing}; start the SuperNode with --node-config "
+                             "\"data-path='...' catalog-path='...' state-dir='...'\"")
+        known = {f.replace("_", "-"): f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(node_config) - set(known) - {"partition-id", "num-partitions"})
+        if unknown:
+            raise ValueError(f"unknown node config keys {unknown}; known: {sorted(known)}")
+        values = {known[k]: v for k, v in node_config.items() if k in known}
+        if values.get("delta") in ("", 0, 0.0):
+            values["delta"] = None
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def ledger_path(self) -> Path:
+        """The site's privacy ledger."""
+        return Path(self.state_dir) / "privacy_ledger.json"
+
+
+@dataclass
+class SiteData:
+    """The site's public catalog and its users' sequences."""
+
+    catalog: ItemCatalog
+    sequences: UserSequences
+    dropped: dict[str, int]
+
+
+def _cache_key(site: SiteConfig, catalog: ItemCatalog, num_time_buckets: int) -> str:
+    """Changes whenever the events file, the catalog or the preprocessing settings change."""
+    data = Path(site.data_path)
+    stat = data.stat()
+    parts = [str(CACHE_VERSION), str(data.resolve()), str(stat.st_size), str(stat.st_mtime_ns), site.data_format,
+             catalog.fingerprint, str(site.min_events), str(num_time_buckets)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def load_site_data(site: SiteConfig, num_time_buckets: int = 32) -> SiteData:
+    """The site's sequences, from the cache when it is current, else parsed and cached."""
+    catalog = ItemCatalog.load(site.catalog_path)
+    cache = Path(site.state_dir) / f"sequences_{_cache_key(site, catalog, num_time_buckets)}.npz"
+    if cache.exists():
+        return SiteData(catalog, *_read_cache(cache))
+    events = load_dataset(site.data_format, site.data_path)
+    seqs = to_user_sequences(events, catalog, num_time_buckets=num_time_buckets, min_events=site.min_events)
+    log.info("site %s: %s; filtered %s", site.data_path, events.report.summary(), seqs.dropped or "nothing")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    _write_cache(cache, seqs)
+    return SiteData(catalog, seqs, dict(seqs.dropped))
+
+
+def _write_cache(path: Path, seqs: UserSequences) -> None:
+    meta = json.dumps({"user_ids": seqs.user_ids, "regions": seqs.regions, "merchants": seqs.merchants,
+                       "dropped": seqs.dropped})
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, offsets=seqs.offsets, items=seqs.items, event_types=seqs.event_types,
+             time_buckets=seqs.time_buckets, meta=np.array(meta))
+    tmp.replace(path)
+
+
+def _read_cache(path: Path) -> tuple[UserSequences, dict[str, int]]:
+    with np.load(path) as arrays:
+        meta = json.loads(str(arrays["meta"]))
+        seqs = UserSequences(user_ids=meta["user_ids"], offsets=arrays["offsets"], items=arrays["items"],
+                             event_types=arrays["event_types"], time_buckets=arrays["time_buckets"],
+                             regions=meta["regions"], merchants=meta["merchants"], dropped=meta["dropped"])
+    return seqs, dict(meta["dropped"])
+
+
+def describe(site: SiteConfig) -> dict[str, object]:
+    """The site's settings for logs and reports (paths included; no data)."""
+    return asdict(site)

@@ -1,0 +1,113 @@
+"""A site's federated round: catalog check, budget refusal, cumulative ε, no double spending, cached data."""
+
+import pytest
+import torch
+
+from fl_client.federated import RoundConfig, evaluate_round, train_round
+from fl_client.ledger import PrivacyLedger
+from fl_client.site import SiteConfig, load_site_data
+from shared_model import wire
+from shared_model.catalog import CatalogMismatchError, ItemCatalog
+from shared_model.configuration_fedrec import FedRecConfig
+from shared_model.modeling_fedrec import FedRecModel
+from simulations.synthetic import generate_events, write_events
+
+
+@pytest.fixture
+def site(tmp_path):
+    log = generate_events(num_users=120, num_items=40, seed=3)
+    events = write_events(log, tmp_path / "events.csv")
+    catalog = ItemCatalog.from_events(log.frame)
+    catalog.save(tmp_path)
+    return SiteConfig(data_path=str(events), catalog_path=str(tmp_path / "catalog.json"),
+                      state_dir=str(tmp_path / "state"), epsilon=4.0, device="cpu")
+
+
+def round_config(catalog: ItemCatalog, server_round: int = 1, num_rounds: int = 2) -> tuple[RoundConfig, dict]:
+    config = FedRecConfig(num_items=len(catalog.item_ids), hidden_size=16, max_len=10,
+                          catalog_fingerprint=catalog.fingerprint)
+    torch.manual_seed(0)
+    state = FedRecModel(config).state_dict()
+    record = {wire.SERVER_ROUND: server_round, wire.NUM_ROUNDS: num_rounds, wire.LOCAL_EPOCHS: 1,
+              wire.BATCH_SIZE: 32, wire.LEARNING_RATE: 0.003, wire.OPTIMIZER: "adam",
+              wire.MODEL_CONFIG: config.to_json_string(), wire.CATALOG_FINGERPRINT: catalog.fingerprint}
+    return RoundConfig.from_record(record), state
+
+
+def test_dp_rounds_accumulate_epsilon_in_the_site_ledger(site):
+    data = load_site_data(site)
+    first_cfg, state = round_config(data.catalog, 1)
+    first = train_round(site, data, first_cfg, state, run_id="7")
+    assert first.dp and not first.declined and first.num_examples == len(data.sequences.trainable_users())
+    assert 0 < first.epsilon < site.epsilon
+    assert not torch.equal(first.state["output.weight"], state["output.weight"])
+    second_cfg, _ = round_config(data.catalog, 2)
+    second = train_round(site, data, second_cfg, first.state, run_id="7")
+    assert first.epsilon < second.epsilon <= site.epsilon * 1.01  # two planned rounds spend the whole budget
+    assert PrivacyLedger(site.ledger_path, second.delta).spent() == pytest.approx(second.epsilon)
+    assert set(first.metrics()) == set(second.metrics())
+
+
+def test_a_resent_round_is_answered_from_cache_without_spending_again(site):
+    data = load_site_data(site)
+    cfg, state = round_config(data.catalog, 1)
+    first = train_round(site, data, cfg, state, run_id="7")
+    again = train_round(site, data, cfg, state, run_id="7")
+    assert again.epsilon == first.epsilon
+    assert torch.equal(again.state["output.weight"], first.state["output.weight"])
+    assert len(PrivacyLedger(site.ledger_path, first.delta).entries) == 1
+
+
+def test_site_declines_a_round_beyond_its_budget(site):
+    data = load_site_data(site)
+    cfg, state = round_config(data.catalog, 1, num_rounds=1)
+    spent = train_round(site, data, cfg, state, run_id="7").epsilon
+    extra_cfg, _ = round_config(data.catalog, 2, num_rounds=1)  # the server runs more rounds than it announced
+    refused = train_round(site, data, extra_cfg, state, run_id="7")
+    assert "over its budget" in refused.declined
+    assert refused.num_examples == 0 and refused.metrics()[wire.DECLINED] == 1.0
+    assert refused.epsilon == pytest.approx(spent)
+    assert torch.equal(refused.state["output.weight"], state["output.weight"])
+
+
+def test_weights_for_another_catalog_are_refused(site):
+    data = load_site_data(site)
+    other = ItemCatalog.from_items(["x", "y"])
+    cfg, state = round_config(data.catalog)
+    cfg.catalog_fingerprint = other.fingerprint
+    with pytest.raises(CatalogMismatchError):
+        train_round(site, data, cfg, state, run_id="7")
+
+
+def test_without_dp_nothing_claims_privacy(site):
+    site.dp = False
+    data = load_site_data(site)
+    cfg, state = round_config(data.catalog)
+    reply = train_round(site, data, cfg, state, run_id="7")
+    assert reply.dp is False and reply.epsilon == 0.0
+    assert not site.ledger_path.exists()
+    metrics = evaluate_round(site, data, cfg, reply.state)
+    assert metrics[wire.NUM_EXAMPLES] == len(data.sequences) and 0 <= metrics["hr@10"] <= 1
+
+
+def test_site_preprocessing_is_cached_and_invalidated_by_a_changed_file(site, tmp_path):
+    first = load_site_data(site)
+    caches = list((tmp_path / "state").glob("sequences_*.npz"))
+    assert len(caches) == 1
+    again = load_site_data(site)
+    assert again.sequences.user_ids == first.sequences.user_ids
+    assert (again.sequences.items == first.sequences.items).all()
+    with open(site.data_path, "a") as events:
+        events.write(f"{first.sequences.user_ids[0]},{first.catalog.item_ids[0]},2000000000,view,,,\n")
+    load_site_data(site)
+    assert len(list((tmp_path / "state").glob("sequences_*.npz"))) == 2
+
+
+def test_node_config_is_parsed_with_clear_errors():
+    config = SiteConfig.from_node_config({"data-path": "/d.csv", "catalog-path": "/c.json", "state-dir": "/s",
+                                          "epsilon": 3.0, "dp": False, "partition-id": 0})
+    assert config.epsilon == 3.0 and config.dp is False and config.delta is None
+    with pytest.raises(ValueError, match="catalog-path"):
+        SiteConfig.from_node_config({"data-path": "/d.csv", "state-dir": "/s"})
+    with pytest.raises(ValueError, match="epsilonn"):
+        SiteConfig.from_node_config({"data-path": "/d", "catalog-path": "/c", "state-dir": "/s", "epsilonn": 1})
