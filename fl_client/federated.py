@@ -29,6 +29,7 @@ class RoundConfig:
     """What the server asks of a site for one round (never noise, clipping or budget)."""
 
     server_round: int
+    training_id: str  # the same across server restarts, so a resent round is recognised
     num_rounds: int
     local_epochs: int
     batch_size: int
@@ -40,13 +41,13 @@ class RoundConfig:
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RoundConfig:
         """Parse the round's ConfigRecord, naming any missing key."""
-        keys = {"server_round": wire.SERVER_ROUND, "num_rounds": wire.NUM_ROUNDS, "local_epochs": wire.LOCAL_EPOCHS,
+        keys = {"server_round": wire.SERVER_ROUND, "training_id": wire.TRAINING_ID, "num_rounds": wire.NUM_ROUNDS, "local_epochs": wire.LOCAL_EPOCHS,
                 "batch_size": wire.BATCH_SIZE, "lr": wire.LEARNING_RATE, "optimizer": wire.OPTIMIZER,
                 "model_config": wire.MODEL_CONFIG, "catalog_fingerprint": wire.CATALOG_FINGERPRINT}
         missing = [key for key in keys.values() if key not in record]
         if missing:
             raise ValueError(f"round config from the server lacks {missing}")
-        types = {"server_round": int, "num_rounds": int, "local_epochs": int, "batch_size": int, "lr": float,
+        types = {"server_round": int, "training_id": str, "num_rounds": int, "local_epochs": int, "batch_size": int, "lr": float,
                  "optimizer": str, "model_config": str, "catalog_fingerprint": str}
         return cls(**{field: types[field](record[key]) for field, key in keys.items()})
 
@@ -92,19 +93,21 @@ def plan_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
     return sigma, [(sigma, 1.0 / steps_per_epoch, round_steps)]
 
 
-def reply_path(site: SiteConfig, run_id: str, server_round: int) -> Path:
+def reply_path(site: SiteConfig, training_id: str, server_round: int) -> Path:
     """Where a trained round's reply is kept, so a resent round is answered without spending ε again."""
-    return Path(site.state_dir) / "replies" / f"run{run_id}_round{server_round}.pt"
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in training_id)
+    return Path(site.state_dir) / "replies" / f"{safe}_round{server_round}.pt"
 
 
-def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, state: Mapping[str, torch.Tensor],
-                run_id: str) -> RoundReply:
+def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
+                state: Mapping[str, torch.Tensor]) -> RoundReply:
     """Train the global model on the site's users for one round, within the site's privacy budget."""
     data.catalog.check_matches(round_cfg.catalog_fingerprint)
+    training_id = round_cfg.training_id
     delta = site_delta(site, data)
     ledger = PrivacyLedger(site.ledger_path, delta) if site.dp else None
-    cached = reply_path(site, run_id, round_cfg.server_round)
-    if ledger is not None and ledger.has(run_id, round_cfg.server_round):
+    cached = reply_path(site, training_id, round_cfg.server_round)
+    if ledger is not None and ledger.has(training_id, round_cfg.server_round):
         if cached.exists():  # the server resent a round we already paid for: same answer, no new spending
             return RoundReply(**torch.load(cached, weights_only=False))
         return declined(state, delta, ledger.spent(), "this round was already trained here and its reply is lost")
@@ -122,7 +125,7 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, state:
                                  max_grad_norm=site.max_grad_norm, secure_mode=site.secure_mode))
     epsilon = 0.0
     if ledger is not None and result.privacy is not None:
-        epsilon = ledger.record(run_id, round_cfg.server_round, result.privacy.history).epsilon_after
+        epsilon = ledger.record(training_id, round_cfg.server_round, result.privacy.history).epsilon_after
     reply = RoundReply(state=unwrap_state_dict(model.cpu()), num_examples=len(data.sequences.trainable_users()),
                        train_loss=result.epoch_losses[-1], dp=site.dp, epsilon=epsilon, delta=delta)
     if ledger is not None:

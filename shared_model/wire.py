@@ -9,6 +9,7 @@ METRICS = "metrics"  # MetricRecord: what a site reports back
 
 # ConfigRecord keys (server -> site).
 SERVER_ROUND = "server-round"  # set by Flower's strategies
+TRAINING_ID = "training-id"  # stable across server restarts (unlike Flower's run id): keys the site's ledger
 NUM_ROUNDS = "num-rounds"  # rounds the server plans in all (a site spreads its ε budget over them)
 LOCAL_EPOCHS = "local-epochs"
 BATCH_SIZE = "batch-size"

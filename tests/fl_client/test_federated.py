@@ -28,7 +28,7 @@ def round_config(catalog: ItemCatalog, server_round: int = 1, num_rounds: int = 
                           catalog_fingerprint=catalog.fingerprint)
     torch.manual_seed(0)
     state = FedRecModel(config).state_dict()
-    record = {wire.SERVER_ROUND: server_round, wire.NUM_ROUNDS: num_rounds, wire.LOCAL_EPOCHS: 1,
+    record = {wire.SERVER_ROUND: server_round, wire.TRAINING_ID: "train-7", wire.NUM_ROUNDS: num_rounds, wire.LOCAL_EPOCHS: 1,
               wire.BATCH_SIZE: 32, wire.LEARNING_RATE: 0.003, wire.OPTIMIZER: "adam",
               wire.MODEL_CONFIG: config.to_json_string(), wire.CATALOG_FINGERPRINT: catalog.fingerprint}
     return RoundConfig.from_record(record), state
@@ -37,12 +37,12 @@ def round_config(catalog: ItemCatalog, server_round: int = 1, num_rounds: int = 
 def test_dp_rounds_accumulate_epsilon_in_the_site_ledger(site):
     data = load_site_data(site)
     first_cfg, state = round_config(data.catalog, 1)
-    first = train_round(site, data, first_cfg, state, run_id="7")
+    first = train_round(site, data, first_cfg, state)
     assert first.dp and not first.declined and first.num_examples == len(data.sequences.trainable_users())
     assert 0 < first.epsilon < site.epsilon
     assert not torch.equal(first.state["output.weight"], state["output.weight"])
     second_cfg, _ = round_config(data.catalog, 2)
-    second = train_round(site, data, second_cfg, first.state, run_id="7")
+    second = train_round(site, data, second_cfg, first.state)
     assert first.epsilon < second.epsilon <= site.epsilon * 1.01  # two planned rounds spend the whole budget
     assert PrivacyLedger(site.ledger_path, second.delta).spent() == pytest.approx(second.epsilon)
     assert set(first.metrics()) == set(second.metrics())
@@ -51,8 +51,8 @@ def test_dp_rounds_accumulate_epsilon_in_the_site_ledger(site):
 def test_a_resent_round_is_answered_from_cache_without_spending_again(site):
     data = load_site_data(site)
     cfg, state = round_config(data.catalog, 1)
-    first = train_round(site, data, cfg, state, run_id="7")
-    again = train_round(site, data, cfg, state, run_id="7")
+    first = train_round(site, data, cfg, state)
+    again = train_round(site, data, cfg, state)
     assert again.epsilon == first.epsilon
     assert torch.equal(again.state["output.weight"], first.state["output.weight"])
     assert len(PrivacyLedger(site.ledger_path, first.delta).entries) == 1
@@ -61,9 +61,9 @@ def test_a_resent_round_is_answered_from_cache_without_spending_again(site):
 def test_site_declines_a_round_beyond_its_budget(site):
     data = load_site_data(site)
     cfg, state = round_config(data.catalog, 1, num_rounds=1)
-    spent = train_round(site, data, cfg, state, run_id="7").epsilon
+    spent = train_round(site, data, cfg, state).epsilon
     extra_cfg, _ = round_config(data.catalog, 2, num_rounds=1)  # the server runs more rounds than it announced
-    refused = train_round(site, data, extra_cfg, state, run_id="7")
+    refused = train_round(site, data, extra_cfg, state)
     assert "over its budget" in refused.declined
     assert refused.num_examples == 0 and refused.metrics()[wire.DECLINED] == 1.0
     assert refused.epsilon == pytest.approx(spent)
@@ -76,14 +76,14 @@ def test_weights_for_another_catalog_are_refused(site):
     cfg, state = round_config(data.catalog)
     cfg.catalog_fingerprint = other.fingerprint
     with pytest.raises(CatalogMismatchError):
-        train_round(site, data, cfg, state, run_id="7")
+        train_round(site, data, cfg, state)
 
 
 def test_without_dp_nothing_claims_privacy(site):
     site.dp = False
     data = load_site_data(site)
     cfg, state = round_config(data.catalog)
-    reply = train_round(site, data, cfg, state, run_id="7")
+    reply = train_round(site, data, cfg, state)
     assert reply.dp is False and reply.epsilon == 0.0
     assert not site.ledger_path.exists()
     metrics = evaluate_round(site, data, cfg, reply.state)

@@ -1,0 +1,69 @@
+"""The data-site ClientApp: thin Flower handlers that decode a Message, call the round functions, and reply.
+
+`app` is the deployment entry point (settings from the SuperNode's --node-config); simulations build their
+own app with `build_client_app` and a resolver that maps a simulated node to its site.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl_client.federated import RoundConfig, evaluate_round, train_round
+from fl_client.site import SiteConfig, load_site_data
+from shared_model import wire
+from shared_model.catalog import CatalogMismatchError
+
+log = logging.getLogger(__name__)
+SiteResolver = Callable[[Context], SiteConfig]
+CATALOG_MISMATCH = 4001  # Error code of a refusal: the weights belong to another catalog
+
+
+def site_from_node_config(context: Context) -> SiteConfig:
+    """Deployment: the SuperNode's --node-config names the site's files and privacy budget."""
+    return SiteConfig.from_node_config(dict(context.node_config))
+
+
+def metric_record(values: Mapping[str, float]) -> MetricRecord:
+    """A MetricRecord of plain floats."""
+    return MetricRecord({key: float(value) for key, value in values.items()})
+
+
+def build_client_app(resolve_site: SiteResolver) -> ClientApp:
+    """A ClientApp whose handlers find their site through `resolve_site`."""
+    app = ClientApp()
+
+    @app.train()
+    def handle_train(msg: Message, context: Context) -> Message:
+        site = resolve_site(context)
+        data = load_site_data(site)
+        round_cfg = RoundConfig.from_record(dict(msg.content.config_records[wire.CONFIG]))
+        state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+        try:
+            reply = train_round(site, data, round_cfg, state)
+        except CatalogMismatchError as err:
+            return Message(Error(code=CATALOG_MISMATCH, reason=str(err)), reply_to=msg)
+        if reply.declined:
+            log.warning("site %s declined round %d: %s", site.data_path, round_cfg.server_round, reply.declined)
+        content = RecordDict({wire.ARRAYS: ArrayRecord(reply.state), wire.METRICS: metric_record(reply.metrics())})
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def handle_evaluate(msg: Message, context: Context) -> Message:
+        site = resolve_site(context)
+        data = load_site_data(site)
+        round_cfg = RoundConfig.from_record(dict(msg.content.config_records[wire.CONFIG]))
+        state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+        try:
+            metrics = evaluate_round(site, data, round_cfg, state)
+        except CatalogMismatchError as err:
+            return Message(Error(code=CATALOG_MISMATCH, reason=str(err)), reply_to=msg)
+        return Message(content=RecordDict({wire.METRICS: metric_record(metrics)}), reply_to=msg)
+
+    return app
+
+
+app = build_client_app(site_from_node_config)
