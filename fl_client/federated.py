@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,15 @@ from shared_model import wire
 from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.metrics import evaluate_model
 from shared_model.modeling_fedrec import FedRecModel
+
+
+# RoundConfig field -> (wire key, type it is parsed to).
+ROUND_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "server_round": (wire.SERVER_ROUND, int), "training_id": (wire.TRAINING_ID, str),
+    "num_rounds": (wire.NUM_ROUNDS, int), "local_epochs": (wire.LOCAL_EPOCHS, int),
+    "batch_size": (wire.BATCH_SIZE, int), "lr": (wire.LEARNING_RATE, float), "optimizer": (wire.OPTIMIZER, str),
+    "model_config": (wire.MODEL_CONFIG, str), "catalog_fingerprint": (wire.CATALOG_FINGERPRINT, str),
+}
 
 
 @dataclass
@@ -41,15 +50,10 @@ class RoundConfig:
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RoundConfig:
         """Parse the round's ConfigRecord, naming any missing key."""
-        keys = {"server_round": wire.SERVER_ROUND, "training_id": wire.TRAINING_ID, "num_rounds": wire.NUM_ROUNDS, "local_epochs": wire.LOCAL_EPOCHS,
-                "batch_size": wire.BATCH_SIZE, "lr": wire.LEARNING_RATE, "optimizer": wire.OPTIMIZER,
-                "model_config": wire.MODEL_CONFIG, "catalog_fingerprint": wire.CATALOG_FINGERPRINT}
-        missing = [key for key in keys.values() if key not in record]
+        missing = [key for key, _ in ROUND_FIELDS.values() if key not in record]
         if missing:
             raise ValueError(f"round config from the server lacks {missing}")
-        types = {"server_round": int, "training_id": str, "num_rounds": int, "local_epochs": int, "batch_size": int, "lr": float,
-                 "optimizer": str, "model_config": str, "catalog_fingerprint": str}
-        return cls(**{field: types[field](record[key]) for field, key in keys.items()})
+        return cls(**{name: cast(record[key]) for name, (key, cast) in ROUND_FIELDS.items()})
 
 
 @dataclass

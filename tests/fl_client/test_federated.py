@@ -28,8 +28,8 @@ def round_config(catalog: ItemCatalog, server_round: int = 1, num_rounds: int = 
                           catalog_fingerprint=catalog.fingerprint)
     torch.manual_seed(0)
     state = FedRecModel(config).state_dict()
-    record = {wire.SERVER_ROUND: server_round, wire.TRAINING_ID: "train-7", wire.NUM_ROUNDS: num_rounds, wire.LOCAL_EPOCHS: 1,
-              wire.BATCH_SIZE: 32, wire.LEARNING_RATE: 0.003, wire.OPTIMIZER: "adam",
+    record = {wire.SERVER_ROUND: server_round, wire.TRAINING_ID: "train-7", wire.NUM_ROUNDS: num_rounds,
+              wire.LOCAL_EPOCHS: 1, wire.BATCH_SIZE: 32, wire.LEARNING_RATE: 0.003, wire.OPTIMIZER: "adam",
               wire.MODEL_CONFIG: config.to_json_string(), wire.CATALOG_FINGERPRINT: catalog.fingerprint}
     return RoundConfig.from_record(record), state
 
