@@ -23,7 +23,6 @@ from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.metrics import evaluate_model
 from shared_model.modeling_fedrec import FedRecModel
 
-
 # RoundConfig field -> (wire key, type it is parsed to).
 ROUND_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "server_round": (wire.SERVER_ROUND, int), "training_id": (wire.TRAINING_ID, str),
