@@ -9,6 +9,7 @@ from hydra.core.config_store import ConfigStore
 
 from fl_client.privacy import PrivacyConfig
 from fl_client.train import TrainConfig
+from shared_model.factory import ModelConfig
 
 
 @dataclass
@@ -21,25 +22,6 @@ class DataConfig:
     synthetic: dict[str, Any] = field(default_factory=dict)  # (dict) generator settings for synthetic
     min_events: int = 3  # (int) users with fewer events are dropped (counted)
     item_attributes: str | None = None  # (str) public {item: [attribute ids]} JSON added to the catalog
-
-
-@dataclass
-class ModelConfig:
-    """Architecture of the behaviour model (see shared_model.configuration_fedrec)."""
-
-    max_len: int = 50  # (int) most recent events read per user
-    hidden_size: int = 64  # (int) width d
-    num_hidden_layers: int = 2  # (int) transformer blocks
-    num_attention_heads: int = 2  # (int) heads per block
-    hidden_dropout_prob: float = 0.2  # (float) dropout on embeddings and block outputs
-    attention_probs_dropout_prob: float = 0.2  # (float) dropout on attention weights
-    use_time_gaps: bool = True  # (bool) time-gap embedding (ignored when the data has no timestamps)
-    item_features: list[str] = field(default_factory=list)  # (list) public feature sources: text, attributes
-    feature_dim: int = 64  # (int) principal components kept from the public item features
-    feature_scoring: bool = False  # (bool) also score items through their public features
-    item_bias: bool = False  # (bool) learned per-item score offset (popularity)
-    train_item_embeddings: bool = True  # (bool) false: no per-item vectors (public features + bias only)
-    tie_item_embeddings: bool = True  # (bool) score items with the input item table
 
 
 @dataclass

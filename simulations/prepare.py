@@ -9,12 +9,11 @@ from pathlib import Path
 from hydra.utils import to_absolute_path
 
 from shared_model.catalog import ItemCatalog
-from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.events import EventLog
-from shared_model.item_features import item_feature_table
+from shared_model.factory import ModelConfig, create_model
 from shared_model.modeling_fedrec import FedRecModel
 from shared_model.sequences import UserSequences, to_user_sequences
-from simulations.config import DataConfig, ModelConfig
+from simulations.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +68,5 @@ def prepare_data(config: DataConfig, num_time_buckets: int = 32) -> PreparedData
 
 
 def build_model(config: ModelConfig, data: PreparedData, cache_dir: str | None = None) -> FedRecModel:
-    """A freshly initialised model sized to the catalog, with public item features installed if asked for."""
-    feature_dim = config.feature_dim if config.item_features else 0
-    model = FedRecModel(FedRecConfig(
-        num_items=len(data.catalog.item_ids), max_len=config.max_len, hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        hidden_dropout_prob=config.hidden_dropout_prob,
-        attention_probs_dropout_prob=config.attention_probs_dropout_prob,
-        use_time_gaps=config.use_time_gaps and data.events.has_timestamps, feature_dim=feature_dim,
-        feature_scoring=config.feature_scoring and feature_dim > 0, item_bias=config.item_bias,
-        train_item_embeddings=config.train_item_embeddings,
-        tie_item_embeddings=config.tie_item_embeddings, catalog_fingerprint=data.catalog.fingerprint))
-    if feature_dim:
-        model.set_item_features(item_feature_table(data.catalog, config.item_features, feature_dim, cache_dir))
-    return model
+    """A fresh model for the prepared data's catalog (time gaps only when the data has timestamps)."""
+    return create_model(config, data.catalog, data.events.has_timestamps, cache_dir)

@@ -1,0 +1,107 @@
+"""The server's run directory: an atomic checkpoint after every round, the best model so far, one JSON line
+per round, and the training id that keeps the sites' ledgers consistent across restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "weights.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    """The state after a completed round."""
+
+    round: int
+    state: dict[str, torch.Tensor]
+    optimiser_state: dict[str, Any]
+    best_round: int
+    best_score: float
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    """Write JSON via a temporary file and an atomic rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunStore:
+    """Checkpoints and metrics of one federated training, under an absolute output directory."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.root = Path(out_dir)
+        if not self.root.is_absolute():
+            raise ValueError(f"out_dir must be absolute (the ServerApp runs from an installed copy): {out_dir}")
+        self.rounds = self.root / "rounds"
+        self.rounds.mkdir(parents=True, exist_ok=True)
+
+    def training_id(self) -> str:
+        """A stable id for this training, created once and reused by every resume."""
+        path = self.root / "training_id"
+        if not path.exists():
+            path.write_text(uuid.uuid4().hex)
+        return path.read_text().strip()
+
+    def latest(self) -> Checkpoint | None:
+        """The last completed round's checkpoint, or None for a fresh start."""
+        pointer = self.root / "latest.json"
+        if not pointer.exists():
+            return None
+        meta = json.loads(pointer.read_text(encoding="utf-8"))
+        folder = self.rounds / meta["folder"]
+        return Checkpoint(round=int(meta["round"]), state=load_file(folder / WEIGHTS),
+                          optimiser_state=torch.load(folder / "optimiser.pt", weights_only=False),
+                          best_round=int(meta["best_round"]), best_score=float(meta["best_score"]))
+
+    def save(self, server_round: int, state: dict[str, torch.Tensor], optimiser_state: dict[str, Any],
+             row: dict[str, Any], score: float) -> None:
+        """Write round `server_round` atomically (folder rename, then the pointer), and the best model."""
+        previous = self.latest()
+        best_round, best_score = (previous.best_round, previous.best_score) if previous else (0, float("-inf"))
+        folder = self.rounds / f"round-{server_round:04d}"
+        tmp = self.rounds / f".round-{server_round:04d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, tmp / WEIGHTS)
+        torch.save(optimiser_state, tmp / "optimiser.pt")
+        _write_json(tmp / "metrics.json", row)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        if score > best_score:
+            best_round, best_score = server_round, score
+            best_tmp = self.root / ".best.tmp"
+            shutil.rmtree(best_tmp, ignore_errors=True)
+            shutil.copytree(folder, best_tmp)
+            shutil.rmtree(self.root / "best", ignore_errors=True)
+            os.replace(best_tmp, self.root / "best")
+        _write_json(self.root / "latest.json", {"round": server_round, "folder": folder.name,
+                                                "best_round": best_round, "best_score": best_score})
+        if previous is not None and previous.round != server_round:
+            (self.rounds / f"round-{previous.round:04d}" / WEIGHTS).unlink(missing_ok=True)  # keep metrics only
+        self._rewrite_metrics_log(server_round)
+
+    def history(self, up_to: int | None = None) -> list[dict[str, Any]]:
+        """The per-round rows of every completed round (up to a round, if given), in order."""
+        rows = []
+        for folder in sorted(self.rounds.glob("round-*")):
+            row = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+            if up_to is None or row["round"] <= up_to:
+                rows.append(row)
+        return rows
+
+    def _rewrite_metrics_log(self, up_to: int) -> None:
+        """metrics.jsonl: exactly one line per completed round, even after a crash and resume."""
+        lines = "".join(json.dumps(row) + "\n" for row in self.history(up_to))
+        tmp = self.root / ".metrics.jsonl.tmp"
+        tmp.write_text(lines, encoding="utf-8")
+        os.replace(tmp, self.root / "metrics.jsonl")

@@ -1,0 +1,67 @@
+"""The server's settings: rounds, local-training hyperparameters, the strategy, where outputs go."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from shared_model.factory import ModelConfig
+
+
+@dataclass
+class StrategyConfig:
+    """Which Flower strategy aggregates the sites' updates, and its knobs."""
+
+    name: str = "fedavg"  # (str) fedavg, fedprox, fedadam, fedyogi, fedavgm, fedtrimmedavg, fedmedian, krum
+    fraction_train: float = 1.0  # (float) share of connected sites asked to train each round
+    fraction_evaluate: float = 1.0  # (float) share of connected sites asked to evaluate each round
+    min_nodes: int = 2  # (int) sites that must be connected (and answer) before a round starts
+    proximal_mu: float = 0.01  # (float) FedProx: pull of local weights towards the global ones
+    server_lr: float = 0.1  # (float) FedAdam/FedYogi eta, FedAvgM server learning rate
+    server_momentum: float = 0.9  # (float) FedAvgM momentum
+    trim_beta: float = 0.2  # (float) FedTrimmedAvg: share cut from each end
+    num_malicious: int = 0  # (int) Krum: sites assumed malicious
+
+
+@dataclass
+class ServerConfig:
+    """One federated training run, as the ServerApp sees it."""
+
+    out_dir: str  # (str) ABSOLUTE directory for checkpoints, metrics and the exported model
+    catalog_path: str  # (str) the public catalog.json every site uses
+    num_rounds: int = 3  # (int) rounds of training
+    local_epochs: int = 1  # (int) local passes over each site's users per round
+    batch_size: int = 256  # (int) users per local step
+    lr: float = 1e-3  # (float) local learning rate
+    optimizer: str = "adam"  # (str) local optimizer: adam or sgd
+    round_timeout: float = 3600.0  # (float) seconds to wait for the sites in each phase of a round
+    resume: bool = True  # (bool) continue from the last completed round found in out_dir
+    central_eval_path: str = ""  # (str) events the server holds for central evaluation ("" = none)
+    central_eval_format: str = "events"  # (str) adapter for central_eval_path
+    has_timestamps: bool = True  # (bool) whether the sites' data has real timestamps (time-gap input)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+
+
+def _section(cls: type, values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Pick `prefix`+kebab-case keys of a dataclass out of a flat run config."""
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        key = prefix + f.name.replace("_", "-")
+        if key in values:
+            value = values[key]
+            out[f.name] = [v for v in str(value).split(",") if v] if f.name == "item_features" else value
+    return out
+
+
+def server_config_from_run_config(run_config: Mapping[str, Any]) -> ServerConfig:
+    """Parse Flower's flat run config (`model.hidden-size`, `strategy.name`, `num-rounds`, ...) once."""
+    flat = dict(run_config)
+    for required in ("out-dir", "catalog-path"):
+        if not flat.get(required):
+            raise ValueError(f"run config needs {required!r} (an absolute path; the ServerApp runs from an "
+                             "installed copy of the app, so relative paths would land somewhere unexpected)")
+    top = {k: v for k, v in _section(ServerConfig, flat, "").items() if k not in ("model", "strategy")}
+    return ServerConfig(**top, model=ModelConfig(**_section(ModelConfig, flat, "model.")),
+                        strategy=StrategyConfig(**_section(StrategyConfig, flat, "strategy.")))

@@ -1,0 +1,123 @@
+"""The ServerApp: build the global model, run the configured strategy round by round with checkpoints and
+central evaluation, resume after a crash, and export the final recommender."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fl_server.checkpoint import RunStore
+from fl_server.config import ServerConfig, server_config_from_run_config
+from fl_server.strategy import build_strategy
+from shared_model import wire
+from shared_model.adapters import load_dataset
+from shared_model.catalog import ItemCatalog
+from shared_model.factory import create_model
+from shared_model.metrics import evaluate_model
+from shared_model.modeling_fedrec import FedRecModel
+from shared_model.sequences import to_user_sequences
+from shared_model.serialization import save_model_dir
+
+log = logging.getLogger(__name__)
+CentralEvaluator = Callable[[FedRecModel], dict[str, float]]
+
+
+def central_evaluator(cfg: ServerConfig, catalog: ItemCatalog) -> CentralEvaluator | None:
+    """Full-ranking test metrics on events the server itself holds (None when it holds none)."""
+    if not cfg.central_eval_path:
+        return None
+    sequences = to_user_sequences(load_dataset(cfg.central_eval_format, cfg.central_eval_path), catalog)
+
+    def evaluate(model: FedRecModel) -> dict[str, float]:
+        return {k: v for k, v in evaluate_model(model, sequences, "test").items() if k != "users"}
+
+    return evaluate
+
+
+def round_config(cfg: ServerConfig, model: FedRecModel, catalog: ItemCatalog, training_id: str) -> ConfigRecord:
+    """What every site is told each round (hyperparameters, architecture, catalog; never noise or budget)."""
+    return ConfigRecord({
+        wire.TRAINING_ID: training_id, wire.NUM_ROUNDS: cfg.num_rounds, wire.LOCAL_EPOCHS: cfg.local_epochs,
+        wire.BATCH_SIZE: cfg.batch_size, wire.LEARNING_RATE: cfg.lr, wire.OPTIMIZER: cfg.optimizer,
+        wire.MODEL_CONFIG: model.config.to_json_string(), wire.CATALOG_FINGERPRINT: catalog.fingerprint})
+
+
+def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
+    """Train for the configured rounds (continuing from the last checkpoint), then export the model."""
+    store = RunStore(cfg.out_dir)
+    catalog = ItemCatalog.load(cfg.catalog_path)
+    model = create_model(cfg.model, catalog, cfg.has_timestamps, cache_dir=str(store.root / "cache"))
+    strategy = build_strategy(cfg.strategy)
+    checkpoint = store.latest() if cfg.resume else None
+    done = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint.state)
+        strategy.restore_optimiser_state(checkpoint.optimiser_state)
+        done = checkpoint.round
+        log.info("resuming after round %d of %d (from %s)", done, cfg.num_rounds, store.root)
+    strategy.round_offset = done
+    evaluate_centrally = central_evaluator(cfg, catalog)
+    started = time.time()
+
+    def after_round(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        central: dict[str, Any] = evaluate_centrally(model) if evaluate_centrally else {}
+        if local_round == 0:
+            return MetricRecord(central) if central else None
+        row = {"round": local_round + done, "seconds": round(time.time() - started, 2), **strategy.last_round,
+               "central_eval": central}
+        score = central.get("ndcg@10", row.get("federated_eval", {}).get("ndcg@10", 0.0))
+        store.save(local_round + done, model.state_dict(), strategy.optimiser_state(), row, score)
+        log.info("round %s", json.dumps(row))
+        return MetricRecord(central) if central else None
+
+    if done < cfg.num_rounds:
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.num_rounds - done,
+                       timeout=cfg.round_timeout, train_config=round_config(cfg, model, catalog, store.training_id()),
+                       evaluate_config=round_config(cfg, model, catalog, store.training_id()),
+                       evaluate_fn=after_round)
+    return export(store, model, catalog)
+
+
+def export(store: RunStore, model: FedRecModel, catalog: ItemCatalog) -> dict[str, Any]:
+    """Write the final and the best global model as model directories; return the run summary."""
+    final = store.latest()
+    if final is not None:
+        model.load_state_dict(final.state)
+    save_model_dir(model, catalog, store.root / "model")
+    if (store.root / "best").exists() and final is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(store.root / "best" / "weights.safetensors"))
+        save_model_dir(model, catalog, store.root / "best_model")
+    summary = {"rounds": final.round if final else 0, "best_round": final.best_round if final else 0,
+               "history": store.history(), "model_dir": str(store.root / "model")}
+    (store.root / "summary.json").write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
+    return summary
+
+
+def build_server_app(resolve: Callable[[Context], ServerConfig]) -> ServerApp:
+    """A ServerApp whose settings come from `resolve` (run config in deployment; Hydra in simulation)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        torch.manual_seed(0)
+        run_server(grid, resolve(context))
+
+    return app
+
+
+def config_from_context(context: Context) -> ServerConfig:
+    """Deployment / `flwr run`: the run config (pyproject defaults + --run-config overrides)."""
+    return server_config_from_run_config(dict(context.run_config))
+
+
+app = build_server_app(config_from_context)

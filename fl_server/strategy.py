@@ -1,0 +1,148 @@
+"""Flower strategies for the recommender, with the per-round behaviour every one of them needs here:
+a round offset for resume, sites that declined (budget) or failed kept out of the aggregate, and a record
+of what each round received, including the sites' privacy reports."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from statistics import mean
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from fl_server.config import StrategyConfig
+from shared_model import wire
+
+log = logging.getLogger(__name__)
+PRIVACY_KEYS = (wire.EPSILON, wire.DELTA, wire.DP_ENABLED, wire.DECLINED)
+# Server-side optimiser state some strategies keep between rounds; checkpointed so a resume continues it.
+STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
+
+
+def reply_metrics(msg: Message) -> dict[str, float]:
+    """The MetricRecord of a site's reply, as plain floats."""
+    record = msg.content.metric_records[wire.METRICS]
+    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+
+
+def privacy_report(metrics: list[dict[str, float]]) -> dict[str, Any]:
+    """Max and mean ε over the sites that trained with DP, and how many sites had DP off."""
+    private = [m for m in metrics if m.get(wire.DP_ENABLED, 0.0) == 1.0]
+    report: dict[str, Any] = {"sites": len(metrics), "sites_with_dp": len(private),
+                              "sites_without_dp": len(metrics) - len(private)}
+    if private:
+        report.update(epsilon_max=max(m[wire.EPSILON] for m in private),
+                      epsilon_mean=mean(m[wire.EPSILON] for m in private),
+                      delta_max=max(m[wire.DELTA] for m in private))
+    return report
+
+
+def training_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted means of the sites' training metrics, without privacy keys (a mean ε would mislead)."""
+    aggregated = aggregate_metricrecords(records, weight_key)
+    return MetricRecord({k: v for k, v in aggregated.items() if k not in PRIVACY_KEYS})
+
+
+class RoundHooks:
+    """Mixin over a Flower FedAvg-family strategy (see module docstring)."""
+
+    round_offset: int = 0
+    last_round: dict[str, Any]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Ask sites to train, numbering rounds globally across resumes."""
+        return super().configure_train(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Ask sites to evaluate, numbering rounds globally across resumes."""
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the sites that trained; declined and failed sites are counted, not averaged in."""
+        replies = list(replies)
+        answered = [m for m in replies if not m.has_error()]
+        trained = [m for m in answered if reply_metrics(m).get(wire.DECLINED, 0.0) == 0.0]
+        self.last_round = {"round": server_round + self.round_offset, "train_replies": len(replies),
+                           "train_failures": len(replies) - len(answered),
+                           "declined": len(answered) - len(trained),
+                           "privacy": privacy_report([reply_metrics(m) for m in answered])}
+        for failure in (m for m in replies if m.has_error()):
+            log.warning("a site failed to train: %s", failure.error.reason)
+        if not trained:
+            log.warning("round %d: no site trained; the global model is unchanged", server_round + self.round_offset)
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round + self.round_offset, trained)  # type: ignore[misc]
+        self.last_round["train"] = dict(metrics) if metrics is not None else {}
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Weighted federated evaluation over the sites that answered."""
+        replies = list(replies)
+        answered = [m for m in replies if not m.has_error()]
+        self.last_round["evaluate_failures"] = len(replies) - len(answered)
+        if not answered:
+            return None
+        metrics = super().aggregate_evaluate(server_round + self.round_offset, answered)  # type: ignore[misc]
+        self.last_round["federated_eval"] = dict(metrics) if metrics is not None else {}
+        return metrics
+
+    def optimiser_state(self) -> dict[str, Any]:
+        """Server-side optimiser state to checkpoint (empty for stateless strategies)."""
+        return {name: getattr(self, name) for name in STATE_ATTRIBUTES if getattr(self, name, None) is not None}
+
+    def restore_optimiser_state(self, state: dict[str, Any]) -> None:
+        """Put checkpointed optimiser state back before resuming."""
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+def build_strategy(config: StrategyConfig) -> Any:
+    """The configured Flower strategy, with RoundHooks mixed in."""
+    common: dict[str, Any] = {
+        "fraction_train": config.fraction_train, "fraction_evaluate": config.fraction_evaluate,
+        "min_train_nodes": config.min_nodes, "min_evaluate_nodes": config.min_nodes,
+        "min_available_nodes": config.min_nodes, "weighted_by_key": wire.NUM_EXAMPLES,
+        "arrayrecord_key": wire.ARRAYS, "configrecord_key": wire.CONFIG, "train_metrics_aggr_fn": training_metrics}
+    base: type[Strategy]
+    extra: dict[str, Any]
+    match config.name:
+        case "fedavg":
+            base, extra = FedAvg, {}
+        case "fedprox":
+            base, extra = FedProx, {"proximal_mu": config.proximal_mu}
+        case "fedadam":
+            base, extra = FedAdam, {"eta": config.server_lr}
+        case "fedyogi":
+            base, extra = FedYogi, {"eta": config.server_lr}
+        case "fedavgm":
+            base, extra = FedAvgM, {"server_learning_rate": config.server_lr, "server_momentum": config.server_momentum}
+        case "fedtrimmedavg":
+            base, extra = FedTrimmedAvg, {"beta": config.trim_beta}
+        case "fedmedian":
+            base, extra = FedMedian, {}
+        case "krum":
+            base, extra = Krum, {"num_malicious_nodes": config.num_malicious}
+        case _:
+            raise ValueError(f"strategy.name {config.name!r} is not one of fedavg, fedprox, fedadam, fedyogi, "
+                             "fedavgm, fedtrimmedavg, fedmedian, krum")
+    hooked = type(f"FedRec{base.__name__}", (RoundHooks, base), {})
+    strategy = hooked(**common, **extra)
+    strategy.last_round = {}
+    return strategy
