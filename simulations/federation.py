@@ -58,4 +58,4 @@ def run_federation(sites: Sequence[SiteConfig], server: ServerConfig, num_cpus: 
         return sites[int(context.node_config["partition-id"])]
 
     run_simulation(server_app=build_server_app(lambda _context: server), client_app=build_client_app(site_of),
-                   num_supernodes=len(sites), backend_config=backend_config(num_cpus, cpus_per_client))  # type: ignore[arg-type]
+                   num_supernodes=len(sites), backend_config=backend_config(num_cpus, cpus_per_client))
