@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
+import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_client.federated import RoundConfig, evaluate_round, train_round
-from fl_client.site import SiteConfig, load_site_data
+from fl_client.site import SiteConfig, SiteData, load_site_data
 from shared_model import wire
 from shared_model.catalog import CatalogMismatchError
 
@@ -32,6 +33,13 @@ def metric_record(values: Mapping[str, float]) -> MetricRecord:
     return MetricRecord({key: float(value) for key, value in values.items()})
 
 
+def decode(msg: Message, site: SiteConfig) -> tuple[SiteData, RoundConfig, dict[str, torch.Tensor]]:
+    """The site's (cached) data, the round's settings and the global weights carried by a message."""
+    round_cfg = RoundConfig.from_record(dict(msg.content.config_records[wire.CONFIG]))
+    state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+    return load_site_data(site), round_cfg, state
+
+
 def build_client_app(resolve_site: SiteResolver) -> ClientApp:
     """A ClientApp whose handlers find their site through `resolve_site`."""
     app = ClientApp()
@@ -39,9 +47,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
     @app.train()
     def handle_train(msg: Message, context: Context) -> Message:
         site = resolve_site(context)
-        data = load_site_data(site)
-        round_cfg = RoundConfig.from_record(dict(msg.content.config_records[wire.CONFIG]))
-        state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+        data, round_cfg, state = decode(msg, site)
         try:
             reply = train_round(site, data, round_cfg, state)
         except CatalogMismatchError as err:
@@ -54,11 +60,8 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
     @app.evaluate()
     def handle_evaluate(msg: Message, context: Context) -> Message:
         site = resolve_site(context)
-        data = load_site_data(site)
-        round_cfg = RoundConfig.from_record(dict(msg.content.config_records[wire.CONFIG]))
-        state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
         try:
-            metrics = evaluate_round(site, data, round_cfg, state)
+            metrics = evaluate_round(site, *decode(msg, site))
         except CatalogMismatchError as err:
             return Message(Error(code=CATALOG_MISMATCH, reason=str(err)), reply_to=msg)
         return Message(content=RecordDict({wire.METRICS: metric_record(metrics)}), reply_to=msg)
