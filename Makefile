@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/fedrec-centralized
+	$(BIN)/fedrec-centralized train.num_threads=1  # one thread: fastest for the small demo model on 2 cores
 
 lint: install
 	$(BIN)/ruff check .
