@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +110,3 @@ def _read_cache(path: Path) -> tuple[UserSequences, dict[str, int]]:
                              regions=meta["regions"], merchants=meta["merchants"], dropped=meta["dropped"])
     return seqs, dict(meta["dropped"])
 
-
-def describe(site: SiteConfig) -> dict[str, object]:
-    """The site's settings for logs and reports (paths included; no data)."""
-    return asdict(site)

@@ -90,8 +90,8 @@ def length_chunks(seqs: UserSequences, users: list[int], max_len: int, max_token
     Under DP this changes nothing about privacy (the Poisson-sampled batch is the same set of users, each
     clipped on its own) but stops short histories from paying for the longest one in the batch.
     """
-    lengths = {u: min(max_len, max(1, seqs.window(u, "train")[0].stop - seqs.window(u, "train")[0].start))
-               for u in users}
+    spans = {u: seqs.window(u, "train")[0] for u in users}
+    lengths = {u: min(max_len, max(1, span.stop - span.start)) for u, span in spans.items()}
     chunks: list[list[int]] = []
     for user in sorted(users, key=lambda u: lengths[u]):
         if chunks and len(chunks[-1]) < max_users and (len(chunks[-1]) + 1) * lengths[user] <= max_tokens:

@@ -52,12 +52,16 @@ class RunStore:
             path.write_text(uuid.uuid4().hex)
         return path.read_text().strip()
 
+    def _pointer(self) -> dict[str, Any] | None:
+        """latest.json: which round folder is current, and the best round so far."""
+        pointer = self.root / "latest.json"
+        return json.loads(pointer.read_text(encoding="utf-8")) if pointer.exists() else None
+
     def latest(self) -> Checkpoint | None:
         """The last completed round's checkpoint, or None for a fresh start."""
-        pointer = self.root / "latest.json"
-        if not pointer.exists():
+        meta = self._pointer()
+        if meta is None:
             return None
-        meta = json.loads(pointer.read_text(encoding="utf-8"))
         folder = self.rounds / meta["folder"]
         return Checkpoint(round=int(meta["round"]), state=load_file(folder / WEIGHTS),
                           optimiser_state=torch.load(folder / "optimiser.pt", weights_only=False),
@@ -66,8 +70,9 @@ class RunStore:
     def save(self, server_round: int, state: dict[str, torch.Tensor], optimiser_state: dict[str, Any],
              row: dict[str, Any], score: float) -> None:
         """Write round `server_round` atomically (folder rename, then the pointer), and the best model."""
-        previous = self.latest()
-        best_round, best_score = (previous.best_round, previous.best_score) if previous else (0, float("-inf"))
+        previous = self._pointer()  # metadata only: no need to read the previous weights back
+        best_round, best_score = (int(previous["best_round"]), float(previous["best_score"])) if previous \
+            else (0, float("-inf"))
         folder = self.rounds / f"round-{server_round:04d}"
         tmp = self.rounds / f".round-{server_round:04d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -86,8 +91,8 @@ class RunStore:
             os.replace(best_tmp, self.root / "best")
         _write_json(self.root / "latest.json", {"round": server_round, "folder": folder.name,
                                                 "best_round": best_round, "best_score": best_score})
-        if previous is not None and previous.round != server_round:
-            (self.rounds / f"round-{previous.round:04d}" / WEIGHTS).unlink(missing_ok=True)  # keep metrics only
+        if previous is not None and int(previous["round"]) != server_round:
+            (self.rounds / previous["folder"] / WEIGHTS).unlink(missing_ok=True)  # keep metrics only
         self._rewrite_metrics_log(server_round)
 
     def history(self, up_to: int | None = None) -> list[dict[str, Any]]:
