@@ -15,7 +15,7 @@ from simulations.prepare import prepare_data
 
 
 @pytest.mark.slow
-def test_three_dp_sites_two_rounds_then_resume_to_three(tmp_path):
+def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_budget(tmp_path):
     data = prepare_data(DataConfig(name="synthetic", synthetic={"num_users": 240, "num_items": 50, "seed": 2}))
     parts = partition_users(data.sequences, PartitionConfig(kind="iid", num_partitions=3))
     template = SiteConfig(data_path="", catalog_path="", state_dir="", epsilon=8.0, device="cpu")
