@@ -45,6 +45,7 @@ class RoundConfig:
     optimizer: str
     model_config: str  # FedRecConfig JSON
     catalog_fingerprint: str
+    proximal_mu: float = 0.0  # sent by Flower's FedProx; absent for every other strategy
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RoundConfig:
@@ -52,7 +53,8 @@ class RoundConfig:
         missing = [key for key, _ in ROUND_FIELDS.values() if key not in record]
         if missing:
             raise ValueError(f"round config from the server lacks {missing}")
-        return cls(**{name: cast(record[key]) for name, (key, cast) in ROUND_FIELDS.items()})
+        values = {name: cast(record[key]) for name, (key, cast) in ROUND_FIELDS.items()}
+        return cls(**values, proximal_mu=float(record.get(wire.PROXIMAL_MU, 0.0)))
 
 
 @dataclass
@@ -123,7 +125,8 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
     model = build_global_model(round_cfg, state)
     result = train(model, data.sequences,
                    TrainConfig(epochs=round_cfg.local_epochs, batch_size=round_cfg.batch_size, lr=round_cfg.lr,
-                               optimizer=round_cfg.optimizer, device=site.device, patience=0, eval_every=0),
+                               optimizer=round_cfg.optimizer, device=site.device, patience=0, eval_every=0,
+                               proximal_mu=round_cfg.proximal_mu),
                    PrivacyConfig(enabled=site.dp, epsilon=site.epsilon, delta=delta, noise_multiplier=sigma,
                                  max_grad_norm=site.max_grad_norm, secure_mode=site.secure_mode))
     epsilon = 0.0

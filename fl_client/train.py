@@ -37,6 +37,7 @@ class TrainConfig:
     num_threads: int = 0  # (int) torch CPU threads; 0 = torch default
     micro_batch_tokens: int = 8192  # (int) DP: padded positions per length-sorted micro-batch (memory bound)
     micro_batch_users: int = 128  # (int) DP: users per micro-batch (per-user item-table gradients: memory)
+    proximal_mu: float = 0.0  # (float) FedProx: pull towards the weights training started from; 0 = off
 
 
 @dataclass
@@ -138,12 +139,13 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
         steps_per_epoch = len(loader)
         sigma = calibrate_noise(privacy, 1.0 / steps_per_epoch, config.epochs * steps_per_epoch, delta)
         engine, step_model, optimizer, loader = make_private(model, optimizer, loader, privacy, sigma)
+    anchor = proximal_anchor(model) if config.proximal_mu else None
     result = TrainResult()
     best_score, best_state, stale = -1.0, None, 0
     started, samples = time.perf_counter(), 0
     for epoch in range(1, config.epochs + 1):
         batches = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress_bar, unit="batch")
-        loss, seen = run_epoch(step_model, model, seqs, batches, optimizer, privacy, config, device)
+        loss, seen = run_epoch(step_model, model, seqs, batches, optimizer, privacy, config, device, anchor)
         result.epoch_losses.append(loss)
         samples += seen
         metrics = None
@@ -169,10 +171,27 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
     return result
 
 
+def proximal_anchor(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the trainable weights training starts from (FedProx' global model)."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def proximal_step(model: torch.nn.Module, anchor: dict[str, torch.Tensor], rate: float) -> None:
+    """FedProx' term as a decoupled step w <- w - rate * (w - w0) after each optimiser step.
+
+    It depends only on the weights, not on any user's data, so under DP it is post-processing: Opacus'
+    per-user clipping and noise stay exactly as accounted.
+    """
+    for name, p in model.named_parameters():
+        if name in anchor:
+            p.sub_(rate * (p - anchor[name]))
+
+
 def run_epoch(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequences,
               loader: Iterable[dict[str, torch.Tensor]],
               optimizer: torch.optim.Optimizer, privacy: PrivacyConfig, config: TrainConfig,
-              device: torch.device) -> tuple[float, int]:
+              device: torch.device, anchor: dict[str, torch.Tensor] | None = None) -> tuple[float, int]:
     """One pass over the loader; returns the mean training loss and the number of user rows seen."""
     total, steps, seen = 0.0, 0, 0
     for batch in loader:
@@ -186,6 +205,8 @@ def run_epoch(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequenc
             loss.backward()
             optimizer.step()
             value = float(loss.item())
+        if anchor is not None:
+            proximal_step(model, anchor, config.lr * config.proximal_mu)
         total, steps, seen = total + value, steps + 1, seen + len(users)
     return total / max(steps, 1), seen
 

@@ -111,3 +111,16 @@ def test_node_config_is_parsed_with_clear_errors():
         SiteConfig.from_node_config({"data-path": "/d.csv", "state-dir": "/s"})
     with pytest.raises(ValueError, match="epsilonn"):
         SiteConfig.from_node_config({"data-path": "/d", "catalog-path": "/c", "state-dir": "/s", "epsilonn": 1})
+
+
+def test_round_config_reads_fedprox_mu_when_the_server_sends_it(site):
+    data = load_site_data(site)
+    cfg, _ = round_config(data.catalog)
+    assert cfg.proximal_mu == 0.0
+    record = {wire.SERVER_ROUND: 1, wire.TRAINING_ID: "t", wire.NUM_ROUNDS: 1, wire.LOCAL_EPOCHS: 1,
+              wire.BATCH_SIZE: 8, wire.LEARNING_RATE: 0.1, wire.OPTIMIZER: "sgd", wire.MODEL_CONFIG: "{}",
+              wire.CATALOG_FINGERPRINT: "x", wire.PROXIMAL_MU: 0.5}
+    assert RoundConfig.from_record(record).proximal_mu == 0.5
+    del record[wire.LOCAL_EPOCHS]
+    with pytest.raises(ValueError, match="local-epochs"):
+        RoundConfig.from_record(record)

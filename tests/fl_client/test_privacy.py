@@ -191,3 +191,15 @@ def test_a_frozen_item_table_stays_zero_under_dp_training(seqs):
     train(model, seqs, TrainConfig(epochs=1, batch_size=16), PrivacyConfig(enabled=True, epsilon=8.0))
     assert model.item_embeddings.weight.abs().sum() == 0  # no noise was added to it
     assert not torch.equal(model.output.bias.detach(), bias_before)
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_fedprox_proximal_step_keeps_local_weights_near_the_global_ones(seqs, dp):
+    distances = []
+    for mu in (0.0, 200.0):
+        model = tiny_model(True)
+        start = {k: v.detach().clone() for k, v in model.named_parameters()}
+        train(model, seqs, TrainConfig(epochs=2, batch_size=16, lr=3e-3, proximal_mu=mu),
+              PrivacyConfig(enabled=dp, epsilon=8.0))
+        distances.append(torch.cat([(p.detach() - start[k]).flatten() for k, p in model.named_parameters()]).norm())
+    assert distances[1] < 0.7 * distances[0]
