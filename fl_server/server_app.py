@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_server.checkpoint import RunStore
 from fl_server.config import ServerConfig, server_config_from_run_config
+from fl_server.report import write_report
 from fl_server.strategy import build_strategy
 from shared_model import wire
 from shared_model.adapters import load_dataset
@@ -97,9 +98,11 @@ def export(store: RunStore, model: FedRecModel, catalog: ItemCatalog) -> dict[st
 
         model.load_state_dict(load_file(store.root / "best" / "weights.safetensors"))
         save_model_dir(model, catalog, store.root / "best_model")
-    summary = {"rounds": final.round if final else 0, "best_round": final.best_round if final else 0,
-               "history": store.history(), "model_dir": str(store.root / "model")}
+    history = store.history()
+    summary: dict[str, Any] = {"rounds": final.round if final else 0, "best_round": final.best_round if final else 0,
+               "history": history, "model_dir": str(store.root / "model")}
     (store.root / "summary.json").write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
+    write_report(store.root, history, summary)
     return summary
 
 

@@ -31,6 +31,9 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
     assert all(r["train_replies"] == 3 and r["train_failures"] == 0 and r["declined"] == 0 for r in rows)
     assert rows[1]["privacy"]["sites_with_dp"] == 3 and 0 < rows[1]["privacy"]["epsilon_max"] <= 8.0 * 1.01
     assert rows[1]["federated_eval"]["hr@10"] > 0
+    report = (out / "report.md").read_text()
+    assert "ε max" in report and "No differential-privacy claim" not in report
+    assert (out / "accuracy.png").stat().st_size > 0 and (out / "privacy.png").stat().st_size > 0
     model, catalog = load_model_dir(out / "model")
     assert catalog.fingerprint == data.catalog.fingerprint and model.config.num_items == len(catalog.item_ids)
     for site in sites:

@@ -1,0 +1,78 @@
+"""The run report: a markdown summary and PNG plots of accuracy and privacy spent against rounds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt
+
+
+def privacy_sentence(rows: list[dict[str, Any]]) -> str:
+    """The exact privacy claim for the whole run, or why there is none."""
+    if not rows:
+        return "No round completed; nothing was trained."
+    last = rows[-1].get("privacy", {})
+    if last.get("sites_without_dp", 0) or not last.get("sites_with_dp"):
+        return ("No differential-privacy claim: at least one site trained without DP "
+                f"({last.get('sites_without_dp', 0)} of {last.get('sites', 0)} sites in the last round).")
+    return (f"User-level DP at every site that reported (unit: one user of that site). Cumulative over all "
+            f"rounds: ε max {last['epsilon_max']:.3f}, mean {last['epsilon_mean']:.3f} over "
+            f"{last['sites_with_dp']} sites, δ ≤ {last['delta_max']:.3g}. Each site enforces its own budget.")
+
+
+def series(rows: list[dict[str, Any]], section: str, key: str) -> tuple[list[int], list[float]]:
+    """(rounds, values) of one metric, skipping rounds that lack it."""
+    points = [(r["round"], r[section][key]) for r in rows if key in r.get(section, {})]
+    return [p[0] for p in points], [float(p[1]) for p in points]
+
+
+def plot(rows: list[dict[str, Any]], path: Path, panels: list[tuple[str, str, str]], title: str) -> Path:
+    """One line per (section, key, label) against rounds."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for section, key, label in panels:
+        x, y = series(rows, section, key)
+        if x:
+            ax.plot(x, y, marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> Path:
+    """report.md plus accuracy.png and privacy.png in the run directory."""
+    plot(rows, out_dir / "accuracy.png", [("federated_eval", "hr@10", "HR@10 (sites)"),
+                                          ("federated_eval", "ndcg@10", "NDCG@10 (sites)"),
+                                          ("central_eval", "hr@10", "HR@10 (server)"),
+                                          ("central_eval", "ndcg@10", "NDCG@10 (server)")], "accuracy")
+    privacy_rows = [{"round": r["round"], "privacy": r.get("privacy", {})} for r in rows]
+    plot(privacy_rows, out_dir / "privacy.png", [("privacy", "epsilon_max", "ε max over sites"),
+                                                 ("privacy", "epsilon_mean", "ε mean over sites")], "ε spent")
+    lines = ["# Federated training report", "", privacy_sentence(rows), "",
+             f"Rounds completed: {summary.get('rounds', 0)}; best round: {summary.get('best_round', 0)}; "
+             f"model: `{summary.get('model_dir', '')}`.", "",
+             "| round | sites trained | declined | failed | train loss | HR@10 (sites) | NDCG@10 (sites) | "
+             "HR@10 (server) | ε max |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fed, central, priv = r.get("federated_eval", {}), r.get("central_eval", {}), r.get("privacy", {})
+        trained = r.get("train_replies", 0) - r.get("train_failures", 0) - r.get("declined", 0)
+        lines.append(f"| {r['round']} | {trained} | {r.get('declined', 0)} | {r.get('train_failures', 0)} | "
+                     f"{_fmt(r.get('train', {}).get('train-loss'))} | {_fmt(fed.get('hr@10'))} | "
+                     f"{_fmt(fed.get('ndcg@10'))} | {_fmt(central.get('hr@10'))} | {_fmt(priv.get('epsilon_max'))} |")
+    lines += ["", "![accuracy](accuracy.png)", "", "![privacy](privacy.png)", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"

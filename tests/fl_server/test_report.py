@@ -1,0 +1,23 @@
+"""The run report never claims DP unless every site had it, and always writes its plots."""
+
+from fl_server.report import privacy_sentence, write_report
+
+ROWS = [{"round": r, "train_replies": 3, "train_failures": 0, "declined": 0, "train": {"train-loss": 5.0 - r},
+         "federated_eval": {"hr@10": 0.1 * r, "ndcg@10": 0.05 * r}, "central_eval": {},
+         "privacy": {"sites": 3, "sites_with_dp": 3, "sites_without_dp": 0, "epsilon_max": 2.0 * r,
+                     "epsilon_mean": 1.5 * r, "delta_max": 1e-4}} for r in (1, 2)]
+
+
+def test_report_states_the_cumulative_privacy_spent_and_writes_plots(tmp_path):
+    path = write_report(tmp_path, ROWS, {"rounds": 2, "best_round": 2, "model_dir": "/m"})
+    text = path.read_text()
+    assert "ε max 4.000" in text and "one user" in text
+    assert "| 2 | 3 | 0 | 0 | 3.0000 | 0.2000 |" in text
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000 and (tmp_path / "privacy.png").exists()
+
+
+def test_no_dp_claim_when_a_site_trained_without_dp():
+    rows = [{**ROWS[0], "privacy": {"sites": 3, "sites_with_dp": 2, "sites_without_dp": 1, "epsilon_max": 1.0,
+                                    "epsilon_mean": 1.0, "delta_max": 1e-4}}]
+    assert privacy_sentence(rows).startswith("No differential-privacy claim")
+    assert privacy_sentence([]).startswith("No round completed")
