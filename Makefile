@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` (train on the embedded synthetic data) and `make test`.
+# Two commands on a fresh machine: `make demo` (a federated run on the embedded synthetic data) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/fedrec-centralized train.num_threads=1  # one thread: fastest for the small demo model on 2 cores
+	$(BIN)/fedrec-simulate
 
 lint: install
 	$(BIN)/ruff check .
