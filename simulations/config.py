@@ -33,15 +33,21 @@ class EvalConfig:
 
 
 @dataclass
-class CentralizedConfig:
-    """Root schema of `fedrec-centralized`."""
+class RunConfig:
+    """The groups every entry point shares: what data, which model, how to train, what privacy."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    output_dir: str = "."  # (str) where outputs go (Hydra's run dir by default)
+
+
+@dataclass
+class CentralizedConfig(RunConfig):
+    """Root schema of `fedrec-centralized`: metrics.json and model/ go to output_dir."""
+
     eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: str = "."  # (str) where metrics and the model directory go (Hydra's run dir by default)
 
 
 def register_schemas() -> None:

@@ -16,12 +16,9 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from fl_client.privacy import PrivacyConfig
 from fl_client.site import SiteConfig
-from fl_client.train import TrainConfig
 from fl_server.config import ServerConfig, StrategyConfig
-from shared_model.factory import ModelConfig
-from simulations.config import DataConfig, register_schemas
+from simulations.config import RunConfig, register_schemas
 from simulations.federation import run_federation, write_sites
 from simulations.partition import PartitionConfig, partition_users
 from simulations.prepare import prepare_data
@@ -42,17 +39,12 @@ class FederationConfig:
 
 
 @dataclass
-class SimulateConfig:
-    """Root schema of `fedrec-simulate`."""
+class SimulateConfig(RunConfig):
+    """Root schema of `fedrec-simulate`: sites/ and server/ (checkpoints, report, model) go to output_dir."""
 
-    data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
-    output_dir: str = "."  # (str) sites/ and server/ (checkpoints, report, model) are written here
 
 
 def register_simulate_schemas() -> None:
