@@ -66,8 +66,7 @@ class SiteData:
     """The site's public catalog and its users' sequences."""
 
     catalog: ItemCatalog
-    sequences: UserSequences
-    dropped: dict[str, int]
+    sequences: UserSequences  # its `dropped` counts what preprocessing filtered
 
 
 def _cache_key(site: SiteConfig, catalog: ItemCatalog, num_time_buckets: int) -> str:
@@ -84,13 +83,13 @@ def load_site_data(site: SiteConfig, num_time_buckets: int = 32) -> SiteData:
     catalog = ItemCatalog.load(site.catalog_path)
     cache = Path(site.state_dir) / f"sequences_{_cache_key(site, catalog, num_time_buckets)}.npz"
     if cache.exists():
-        return SiteData(catalog, *_read_cache(cache))
+        return SiteData(catalog, _read_cache(cache))
     events = load_dataset(site.data_format, site.data_path)
     seqs = to_user_sequences(events, catalog, num_time_buckets=num_time_buckets, min_events=site.min_events)
     log.info("site %s: %s; filtered %s", site.data_path, events.report.summary(), seqs.dropped or "nothing")
     cache.parent.mkdir(parents=True, exist_ok=True)
     _write_cache(cache, seqs)
-    return SiteData(catalog, seqs, dict(seqs.dropped))
+    return SiteData(catalog, seqs)
 
 
 def _write_cache(path: Path, seqs: UserSequences) -> None:
@@ -102,11 +101,11 @@ def _write_cache(path: Path, seqs: UserSequences) -> None:
     tmp.replace(path)
 
 
-def _read_cache(path: Path) -> tuple[UserSequences, dict[str, int]]:
+def _read_cache(path: Path) -> UserSequences:
     with np.load(path) as arrays:
         meta = json.loads(str(arrays["meta"]))
         seqs = UserSequences(user_ids=meta["user_ids"], offsets=arrays["offsets"], items=arrays["items"],
                              event_types=arrays["event_types"], time_buckets=arrays["time_buckets"],
                              regions=meta["regions"], merchants=meta["merchants"], dropped=meta["dropped"])
-    return seqs, dict(meta["dropped"])
+    return seqs
 

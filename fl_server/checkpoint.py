@@ -67,6 +67,11 @@ class RunStore:
                           optimiser_state=torch.load(folder / "optimiser.pt", weights_only=False),
                           best_round=int(meta["best_round"]), best_score=float(meta["best_score"]))
 
+    def best_state(self) -> dict[str, torch.Tensor] | None:
+        """Weights of the best round so far (None before the first round)."""
+        path = self.root / "best" / WEIGHTS
+        return load_file(path) if path.exists() else None
+
     def save(self, server_round: int, state: dict[str, torch.Tensor], optimiser_state: dict[str, Any],
              row: dict[str, Any], score: float) -> None:
         """Write round `server_round` atomically (folder rename, then the pointer), and the best model."""

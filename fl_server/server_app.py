@@ -80,10 +80,10 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         return MetricRecord(central) if central else None
 
     if done < cfg.num_rounds:
+        train_config = round_config(cfg, model, catalog, store.training_id())
         strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.num_rounds - done,
-                       timeout=cfg.round_timeout, train_config=round_config(cfg, model, catalog, store.training_id()),
-                       evaluate_config=round_config(cfg, model, catalog, store.training_id()),
-                       evaluate_fn=after_round)
+                       timeout=cfg.round_timeout, train_config=train_config,
+                       evaluate_config=ConfigRecord(dict(train_config)), evaluate_fn=after_round)
     return export(store, model, catalog)
 
 
@@ -93,10 +93,9 @@ def export(store: RunStore, model: FedRecModel, catalog: ItemCatalog) -> dict[st
     if final is not None:
         model.load_state_dict(final.state)
     save_model_dir(model, catalog, store.root / "model")
-    if (store.root / "best").exists() and final is not None:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(store.root / "best" / "weights.safetensors"))
+    best = store.best_state()
+    if best is not None:
+        model.load_state_dict(best)
         save_model_dir(model, catalog, store.root / "best_model")
     history = store.history()
     summary: dict[str, Any] = {"rounds": final.round if final else 0, "best_round": final.best_round if final else 0,

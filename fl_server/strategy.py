@@ -77,12 +77,12 @@ class RoundHooks:
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the sites that trained; declined and failed sites are counted, not averaged in."""
         replies = list(replies)
-        answered = [m for m in replies if not m.has_error()]
-        trained = [m for m in answered if reply_metrics(m).get(wire.DECLINED, 0.0) == 0.0]
+        answered = [(m, reply_metrics(m)) for m in replies if not m.has_error()]
+        trained = [m for m, metrics in answered if metrics.get(wire.DECLINED, 0.0) == 0.0]
         self.last_round = {"round": server_round + self.round_offset, "train_replies": len(replies),
                            "train_failures": len(replies) - len(answered),
                            "declined": len(answered) - len(trained),
-                           "privacy": privacy_report([reply_metrics(m) for m in answered])}
+                           "privacy": privacy_report([metrics for _, metrics in answered])}
         for failure in (m for m in replies if m.has_error()):
             log.warning("a site failed to train: %s", failure.error.reason)
         if not trained:

@@ -50,3 +50,11 @@ def test_training_id_is_stable_and_paths_must_be_absolute(tmp_path):
     assert RunStore(tmp_path).training_id() == RunStore(tmp_path).training_id()
     with pytest.raises(ValueError, match="absolute"):
         RunStore("relative/out")
+
+
+def test_best_state_is_none_before_the_first_round(tmp_path):
+    store = RunStore(tmp_path)
+    assert store.best_state() is None
+    store.save(1, state(1.0), {}, {"round": 1}, score=0.5)
+    best = store.best_state()
+    assert best is not None and torch.equal(best["output.weight"], torch.full((3, 2), 1.0))
