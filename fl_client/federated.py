@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fl_client.ledger import BudgetExceededError, PrivacyLedger
-from fl_client.privacy import AccountantHistory, PrivacyConfig, calibrate_noise, unwrap_state_dict
+from fl_client.privacy import AccountantHistory, PrivacyConfig, calibrate_noise
 from fl_client.site import SiteConfig, SiteData
 from fl_client.train import TrainConfig, resolve_device, train
 from shared_model import wire
@@ -79,7 +79,7 @@ class RoundReply:
 def build_global_model(round_cfg: RoundConfig, state: Mapping[str, torch.Tensor]) -> FedRecModel:
     """The server's model, rebuilt from its config and weights."""
     model = FedRecModel(FedRecConfig.from_dict(json.loads(round_cfg.model_config)))
-    model.load_state_dict(dict(state), strict=True)
+    wire.load_state(model, state)
     return model
 
 
@@ -112,17 +112,17 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
     delta = site_delta(site, data)
     ledger = PrivacyLedger(site.ledger_path, delta) if site.dp else None
     cached = reply_path(site, training_id, round_cfg.server_round)
+    model = build_global_model(round_cfg, state)
     if ledger is not None and ledger.has(training_id, round_cfg.server_round):
         if cached.exists():  # the server resent a round we already paid for: same answer, no new spending
             return RoundReply(**torch.load(cached, weights_only=False))
-        return declined(state, delta, ledger.spent(), "this round was already trained here and its reply is lost")
+        return declined(model, delta, ledger.spent(), "this round was already trained here and its reply is lost")
     sigma, planned = plan_round(site, data, round_cfg, delta) if site.dp else (0.0, [])
     if ledger is not None:
         try:
             ledger.check(planned, site.epsilon)
         except BudgetExceededError as err:
-            return declined(state, delta, ledger.spent(), str(err))
-    model = build_global_model(round_cfg, state)
+            return declined(model, delta, ledger.spent(), str(err))
     result = train(model, data.sequences,
                    TrainConfig(epochs=round_cfg.local_epochs, batch_size=round_cfg.batch_size, lr=round_cfg.lr,
                                optimizer=round_cfg.optimizer, device=site.device, patience=0, eval_every=0,
@@ -132,7 +132,7 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
     epsilon = 0.0
     if ledger is not None and result.privacy is not None:
         epsilon = ledger.record(training_id, round_cfg.server_round, result.privacy.history).epsilon_after
-    reply = RoundReply(state=unwrap_state_dict(model.cpu()), num_examples=len(data.sequences.trainable_users()),
+    reply = RoundReply(state=wire.trainable_state(model.cpu()), num_examples=len(data.sequences.trainable_users()),
                        train_loss=result.epoch_losses[-1], dp=site.dp, epsilon=epsilon, delta=delta)
     if ledger is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -140,10 +140,10 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
     return reply
 
 
-def declined(state: Mapping[str, torch.Tensor], delta: float, epsilon: float, reason: str) -> RoundReply:
-    """A refusal: the incoming weights back unchanged, zero examples, and the reason."""
-    return RoundReply(state=dict(state), num_examples=0, train_loss=0.0, dp=True, epsilon=epsilon, delta=delta,
-                      declined=reason)
+def declined(model: FedRecModel, delta: float, epsilon: float, reason: str) -> RoundReply:
+    """A refusal: the incoming trainable weights back unchanged, zero examples, and the reason."""
+    return RoundReply(state=wire.trainable_state(model), num_examples=0, train_loss=0.0, dp=True, epsilon=epsilon,
+                      delta=delta, declined=reason)
 
 
 def evaluate_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,

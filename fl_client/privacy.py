@@ -86,9 +86,3 @@ def spent(engine: PrivacyEngine, config: PrivacyConfig, delta: float, noise_mult
     history = [(float(s), float(q), int(n)) for s, q, n in getattr(engine.accountant, "history", [])]
     return PrivacySpent(epsilon=float(engine.get_epsilon(delta)), delta=delta, noise_multiplier=noise_multiplier,
                         max_grad_norm=config.max_grad_norm, history=history)
-
-
-def unwrap_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without Opacus' `_module.` prefix, as the wire and the model directory expect."""
-    inner = getattr(model, "_module", model)  # every Opacus wrapper (hooks or ghost) keeps the model here
-    return {k: v.detach().clone() for k, v in inner.state_dict().items()}

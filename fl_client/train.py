@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fl_client.privacy import PrivacyConfig, PrivacySpent, calibrate_noise, make_private, resolve_delta, spent
+from shared_model import wire
 from shared_model.metrics import evaluate_model
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
 from shared_model.sequences import UserSequences, make_batch
@@ -139,7 +140,7 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
         steps_per_epoch = len(loader)
         sigma = calibrate_noise(privacy, 1.0 / steps_per_epoch, config.epochs * steps_per_epoch, delta)
         engine, step_model, optimizer, loader = make_private(model, optimizer, loader, privacy, sigma)
-    anchor = proximal_anchor(model) if config.proximal_mu else None
+    anchor = wire.trainable_state(model) if config.proximal_mu else None  # FedProx' global model
     result = TrainResult()
     best_score, best_state, stale = -1.0, None, 0
     started, samples = time.perf_counter(), 0
@@ -169,11 +170,6 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
     if engine is not None:
         result.privacy = spent(engine, privacy, delta, sigma)
     return result
-
-
-def proximal_anchor(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of the trainable weights training starts from (FedProx' global model)."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 @torch.no_grad()

@@ -68,7 +68,7 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
     started = time.time()
 
     def after_round(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        model.load_state_dict(arrays.to_torch_state_dict())
+        wire.load_state(model, arrays.to_torch_state_dict(), trainable_only=True)
         central: dict[str, Any] = evaluate_centrally(model) if evaluate_centrally else {}
         if local_round == 0:
             return MetricRecord(central) if central else None
@@ -81,7 +81,9 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
 
     if done < cfg.num_rounds:
         train_config = round_config(cfg, model, catalog, store.training_id())
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.num_rounds - done,
+        trainable = wire.trainable_state(model)
+        strategy.frozen = ArrayRecord({k: v for k, v in wire.full_state(model).items() if k not in trainable})
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable), num_rounds=cfg.num_rounds - done,
                        timeout=cfg.round_timeout, train_config=train_config,
                        evaluate_config=ConfigRecord(dict(train_config)), evaluate_fn=after_round)
     return export(store, model, catalog)

@@ -57,21 +57,51 @@ def training_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord
     return MetricRecord({k: v for k, v in aggregated.items() if k not in PRIVACY_KEYS})
 
 
+def with_frozen(messages: Iterable[Message], frozen: ArrayRecord) -> list[Message]:
+    """The same messages with the frozen public tensors added to their arrays (server -> site only).
+
+    The strategy itself aggregates and keeps only the trainable weights (sites send nothing else back);
+    a site needs the frozen ones too to rebuild the model.
+    """
+    messages = list(messages)
+    if not frozen:
+        return messages
+    merged: dict[int, RecordDict] = {}  # FedAvg sends one shared RecordDict to every node: merge it once
+    for msg in messages:
+        content = msg.content
+        if id(content) not in merged:
+            arrays = ArrayRecord({**content.array_records[wire.ARRAYS], **frozen})
+            merged[id(content)] = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: content.config_records[wire.CONFIG]})
+        msg.content = merged[id(content)]
+    return messages
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message's records (arrays, config, metrics) as Flower counts them."""
+    return sum(record.count_bytes() for record in content.values())
+
+
 class RoundHooks:
     """Mixin over a Flower FedAvg-family strategy (see module docstring)."""
 
     round_offset: int = 0
     last_round: dict[str, Any]
+    frozen: ArrayRecord  # frozen public tensors (e.g. item features) sent along with the weights
+    bytes_sent: int = 0  # payload of this round's train message to each site
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Ask sites to train, numbering rounds globally across resumes."""
-        return super().configure_train(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
+        messages = with_frozen(super().configure_train(server_round + self.round_offset, arrays, config,  # type: ignore[misc]
+                                                       grid), self.frozen)
+        self.bytes_sent = payload_bytes(messages[0].content) if messages else 0
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Ask sites to evaluate, numbering rounds globally across resumes."""
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
+        messages = super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
+        return with_frozen(messages, self.frozen)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -82,6 +112,8 @@ class RoundHooks:
         self.last_round = {"round": server_round + self.round_offset, "train_replies": len(replies),
                            "train_failures": len(replies) - len(answered),
                            "declined": len(answered) - len(trained),
+                           "bytes_to_each_site": self.bytes_sent,
+                           "bytes_from_each_site": max((payload_bytes(m.content) for m, _ in answered), default=0),
                            "privacy": privacy_report([metrics for _, metrics in answered])}
         for failure in (m for m in replies if m.has_error()):
             log.warning("a site failed to train: %s", failure.error.reason)
@@ -145,4 +177,5 @@ def build_strategy(config: StrategyConfig) -> Any:
     hooked = type(f"FedRec{base.__name__}", (RoundHooks, base), {})
     strategy = hooked(**common, **extra)
     strategy.last_round = {}
+    strategy.frozen = ArrayRecord()
     return strategy

@@ -1,9 +1,14 @@
-"""Keys of everything that crosses the wire between server and sites, defined once for both sides."""
+"""What crosses the wire between server and sites, defined once for both sides: record keys, and which
+tensors travel (trainable weights both ways; frozen public tensors only from the server to the sites)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
+
 # Record keys inside a Message's RecordDict.
-ARRAYS = "arrays"  # ArrayRecord: the model's trainable state (unwrapped from Opacus' `_module.`)
+ARRAYS = "arrays"  # ArrayRecord: trainable weights (+ frozen tensors server -> site), no Opacus `_module.`
 CONFIG = "config"  # ConfigRecord: what the server asks for this round
 METRICS = "metrics"  # MetricRecord: what a site reports back
 
@@ -26,3 +31,35 @@ DECLINED = "declined"  # 1 when the site refused to train (budget); its arrays a
 DP_ENABLED = "dp"  # 1 when the site trained with DP-SGD
 EPSILON = "epsilon"  # the site's cumulative ε after this round (only meaningful when dp == 1)
 DELTA = "delta"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights training changes, each once (a tied item table travels under one name), detached copies.
+
+    This is what a site sends back: frozen tensors (public item features, a frozen item table) never change
+    at a site, so they never travel upstream.
+    """
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable weights plus frozen parameters and buffers, each tensor once: what the server sends."""
+    persistent = set(model.state_dict())
+    state = {name: p.detach().clone() for name, p in model.named_parameters()}
+    state.update({name: b.detach().clone() for name, b in model.named_buffers() if name in persistent})
+    return state
+
+
+def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, trainable_only: bool = False) -> None:
+    """Load wire tensors into `model`; missing tensors are allowed only where they are aliases of a tied
+    table or (with `trainable_only`) frozen. Anything else missing or unexpected is an error naming it."""
+    result = model.load_state_dict(dict(state), strict=False)
+    persistent = set(model.state_dict())
+    once = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    allowed = persistent - once  # second names of tied tensors
+    if trainable_only:
+        allowed |= persistent - {name for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(result.missing_keys) - allowed)
+    if missing or result.unexpected_keys:
+        unexpected = sorted(result.unexpected_keys)
+        raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fl_client.federated import RoundConfig, evaluate_round, train_round
+from fl_client.federated import RoundConfig, build_global_model, evaluate_round, train_round
 from fl_client.ledger import PrivacyLedger
 from fl_client.site import SiteConfig, load_site_data
 from shared_model import wire
@@ -40,12 +40,14 @@ def test_dp_rounds_accumulate_epsilon_in_the_site_ledger(site):
     first = train_round(site, data, first_cfg, state)
     assert first.dp and not first.declined and first.num_examples == len(data.sequences.trainable_users())
     assert 0 < first.epsilon < site.epsilon
-    assert not torch.equal(first.state["output.weight"], state["output.weight"])
+    assert not torch.equal(first.state["item_embeddings.weight"], state["item_embeddings.weight"])
     second_cfg, _ = round_config(data.catalog, 2)
     second = train_round(site, data, second_cfg, first.state)
     assert first.epsilon < second.epsilon <= site.epsilon * 1.01  # two planned rounds spend the whole budget
     assert PrivacyLedger(site.ledger_path, second.delta).spent() == pytest.approx(second.epsilon)
     assert set(first.metrics()) == set(second.metrics())
+    sent_back = set(wire.trainable_state(build_global_model(first_cfg, state)))
+    assert set(first.state) == set(second.state) == sent_back  # trainable weights only, tied table once
 
 
 def test_a_resent_round_is_answered_from_cache_without_spending_again(site):
@@ -54,7 +56,7 @@ def test_a_resent_round_is_answered_from_cache_without_spending_again(site):
     first = train_round(site, data, cfg, state)
     again = train_round(site, data, cfg, state)
     assert again.epsilon == first.epsilon
-    assert torch.equal(again.state["output.weight"], first.state["output.weight"])
+    assert torch.equal(again.state["item_embeddings.weight"], first.state["item_embeddings.weight"])
     assert len(PrivacyLedger(site.ledger_path, first.delta).entries) == 1
 
 
@@ -67,7 +69,8 @@ def test_site_declines_a_round_beyond_its_budget(site):
     assert "over its budget" in refused.declined
     assert refused.num_examples == 0 and refused.metrics()[wire.DECLINED] == 1.0
     assert refused.epsilon == pytest.approx(spent)
-    assert torch.equal(refused.state["output.weight"], state["output.weight"])
+    assert torch.equal(refused.state["item_embeddings.weight"], state["item_embeddings.weight"])
+    assert set(refused.state) == set(wire.trainable_state(build_global_model(cfg, state)))  # as a trained reply
 
 
 def test_weights_for_another_catalog_are_refused(site):

@@ -40,3 +40,23 @@ def test_server_config_is_parsed_from_a_flat_run_config():
     assert config.model.hidden_size == 32 and config.model.item_features == ["text", "attributes"]
     with pytest.raises(ValueError, match="out-dir"):
         server_config_from_run_config({"catalog-path": "/abs/catalog.json"})
+
+
+def test_frozen_tensors_ride_along_without_entering_the_aggregate(monkeypatch):
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fl_server.strategy import with_frozen
+
+    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):  # what a running ServerApp has
+        monkeypatch.setattr(TaskIdentity, name, value)
+    trainable = ArrayRecord({"w": torch.ones(3)})
+    frozen = ArrayRecord({"item_features": torch.zeros(4, 2)})
+    shared = RecordDict({wire.ARRAYS: trainable, wire.CONFIG: ConfigRecord({"lr": 0.1})})
+    sent = with_frozen([Message(content=shared, message_type="train", dst_node_id=n) for n in (7, 8)], frozen)
+    assert [m.metadata.dst_node_id for m in sent] == [7, 8]
+    assert all(set(m.content.array_records[wire.ARRAYS]) == {"w", "item_features"} for m in sent)
+    assert sent[0].content.config_records[wire.CONFIG]["lr"] == 0.1
+    assert set(trainable) == {"w"}  # the strategy's own copy (FedOpt/FedAvgM keep it) is untouched
+    assert with_frozen(sent, ArrayRecord()) == sent

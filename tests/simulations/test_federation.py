@@ -24,13 +24,18 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
     server = ServerConfig(out_dir=str(out), catalog_path=str(tmp_path / "sites" / "catalog.json"), num_rounds=2,
                           local_epochs=1, batch_size=32, lr=0.005, round_timeout=600,
                           central_eval_path=sites[0].data_path,
-                          model=ModelConfig(hidden_size=16, max_len=20), strategy=StrategyConfig(min_nodes=3))
+                          model=ModelConfig(hidden_size=16, max_len=20, item_features=["text"], feature_dim=8,
+                                            feature_scoring=True, item_bias=True),
+                          strategy=StrategyConfig(min_nodes=3))
     run_federation(sites, server)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["train_replies"] == 3 and r["train_failures"] == 0 and r["declined"] == 0 for r in rows)
     assert rows[1]["privacy"]["sites_with_dp"] == 3 and 0 < rows[1]["privacy"]["epsilon_max"] <= 8.0 * 1.01
     assert rows[1]["federated_eval"]["hr@10"] > 0
+    # Public title features travel to the sites but never back; the tied item table travels once.
+    features = 51 * 8 * 4
+    assert rows[0]["bytes_to_each_site"] - rows[0]["bytes_from_each_site"] > features - 200
     report = (out / "report.md").read_text()
     assert "ε max" in report and "No differential-privacy claim" not in report
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "privacy.png").stat().st_size > 0
