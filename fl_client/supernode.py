@@ -1,0 +1,109 @@
+"""`fedrec-client`: run a data site in a real deployment, as a Flower SuperNode with the site's settings.
+
+The site's events are checked and preprocessed once here (errors show before anything connects), the
+settings go to the SuperNode as its --node-config, and every round then runs fl_client.client_app in a
+fresh process that reads the cached preprocessing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from fl_client.site import SiteConfig, load_site_data
+from shared_model.launch import (
+    TomlValue,
+    exit_on_sigterm,
+    flower_command,
+    start,
+    stop,
+    stop_app_processes,
+    write_toml,
+)
+
+log = logging.getLogger("fedrec-client")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The site's command line: where the server is, where the data is, and the site's privacy budget."""
+    parser = argparse.ArgumentParser(prog="fedrec-client", description=__doc__.splitlines()[0])
+    parser.add_argument("--superlink", default="127.0.0.1:9092", help="the server's address HOST:PORT")
+    parser.add_argument("--data", required=True, help="this site's events file (or folder for folder formats)")
+    parser.add_argument("--catalog", required=True, help="the public catalog.json every site shares")
+    parser.add_argument("--state-dir", default="", help="privacy ledger, cache, replies (default: next to --data)")
+    parser.add_argument("--format", default="events", help="events, movielens, s3rec or tianchi")
+    parser.add_argument("--epsilon", type=float, default=8.0, help="total ε this site may spend over all rounds")
+    parser.add_argument("--delta", type=float, default=None, help="δ (default 1 / this site's number of users)")
+    parser.add_argument("--no-dp", action="store_true", help="train without DP (no privacy claim is made)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="per-user clipping bound C")
+    parser.add_argument("--secure-mode", action="store_true", help="Opacus' cryptographically secure RNG")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--min-events", type=int, default=3, help="users with fewer events are dropped (counted)")
+    parser.add_argument("--port", type=int, default=9094, help="local port for this SuperNode's ClientApps")
+    parser.add_argument("--rejoin-delay", type=float, default=5.0, help="seconds before rejoining a restarted server")
+    security = parser.add_mutually_exclusive_group(required=True)
+    security.add_argument("--insecure", action="store_true", help="plain HTTP (tests and trusted networks only)")
+    security.add_argument("--root-certificates", help="CA certificate (PEM) that signed the server's certificate")
+    return parser.parse_args(argv)
+
+
+def site_config(args: argparse.Namespace) -> SiteConfig:
+    """The site's settings with absolute paths (ClientApps run from another working directory)."""
+    data = Path(args.data).resolve()
+    if not data.exists():
+        raise FileNotFoundError(f"--data {args.data}: no such file or folder")
+    state_dir = Path(args.state_dir).resolve() if args.state_dir else data.parent / f".fedrec-{data.stem}"
+    return SiteConfig(data_path=str(data), catalog_path=str(Path(args.catalog).resolve()), state_dir=str(state_dir),
+                      data_format=args.format, dp=not args.no_dp, epsilon=args.epsilon, delta=args.delta,
+                      max_grad_norm=args.max_grad_norm, secure_mode=args.secure_mode, device=args.device,
+                      min_events=args.min_events)
+
+
+def node_config(site: SiteConfig) -> dict[str, TomlValue]:
+    """The SuperNode's --node-config: SiteConfig in kebab case (δ left out when it defaults to 1/#users)."""
+    values = {f.name.replace("_", "-"): getattr(site, f.name) for f in fields(site)}
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def supernode_command(args: argparse.Namespace, config_path: Path) -> list[str]:
+    """The `flower-supernode` command line for this site."""
+    command = [flower_command("flower-supernode"), "--superlink", args.superlink, "--port", str(args.port),
+               "--node-config", str(config_path)]
+    return command + (["--insecure"] if args.insecure else ["--root-certificates", args.root_certificates])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check and cache the site's data, then run the SuperNode until it is stopped."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    site = site_config(args)
+    data = load_site_data(site)  # parses, validates and caches now, so bad input fails before connecting
+    log.info("site %s: %d users (%d trainable), %d items in the catalog; filtered: %s", site.data_path,
+             len(data.sequences), len(data.sequences.trainable_users()), len(data.catalog.item_ids),
+             data.sequences.dropped or "nothing")
+    log.info("privacy: %s", f"DP-SGD per user, budget ε = {site.epsilon} over all rounds" if site.dp
+             else "DP is OFF: this site's updates carry no privacy guarantee")
+    state = Path(site.state_dir)
+    config_path = write_toml(state / "node_config.toml", node_config(site))
+    exit_on_sigterm()
+    command, env = supernode_command(args, config_path), {"FLWR_HOME": str(state / "flower")}
+    supernode = start(command, env=env)
+    try:
+        while True:  # a restarted server forgets this node and the SuperNode exits: rejoin as a new node
+            code = supernode.wait()
+            log.warning("the SuperNode exited with code %d; rejoining in %.0f s (stop with Ctrl-C)", code,
+                        args.rejoin_delay)
+            time.sleep(args.rejoin_delay)
+            supernode = start(command, env=env)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stop(supernode)
+        stop_app_processes(args.port)
+
+if __name__ == "__main__":
+    sys.exit(main())

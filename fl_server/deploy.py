@@ -1,0 +1,251 @@
+"""`fedrec-server`: the server side of a real deployment in one command.
+
+It starts Flower's SuperLink, submits the fedrec app with `flwr run` (the ServerApp in fl_server.server_app),
+follows the run until it ends and leaves checkpoints, metrics, the report and the exported model in --out-dir.
+Run it again with the same --out-dir after a crash to continue from the last completed round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from flwr.common.config import parse_config_args
+
+from fl_server.config import server_config_from_run_config
+from shared_model.launch import exit_on_sigterm, flower_command, start, stop, stop_app_processes, write_toml
+
+log = logging.getLogger("fedrec-server")
+CONNECTION = "fedrec"  # the connection name in the CLI's config.toml
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The server's command line."""
+    parser = argparse.ArgumentParser(prog="fedrec-server", description=__doc__.splitlines()[0])
+    parser.add_argument("--catalog", required=True, help="the public catalog.json every site shares")
+    parser.add_argument("--out-dir", required=True, help="checkpoints, metrics, report and model go here")
+    parser.add_argument("--central-eval", default="", help="held-out events the server may score (optional)")
+    parser.add_argument("--central-eval-format", default="events", help="adapter for --central-eval")
+    parser.add_argument("--num-rounds", type=int, help="federated rounds (default: the app's)")
+    parser.add_argument("--min-sites", type=int, help="sites that must be connected before a round starts")
+    parser.add_argument("--strategy", help="fedavg, fedprox, fedadam, fedyogi, fedavgm, fedtrimmedavg, ...")
+    parser.add_argument("--run-config", action="append", default=[],
+                        help="more settings, e.g. \"local-epochs=2 model.hidden-size=32\" (keys of "
+                             "[tool.flwr.app.config] in pyproject.toml)")
+    parser.add_argument("--host", default="0.0.0.0", help="interface the SuperLink listens on")
+    parser.add_argument("--port", type=int, default=9092, help="the SuperLink's port (sites connect here)")
+    security = parser.add_mutually_exclusive_group(required=True)
+    security.add_argument("--insecure", action="store_true", help="plain HTTP (tests and trusted networks only)")
+    security.add_argument("--ssl-certfile", help="server TLS certificate (PEM); needs --ssl-keyfile/--ssl-ca-certfile")
+    parser.add_argument("--ssl-keyfile", help="server TLS private key (PEM)")
+    parser.add_argument("--ssl-ca-certfile", help="CA certificate (PEM) the sites trust")
+    parser.add_argument("--stall-timeout", type=float, default=3600.0,
+                        help="stop when no round completes for this many seconds (a site died, or too few "
+                             "sites connected); completed rounds are kept for a resume")
+    parser.add_argument("--app", default=str(PROJECT_ROOT), help="the Flower app directory (fedrec's source tree)")
+    args = parser.parse_args(argv)
+    if args.ssl_certfile and not (args.ssl_keyfile and args.ssl_ca_certfile):
+        parser.error("--ssl-certfile needs --ssl-keyfile and --ssl-ca-certfile")
+    return args
+
+
+def app_defaults(app_dir: Path) -> dict[str, Any]:
+    """The app's run-config defaults ([tool.flwr.app.config]), flattened as Flower flattens them."""
+    pyproject = app_dir / "pyproject.toml"
+    try:
+        config = tomllib.loads(pyproject.read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
+    except (OSError, KeyError) as err:
+        raise FileNotFoundError(f"{pyproject}: no [tool.flwr.app.config]; --app must be fedrec's source tree "
+                                "(the directory with its pyproject.toml)") from err
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def run_overrides(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
+    """What this run changes from the app's defaults, checked here rather than by a failing ServerApp."""
+    overrides: dict[str, Any] = {"out-dir": str(Path(args.out_dir).resolve()),
+                                 "catalog-path": str(Path(args.catalog).resolve())}
+    if args.central_eval:
+        overrides.update({"central-eval-path": str(Path(args.central_eval).resolve()),
+                          "central-eval-format": args.central_eval_format})
+    for key, value in (("num-rounds", args.num_rounds), ("strategy.min-nodes", args.min_sites),
+                       ("strategy.name", args.strategy)):
+        if value is not None:
+            overrides[key] = value
+    overrides.update(parse_config_args(args.run_config) if args.run_config else {})
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown run-config keys {unknown}; known: {sorted(defaults)}")
+    for path_key in ("catalog-path", "central-eval-path"):
+        if overrides.get(path_key) and not Path(overrides[path_key]).exists():
+            raise FileNotFoundError(f"{path_key}: {overrides[path_key]} does not exist")
+    server_config_from_run_config({**defaults, **overrides})  # types and required keys, before anything starts
+    return overrides
+
+
+def superlink_command(args: argparse.Namespace) -> list[str]:
+    """`flower-superlink` for this deployment (no `uv sync` of the app's dependencies at run time)."""
+    command = [flower_command("flower-superlink"), "--host", args.host, "--port", str(args.port),
+               "--disable-runtime-dependency-installation"]
+    if args.insecure:
+        return [*command, "--insecure"]
+    return [*command, "--ssl-certfile", args.ssl_certfile, "--ssl-keyfile", args.ssl_keyfile,
+            "--ssl-ca-certfile", args.ssl_ca_certfile]
+
+
+def write_connection(flwr_home: Path, args: argparse.Namespace) -> None:
+    """The `flwr` CLI's connection to our SuperLink (Flower 1.41 keeps these in $FLWR_HOME/config.toml)."""
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    values: dict[str, Any] = {"superlink.default": CONNECTION, f"superlink.{CONNECTION}.address": f"{host}:{args.port}"}
+    if args.insecure:
+        values[f"superlink.{CONNECTION}.insecure"] = True
+    else:
+        values[f"superlink.{CONNECTION}.root-certificates"] = str(Path(args.ssl_ca_certfile).resolve())
+    write_toml(flwr_home / "config.toml", values)
+
+
+def wait_for_port(host: str, port: int, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Block until the SuperLink accepts connections; fail with its log if it exits first."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the SuperLink exited with code {process.returncode}; see its log")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"the SuperLink did not open {host}:{port} within {timeout_s:.0f} s")
+
+
+def flwr(args: list[str], env: dict[str, str], timeout_s: float = 120.0) -> str:
+    """Run the `flwr` CLI against our SuperLink and return its stdout (an error names the command)."""
+    done = subprocess.run([flower_command("flwr"), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout_s, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"flwr {' '.join(args)} failed ({done.returncode}): {done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def submit(app_dir: Path, run_config: Path, env: dict[str, str]) -> int:
+    """Submit the app (built into a FAB by `flwr run`) and return Flower's run id."""
+    last_error: Exception | None = None
+    for _ in range(5):  # the port can open a moment before the Control API answers
+        try:
+            out = flwr(["run", str(app_dir), CONNECTION, "--format", "json", "--run-config", str(run_config)], env)
+            return int(json.loads(out)["run-id"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            last_error = err
+            time.sleep(2.0)
+    raise RuntimeError(f"could not submit the run: {last_error}")
+
+
+def run_status(run_id: int, env: dict[str, str]) -> dict[str, Any]:
+    """Flower's record of the run (status: pending, starting, running, finished:completed|failed|stopped)."""
+    return dict(json.loads(flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env))["runs"][0])
+
+
+def progress_line(row: dict[str, Any], num_rounds: int) -> str:
+    """One line per completed round, from the ServerApp's metrics.jsonl."""
+    evaluation = row.get("central_eval") or row.get("federated_eval") or {}
+    privacy = row.get("privacy", {})
+    eps = f", ε max {privacy['epsilon_max']:.3f}" if "epsilon_max" in privacy else ""
+    return (f"round {row['round']}/{num_rounds}: {row.get('train_replies', 0)} sites answered, "
+            f"{row.get('declined', 0)} declined, {row.get('train_failures', 0)} failed; "
+            f"HR@10 {evaluation.get('hr@10', float('nan')):.4f} NDCG@10 {evaluation.get('ndcg@10', float('nan')):.4f}"
+            f"{eps}")
+
+
+def follow(run_id: int, env: dict[str, str], out_dir: Path, num_rounds: int, stall_timeout: float) -> str:
+    """Wait for the run to end, printing each completed round; stop it when nothing happens for too long."""
+    metrics = out_dir / "metrics.jsonl"
+    seen = len(metrics.read_text(encoding="utf-8").splitlines()) if metrics.exists() else 0
+    status, last_progress = "", time.monotonic()
+    while not status.startswith("finished"):
+        time.sleep(3.0)
+        current = run_status(run_id, env)["status"]
+        if current != status:
+            status, last_progress = current, time.monotonic()
+            log.info("run %d: %s", run_id, status)
+        rows = metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []
+        for line in rows[seen:]:
+            log.info(progress_line(json.loads(line), num_rounds))
+            last_progress = time.monotonic()
+        seen = max(seen, len(rows))
+        if time.monotonic() - last_progress > stall_timeout:
+            log.error("no round completed for %.0f s (a site may have died, or fewer sites than strategy.min-nodes "
+                      "are connected); stopping run %d. Completed rounds are checkpointed: run fedrec-server "
+                      "again with the same --out-dir to resume.", stall_timeout, run_id)
+            flwr(["stop", str(run_id), CONNECTION], env)
+            return "stalled"
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the SuperLink, submit the app, follow the run, and clean up whatever happens."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    app_dir = Path(args.app).resolve()
+    defaults = app_defaults(app_dir)
+    overrides = run_overrides(args, defaults)
+    out_dir = Path(overrides["out-dir"])
+    flower_dir = out_dir / "flower"
+    env = {**os.environ, "FLWR_HOME": str(flower_dir / "cli")}
+    write_connection(flower_dir / "cli", args)
+    run_config = write_toml(flower_dir / "run_config.toml", overrides)
+    exit_on_sigterm()
+    superlink = start(superlink_command(args), flower_dir / "superlink.log",
+                      {"FLWR_HOME": str(flower_dir / "superlink")})
+    run_id, status = 0, ""
+    try:
+        wait_for_port(args.host, args.port, superlink)
+        log.info("SuperLink listening on %s:%d (log: %s); sites connect with "
+                 "fedrec-client --superlink <this host>:%d", args.host, args.port, flower_dir / "superlink.log",
+                 args.port)
+        run_id = submit(app_dir, run_config, env)
+        log.info("submitted run %d; outputs go to %s", run_id, out_dir)
+        num_rounds = int(overrides.get("num-rounds", defaults["num-rounds"]))
+        status = follow(run_id, env, out_dir, num_rounds, args.stall_timeout)
+    finally:
+        if run_id:
+            save_serverapp_log(run_id, env, flower_dir / "serverapp.log")
+            if not status.startswith("finished"):
+                try:
+                    flwr(["stop", str(run_id), CONNECTION], env, timeout_s=30)
+                except (RuntimeError, subprocess.TimeoutExpired):
+                    log.warning("could not stop run %d cleanly", run_id)
+        stop(superlink)
+        stop_app_processes(args.port)
+    if status != "finished:completed":
+        log.error("run %d ended as %s; the ServerApp's log is in %s", run_id, status, flower_dir / "serverapp.log")
+        return 1
+    log.info("done: report %s, model %s", out_dir / "report.md", out_dir / "model")
+    return 0
+
+
+def save_serverapp_log(run_id: int, env: dict[str, str], path: Path) -> None:
+    """Keep the ServerApp's log next to the outputs (Flower keeps it only while the SuperLink runs)."""
+    try:
+        path.write_text(flwr(["log", str(run_id), CONNECTION, "--show"], env, timeout_s=30), encoding="utf-8")
+    except (RuntimeError, subprocess.TimeoutExpired) as err:
+        log.warning("could not fetch the ServerApp log: %s", err)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
