@@ -22,6 +22,7 @@ from typing import Any
 from flwr.common.config import parse_config_args
 
 from fl_server.config import server_config_from_run_config
+from fl_server.strategy import build_strategy
 from shared_model.launch import exit_on_sigterm, flower_command, start, stop, stop_app_processes, write_toml
 
 log = logging.getLogger("fedrec-server")
@@ -94,7 +95,7 @@ def run_overrides(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[st
     for path_key in ("catalog-path", "central-eval-path"):
         if overrides.get(path_key) and not Path(overrides[path_key]).exists():
             raise FileNotFoundError(f"{path_key}: {overrides[path_key]} does not exist")
-    server_config_from_run_config({**defaults, **overrides})  # types and required keys, before anything starts
+    build_strategy(server_config_from_run_config({**defaults, **overrides}).strategy)  # fail here, not in the app
     return overrides
 
 

@@ -1,6 +1,7 @@
 """A real deployment on loopback: `fedrec-server` (SuperLink + ServerApp) and three `fedrec-client` SuperNodes as
 separate processes, each site with its own events file. The server side is killed mid-round and restarted."""
 
+import contextlib
 import json
 import os
 import signal
@@ -41,10 +42,8 @@ def kill_server_side(server: subprocess.Popen, port: int) -> None:
         except OSError:
             continue
         if any(n in text for n in ("flower-superlink", "flower-superexec", "flwr-serverapp")) and str(port) in text:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(cmdline.parent.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     server.wait(10)
 
 

@@ -1,0 +1,77 @@
+"""The ClientApp handlers, driven by hand-built Flower Messages (no simulation engine, no SuperNode)."""
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fl_client.client_app import CATALOG_MISMATCH, build_client_app
+from fl_client.federated import build_global_model
+from fl_client.site import SiteConfig
+from shared_model import wire
+from shared_model.catalog import ItemCatalog
+from tests.fl_client.test_federated import round_config
+from tests.fl_client.test_federated import site as site
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    for name in ("_run_id", "_node_id", "_task_id"):  # what a running ServerApp process has set
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def message(kind: str, catalog: ItemCatalog, server_round: int = 1, num_rounds: int = 2, fingerprint: str = "",
+            state: dict | None = None) -> Message:
+    cfg, initial = round_config(catalog, server_round, num_rounds)
+    config = ConfigRecord({wire.SERVER_ROUND: server_round, wire.TRAINING_ID: cfg.training_id,
+                           wire.NUM_ROUNDS: num_rounds, wire.LOCAL_EPOCHS: 1, wire.BATCH_SIZE: 32,
+                           wire.LEARNING_RATE: 0.003, wire.OPTIMIZER: "adam", wire.MODEL_CONFIG: cfg.model_config,
+                           wire.CATALOG_FINGERPRINT: fingerprint or catalog.fingerprint})
+    content = RecordDict({wire.ARRAYS: ArrayRecord(state or wire.full_state(build_global_model(cfg, initial))),
+                          wire.CONFIG: config})
+    return Message(content=content, message_type=kind, dst_node_id=2)
+
+
+def call(site: SiteConfig, msg: Message) -> Message:
+    app = build_client_app(lambda _context: site)
+    return app(msg, Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={}))
+
+
+def test_train_reply_carries_trainable_weights_and_the_metrics_flower_expects(site):
+    catalog = ItemCatalog.load(site.catalog_path)
+    msg = message("train", catalog)
+    reply = call(site, msg)
+    assert not reply.has_error() and reply.metadata.reply_to_message_id == msg.metadata.message_id
+    assert list(reply.content.array_records) == [wire.ARRAYS] and list(reply.content.metric_records) == [wire.METRICS]
+    sent = set(msg.content.array_records[wire.ARRAYS])
+    returned = set(reply.content.array_records[wire.ARRAYS])
+    assert returned == sent and "output.weight" not in returned  # no frozen tensors here; tied table once
+    metrics = reply.content.metric_records[wire.METRICS]
+    assert metrics[wire.DP_ENABLED] == 1.0 and 0 < metrics[wire.EPSILON] <= site.epsilon and metrics[wire.DECLINED] == 0
+    assert metrics[wire.NUM_EXAMPLES] > 0
+
+
+def test_a_declined_round_replies_with_the_same_record_layout(site):
+    catalog = ItemCatalog.load(site.catalog_path)
+    trained = call(site, message("train", catalog, 1, num_rounds=1))
+    refused = call(site, message("train", catalog, 2, num_rounds=1))  # beyond the budget planned for 1 round
+    assert refused.content.metric_records[wire.METRICS][wire.DECLINED] == 1.0
+    assert refused.content.metric_records[wire.METRICS][wire.NUM_EXAMPLES] == 0
+    # Flower's strategies refuse replies whose keys differ, so a refusal must look like a trained reply.
+    assert set(refused.content.array_records[wire.ARRAYS]) == set(trained.content.array_records[wire.ARRAYS])
+    assert set(refused.content.metric_records[wire.METRICS]) == set(trained.content.metric_records[wire.METRICS])
+
+
+def test_weights_for_another_catalog_get_an_error_reply_not_a_crash(site):
+    catalog = ItemCatalog.load(site.catalog_path)
+    other = ItemCatalog.from_items(["a", "b"]).fingerprint
+    for kind in ("train", "evaluate"):
+        reply = call(site, message(kind, catalog, fingerprint=other))
+        assert reply.has_error() and reply.error.code == CATALOG_MISMATCH and "catalog" in reply.error.reason
+
+
+def test_evaluate_reply_has_full_ranking_metrics_weighted_by_users(site):
+    catalog = ItemCatalog.load(site.catalog_path)
+    reply = call(site, message("evaluate", catalog))
+    metrics = reply.content.metric_records[wire.METRICS]
+    assert not reply.content.array_records  # nothing but metrics goes back
+    assert {"hr@10", "ndcg@10", "mrr", wire.NUM_EXAMPLES} <= set(metrics) and metrics[wire.NUM_EXAMPLES] > 0

@@ -1,0 +1,49 @@
+"""fedrec-server's command line: run settings are checked against the app's own defaults before anything starts."""
+
+import re
+import tomllib
+
+import pytest
+
+from fl_server.deploy import PROJECT_ROOT, app_defaults, parse_args, run_overrides, superlink_command
+from shared_model.launch import toml_text
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    path = tmp_path / "catalog.json"
+    path.write_text("{}")
+    return path
+
+
+def test_overrides_are_absolute_known_and_typed(tmp_path, catalog, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = parse_args(["--insecure", "--catalog", "catalog.json", "--out-dir", "out", "--num-rounds", "4",
+                       "--strategy", "fedprox", "--run-config", "local-epochs=2 model.hidden-size=32"])
+    overrides = run_overrides(args, app_defaults(PROJECT_ROOT))
+    assert overrides["out-dir"] == str(tmp_path / "out") and overrides["catalog-path"] == str(catalog)
+    assert overrides["num-rounds"] == 4 and overrides["strategy.name"] == "fedprox"
+    assert overrides["model.hidden-size"] == 32
+    flat = tomllib.loads(toml_text(overrides))  # the --run-config file Flower reads: dotted keys nest
+    assert flat["model"]["hidden-size"] == 32 and flat["out-dir"] == str(tmp_path / "out")
+
+
+def test_unknown_keys_bad_values_and_missing_files_are_refused_up_front(tmp_path, catalog):
+    defaults = app_defaults(PROJECT_ROOT)
+    base = ["--insecure", "--catalog", str(catalog), "--out-dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=re.escape("unknown run-config keys ['model.hiden-size']")):
+        run_overrides(parse_args([*base, "--run-config", "model.hiden-size=32"]), defaults)
+    with pytest.raises(ValueError, match=re.escape("strategy.name 'fedsgd'")):
+        run_overrides(parse_args([*base, "--strategy", "fedsgd"]), defaults)
+    with pytest.raises(FileNotFoundError, match="central-eval-path"):
+        run_overrides(parse_args([*base, "--central-eval", str(tmp_path / "missing.csv")]), defaults)
+
+
+def test_tls_needs_all_three_files_and_is_passed_to_the_superlink(tmp_path):
+    with pytest.raises(SystemExit):
+        parse_args(["--ssl-certfile", "c.pem", "--catalog", "c.json", "--out-dir", "o"])
+    args = parse_args(["--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem", "--ssl-ca-certfile", "ca.pem",
+                       "--catalog", "c.json", "--out-dir", "o", "--port", "9300"])
+    command = superlink_command(args)
+    assert "--insecure" not in command and command[command.index("--ssl-keyfile") + 1] == "k.pem"
+    assert "--disable-runtime-dependency-installation" in command  # never `uv sync` a CUDA torch at run time
