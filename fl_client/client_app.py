@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 import torch
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_client.federated import RoundConfig, evaluate_round, train_round
@@ -54,7 +54,8 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             return Message(Error(code=CATALOG_MISMATCH, reason=str(err)), reply_to=msg)
         if reply.declined:
             log.warning("site %s declined round %d: %s", site.data_path, round_cfg.server_round, reply.declined)
-        content = RecordDict({wire.ARRAYS: ArrayRecord(reply.state), wire.METRICS: metric_record(reply.metrics())})
+        content = RecordDict({wire.ARRAYS: ArrayRecord(reply.state), wire.METRICS: metric_record(reply.metrics()),
+                              wire.NOTES: ConfigRecord({wire.DECLINED_REASON: reply.declined})})
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

@@ -167,6 +167,8 @@ def progress_line(row: dict[str, Any], num_rounds: int) -> str:
     evaluation = row.get("central_eval") or row.get("federated_eval") or {}
     privacy = row.get("privacy", {})
     eps = f", ε max {privacy['epsilon_max']:.3f}" if "epsilon_max" in privacy else ""
+    if row.get("declined_reasons"):
+        eps += f" (declined: {row['declined_reasons'][0]})"
     return (f"round {row['round']}/{num_rounds}: {row.get('train_replies', 0)} sites answered, "
             f"{row.get('declined', 0)} declined, {row.get('train_failures', 0)} failed; "
             f"HR@10 {evaluation.get('hr@10', float('nan')):.4f} NDCG@10 {evaluation.get('ndcg@10', float('nan')):.4f}"

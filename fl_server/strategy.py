@@ -39,6 +39,12 @@ def reply_metrics(msg: Message) -> dict[str, float]:
     return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
 
 
+def declined_reason(msg: Message) -> str:
+    """Why a site declined to train, in its own words."""
+    notes = msg.content.config_records.get(wire.NOTES)
+    return str(notes.get(wire.DECLINED_REASON, "")) if notes is not None else "no reason given"
+
+
 def privacy_report(metrics: list[dict[str, float]]) -> dict[str, Any]:
     """Max and mean ε over the sites that trained with DP, and how many sites had DP off."""
     private = [m for m in metrics if m.get(wire.DP_ENABLED, 0.0) == 1.0]
@@ -77,8 +83,10 @@ def with_frozen(messages: Iterable[Message], frozen: ArrayRecord) -> list[Messag
 
 
 def payload_bytes(content: RecordDict) -> int:
-    """Bytes of a message's records (arrays, config, metrics) as Flower counts them."""
-    return sum(record.count_bytes() for record in content.values())
+    """Bytes of a message's records: arrays and metrics as Flower counts them, configs serialised
+    (Flower 1.41's ConfigRecord.count_bytes raises on an empty string)."""
+    return sum(len(record.deflate()) if isinstance(record, ConfigRecord) else record.count_bytes()
+               for record in content.values())
 
 
 class RoundHooks:
@@ -117,6 +125,11 @@ class RoundHooks:
                            "privacy": privacy_report([metrics for _, metrics in answered])}
         for failure in (m for m in replies if m.has_error()):
             log.warning("a site failed to train: %s", failure.error.reason)
+        reasons = [declined_reason(m) for m, metrics in answered if metrics.get(wire.DECLINED, 0.0) == 1.0]
+        if reasons:
+            self.last_round["declined_reasons"] = reasons
+            log.warning("round %d: %d site(s) declined: %s", server_round + self.round_offset, len(reasons),
+                        "; ".join(reasons))
         if not trained:
             log.warning("round %d: no site trained; the global model is unchanged", server_round + self.round_offset)
             return None, None

@@ -11,6 +11,7 @@ import torch
 ARRAYS = "arrays"  # ArrayRecord: trainable weights (+ frozen tensors server -> site), no Opacus `_module.`
 CONFIG = "config"  # ConfigRecord: what the server asks for this round
 METRICS = "metrics"  # MetricRecord: what a site reports back
+NOTES = "notes"  # ConfigRecord: words a site reports back (why it declined a round)
 
 # ConfigRecord keys (server -> site).
 SERVER_ROUND = "server-round"  # set by Flower's strategies
@@ -31,6 +32,9 @@ DECLINED = "declined"  # 1 when the site refused to train (budget); its arrays a
 DP_ENABLED = "dp"  # 1 when the site trained with DP-SGD
 EPSILON = "epsilon"  # the site's cumulative ε after this round (only meaningful when dp == 1)
 DELTA = "delta"
+
+# ConfigRecord keys (site -> server).
+DECLINED_REASON = "declined-reason"  # "" when the site trained
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -56,6 +56,8 @@ def test_a_declined_round_replies_with_the_same_record_layout(site):
     refused = call(site, message("train", catalog, 2, num_rounds=1))  # beyond the budget planned for 1 round
     assert refused.content.metric_records[wire.METRICS][wire.DECLINED] == 1.0
     assert refused.content.metric_records[wire.METRICS][wire.NUM_EXAMPLES] == 0
+    assert "over its budget" in refused.content.config_records[wire.NOTES][wire.DECLINED_REASON]
+    assert trained.content.config_records[wire.NOTES][wire.DECLINED_REASON] == ""
     # Flower's strategies refuse replies whose keys differ, so a refusal must look like a trained reply.
     assert set(refused.content.array_records[wire.ARRAYS]) == set(trained.content.array_records[wire.ARRAYS])
     assert set(refused.content.metric_records[wire.METRICS]) == set(trained.content.metric_records[wire.METRICS])

@@ -50,6 +50,7 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert rows[2]["declined"] == 3 and rows[2]["privacy"]["epsilon_max"] == rows[1]["privacy"]["epsilon_max"]
+    assert len(rows[2]["declined_reasons"]) == 3 and all("budget" in r for r in rows[2]["declined_reasons"])
     for site in sites:
         ledger = json.loads(site.ledger_path.read_text())
         assert [e["round"] for e in ledger["entries"]] == [1, 2]
