@@ -4,21 +4,15 @@ import tomllib
 from pathlib import Path
 
 from fl_server.config import server_config_from_run_config
+from fl_server.deploy import app_defaults
 from simulations.simulate import SimulateConfig, register_simulate_schemas
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def flat_flwr_config() -> dict:
-    """Flatten nested tables with '.', as Flower does for run_config."""
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
+    """[tool.flwr.app.config] flattened with '.', as Flower does for run_config (and fedrec-server reads it)."""
+    return app_defaults(ROOT)
 
 
 def hydra_defaults() -> SimulateConfig:
