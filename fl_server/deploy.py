@@ -23,6 +23,8 @@ from flwr.common.config import parse_config_args
 
 from fl_server.config import server_config_from_run_config
 from fl_server.strategy import build_strategy
+from shared_model.catalog import ItemCatalog
+from shared_model.factory import create_model
 from shared_model.launch import exit_on_sigterm, flower_command, start, stop, stop_app_processes, write_toml
 
 log = logging.getLogger("fedrec-server")
@@ -95,7 +97,12 @@ def run_overrides(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[st
     for path_key in ("catalog-path", "central-eval-path"):
         if overrides.get(path_key) and not Path(overrides[path_key]).exists():
             raise FileNotFoundError(f"{path_key}: {overrides[path_key]} does not exist")
-    build_strategy(server_config_from_run_config({**defaults, **overrides}).strategy)  # fail here, not in the app
+    config = server_config_from_run_config({**defaults, **overrides})
+    build_strategy(config.strategy)  # fail here, not in the ServerApp
+    # The model the ServerApp will build: checks the catalog and its public features (titles for 'text'),
+    # and leaves the encoded features in the ServerApp's cache.
+    create_model(config.model, ItemCatalog.load(config.catalog_path), config.has_timestamps,
+                 cache_dir=str(Path(config.out_dir) / "cache"))
     return overrides
 
 

@@ -6,14 +6,13 @@ import tomllib
 import pytest
 
 from fl_server.deploy import PROJECT_ROOT, app_defaults, parse_args, run_overrides, superlink_command
+from shared_model.catalog import ItemCatalog
 from shared_model.launch import toml_text
 
 
 @pytest.fixture
 def catalog(tmp_path):
-    path = tmp_path / "catalog.json"
-    path.write_text("{}")
-    return path
+    return ItemCatalog.from_items(["a", "b", "c"]).save(tmp_path)  # no titles
 
 
 def test_overrides_are_absolute_known_and_typed(tmp_path, catalog, monkeypatch):
@@ -35,6 +34,8 @@ def test_unknown_keys_bad_values_and_missing_files_are_refused_up_front(tmp_path
         run_overrides(parse_args([*base, "--run-config", "model.hiden-size=32"]), defaults)
     with pytest.raises(ValueError, match=re.escape("strategy.name 'fedsgd'")):
         run_overrides(parse_args([*base, "--strategy", "fedsgd"]), defaults)
+    with pytest.raises(ValueError, match="need item titles"):  # the catalog cannot feed the asked-for features
+        run_overrides(parse_args([*base, "--run-config", "model.item-features='text'"]), defaults)
     with pytest.raises(FileNotFoundError, match="central-eval-path"):
         run_overrides(parse_args([*base, "--central-eval", str(tmp_path / "missing.csv")]), defaults)
 
