@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from fl_server.config import server_config_from_run_config
 from fl_server.strategy import build_strategy
 from shared_model.catalog import ItemCatalog
 from shared_model.factory import create_model
-from shared_model.launch import exit_on_sigterm, flower_command, start, stop, stop_app_processes, write_toml
+from shared_model.launch import exit_on_sigterm, flower_command, flower_env, start, stop, stop_app_processes, write_toml
 
 log = logging.getLogger("fedrec-server")
 CONNECTION = "fedrec"  # the connection name in the CLI's config.toml
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = run_overrides(args, defaults)
     out_dir = Path(overrides["out-dir"])
     flower_dir = out_dir / "flower"
-    env = {**os.environ, "FLWR_HOME": str(flower_dir / "cli")}
+    env = flower_env({"FLWR_HOME": str(flower_dir / "cli")})
     write_connection(flower_dir / "cli", args)
     run_config = write_toml(flower_dir / "run_config.toml", overrides)
     exit_on_sigterm()

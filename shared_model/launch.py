@@ -28,6 +28,14 @@ def flower_command(name: str) -> str:
     return found
 
 
+def flower_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process' environment with this Python's bin directory first on PATH: Flower's processes start
+    their helpers (`flower-superexec`, `flwr-serverapp`, `flwr-clientapp`) by name, and an environment that
+    was never activated (CI, cron, systemd) would not find them."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, **(extra or {})}
+
+
 def toml_text(values: Mapping[str, TomlValue]) -> str:
     """Flat `key = value` TOML; dotted keys (`model.hidden-size`) become nested tables, as Flower expects."""
     lines = []
@@ -53,7 +61,7 @@ def start(command: Sequence[str], log_path: Path | None = None,
           env: Mapping[str, str] | None = None) -> subprocess.Popen:
     """Start a process in its own session (so its whole group can be stopped); output to `log_path` if given,
     else to this terminal."""
-    environment = {**os.environ, **(env or {})}
+    environment = flower_env(env)
     if log_path is None:
         return subprocess.Popen(list(command), stdin=subprocess.DEVNULL, env=environment, start_new_session=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)

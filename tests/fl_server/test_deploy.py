@@ -83,7 +83,11 @@ def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(t
         first = subprocess.Popen(server_cmd, stdout=(logs / "server1.log").open("w"), stderr=subprocess.STDOUT,
                                  start_new_session=True)
         # Crash the server side as soon as a site has trained (and paid for) round 2, before round 2 completes.
-        wait_until(lambda: any(2 in ledger_rounds(s) for s in sites), 400, "no site trained round 2")
+        def round_two_trained() -> bool:
+            assert first.poll() is None, (logs / "server1.log").read_text()[-3000:]  # fail fast, with the log
+            return any(2 in ledger_rounds(s) for s in sites)
+
+        wait_until(round_two_trained, 400, "no site trained round 2")
         kill_server_side(first, link)
         rows = (out / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(r)["round"] for r in rows] == [1]
