@@ -148,8 +148,12 @@ def declined(model: FedRecModel, delta: float, epsilon: float, reason: str) -> R
 
 def evaluate_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
                    state: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Full-catalog metrics of the global model on the site's own held-out (test) events."""
+    """Full-catalog metrics of the global model on the site's own test events, plus validation NDCG@10
+    (what the server selects the best round by)."""
     data.catalog.check_matches(round_cfg.catalog_fingerprint)
     model = build_global_model(round_cfg, state)
-    metrics = evaluate_model(model, data.sequences, "test", device=resolve_device(site.device))
-    return {**{k: v for k, v in metrics.items() if k != "users"}, wire.NUM_EXAMPLES: metrics.get("users", 0.0)}
+    device = resolve_device(site.device)
+    metrics = evaluate_model(model, data.sequences, "test", device=device)
+    valid = evaluate_model(model, data.sequences, "valid", device=device)
+    return {**{k: v for k, v in metrics.items() if k != "users"}, wire.VALID_NDCG10: valid["ndcg@10"],
+            wire.NUM_EXAMPLES: metrics.get("users", 0.0)}

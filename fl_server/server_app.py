@@ -31,13 +31,14 @@ CentralEvaluator = Callable[[FedRecModel], dict[str, float]]
 
 
 def central_evaluator(cfg: ServerConfig, catalog: ItemCatalog) -> CentralEvaluator | None:
-    """Full-ranking test metrics on events the server itself holds (None when it holds none)."""
+    """Full-ranking test metrics (+ validation NDCG@10) on events the server holds (None when it holds none)."""
     if not cfg.central_eval_path:
         return None
     sequences = to_user_sequences(load_dataset(cfg.central_eval_format, cfg.central_eval_path), catalog)
 
     def evaluate(model: FedRecModel) -> dict[str, float]:
-        return {k: v for k, v in evaluate_model(model, sequences, "test").items() if k != "users"}
+        test = {k: v for k, v in evaluate_model(model, sequences, "test").items() if k != "users"}
+        return {**test, wire.VALID_NDCG10: evaluate_model(model, sequences, "valid")["ndcg@10"]}
 
     return evaluate
 
@@ -74,7 +75,8 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
             return MetricRecord(central) if central else None
         row = {"round": local_round + done, "seconds": round(time.time() - started, 2), **strategy.last_round,
                "central_eval": central}
-        score = central.get("ndcg@10", row.get("federated_eval", {}).get("ndcg@10", 0.0))
+        # The best round is chosen on validation events, never on the test split the report shows.
+        score = central.get(wire.VALID_NDCG10, row.get("federated_eval", {}).get(wire.VALID_NDCG10, 0.0))
         store.save(local_round + done, model.state_dict(), strategy.optimiser_state(), row, score)
         log.info("round %s", json.dumps(row))
         return MetricRecord(central) if central else None

@@ -28,6 +28,7 @@ PROXIMAL_MU = "proximal-mu"  # FedProx' term, set by Flower's FedProx
 # MetricRecord keys (site -> server).
 NUM_EXAMPLES = "num-examples"  # users trained on / evaluated (FedAvg's weighting key)
 TRAIN_LOSS = "train-loss"
+VALID_NDCG10 = "valid-ndcg@10"  # NDCG@10 on the validation events: picks the best round (never the test split)
 DECLINED = "declined"  # 1 when the site refused to train (budget); its arrays are then not aggregated
 DP_ENABLED = "dp"  # 1 when the site trained with DP-SGD
 EPSILON = "epsilon"  # the site's cumulative ε after this round (only meaningful when dp == 1)

@@ -33,6 +33,10 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
     assert all(r["train_replies"] == 3 and r["train_failures"] == 0 and r["declined"] == 0 for r in rows)
     assert rows[1]["privacy"]["sites_with_dp"] == 3 and 0 < rows[1]["privacy"]["epsilon_max"] <= 8.0 * 1.01
     assert rows[1]["federated_eval"]["hr@10"] > 0
+    # The best round is picked on validation events, not on the test split the report shows.
+    summary = json.loads((out / "summary.json").read_text())
+    valid = [r["central_eval"]["valid-ndcg@10"] for r in rows]
+    assert summary["best_round"] == 1 + valid.index(max(valid))
     # Public title features travel to the sites but never back; the tied item table travels once.
     features = 51 * 8 * 4
     assert rows[0]["bytes_to_each_site"] - rows[0]["bytes_from_each_site"] > features - 200

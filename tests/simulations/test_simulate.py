@@ -18,15 +18,56 @@ def test_defaults_are_a_dp_federation_over_regions():
     cfg = typed([])
     assert cfg.privacy.enabled and cfg.privacy.epsilon == 8.0
     assert (cfg.partition.kind, cfg.partition.by) == ("natural", "region")
-    assert cfg.strategy.name == "fedavg" and cfg.federation.num_rounds == 3
+    assert cfg.strategy.name == "fedavg" and cfg.federation.num_rounds == 5
+    assert cfg.model.item_features == ["text"]  # the demo leans on public titles under DP
+
+
+def test_federated_presets_do_not_inherit_the_demos_title_features():
+    for preset in ("fed_movielens", "fed_beauty"):
+        assert typed([f"+experiment={preset}"]).model.item_features == []
 
 
 def test_groups_and_overrides_compose():
-    cfg = typed(["partition=dirichlet", "strategy.name=fedadam", "privacy=disabled", "federation.num_rounds=5"])
+    cfg = typed(["partition=dirichlet", "strategy.name=fedadam", "privacy=disabled", "federation.num_rounds=7"])
     assert cfg.partition.kind == "dirichlet" and cfg.partition.num_partitions == 10
-    assert cfg.strategy.name == "fedadam" and not cfg.privacy.enabled and cfg.federation.num_rounds == 5
+    assert cfg.strategy.name == "fedadam" and not cfg.privacy.enabled and cfg.federation.num_rounds == 7
 
 
 def test_a_misspelt_key_is_refused():
     with pytest.raises(Exception, match="num_round"):
         typed(["federation.num_round=5"])
+
+
+def centralized(overrides: list[str]):
+    from simulations.config import CentralizedConfig, register_schemas
+
+    register_schemas()
+    with initialize_config_module(config_module="simulations.conf", version_base="1.3"):
+        cfg = compose(config_name="centralized", overrides=[*overrides, "output_dir=/tmp/unused"])
+    typed_cfg: CentralizedConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    return typed_cfg
+
+
+SIZE = ("max_len", "hidden_size", "num_hidden_layers", "num_attention_heads", "hidden_dropout_prob",
+        "attention_probs_dropout_prob", "tie_item_embeddings")
+
+
+@pytest.mark.parametrize(("preset", "centralized_preset"), [
+    ("fed_movielens", "movielens"), ("fed_movielens_dp", "movielens"),
+    ("fed_beauty", "beauty"), ("fed_beauty_dp", "beauty")])
+def test_federated_presets_use_the_centralized_data_and_model_size(preset, centralized_preset):
+    fed, central = typed([f"+experiment={preset}"]), centralized([f"+experiment={centralized_preset}"])
+    assert fed.data == central.data
+    assert [getattr(fed.model, k) for k in SIZE] == [getattr(central.model, k) for k in SIZE]
+    if not preset.endswith("_dp"):  # the non-private rows use exactly the centralized model
+        assert fed.model == central.model
+    assert fed.privacy.enabled == preset.endswith("_dp")
+    assert fed.federation.central_eval and fed.federation.mode == "federated"
+
+
+def test_federated_presets_partition_movielens_by_region_and_beauty_into_ten_dirichlet_merchants():
+    movielens, beauty = typed(["+experiment=fed_movielens"]), typed(["+experiment=fed_beauty_dp"])
+    assert (movielens.partition.kind, movielens.partition.by) == ("natural", "region")
+    assert (beauty.partition.kind, beauty.partition.by, beauty.partition.num_partitions) == ("dirichlet",
+                                                                                             "attribute", 10)
+    assert beauty.model.item_features == ["attributes"] and beauty.model.feature_scoring and beauty.model.item_bias

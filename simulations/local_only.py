@@ -1,0 +1,125 @@
+"""The local-only baseline: every site trains its own model on its own users, alone, and is scored on its own
+held-out events; the user-weighted average over sites is what federating has to beat.
+
+Same partition, model, optimiser and privacy as the federated run: a site trains for num_rounds × local_epochs
+epochs (the epochs it would train in the federation) under its own (ε, δ = 1/#site users by default) budget.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fl_client.privacy import PrivacyConfig
+from fl_client.train import TrainConfig, resolve_device, train
+from shared_model.factory import ModelConfig
+from shared_model.metrics import evaluate_model, evaluate_popularity
+from simulations.prepare import PreparedData, build_model
+
+log = logging.getLogger(__name__)
+METRIC_KEYS = ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr")
+
+
+@dataclass
+class SiteResult:
+    """One site trained alone: its size, its own test metrics, what it spent and what it cost."""
+
+    site: int
+    users: int
+    test: dict[str, float]
+    popularity_test: dict[str, float]  # the site's own popularity (its training-part counts)
+    epsilon: float | None  # None when DP was off
+    delta: float | None
+    seconds: float
+    peak_memory_mb: float  # the process' peak so far (CPU: resident set), not this site's alone
+
+
+def train_site(index: int, data: PreparedData, users: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig,
+               privacy: PrivacyConfig, cache_dir: str) -> SiteResult:
+    """Train a fresh model on one site's users only and score it on their test events."""
+    seqs = data.sequences.subset(users)
+    torch.manual_seed(train_cfg.seed)  # every site starts from the same initial weights, as in the federation
+    model = build_model(model_cfg, data, cache_dir=cache_dir)
+    result = train(model, seqs, train_cfg, privacy)
+    test = evaluate_model(model, seqs, "test", device=resolve_device(train_cfg.device))
+    popularity = evaluate_popularity(seqs, seqs, "test", data.catalog.num_rows, model_cfg.max_len)
+    spent = result.privacy
+    log.info("site %d (%d users) alone: test HR@10 %.4f NDCG@10 %.4f%s (%.0fs)", index, len(seqs), test["hr@10"],
+             test["ndcg@10"], f", ε {spent.epsilon:.3f}" if spent else "", result.seconds)
+    return SiteResult(site=index, users=len(seqs), test=test, popularity_test=popularity,
+                      epsilon=spent.epsilon if spent else None, delta=spent.delta if spent else None,
+                      seconds=round(result.seconds, 1), peak_memory_mb=round(result.peak_memory_mb, 1))
+
+
+def weighted_mean(rows: Sequence[dict[str, float]], weights: Sequence[int]) -> dict[str, float]:
+    """User-weighted mean of each ranking metric over sites (a user counts once, wherever it lives)."""
+    total = float(sum(weights))
+    return {key: sum(row[key] * w for row, w in zip(rows, weights, strict=True)) / total for key in METRIC_KEYS}
+
+
+def run_local_only(data: PreparedData, parts: Sequence[np.ndarray], model_cfg: ModelConfig, train_cfg: TrainConfig,
+                   privacy: PrivacyConfig, epochs: int, out_dir: Path) -> dict[str, Any]:
+    """Train every site alone for `epochs` (last epoch kept, as in the federation), write summary.json and
+    report.md under out_dir, and return the summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    site_cfg = replace(train_cfg, epochs=epochs, patience=0, eval_every=0)
+    started = time.perf_counter()
+    sites = [train_site(i, data, users, model_cfg, site_cfg, privacy, str(out_dir / "cache"))
+             for i, users in enumerate(parts)]
+    weights = [s.users for s in sites]
+    summary: dict[str, Any] = {
+        "mode": "local", "sites": len(sites), "users": sum(weights), "epochs_per_site": epochs,
+        "seconds": round(time.perf_counter() - started, 1),
+        "test": weighted_mean([s.test for s in sites], weights),
+        "popularity_test": weighted_mean([s.popularity_test for s in sites], weights),
+        "privacy": privacy_claim(sites, privacy),
+        "per_site": [asdict(s) for s in sites]}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    write_local_report(out_dir, summary)
+    return summary
+
+
+def privacy_claim(sites: Sequence[SiteResult], privacy: PrivacyConfig) -> dict[str, Any]:
+    """Per-site (ε, δ) spent, or an explicit statement that there was no DP."""
+    if not privacy.enabled:
+        return {"dp": False, "claim": "no differential privacy (DP was off)"}
+    eps = [s.epsilon or 0.0 for s in sites]
+    deltas = [s.delta or 0.0 for s in sites]
+    return {"dp": True, "unit": "one user of a site", "epsilon_max": max(eps), "epsilon_mean": sum(eps) / len(eps),
+            "delta_max": max(deltas),
+            "claim": f"user-level DP at every site: ε ≤ {max(eps):.3f}, δ ≤ {max(deltas):.3g} (δ = 1/#site users "
+                     "unless set)"}
+
+
+def write_local_report(out_dir: Path, summary: dict[str, Any]) -> Path:
+    """report.md: the user-weighted averages, then one row per site."""
+    avg, pop = summary["test"], summary["popularity_test"]
+    lines = ["# Local-only baseline (each site trains alone on its own users)", "",
+             f"{summary['sites']} sites, {summary['users']} users, {summary['epochs_per_site']} epochs per site. "
+             f"Privacy: {summary['privacy']['claim']}.", "",
+             "User-weighted averages over sites (each site's own test events):", "",
+             "| | HR@5 | HR@10 | NDCG@10 | HR@20 | NDCG@20 | MRR |", "|---|---|---|---|---|---|---|",
+             row("local-only model", avg), row("each site's own popularity", pop), "",
+             "| site | users | HR@10 | NDCG@10 | ε | seconds | process peak RSS so far, MB |",
+             "|---|---|---|---|---|---|---|"]
+    for s in summary["per_site"]:
+        eps = "" if s["epsilon"] is None else f"{s['epsilon']:.3f}"
+        lines.append(f"| {s['site']} | {s['users']} | {s['test']['hr@10']:.4f} | {s['test']['ndcg@10']:.4f} | "
+                     f"{eps} | {s['seconds']} | {s['peak_memory_mb']} |")
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def row(name: str, metrics: dict[str, float]) -> str:
+    """One markdown table row of the headline metrics."""
+    keys = ("hr@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr")
+    return f"| {name} | " + " | ".join(f"{metrics[k]:.4f}" for k in keys) + " |"

@@ -1,0 +1,57 @@
+"""The local-only baseline (`federation.mode=local`): each site trains alone on its own users, is scored on
+their test events, and the summary averages the sites weighted by users."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from simulations.local_only import METRIC_KEYS, weighted_mean
+from simulations.simulate import SimulateConfig, register_simulate_schemas, run_simulate
+
+TINY = ["data.synthetic.num_users=160", "data.synthetic.num_items=40", "model.hidden_size=16", "model.max_len=12",
+        "model.num_hidden_layers=1", "train.batch_size=32", "train.num_threads=1", "federation.mode=local",
+        "federation.num_rounds=2", "federation.local_epochs=1", "partition=iid", "partition.num_partitions=3"]
+
+
+def local_config(tmp_path: Path, overrides: list[str]) -> SimulateConfig:
+    register_simulate_schemas()
+    with initialize_config_module(config_module="simulations.conf", version_base="1.3"):
+        cfg = compose(config_name="simulate", overrides=[*TINY, *overrides, f"output_dir={tmp_path}"])
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def test_weighted_mean_counts_each_user_once():
+    rows = [dict.fromkeys(METRIC_KEYS, 1.0), dict.fromkeys(METRIC_KEYS, 0.0)]
+    assert weighted_mean(rows, [3, 1])["hr@10"] == 0.75
+
+
+def test_local_only_without_dp_trains_every_site_for_all_rounds_and_averages_by_users(tmp_path):
+    summary = run_simulate(local_config(tmp_path, ["privacy=disabled"]))
+    sites = summary["per_site"]
+    assert summary["mode"] == "local" and len(sites) == 3 and summary["epochs_per_site"] == 2
+    assert sum(s["users"] for s in sites) == summary["users"] == 160
+    assert summary["test"] == pytest.approx(weighted_mean([s["test"] for s in sites], [s["users"] for s in sites]))
+    assert all(s["test"]["users"] == s["users"] for s in sites)  # scored on the site's own users only
+    assert summary["privacy"] == {"dp": False, "claim": "no differential privacy (DP was off)"}
+    on_disk = json.loads((tmp_path / "local" / "summary.json").read_text())
+    assert on_disk["test"] == pytest.approx(summary["test"])
+    report = (tmp_path / "local" / "report.md").read_text()
+    assert "local-only model" in report and "no differential privacy" in report
+    assert not (tmp_path / "server").exists()  # no federation ran
+    assert json.loads((tmp_path / "popularity.json").read_text())["users"] == 160
+
+
+def test_local_only_with_dp_spends_each_sites_budget_with_delta_one_over_its_users(tmp_path):
+    summary = run_simulate(local_config(tmp_path, ["privacy=dp", "privacy.epsilon=3", "privacy.accountant=gdp"]))
+    for site in summary["per_site"]:
+        assert 2.9 < site["epsilon"] <= 3.0 * 1.01
+        assert site["delta"] == pytest.approx(1.0 / site["users"])
+    assert summary["privacy"]["dp"] and summary["privacy"]["epsilon_max"] <= 3.0 * 1.01
+
+
+def test_an_unknown_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"federation\.mode"):
+        run_simulate(local_config(tmp_path, ["federation.mode=solo", "privacy=disabled"]))
