@@ -18,7 +18,8 @@ def catalog(tmp_path):
 def test_overrides_are_absolute_known_and_typed(tmp_path, catalog, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = parse_args(["--insecure", "--catalog", "catalog.json", "--out-dir", "out", "--num-rounds", "4",
-                       "--strategy", "fedprox", "--run-config", "local-epochs=2 model.hidden-size=32"])
+                       "--strategy", "fedprox", "--run-config",
+                       "local-epochs=2 model.hidden-size=32 model.item-features=''"])  # ids only: no titles here
     overrides = run_overrides(args, app_defaults(PROJECT_ROOT))
     assert overrides["out-dir"] == str(tmp_path / "out") and overrides["catalog-path"] == str(catalog)
     assert overrides["num-rounds"] == 4 and overrides["strategy.name"] == "fedprox"
