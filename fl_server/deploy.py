@@ -115,9 +115,14 @@ def superlink_command(args: argparse.Namespace) -> list[str]:
             "--ssl-ca-certfile", args.ssl_ca_certfile]
 
 
+def local_host(host: str) -> str:
+    """Where this machine reaches a SuperLink listening on `host` (a wildcard address is not dialable)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
 def write_connection(flwr_home: Path, args: argparse.Namespace) -> None:
     """The `flwr` CLI's connection to our SuperLink (Flower 1.41 keeps these in $FLWR_HOME/config.toml)."""
-    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    host = local_host(args.host)
     values: dict[str, Any] = {"superlink.default": CONNECTION, f"superlink.{CONNECTION}.address": f"{host}:{args.port}"}
     if args.insecure:
         values[f"superlink.{CONNECTION}.insecure"] = True
@@ -128,7 +133,7 @@ def write_connection(flwr_home: Path, args: argparse.Namespace) -> None:
 
 def wait_for_port(host: str, port: int, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
     """Block until the SuperLink accepts connections; fail with its log if it exits first."""
-    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    host = local_host(host)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -5,12 +5,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_client.client_app import CATALOG_MISMATCH, build_client_app
-from fl_client.federated import build_global_model
+from fl_client.federated import RoundConfig, build_global_model
 from fl_client.site import SiteConfig
 from shared_model import wire
 from shared_model.catalog import ItemCatalog
-from tests.fl_client.test_federated import round_config
-from tests.fl_client.test_federated import site as site
+from tests.fl_client.test_federated import round_record
 
 
 @pytest.fixture(autouse=True)
@@ -19,14 +18,12 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, 1)
 
 
-def message(kind: str, catalog: ItemCatalog, server_round: int = 1, num_rounds: int = 2, fingerprint: str = "",
-            state: dict | None = None) -> Message:
-    cfg, initial = round_config(catalog, server_round, num_rounds)
-    config = ConfigRecord({wire.SERVER_ROUND: server_round, wire.TRAINING_ID: cfg.training_id,
-                           wire.NUM_ROUNDS: num_rounds, wire.LOCAL_EPOCHS: 1, wire.BATCH_SIZE: 32,
-                           wire.LEARNING_RATE: 0.003, wire.OPTIMIZER: "adam", wire.MODEL_CONFIG: cfg.model_config,
-                           wire.CATALOG_FINGERPRINT: fingerprint or catalog.fingerprint})
-    content = RecordDict({wire.ARRAYS: ArrayRecord(state or wire.full_state(build_global_model(cfg, initial))),
+def message(kind: str, catalog: ItemCatalog, server_round: int = 1, num_rounds: int = 2,
+            fingerprint: str = "") -> Message:
+    record, initial = round_record(catalog, server_round, num_rounds)
+    cfg = RoundConfig.from_record(record)
+    config = ConfigRecord({**record, wire.CATALOG_FINGERPRINT: fingerprint or catalog.fingerprint})
+    content = RecordDict({wire.ARRAYS: ArrayRecord(wire.full_state(build_global_model(cfg, initial))),
                           wire.CONFIG: config})
     return Message(content=content, message_type=kind, dst_node_id=2)
 

@@ -10,20 +10,10 @@ from shared_model import wire
 from shared_model.catalog import CatalogMismatchError, ItemCatalog
 from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.modeling_fedrec import FedRecModel
-from simulations.synthetic import generate_events, write_events
 
 
-@pytest.fixture
-def site(tmp_path):
-    log = generate_events(num_users=120, num_items=40, seed=3)
-    events = write_events(log, tmp_path / "events.csv")
-    catalog = ItemCatalog.from_events(log.frame)
-    catalog.save(tmp_path)
-    return SiteConfig(data_path=str(events), catalog_path=str(tmp_path / "catalog.json"),
-                      state_dir=str(tmp_path / "state"), epsilon=4.0, device="cpu")
-
-
-def round_config(catalog: ItemCatalog, server_round: int = 1, num_rounds: int = 2) -> tuple[RoundConfig, dict]:
+def round_record(catalog: ItemCatalog, server_round: int = 1, num_rounds: int = 2) -> tuple[dict, dict]:
+    """What the server sends for a round (its ConfigRecord content) and fresh global weights."""
     config = FedRecConfig(num_items=len(catalog.item_ids), hidden_size=16, max_len=10,
                           catalog_fingerprint=catalog.fingerprint)
     torch.manual_seed(0)
@@ -31,6 +21,11 @@ def round_config(catalog: ItemCatalog, server_round: int = 1, num_rounds: int = 
     record = {wire.SERVER_ROUND: server_round, wire.TRAINING_ID: "train-7", wire.NUM_ROUNDS: num_rounds,
               wire.LOCAL_EPOCHS: 1, wire.BATCH_SIZE: 32, wire.LEARNING_RATE: 0.003, wire.OPTIMIZER: "adam",
               wire.MODEL_CONFIG: config.to_json_string(), wire.CATALOG_FINGERPRINT: catalog.fingerprint}
+    return record, state
+
+
+def round_config(catalog: ItemCatalog, server_round: int = 1, num_rounds: int = 2) -> tuple[RoundConfig, dict]:
+    record, state = round_record(catalog, server_round, num_rounds)
     return RoundConfig.from_record(record), state
 
 
