@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +128,7 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
     result = train(model, data.sequences,
                    TrainConfig(epochs=round_cfg.local_epochs, batch_size=round_cfg.batch_size, lr=round_cfg.lr,
                                optimizer=round_cfg.optimizer, device=site.device, patience=0, eval_every=0,
-                               proximal_mu=round_cfg.proximal_mu),
+                               proximal_mu=round_cfg.proximal_mu, seed=round_seed(site, round_cfg)),
                    PrivacyConfig(enabled=site.dp, epsilon=site.epsilon, delta=delta, noise_multiplier=sigma,
                                  max_grad_norm=site.max_grad_norm, secure_mode=site.secure_mode))
     epsilon = 0.0
@@ -138,6 +140,21 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
         cached.parent.mkdir(parents=True, exist_ok=True)
         torch.save(reply.__dict__, cached)
     return reply
+
+
+def round_seed(site: SiteConfig, round_cfg: RoundConfig) -> int:
+    """The seed of one round's user sampling, dropout and noise at this site.
+
+    Under DP it is fresh OS entropy every round. A seed that repeats would repeat the Poisson sample and the
+    noise of every round: the noise would add up round after round instead of averaging out, and the
+    accountant's assumption of independent noise at every step would be false. A seed the server could
+    derive would let it subtract the noise. (`privacy.secure_mode` goes further: Opacus then draws noise and
+    samples from a cryptographically secure generator.) Without DP the seed is derived from the training
+    run, the round and the site, so a simulation is reproducible.
+    """
+    if site.dp:
+        return secrets.randbits(63)
+    return zlib.crc32(f"{round_cfg.training_id}|{round_cfg.server_round}|{site.data_path}".encode())
 
 
 def declined(model: FedRecModel, delta: float, epsilon: float, reason: str) -> RoundReply:

@@ -45,6 +45,28 @@ def test_dp_rounds_accumulate_epsilon_in_the_site_ledger(site):
     assert set(first.state) == set(second.state) == sent_back  # trainable weights only, tied table once
 
 
+def test_a_dp_site_never_repeats_its_noise_and_sampling(site):
+    # Regression: every round used to reseed torch with the same seed, so a DP site added the same noise to
+    # (and sampled the same users for) every round: the noise added up instead of averaging out, and the
+    # accounted ε assumed independent noise. Two rounds from identical weights must now differ.
+    data = load_site_data(site)
+    first_cfg, state = round_config(data.catalog, 1)
+    second_cfg, _ = round_config(data.catalog, 2)
+    first = train_round(site, data, first_cfg, state)
+    second = train_round(site, data, second_cfg, state)
+    assert not torch.equal(first.state["item_embeddings.weight"], second.state["item_embeddings.weight"])
+
+
+def test_without_dp_a_round_is_reproducible_and_rounds_differ(site, tmp_path):
+    data = load_site_data(site)
+    replies = []
+    for state_dir, server_round in (("a", 1), ("b", 1), ("c", 2)):
+        plain = SiteConfig(**{**site.__dict__, "dp": False, "state_dir": str(tmp_path / state_dir)})
+        cfg, state = round_config(data.catalog, server_round)
+        replies.append(train_round(plain, data, cfg, state).state["item_embeddings.weight"])
+    assert torch.equal(replies[0], replies[1]) and not torch.equal(replies[0], replies[2])
+
+
 def test_a_resent_round_is_answered_from_cache_without_spending_again(site):
     data = load_site_data(site)
     cfg, state = round_config(data.catalog, 1)
