@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fl_client.ledger import BudgetExceededError, PrivacyLedger
-from fl_client.privacy import AccountantHistory, PrivacyConfig, calibrate_noise
+from fl_client.privacy import AccountantHistory, calibrate_noise
 from fl_client.site import SiteConfig, SiteData
 from fl_client.train import TrainConfig, resolve_device, train
 from shared_model import wire
@@ -31,6 +31,11 @@ ROUND_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "num_rounds": (wire.NUM_ROUNDS, int), "local_epochs": (wire.LOCAL_EPOCHS, int),
     "batch_size": (wire.BATCH_SIZE, int), "lr": (wire.LEARNING_RATE, float), "optimizer": (wire.OPTIMIZER, str),
     "model_config": (wire.MODEL_CONFIG, str), "catalog_fingerprint": (wire.CATALOG_FINGERPRINT, str),
+}
+OPTIONAL_ROUND_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "proximal_mu": (wire.PROXIMAL_MU, float), "weight_decay": (wire.WEIGHT_DECAY, float),
+    "num_negatives": (wire.NUM_NEGATIVES, int), "seed": (wire.SEED, int),
+    "keep_optimizer_state": (wire.KEEP_OPTIMIZER_STATE, bool),
 }
 
 
@@ -48,15 +53,20 @@ class RoundConfig:
     model_config: str  # FedRecConfig JSON
     catalog_fingerprint: str
     proximal_mu: float = 0.0  # sent by Flower's FedProx; absent for every other strategy
+    weight_decay: float = 0.0
+    num_negatives: int = 0
+    seed: int = 0  # seeds sampling and dropout without DP (a DP site draws fresh entropy every round)
+    keep_optimizer_state: bool = False  # the site carries its optimiser state (Adam moments) across rounds
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RoundConfig:
-        """Parse the round's ConfigRecord, naming any missing key."""
+        """Parse the round's ConfigRecord, naming any missing key (the optional keys have defaults)."""
         missing = [key for key, _ in ROUND_FIELDS.values() if key not in record]
         if missing:
             raise ValueError(f"round config from the server lacks {missing}")
         values = {name: cast(record[key]) for name, (key, cast) in ROUND_FIELDS.items()}
-        return cls(**values, proximal_mu=float(record.get(wire.PROXIMAL_MU, 0.0)))
+        optional = {name: cast(record[key]) for name, (key, cast) in OPTIONAL_ROUND_FIELDS.items() if key in record}
+        return cls(**values, **optional)
 
 
 @dataclass
@@ -95,15 +105,18 @@ def plan_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
     """σ that spreads the site's whole budget over all planned rounds, and this round's planned steps."""
     steps_per_epoch = math.ceil(len(data.sequences.trainable_users()) / round_cfg.batch_size)
     round_steps = round_cfg.local_epochs * steps_per_epoch
-    privacy = PrivacyConfig(enabled=True, epsilon=site.epsilon, delta=delta)
-    sigma = calibrate_noise(privacy, 1.0 / steps_per_epoch, round_cfg.num_rounds * round_steps, delta)
+    sigma = calibrate_noise(site.privacy(delta), 1.0 / steps_per_epoch, round_cfg.num_rounds * round_steps, delta)
     return sigma, [(sigma, 1.0 / steps_per_epoch, round_steps)]
 
 
 def reply_path(site: SiteConfig, training_id: str, server_round: int) -> Path:
     """Where a trained round's reply is kept, so a resent round is answered without spending ε again."""
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in training_id)
-    return Path(site.state_dir) / "replies" / f"{safe}_round{server_round}.pt"
+    return Path(site.state_dir) / "replies" / f"{safe_name(training_id)}_round{server_round}.pt"
+
+
+def safe_name(text: str) -> str:
+    """`text` usable as a file name."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
 
 
 def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
@@ -112,7 +125,7 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
     data.catalog.check_matches(round_cfg.catalog_fingerprint)
     training_id = round_cfg.training_id
     delta = site_delta(site, data)
-    ledger = PrivacyLedger(site.ledger_path, delta) if site.dp else None
+    ledger = PrivacyLedger(site.ledger_path, delta, site.accountant) if site.dp else None
     cached = reply_path(site, training_id, round_cfg.server_round)
     model = build_global_model(round_cfg, state)
     if ledger is not None and ledger.has(training_id, round_cfg.server_round):
@@ -125,21 +138,52 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
             ledger.check(planned, site.epsilon)
         except BudgetExceededError as err:
             return declined(model, delta, ledger.spent(), str(err))
-    result = train(model, data.sequences,
-                   TrainConfig(epochs=round_cfg.local_epochs, batch_size=round_cfg.batch_size, lr=round_cfg.lr,
-                               optimizer=round_cfg.optimizer, device=site.device, patience=0, eval_every=0,
-                               proximal_mu=round_cfg.proximal_mu, seed=round_seed(site, round_cfg)),
-                   PrivacyConfig(enabled=site.dp, epsilon=site.epsilon, delta=delta, noise_multiplier=sigma,
-                                 max_grad_norm=site.max_grad_norm, secure_mode=site.secure_mode))
+    optimizer_path = optimizer_state_path(site, training_id) if round_cfg.keep_optimizer_state else None
+    result = train(model, data.sequences, local_train_config(site, round_cfg), site.privacy(delta, sigma),
+                   optimizer_state=load_optimizer_state(optimizer_path))
+    if optimizer_path is not None and result.optimizer_state is not None:
+        save_atomically(result.optimizer_state, optimizer_path)
     epsilon = 0.0
     if ledger is not None and result.privacy is not None:
         epsilon = ledger.record(training_id, round_cfg.server_round, result.privacy.history).epsilon_after
     reply = RoundReply(state=wire.trainable_state(model.cpu()), num_examples=len(data.sequences.trainable_users()),
                        train_loss=result.epoch_losses[-1], dp=site.dp, epsilon=epsilon, delta=delta)
     if ledger is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(reply.__dict__, cached)
+        save_atomically(reply.__dict__, cached)
     return reply
+
+
+def local_train_config(site: SiteConfig, round_cfg: RoundConfig) -> TrainConfig:
+    """The round's local training: the server's recipe, the site's device and memory bounds."""
+    return TrainConfig(epochs=round_cfg.local_epochs, batch_size=round_cfg.batch_size, lr=round_cfg.lr,
+                       weight_decay=round_cfg.weight_decay, optimizer=round_cfg.optimizer,
+                       num_negatives=round_cfg.num_negatives, device=site.device, patience=0, eval_every=0,
+                       seed=round_seed(site, round_cfg), micro_batch_tokens=site.micro_batch_tokens,
+                       micro_batch_users=site.micro_batch_users, proximal_mu=round_cfg.proximal_mu)
+
+
+def optimizer_state_path(site: SiteConfig, training_id: str) -> Path:
+    """Where the site keeps its optimiser state between rounds (deployment starts a fresh process per round).
+
+    It is computed from the site's own (under DP: already noised) gradients and never leaves the site.
+    A round the server resends after a crash starts from the state its lost first attempt left.
+    """
+    return Path(site.state_dir) / "optimizer" / f"{safe_name(training_id)}.pt"
+
+
+def load_optimizer_state(path: Path | None) -> dict[str, Any] | None:
+    """The saved optimiser state, or None on a first round (or when the server does not ask for it)."""
+    if path is None or not path.exists():
+        return None
+    return dict(torch.load(path, weights_only=False))
+
+
+def save_atomically(value: Any, path: Path) -> None:
+    """torch.save through a temporary file, so a crash never leaves a half-written file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(value, tmp)
+    tmp.replace(path)
 
 
 def round_seed(site: SiteConfig, round_cfg: RoundConfig) -> int:
@@ -154,7 +198,7 @@ def round_seed(site: SiteConfig, round_cfg: RoundConfig) -> int:
     """
     if site.dp:
         return secrets.randbits(63)
-    return zlib.crc32(f"{round_cfg.training_id}|{round_cfg.server_round}|{site.data_path}".encode())
+    return zlib.crc32(f"{round_cfg.seed}|{round_cfg.training_id}|{round_cfg.server_round}|{site.data_path}".encode())
 
 
 def declined(model: FedRecModel, delta: float, epsilon: float, reason: str) -> RoundReply:

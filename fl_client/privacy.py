@@ -15,6 +15,8 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
 AccountantHistory = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
+ACCOUNTANTS = ("prv", "rdp", "gdp")
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fl_client.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES, PrivacyConfig
 from shared_model.adapters import load_dataset
 from shared_model.catalog import ItemCatalog
 from shared_model.sequences import UserSequences, to_user_sequences
@@ -35,9 +36,21 @@ class SiteConfig:
     epsilon: float = 8.0  # (float) the site's total ε budget over all rounds, per user
     delta: float | None = None  # (float) the site's δ; None = 1 / the site's number of users
     max_grad_norm: float = 1.0  # (float) per-user clipping bound C
+    noise_multiplier: float | None = None  # (float) fixed σ; None = calibrated so ε lasts all planned rounds
+    accountant: str = "prv"  # (str) Opacus accountant for σ and the ledger: prv, rdp or gdp (fixed for life)
+    grad_sample_mode: str = "hooks"  # (str) Opacus per-user gradients: hooks (tied item table ok) or ghost
     secure_mode: bool = False  # (bool) Opacus secure RNG (production)
     device: str = "auto"  # (str) auto (CUDA when present), cpu or cuda
     min_events: int = 3  # (int) users with fewer events are dropped (counted)
+    micro_batch_tokens: int = 8192  # (int) DP: padded positions per micro-batch (bounds this site's memory)
+    micro_batch_users: int = 128  # (int) DP: users per micro-batch (per-user item-table gradients cost memory)
+
+    def __post_init__(self) -> None:
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"site accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"site grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got "
+                             f"{self.grad_sample_mode!r}")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object]) -> SiteConfig:
@@ -51,9 +64,17 @@ class SiteConfig:
         if unknown:
             raise ValueError(f"unknown node config keys {unknown}; known: {sorted(known)}")
         values = {known[k]: v for k, v in node_config.items() if k in known}
-        if values.get("delta") in ("", 0, 0.0):
-            values["delta"] = None
+        for optional in ("delta", "noise_multiplier"):  # TOML has no null: "" or 0 means "not set"
+            if values.get(optional) in ("", 0, 0.0):
+                values[optional] = None
         return cls(**values)  # type: ignore[arg-type]
+
+    def privacy(self, delta: float, noise_multiplier: float | None = None) -> PrivacyConfig:
+        """The site's DP-SGD settings for one round (σ: the planned one, else the site's fixed one)."""
+        sigma = noise_multiplier if noise_multiplier is not None else self.noise_multiplier
+        return PrivacyConfig(enabled=self.dp, epsilon=self.epsilon, delta=delta, noise_multiplier=sigma,
+                             max_grad_norm=self.max_grad_norm, accountant=self.accountant,
+                             secure_mode=self.secure_mode, grad_sample_mode=self.grad_sample_mode)
 
     @property
     def ledger_path(self) -> Path:

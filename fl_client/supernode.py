@@ -14,6 +14,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from fl_client.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES
 from fl_client.site import SiteConfig, load_site_data
 from shared_model.launch import (
     TomlValue,
@@ -40,6 +41,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--delta", type=float, default=None, help="δ (default 1 / this site's number of users)")
     parser.add_argument("--no-dp", action="store_true", help="train without DP (no privacy claim is made)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="per-user clipping bound C")
+    parser.add_argument("--noise-multiplier", type=float, default=None,
+                        help="fixed σ (default: calibrated so the budget lasts all the rounds the server plans)")
+    parser.add_argument("--accountant", default="prv", choices=ACCOUNTANTS,
+                        help="Opacus accountant for σ and the ledger (keep it for the site's lifetime)")
+    parser.add_argument("--grad-sample-mode", default="hooks", choices=GRAD_SAMPLE_MODES,
+                        help="Opacus per-user gradients: hooks (tied item table ok) or ghost")
+    parser.add_argument("--micro-batch-tokens", type=int, default=8192, help="DP: padded positions per micro-batch")
+    parser.add_argument("--micro-batch-users", type=int, default=128, help="DP: users per micro-batch")
     parser.add_argument("--secure-mode", action="store_true", help="Opacus' cryptographically secure RNG")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--min-events", type=int, default=3, help="users with fewer events are dropped (counted)")
@@ -59,8 +68,10 @@ def site_config(args: argparse.Namespace) -> SiteConfig:
     state_dir = Path(args.state_dir).resolve() if args.state_dir else data.parent / f".fedrec-{data.stem}"
     return SiteConfig(data_path=str(data), catalog_path=str(Path(args.catalog).resolve()), state_dir=str(state_dir),
                       data_format=args.format, dp=not args.no_dp, epsilon=args.epsilon, delta=args.delta,
-                      max_grad_norm=args.max_grad_norm, secure_mode=args.secure_mode, device=args.device,
-                      min_events=args.min_events)
+                      max_grad_norm=args.max_grad_norm, noise_multiplier=args.noise_multiplier,
+                      accountant=args.accountant, grad_sample_mode=args.grad_sample_mode,
+                      secure_mode=args.secure_mode, device=args.device, min_events=args.min_events,
+                      micro_batch_tokens=args.micro_batch_tokens, micro_batch_users=args.micro_batch_users)
 
 
 def node_config(site: SiteConfig) -> dict[str, TomlValue]:

@@ -6,6 +6,7 @@ import copy
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,7 @@ class TrainResult:
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
     privacy: PrivacySpent | None = None
+    optimizer_state: dict[str, Any] | None = None  # the optimiser's state_dict at the end (Adam moments)
 
 
 Progress = Callable[[int, float, dict[str, float] | None], None]
@@ -64,14 +66,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam(W) or SGD over the trainable parameters."""
+def build_optimizer(model: torch.nn.Module, config: TrainConfig,
+                    state: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    """Adam(W) or SGD over the trainable parameters, optionally continuing from a saved state (its moments;
+    learning rate and weight decay always come from `config`)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer
     if config.optimizer == "adam":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    raise ValueError(f"train.optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    elif config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    else:
+        raise ValueError(f"train.optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
+    if state is not None:
+        try:
+            optimizer.load_state_dict(state)
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"the saved optimiser state does not fit this model and optimizer "
+                             f"({config.optimizer}): {err}") from err
+        for group in optimizer.param_groups:
+            group["lr"], group["weight_decay"] = config.lr, config.weight_decay
+    return optimizer
 
 
 def user_loader(users: np.ndarray, batch_size: int, generator: torch.Generator) -> DataLoader:
@@ -114,10 +129,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy: PrivacyConfig,
           valid: UserSequences | None = None, progress: Progress | None = None,
-          progress_bar: bool = False) -> TrainResult:
+          progress_bar: bool = False, optimizer_state: dict[str, Any] | None = None) -> TrainResult:
     """Train in place; with `privacy.enabled`, DP-SGD per user whose ε covers every step taken here.
 
-    With `valid` and `patience`, the best-validating weights are restored at the end.
+    With `valid` and `patience`, the best-validating weights are restored at the end. `optimizer_state`
+    continues an earlier training's optimiser (a federated site's Adam moments); the final one is returned.
     """
     torch.manual_seed(config.seed)
     if config.num_threads:
@@ -129,7 +145,7 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
         raise ValueError("no user has enough events to train on (need 4+ per user for leave-one-out)")
     generator = torch.Generator().manual_seed(config.seed)
     loader = user_loader(users, config.batch_size, generator)
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model, config, optimizer_state)
     step_model: torch.nn.Module = model
     engine = None
     if privacy.enabled:
@@ -169,6 +185,7 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
         model.load_state_dict(best_state)
     if engine is not None:
         result.privacy = spent(engine, privacy, delta, sigma)
+    result.optimizer_state = optimizer.state_dict()  # Opacus' DPOptimizer hands over the wrapped one's
     return result
 
 

@@ -24,6 +24,10 @@ OPTIMIZER = "optimizer"
 MODEL_CONFIG = "model-config"  # FedRecConfig as JSON: the site rebuilds the same architecture
 CATALOG_FINGERPRINT = "catalog-fingerprint"  # a site refuses weights made for another catalog
 PROXIMAL_MU = "proximal-mu"  # FedProx' term, set by Flower's FedProx
+WEIGHT_DECAY = "weight-decay"
+NUM_NEGATIVES = "num-negatives"
+SEED = "seed"  # seeds local sampling and dropout without DP (never a DP site's noise)
+KEEP_OPTIMIZER_STATE = "keep-optimizer-state"  # sites carry their optimiser state across rounds
 
 # MetricRecord keys (site -> server).
 NUM_EXAMPLES = "num-examples"  # users trained on / evaluated (FedAvg's weighting key)

@@ -21,6 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from fl_client.site import SiteConfig
+from fl_client.train import TrainConfig
 from fl_server.config import ServerConfig, StrategyConfig
 from shared_model.metrics import evaluate_popularity
 from simulations.config import RunConfig, register_schemas
@@ -30,6 +31,14 @@ from simulations.partition import PartitionConfig, partition_users
 from simulations.prepare import PreparedData, prepare_data
 
 log = logging.getLogger(__name__)
+
+# train.* settings that only fedrec-centralized uses: refused here when changed, never silently ignored.
+CENTRALIZED_ONLY = {
+    "epochs": "set federation.num_rounds and federation.local_epochs instead",
+    "patience": "every round is evaluated and the best round is chosen on validation NDCG@10",
+    "eval_every": "the sites evaluate every round",
+    "proximal_mu": "use strategy.name=fedprox strategy.proximal_mu=...",
+}
 
 
 @dataclass
@@ -43,6 +52,7 @@ class FederationConfig:
     cpus_per_client: float = 1.0  # (float) CPUs per simulated site (how many train at once)
     round_timeout: float = 600.0  # (float) seconds to wait for the sites in each phase
     central_eval: bool = True  # (bool) the server also evaluates on every user's test event (simulation only)
+    keep_optimizer_state: bool = False  # (bool) sites carry their optimiser state (Adam moments) across rounds
 
 
 @dataclass
@@ -66,6 +76,7 @@ def register_simulate_schemas() -> None:
 
 def run_simulate(cfg: SimulateConfig) -> dict[str, Any]:
     """Partition, then run the federation (or, in local mode, every site alone); return the run's summary."""
+    refuse_centralized_only(cfg.train)
     out = Path(cfg.output_dir).resolve()
     if cfg.train.num_threads:  # the server (central evaluation) and local mode run in this process
         torch.set_num_threads(cfg.train.num_threads)
@@ -82,6 +93,16 @@ def run_simulate(cfg: SimulateConfig) -> dict[str, Any]:
             raise ValueError(f"federation.mode must be federated or local, got {cfg.federation.mode!r}")
 
 
+def refuse_centralized_only(train: TrainConfig) -> None:
+    """A clear error for train.* settings fedrec-simulate has no use for, when they differ from the defaults."""
+    defaults = OmegaConf.load(Path(__file__).parent / "conf" / "train" / "default.yaml")
+    assert isinstance(defaults, DictConfig)
+    changed = [f"train.{name}={getattr(train, name)} ({why})" for name, why in CENTRALIZED_ONLY.items()
+               if getattr(train, name) != defaults[name]]
+    if changed:
+        raise ValueError("fedrec-simulate does not use " + "; ".join(changed))
+
+
 def write_popularity(data: PreparedData, max_len: int, path: Path) -> dict[str, float]:
     """The pooled popularity baseline on every user's test event (a reference row; no site shares counts)."""
     metrics = evaluate_popularity(data.sequences, data.sequences, "test", data.catalog.num_rows, max_len)
@@ -94,8 +115,11 @@ def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.nd
     """Write the sites, run the ServerApp and ClientApps, and return the server's summary."""
     template = SiteConfig(data_path="", catalog_path="", state_dir="", dp=cfg.privacy.enabled,
                           epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
-                          max_grad_norm=cfg.privacy.max_grad_norm, secure_mode=cfg.privacy.secure_mode,
-                          device=cfg.train.device, min_events=cfg.data.min_events)
+                          max_grad_norm=cfg.privacy.max_grad_norm, noise_multiplier=cfg.privacy.noise_multiplier,
+                          accountant=cfg.privacy.accountant, grad_sample_mode=cfg.privacy.grad_sample_mode,
+                          secure_mode=cfg.privacy.secure_mode, device=cfg.train.device,
+                          min_events=cfg.data.min_events, micro_batch_tokens=cfg.train.micro_batch_tokens,
+                          micro_batch_users=cfg.train.micro_batch_users)
     sites = write_sites(data, parts, out / "sites", template)
     central = ""
     if cfg.federation.central_eval:
@@ -105,6 +129,8 @@ def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.nd
         out_dir=str(out / "server"), catalog_path=str(out / "sites" / "catalog.json"),
         num_rounds=cfg.federation.num_rounds, local_epochs=cfg.federation.local_epochs,
         batch_size=cfg.train.batch_size, lr=cfg.train.lr, optimizer=cfg.train.optimizer,
+        weight_decay=cfg.train.weight_decay, num_negatives=cfg.train.num_negatives, seed=cfg.train.seed,
+        keep_optimizer_state=cfg.federation.keep_optimizer_state,
         round_timeout=cfg.federation.round_timeout, central_eval_path=central,
         has_timestamps=data.events.has_timestamps, model=cfg.model, strategy=cfg.strategy)
     run_federation(sites, server, cfg.federation.num_cpus, cfg.federation.cpus_per_client)

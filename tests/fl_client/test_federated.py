@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from fl_client.federated import RoundConfig, build_global_model, evaluate_round, train_round
+from fl_client.federated import (
+    RoundConfig,
+    build_global_model,
+    evaluate_round,
+    local_train_config,
+    optimizer_state_path,
+    plan_round,
+    train_round,
+)
 from fl_client.ledger import PrivacyLedger
 from fl_client.site import SiteConfig, load_site_data
 from shared_model import wire
@@ -144,3 +152,34 @@ def test_round_config_reads_fedprox_mu_when_the_server_sends_it(site):
     del record[wire.LOCAL_EPOCHS]
     with pytest.raises(ValueError, match="local-epochs"):
         RoundConfig.from_record(record)
+
+
+def test_the_servers_recipe_and_the_sites_privacy_settings_reach_local_training(site):
+    data = load_site_data(site)
+    record, _ = round_record(data.catalog)
+    record.update({wire.WEIGHT_DECAY: 0.01, wire.NUM_NEGATIVES: 5, wire.SEED: 9})
+    cfg = RoundConfig.from_record(record)
+    own = SiteConfig(**{**site.__dict__, "accountant": "rdp", "micro_batch_users": 16, "noise_multiplier": 2.5})
+    local = local_train_config(own, cfg)
+    assert (local.weight_decay, local.num_negatives, local.micro_batch_users) == (0.01, 5, 16)
+    privacy = own.privacy(delta=1e-3)
+    assert (privacy.accountant, privacy.noise_multiplier, privacy.delta) == ("rdp", 2.5, 1e-3)
+    sigma, planned = plan_round(own, data, cfg, 1e-3)
+    assert sigma == 2.5 and planned[0][0] == 2.5  # a fixed σ is used as is (the ledger still checks the budget)
+
+
+def test_sites_keep_their_optimiser_state_across_rounds_when_asked(site, tmp_path):
+    data = load_site_data(site)
+    plain = SiteConfig(**{**site.__dict__, "dp": False})
+    steps = []
+    for server_round in (1, 2):
+        record, state = round_record(data.catalog, server_round)
+        record[wire.KEEP_OPTIMIZER_STATE] = True
+        train_round(plain, data, RoundConfig.from_record(record), state)
+        saved = torch.load(optimizer_state_path(plain, "train-7"), weights_only=False)
+        steps.append(int(saved["state"][0]["step"]))
+    per_round = -(-len(data.sequences.trainable_users()) // 32)  # batch 32, one local epoch
+    assert steps == [per_round, 2 * per_round]  # Adam's moments and step count continue, not restart
+    cfg, state = round_config(data.catalog, 1)  # the server did not ask: nothing is kept
+    train_round(SiteConfig(**{**plain.__dict__, "state_dir": str(tmp_path / "other")}), data, cfg, state)
+    assert not (tmp_path / "other" / "optimizer").exists()

@@ -37,5 +37,7 @@ def test_flwr_defaults_equal_the_hydra_defaults():
     assert server.strategy == hydra.strategy
     assert (server.num_rounds, server.local_epochs, server.round_timeout) == (
         hydra.federation.num_rounds, hydra.federation.local_epochs, hydra.federation.round_timeout)
-    assert (server.batch_size, server.lr, server.optimizer) == (hydra.train.batch_size, hydra.train.lr,
-                                                               hydra.train.optimizer)
+    assert (server.batch_size, server.lr, server.optimizer, server.weight_decay, server.num_negatives,
+            server.seed) == (hydra.train.batch_size, hydra.train.lr, hydra.train.optimizer,
+                             hydra.train.weight_decay, hydra.train.num_negatives, hydra.train.seed)
+    assert server.keep_optimizer_state == hydra.federation.keep_optimizer_state

@@ -38,6 +38,14 @@ def test_a_misspelt_key_is_refused():
         typed(["federation.num_round=5"])
 
 
+def test_training_settings_only_the_centralized_trainer_uses_are_refused_not_ignored():
+    from simulations.simulate import refuse_centralized_only
+
+    refuse_centralized_only(typed([]).train)  # the defaults pass
+    with pytest.raises(ValueError, match=r"train\.epochs=3 .*federation\.num_rounds.*train\.patience=0"):
+        refuse_centralized_only(typed(["train.epochs=3", "train.patience=0"]).train)
+
+
 def centralized(overrides: list[str]):
     from simulations.config import CentralizedConfig, register_schemas
 
