@@ -107,7 +107,7 @@ def load_site_data(site: SiteConfig, num_time_buckets: int = 32) -> SiteData:
         return SiteData(catalog, _read_cache(cache))
     events = load_dataset(site.data_format, site.data_path)
     seqs = to_user_sequences(events, catalog, num_time_buckets=num_time_buckets, min_events=site.min_events)
-    log.info("site %s: %s; filtered %s", site.data_path, events.report.summary(), seqs.dropped or "nothing")
+    log.info("site %s; filtered while building sequences: %s", events.report.summary(), seqs.dropped or "nothing")
     cache.parent.mkdir(parents=True, exist_ok=True)
     _write_cache(cache, seqs)
     return SiteData(catalog, seqs)
