@@ -20,6 +20,9 @@ class StrategyConfig:
     proximal_mu: float = 0.01  # (float) FedProx: pull of local weights towards the global ones
     server_lr: float = 0.1  # (float) FedAdam/FedYogi eta, FedAvgM server learning rate
     server_momentum: float = 0.9  # (float) FedAvgM momentum
+    server_beta_1: float = 0.9  # (float) FedAdam/FedYogi first-moment decay
+    server_beta_2: float = 0.99  # (float) FedAdam/FedYogi second-moment decay
+    server_tau: float = 1e-3  # (float) FedAdam/FedYogi adaptivity floor (added to the root of the second moment)
     trim_beta: float = 0.2  # (float) FedTrimmedAvg: share cut from each end
     num_malicious: int = 0  # (int) Krum: sites assumed malicious
 

@@ -165,6 +165,8 @@ def build_strategy(config: StrategyConfig) -> Any:
         "min_train_nodes": config.min_nodes, "min_evaluate_nodes": config.min_nodes,
         "min_available_nodes": config.min_nodes, "weighted_by_key": wire.NUM_EXAMPLES,
         "arrayrecord_key": wire.ARRAYS, "configrecord_key": wire.CONFIG, "train_metrics_aggr_fn": training_metrics}
+    adaptive = {"eta": config.server_lr, "beta_1": config.server_beta_1, "beta_2": config.server_beta_2,
+                "tau": config.server_tau}
     base: type[Strategy]
     extra: dict[str, Any]
     match config.name:
@@ -173,9 +175,9 @@ def build_strategy(config: StrategyConfig) -> Any:
         case "fedprox":
             base, extra = FedProx, {"proximal_mu": config.proximal_mu}
         case "fedadam":
-            base, extra = FedAdam, {"eta": config.server_lr}
+            base, extra = FedAdam, adaptive
         case "fedyogi":
-            base, extra = FedYogi, {"eta": config.server_lr}
+            base, extra = FedYogi, adaptive
         case "fedavgm":
             base, extra = FedAvgM, {"server_learning_rate": config.server_lr, "server_momentum": config.server_momentum}
         case "fedtrimmedavg":

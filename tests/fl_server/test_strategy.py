@@ -17,6 +17,16 @@ def test_every_strategy_is_built_from_flowers_own_class(name, base):
     assert strategy.min_available_nodes == 3 and strategy.round_offset == 0
 
 
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_adaptive_server_optimisers_take_every_knob(name):
+    config = server_config_from_run_config({"out-dir": "/abs/out", "catalog-path": "/abs/catalog.json",
+                                            "strategy.name": name, "strategy.server-lr": 0.02,
+                                            "strategy.server-beta-1": 0.5, "strategy.server-beta-2": 0.9,
+                                            "strategy.server-tau": 1e-6})
+    strategy = build_strategy(config.strategy)
+    assert (strategy.eta, strategy.beta_1, strategy.beta_2, strategy.tau) == (0.02, 0.5, 0.9, 1e-6)
+
+
 def test_unknown_strategy_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="fedavg, fedprox"):
         build_strategy(StrategyConfig(name="fedsgd"))
