@@ -21,6 +21,7 @@ from fl_client.privacy import AccountantHistory, calibrate_noise
 from fl_client.site import SiteConfig, SiteData
 from fl_client.train import TrainConfig, resolve_device, train
 from shared_model import wire
+from shared_model.atomic import write_atomically
 from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.metrics import evaluate_model
 from shared_model.modeling_fedrec import FedRecModel
@@ -180,10 +181,7 @@ def load_optimizer_state(path: Path | None) -> dict[str, Any] | None:
 
 def save_atomically(value: Any, path: Path) -> None:
     """torch.save through a temporary file, so a crash never leaves a half-written file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(value, tmp)
-    tmp.replace(path)
+    write_atomically(path, lambda out: torch.save(value, out))
 
 
 def round_seed(site: SiteConfig, round_cfg: RoundConfig) -> int:

@@ -7,8 +7,6 @@ same (run, round) twice, and answers "would this round exceed the site's budget?
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 from opacus.accountants import create_accountant
 
 from fl_client.privacy import AccountantHistory
+from shared_model.atomic import write_text_atomically
 
 LEDGER_VERSION = 1
 
@@ -103,10 +102,4 @@ class PrivacyLedger:
     def _write(self) -> None:
         payload = {"version": LEDGER_VERSION, "unit": "one user", "delta": self.delta,
                    "accountant": self.accountant, "entries": [asdict(e) for e in self.entries]}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-", suffix=".json")
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(payload, out, indent=1)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.path)  # a crash leaves either the old or the new ledger, never half of one
+        write_text_atomically(self.path, json.dumps(payload, indent=1))  # a crash leaves the old or the new ledger

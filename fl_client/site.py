@@ -17,6 +17,7 @@ import numpy as np
 
 from fl_client.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES, PrivacyConfig
 from shared_model.adapters import load_dataset
+from shared_model.atomic import write_atomically
 from shared_model.catalog import ItemCatalog
 from shared_model.sequences import UserSequences, to_user_sequences
 
@@ -116,10 +117,9 @@ def load_site_data(site: SiteConfig, num_time_buckets: int = 32) -> SiteData:
 def _write_cache(path: Path, seqs: UserSequences) -> None:
     meta = json.dumps({"user_ids": seqs.user_ids, "regions": seqs.regions, "merchants": seqs.merchants,
                        "dropped": seqs.dropped})
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, offsets=seqs.offsets, items=seqs.items, event_types=seqs.event_types,
-             time_buckets=seqs.time_buckets, meta=np.array(meta))
-    tmp.replace(path)
+    write_atomically(path, lambda out: np.savez(out, offsets=seqs.offsets, items=seqs.items,
+                                                event_types=seqs.event_types, time_buckets=seqs.time_buckets,
+                                                meta=np.array(meta)))
 
 
 def _read_cache(path: Path) -> UserSequences:

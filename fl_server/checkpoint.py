@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from shared_model.atomic import write_text_atomically
+
 WEIGHTS = "weights.safetensors"
 
 
@@ -30,9 +32,7 @@ class Checkpoint:
 
 def _write_json(path: Path, payload: Any) -> None:
     """Write JSON via a temporary file and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(payload, indent=1))
 
 
 class RunStore:
@@ -112,6 +112,4 @@ class RunStore:
     def _rewrite_metrics_log(self, up_to: int) -> None:
         """metrics.jsonl: exactly one line per completed round, even after a crash and resume."""
         lines = "".join(json.dumps(row) + "\n" for row in self.history(up_to))
-        tmp = self.root / ".metrics.jsonl.tmp"
-        tmp.write_text(lines, encoding="utf-8")
-        os.replace(tmp, self.root / "metrics.jsonl")
+        write_text_atomically(self.root / "metrics.jsonl", lines)
