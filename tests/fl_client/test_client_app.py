@@ -9,7 +9,7 @@ from fl_client.federated import RoundConfig, build_global_model
 from fl_client.site import SiteConfig
 from shared_model import wire
 from shared_model.catalog import ItemCatalog
-from tests.fl_client.test_federated import round_record
+from tests.fl_client.server_round import round_record
 
 
 @pytest.fixture(autouse=True)

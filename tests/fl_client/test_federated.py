@@ -16,20 +16,7 @@ from fl_client.ledger import PrivacyLedger
 from fl_client.site import SiteConfig, load_site_data
 from shared_model import wire
 from shared_model.catalog import CatalogMismatchError, ItemCatalog
-from shared_model.configuration_fedrec import FedRecConfig
-from shared_model.modeling_fedrec import FedRecModel
-
-
-def round_record(catalog: ItemCatalog, server_round: int = 1, num_rounds: int = 2) -> tuple[dict, dict]:
-    """What the server sends for a round (its ConfigRecord content) and fresh global weights."""
-    config = FedRecConfig(num_items=len(catalog.item_ids), hidden_size=16, max_len=10,
-                          catalog_fingerprint=catalog.fingerprint)
-    torch.manual_seed(0)
-    state = FedRecModel(config).state_dict()
-    record = {wire.SERVER_ROUND: server_round, wire.TRAINING_ID: "train-7", wire.NUM_ROUNDS: num_rounds,
-              wire.LOCAL_EPOCHS: 1, wire.BATCH_SIZE: 32, wire.LEARNING_RATE: 0.003, wire.OPTIMIZER: "adam",
-              wire.MODEL_CONFIG: config.to_json_string(), wire.CATALOG_FINGERPRINT: catalog.fingerprint}
-    return record, state
+from tests.fl_client.server_round import round_record
 
 
 def round_config(catalog: ItemCatalog, server_round: int = 1, num_rounds: int = 2) -> tuple[RoundConfig, dict]:
