@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from simulations.local_only import METRIC_KEYS, weighted_mean
+from simulations.local_only import METRIC_KEYS, site_seed, weighted_mean
 from simulations.simulate import SimulateConfig, register_simulate_schemas, run_simulate
 
 TINY = ["data.synthetic.num_users=160", "data.synthetic.num_items=40", "model.hidden_size=16", "model.max_len=12",
@@ -26,6 +26,12 @@ def local_config(tmp_path: Path, overrides: list[str]) -> SimulateConfig:
 def test_weighted_mean_counts_each_user_once():
     rows = [dict.fromkeys(METRIC_KEYS, 1.0), dict.fromkeys(METRIC_KEYS, 0.0)]
     assert weighted_mean(rows, [3, 1])["hr@10"] == 0.75
+
+
+def test_every_site_trains_with_its_own_reproducible_seed():
+    seeds = [site_seed(0, i) for i in range(10)]
+    assert len(set(seeds)) == 10 and seeds == [site_seed(0, i) for i in range(10)]
+    assert site_seed(1, 0) != site_seed(0, 0)
 
 
 def test_local_only_without_dp_trains_every_site_for_all_rounds_and_averages_by_users(tmp_path):
