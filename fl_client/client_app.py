@@ -15,12 +15,14 @@ from flwr.clientapp import ClientApp
 
 from fl_client.federated import RoundConfig, evaluate_round, train_round
 from fl_client.site import SiteConfig, SiteData, load_site_data
+from fl_client.train import TrainingDivergedError
 from shared_model import wire
 from shared_model.catalog import CatalogMismatchError
 
 log = logging.getLogger(__name__)
 SiteResolver = Callable[[Context], SiteConfig]
 CATALOG_MISMATCH = 4001  # Error code of a refusal: the weights belong to another catalog
+TRAINING_DIVERGED = 4002  # Error code of a round whose local training produced NaN/inf weights (nothing is sent)
 
 
 def site_from_node_config(context: Context) -> SiteConfig:
@@ -52,6 +54,9 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             reply = train_round(site, data, round_cfg, state)
         except CatalogMismatchError as err:
             return Message(Error(code=CATALOG_MISMATCH, reason=str(err)), reply_to=msg)
+        except TrainingDivergedError as err:
+            log.error("site %s, round %d: %s", site.data_path, round_cfg.server_round, err)
+            return Message(Error(code=TRAINING_DIVERGED, reason=str(err)), reply_to=msg)
         if reply.declined:
             log.warning("site %s declined round %d: %s", site.data_path, round_cfg.server_round, reply.declined)
         content = RecordDict({wire.ARRAYS: ArrayRecord(reply.state), wire.METRICS: metric_record(reply.metrics()),

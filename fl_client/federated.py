@@ -19,7 +19,7 @@ import torch
 from fl_client.ledger import BudgetExceededError, PrivacyLedger
 from fl_client.privacy import AccountantHistory, calibrate_noise
 from fl_client.site import SiteConfig, SiteData
-from fl_client.train import TrainConfig, resolve_device, train
+from fl_client.train import TrainConfig, TrainingDivergedError, resolve_device, train
 from shared_model import wire
 from shared_model.atomic import write_atomically
 from shared_model.configuration_fedrec import FedRecConfig
@@ -140,8 +140,16 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
         except BudgetExceededError as err:
             return declined(model, delta, ledger.spent(), str(err))
     optimizer_path = optimizer_state_path(site, training_id) if round_cfg.keep_optimizer_state else None
-    result = train(model, data.sequences, local_train_config(site, round_cfg), site.privacy(delta, sigma),
-                   optimizer_state=load_optimizer_state(optimizer_path))
+    try:
+        result = train(model, data.sequences, local_train_config(site, round_cfg), site.privacy(delta, sigma),
+                       optimizer_state=load_optimizer_state(optimizer_path))
+    except TrainingDivergedError as err:
+        # The failure itself is released, so the round is charged in full (at most the planned steps ran).
+        if ledger is not None:
+            spent_now = ledger.record(training_id, round_cfg.server_round, planned).epsilon_after
+            raise TrainingDivergedError(f"{err} (this round's planned DP steps were charged to the site's "
+                                        f"ledger: ε = {spent_now:.3f})") from err
+        raise
     if optimizer_path is not None and result.optimizer_state is not None:
         save_atomically(result.optimizer_state, optimizer_path)
     epsilon = 0.0

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from fl_client.privacy import PrivacyConfig, PrivacySpent, calibrate_noise, make_private, resolve_delta, spent
 from shared_model import wire
-from shared_model.metrics import evaluate_model
+from shared_model.metrics import evaluate_model, without_moments
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
 from shared_model.sequences import UserSequences, make_batch
 
@@ -57,6 +57,24 @@ class TrainResult:
 
 
 Progress = Callable[[int, float, dict[str, float] | None], None]
+
+
+class TrainingDivergedError(ValueError):
+    """Training produced non-finite weights (NaN or inf): nothing trained this way should be sent or saved."""
+
+
+def check_finite(model: torch.nn.Module, epoch: int, config: TrainConfig) -> None:
+    """Raise TrainingDivergedError when any trainable weight is NaN or inf.
+
+    It looks at the weights only, never at a loss on the data, so under DP it is post-processing of the
+    noised iterates and costs no privacy.
+    """
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise TrainingDivergedError(
+            f"training diverged in epoch {epoch}: non-finite weights in {shown} "
+            f"(train.optimizer={config.optimizer}, train.lr={config.lr}); lower train.lr")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -163,12 +181,13 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
     for epoch in range(1, config.epochs + 1):
         batches = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress_bar, unit="batch")
         loss, seen = run_epoch(step_model, model, seqs, batches, optimizer, privacy, config, device, anchor)
+        check_finite(model, epoch, config)
         result.epoch_losses.append(loss)
         samples += seen
         metrics = None
         if valid is not None and config.eval_every and epoch % config.eval_every == 0:
             metrics = evaluate_model(model, valid, "valid", device=device)
-            result.valid_history.append({"epoch": float(epoch), **metrics})
+            result.valid_history.append({"epoch": float(epoch), **without_moments(metrics)})
             if metrics["ndcg@10"] > best_score:
                 best_score, best_state, stale, result.best_epoch = metrics["ndcg@10"], copy.deepcopy(
                     model.state_dict()), 0, epoch

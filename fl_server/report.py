@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt
 
+from shared_model.metrics import with_error
+
 
 def privacy_sentence(rows: list[dict[str, Any]]) -> str:
     """The exact privacy claim for the whole run, or why there is none."""
@@ -68,10 +70,29 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, A
         lines.append(f"| {r['round']} | {trained} | {r.get('declined', 0)} | {r.get('train_failures', 0)} | "
                      f"{_fmt(r.get('train', {}).get('train-loss'))} | {_fmt(fed.get('hr@10'))} | "
                      f"{_fmt(fed.get('ndcg@10'))} | {_fmt(central.get('hr@10'))} | {_fmt(priv.get('epsilon_max'))} |")
-    lines += ["", "![accuracy](accuracy.png)", "", "![privacy](privacy.png)", ""]
+    lines += ["", *final_metrics(rows, summary.get("best_round", 0)),
+              "", "![accuracy](accuracy.png)", "", "![privacy](privacy.png)", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def final_metrics(rows: list[dict[str, Any]], best_round: int) -> list[str]:
+    """The last and the best round's test metrics, each ± one standard error over the users scored."""
+    lines = []
+    for label, wanted in (("last round", rows[-1]["round"] if rows else None), ("best round", best_round)):
+        row = next((r for r in rows if r["round"] == wanted), None)
+        for section, who in (("federated_eval", "sites"), ("central_eval", "server")):
+            metrics = (row or {}).get(section) or {}
+            if "hr@10" in metrics:
+                lines.append(f"- {label} ({wanted}), {who}: " + ", ".join(
+                    f"{name} {with_error(metrics, key)}" for name, key in (
+                        ("HR@10", "hr@10"), ("NDCG@10", "ndcg@10"), ("MRR", "mrr")) if key in metrics) +
+                    (f" over {int(metrics['users'])} users" if "users" in metrics else ""))
+    if lines:
+        lines.append("\n± is one standard error over the users scored: it says how much the figure would move "
+                     "with other users, not how much another run (with other DP noise) would move it.")
+    return lines
 
 
 def _fmt(value: float | None) -> str:

@@ -21,7 +21,7 @@ from shared_model import wire
 from shared_model.adapters import load_dataset
 from shared_model.catalog import ItemCatalog
 from shared_model.factory import create_model
-from shared_model.metrics import evaluate_model
+from shared_model.metrics import evaluate_model, with_standard_errors
 from shared_model.modeling_fedrec import FedRecModel
 from shared_model.sequences import to_user_sequences
 from shared_model.serialization import save_model_dir
@@ -37,7 +37,7 @@ def central_evaluator(cfg: ServerConfig, catalog: ItemCatalog) -> CentralEvaluat
     sequences = to_user_sequences(load_dataset(cfg.central_eval_format, cfg.central_eval_path), catalog)
 
     def evaluate(model: FedRecModel) -> dict[str, float]:
-        test = {k: v for k, v in evaluate_model(model, sequences, "test").items() if k != "users"}
+        test = with_standard_errors(evaluate_model(model, sequences, "test"))
         return {**test, wire.VALID_NDCG10: evaluate_model(model, sequences, "valid")["ndcg@10"]}
 
     return evaluate

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fl_server.config import StrategyConfig
 from shared_model import wire
+from shared_model.metrics import with_standard_errors
 
 log = logging.getLogger(__name__)
 PRIVACY_KEYS = (wire.EPSILON, wire.DELTA, wire.DP_ENABLED, wire.DECLINED)
@@ -145,7 +146,12 @@ class RoundHooks:
         if not answered:
             return None
         metrics = super().aggregate_evaluate(server_round + self.round_offset, answered)  # type: ignore[misc]
-        self.last_round["federated_eval"] = dict(metrics) if metrics is not None else {}
+        if metrics is None:
+            self.last_round["federated_eval"] = {}
+            return None
+        # Sites partition the users, so the user-weighted means and second moments are the pooled users' own.
+        users = sum(float(reply_metrics(m).get(wire.NUM_EXAMPLES, 0.0)) for m in answered)
+        self.last_round["federated_eval"] = with_standard_errors(dict(metrics), users)
         return metrics
 
     def optimiser_state(self) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,6 +13,8 @@ from shared_model.modeling_fedrec import FedRecModel
 from shared_model.sequences import Split, UserSequences, make_batch
 
 DEFAULT_KS: tuple[int, ...] = (5, 10, 20)
+SECOND_MOMENT = ":m2"  # key suffix: mean of the squared per-user metric; pools over sites like the mean does
+STANDARD_ERROR = ":se"  # key suffix: standard error of the mean over users (the spread of users, not of runs)
 
 
 @dataclass
@@ -27,25 +30,61 @@ class RankingMetrics:
         ranks = ranks.double()
         for k in self.ks:
             hit = (ranks < k).double()
-            self._add(f"hr@{k}", hit.sum().item())
-            self._add(f"ndcg@{k}", (hit / torch.log2(ranks + 2.0)).sum().item())
-        self._add("mrr", (1.0 / (ranks + 1.0)).sum().item())
+            self._add(f"hr@{k}", hit)
+            self._add(f"ndcg@{k}", hit / torch.log2(ranks + 2.0))
+        self._add("mrr", 1.0 / (ranks + 1.0))
         self.count += int(ranks.numel())
 
-    def _add(self, name: str, value: float) -> None:
-        self.sums[name] = self.sums.get(name, 0.0) + value
+    def _add(self, name: str, per_user: torch.Tensor) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + per_user.sum().item()
+        moment = name + SECOND_MOMENT
+        self.sums[moment] = self.sums.get(moment, 0.0) + per_user.square().sum().item()
 
     def result(self) -> dict[str, float]:
-        """Mean of each metric over the users seen (empty dict when none)."""
+        """Mean of each metric over the users seen, and of its square (`<name>:m2`, for standard errors of
+        pooled results); empty dict when none."""
         if not self.count:
             return {}
         return {name: total / self.count for name, total in self.sums.items()}
+
+
+def with_standard_errors(metrics: Mapping[str, float], users: float | None = None) -> dict[str, float]:
+    """The means of `metrics`, each second moment (`<name>:m2`) replaced by the standard error of that mean
+    over `users` users (`<name>:se`), plus `users` (default: the count `evaluate_*` put in `metrics`).
+
+    Means and second moments pooled over sites by user-weighted averaging give the pooled users' standard
+    error, so sites send both and the server calls this once on the aggregate.
+    """
+    users = float(metrics.get("users", 0.0)) if users is None else users
+    out = {k: float(v) for k, v in metrics.items() if not k.endswith(SECOND_MOMENT)}
+    for key, value in metrics.items():
+        if key.endswith(SECOND_MOMENT) and users > 1:
+            name = key[: -len(SECOND_MOMENT)]
+            variance = max(float(value) - float(metrics[name]) ** 2, 0.0) * users / (users - 1)
+            out[name + STANDARD_ERROR] = math.sqrt(variance / users)
+    out["users"] = float(users)
+    return out
+
+
+def with_error(metrics: Mapping[str, float], key: str) -> str:
+    """`0.0590 ± 0.0025` when the standard error of `key` is known, else the mean alone."""
+    se = metrics.get(key + STANDARD_ERROR)
+    return f"{metrics[key]:.4f}" + ("" if se is None else f" ± {se:.4f}")
+
+
+def without_moments(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Just the means (and counts): for logs and tables."""
+    return {k: v for k, v in metrics.items() if not k.endswith(SECOND_MOMENT)}
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """0-based rank of each target: items scoring strictly higher, plus half the ties (fair to constant
     scorers).  # scores (B, V), targets (B,) -> (B,)"""
     target_scores = scores.gather(1, targets.unsqueeze(1))  # (B, 1)
+    if torch.isnan(scores).any():  # NaN compares false with everything: it would rank first and score HR 1
+        bad = int(torch.isnan(scores).any(1).sum())
+        raise ValueError(f"the scorer returned NaN scores for {bad} of {scores.shape[0]} users "
+                         "(a diverged model with NaN weights?); refusing to rank them")
     higher = (scores > target_scores).sum(1)
     ties = (scores == target_scores).sum(1) - 1
     return higher + torch.div(ties, 2, rounding_mode="floor")

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fl_client.privacy import PrivacyConfig
 from fl_client.train import TrainConfig, TrainResult, resolve_device, train
-from shared_model.metrics import evaluate_model, evaluate_popularity
+from shared_model.metrics import evaluate_model, evaluate_popularity, with_standard_errors
 from shared_model.serialization import save_model_dir
 from simulations.config import CentralizedConfig, register_schemas
 from simulations.prepare import build_model, prepare_data
@@ -50,17 +50,20 @@ def run_centralized(cfg: CentralizedConfig) -> dict[str, Any]:
     metrics = {
         "data": {"name": cfg.data.name, "users": len(data.sequences), "items": len(data.catalog.item_ids),
                  "events": len(data.sequences.items), "load_report": data.events.report.summary()},
-        "valid": evaluate_model(model, data.sequences, "valid", cfg.eval.batch_size, cfg.eval.mask_history, device),
-        "test": evaluate_model(model, data.sequences, "test", cfg.eval.batch_size, cfg.eval.mask_history, device),
-        "popularity_test": evaluate_popularity(data.sequences, data.sequences, "test", data.catalog.num_rows,
-                                               cfg.model.max_len, cfg.eval.mask_history),
+        "valid": with_standard_errors(evaluate_model(model, data.sequences, "valid", cfg.eval.batch_size,
+                                                     cfg.eval.mask_history, device)),
+        "test": with_standard_errors(evaluate_model(model, data.sequences, "test", cfg.eval.batch_size,
+                                                    cfg.eval.mask_history, device)),
+        "popularity_test": with_standard_errors(evaluate_popularity(
+            data.sequences, data.sequences, "test", data.catalog.num_rows, cfg.model.max_len, cfg.eval.mask_history)),
         # The other protocol too, so numbers compare with tables that mask (or do not mask) the history.
         "test_other_protocol": {
             "mask_history": not cfg.eval.mask_history,
-            "model": evaluate_model(model, data.sequences, "test", cfg.eval.batch_size, not cfg.eval.mask_history,
-                                    device),
-            "popularity": evaluate_popularity(data.sequences, data.sequences, "test", data.catalog.num_rows,
-                                              cfg.model.max_len, not cfg.eval.mask_history)},
+            "model": with_standard_errors(evaluate_model(model, data.sequences, "test", cfg.eval.batch_size,
+                                                         not cfg.eval.mask_history, device)),
+            "popularity": with_standard_errors(evaluate_popularity(
+                data.sequences, data.sequences, "test", data.catalog.num_rows, cfg.model.max_len,
+                not cfg.eval.mask_history))},
         "training": training_summary(result, str(device)),
         "privacy": privacy_summary(result),
     }

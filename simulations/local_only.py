@@ -22,7 +22,13 @@ import torch
 from fl_client.privacy import PrivacyConfig
 from fl_client.train import TrainConfig, resolve_device, train
 from shared_model.factory import ModelConfig
-from shared_model.metrics import evaluate_model, evaluate_popularity
+from shared_model.metrics import (
+    SECOND_MOMENT,
+    evaluate_model,
+    evaluate_popularity,
+    with_error,
+    with_standard_errors,
+)
 from simulations.prepare import PreparedData, build_model
 
 log = logging.getLogger(__name__)
@@ -70,9 +76,12 @@ def site_seed(seed: int, index: int) -> int:
 
 
 def weighted_mean(rows: Sequence[dict[str, float]], weights: Sequence[int]) -> dict[str, float]:
-    """User-weighted mean of each ranking metric over sites (a user counts once, wherever it lives)."""
+    """User-weighted mean of each ranking metric over sites (a user counts once, wherever it lives), with the
+    standard error over all their users when the rows carry second moments (`<metric>:m2`)."""
     total = float(sum(weights))
-    return {key: sum(row[key] * w for row, w in zip(rows, weights, strict=True)) / total for key in METRIC_KEYS}
+    keys = [k for key in METRIC_KEYS for k in (key, key + SECOND_MOMENT) if all(k in row for row in rows)]
+    pooled = {key: sum(row[key] * w for row, w in zip(rows, weights, strict=True)) / total for key in keys}
+    return with_standard_errors(pooled, total) if any(k.endswith(SECOND_MOMENT) for k in keys) else pooled
 
 
 def run_local_only(data: PreparedData, parts: Sequence[np.ndarray], model_cfg: ModelConfig, train_cfg: TrainConfig,
@@ -91,7 +100,8 @@ def run_local_only(data: PreparedData, parts: Sequence[np.ndarray], model_cfg: M
         "test": weighted_mean([s.test for s in sites], weights),
         "popularity_test": weighted_mean([s.popularity_test for s in sites], weights),
         "privacy": privacy_claim(sites, privacy),
-        "per_site": [asdict(s) for s in sites]}
+        "per_site": [{**asdict(s), "test": with_standard_errors(s.test),
+                      "popularity_test": with_standard_errors(s.popularity_test)} for s in sites]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     write_local_report(out_dir, summary)
     return summary
@@ -118,6 +128,7 @@ def write_local_report(out_dir: Path, summary: dict[str, Any]) -> Path:
              "User-weighted averages over sites (each site's own test events):", "",
              "| | HR@5 | HR@10 | NDCG@10 | HR@20 | NDCG@20 | MRR |", "|---|---|---|---|---|---|---|",
              row("local-only model", avg), row("each site's own popularity", pop), "",
+             "± is one standard error over all sites' users (not over runs).", "",
              "| site | users | HR@10 | NDCG@10 | ε | seconds | process peak RSS so far, MB |",
              "|---|---|---|---|---|---|---|"]
     for s in summary["per_site"]:
@@ -132,4 +143,4 @@ def write_local_report(out_dir: Path, summary: dict[str, Any]) -> Path:
 def row(name: str, metrics: dict[str, float]) -> str:
     """One markdown table row of the headline metrics."""
     keys = ("hr@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr")
-    return f"| {name} | " + " | ".join(f"{metrics[k]:.4f}" for k in keys) + " |"
+    return f"| {name} | " + " | ".join(with_error(metrics, k) for k in keys) + " |"

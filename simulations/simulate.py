@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from fl_client.site import SiteConfig
 from fl_client.train import TrainConfig
 from fl_server.config import ServerConfig, StrategyConfig
-from shared_model.metrics import evaluate_popularity
+from shared_model.metrics import evaluate_popularity, with_standard_errors
 from simulations.config import RunConfig, register_schemas
 from simulations.federation import run_federation, write_sites
 from simulations.local_only import run_local_only
@@ -105,7 +105,8 @@ def refuse_centralized_only(train: TrainConfig) -> None:
 
 def write_popularity(data: PreparedData, max_len: int, path: Path) -> dict[str, float]:
     """The pooled popularity baseline on every user's test event (a reference row; no site shares counts)."""
-    metrics = evaluate_popularity(data.sequences, data.sequences, "test", data.catalog.num_rows, max_len)
+    metrics = with_standard_errors(evaluate_popularity(data.sequences, data.sequences, "test", data.catalog.num_rows,
+                                                       max_len))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     return metrics

@@ -4,7 +4,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_client.client_app import CATALOG_MISMATCH, build_client_app
+from fl_client.client_app import CATALOG_MISMATCH, TRAINING_DIVERGED, build_client_app
 from fl_client.federated import RoundConfig, build_global_model
 from fl_client.site import SiteConfig
 from shared_model import wire
@@ -19,8 +19,9 @@ def task_identity(monkeypatch):
 
 
 def message(kind: str, catalog: ItemCatalog, server_round: int = 1, num_rounds: int = 2,
-            fingerprint: str = "") -> Message:
+            fingerprint: str = "", **overrides) -> Message:
     record, initial = round_record(catalog, server_round, num_rounds)
+    record.update(overrides)
     cfg = RoundConfig.from_record(record)
     config = ConfigRecord({**record, wire.CATALOG_FINGERPRINT: fingerprint or catalog.fingerprint})
     content = RecordDict({wire.ARRAYS: ArrayRecord(wire.full_state(build_global_model(cfg, initial))),
@@ -66,6 +67,19 @@ def test_weights_for_another_catalog_get_an_error_reply_not_a_crash(site):
     for kind in ("train", "evaluate"):
         reply = call(site, message(kind, catalog, fingerprint=other))
         assert reply.has_error() and reply.error.code == CATALOG_MISMATCH and "catalog" in reply.error.reason
+
+
+def test_a_diverged_round_sends_no_weights_and_is_charged_to_the_ledger(site):
+    catalog = ItemCatalog.load(site.catalog_path)
+    exploding = {wire.OPTIMIZER: "sgd", wire.LEARNING_RATE: 1e12}
+    reply = call(site, message("train", catalog, **exploding))
+    assert reply.has_error() and reply.error.code == TRAINING_DIVERGED
+    assert "non-finite weights" in reply.error.reason and "lower train.lr" in reply.error.reason
+    # Its failure was released, so its planned DP steps count: a resend is not trained (or paid) again.
+    assert "charged to the site's ledger" in reply.error.reason
+    resent = call(site, message("train", catalog, **exploding))
+    assert resent.content.metric_records[wire.METRICS][wire.DECLINED] == 1.0
+    assert 0 < resent.content.metric_records[wire.METRICS][wire.EPSILON] <= site.epsilon
 
 
 def test_evaluate_reply_has_full_ranking_metrics_weighted_by_users(site):

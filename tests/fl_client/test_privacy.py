@@ -7,7 +7,7 @@ import torch
 from opacus import PrivacyEngine
 
 from fl_client.privacy import PrivacyConfig, calibrate_noise, make_private
-from fl_client.train import TrainConfig, length_chunks, private_step, train, user_loader
+from fl_client.train import TrainConfig, TrainingDivergedError, length_chunks, private_step, train, user_loader
 from shared_model import wire
 from shared_model.catalog import ItemCatalog
 from shared_model.configuration_fedrec import FedRecConfig
@@ -104,6 +104,13 @@ def test_noise_is_calibrated_to_the_requested_epsilon(seqs):
 def test_training_without_dp_makes_no_privacy_claim(seqs):
     result = train(tiny_model(True), seqs, TrainConfig(epochs=1, batch_size=16), PrivacyConfig(enabled=False))
     assert result.privacy is None
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_training_that_diverges_raises_instead_of_returning_nan_weights(seqs, dp):
+    config = TrainConfig(epochs=2, batch_size=16, optimizer="sgd", lr=1e12)
+    with pytest.raises(TrainingDivergedError, match=r"diverged in epoch 1: non-finite weights.*train.lr=1000000000000"):
+        train(tiny_model(True), seqs, config, PrivacyConfig(enabled=dp))
 
 
 def test_weights_sent_after_opacus_wrapping_have_no_opacus_prefix(seqs):

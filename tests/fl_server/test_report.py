@@ -16,6 +16,14 @@ def test_report_states_the_cumulative_privacy_spent_and_writes_plots(tmp_path):
     assert (tmp_path / "accuracy.png").stat().st_size > 1000 and (tmp_path / "privacy.png").exists()
 
 
+def test_report_gives_the_last_and_best_rounds_with_standard_errors(tmp_path):
+    rows = [{**r, "federated_eval": {**r["federated_eval"], "mrr": 0.01, "hr@10:se": 0.01 * r["round"], "users": 500.0}}
+            for r in ROWS]
+    text = write_report(tmp_path, rows, {"rounds": 2, "best_round": 1, "model_dir": "/m"}).read_text()
+    assert "- last round (2), sites: HR@10 0.2000 ± 0.0200, NDCG@10 0.1000, MRR 0.0100 over 500 users" in text
+    assert "- best round (1), sites: HR@10 0.1000 ± 0.0100" in text and "not how much another run" in text
+
+
 def test_no_dp_claim_when_a_site_trained_without_dp():
     rows = [{**ROWS[0], "privacy": {"sites": 3, "sites_with_dp": 2, "sites_without_dp": 1, "epsilon_max": 1.0,
                                     "epsilon_mean": 1.0, "delta_max": 1e-4}}]

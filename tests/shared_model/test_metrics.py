@@ -10,17 +10,22 @@ import torch
 
 from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.metrics import (
+    SECOND_MOMENT,
     RankingMetrics,
     evaluate_model,
     evaluate_popularity,
     evaluate_scorer,
     mask_seen,
     target_ranks,
+    with_error,
+    with_standard_errors,
+    without_moments,
 )
 from shared_model.modeling_fedrec import FedRecModel
 from shared_model.sequences import UserSequences
 
 METRIC_KEYS = {"hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr"}
+MOMENT_KEYS = {key + SECOND_MOMENT for key in METRIC_KEYS}
 
 
 @pytest.fixture
@@ -55,6 +60,13 @@ def test_target_ranks_count_higher_scores_and_half_the_ties() -> None:
     assert ranks.dtype == torch.int64
 
 
+def test_nan_scores_are_refused_not_ranked_first() -> None:
+    # NaN compares false with everything: ranked naively it would count as a hit (HR@10 1, NDCG@10 inf).
+    scores = torch.tensor([[0.1, 0.5, 0.3], [0.2, float("nan"), 0.1]])
+    with pytest.raises(ValueError, match="NaN scores for 1 of 2 users"):
+        target_ranks(scores, torch.tensor([1, 2]))
+
+
 def test_target_ranks_below_minus_inf_padding() -> None:
     scores = torch.tensor([[float("-inf"), 1.0, 3.0, 2.0]])
     assert target_ranks(scores, torch.tensor([1])).tolist() == [2]  # the -inf padding row never outranks
@@ -65,7 +77,7 @@ def test_ranking_metrics_exact_values() -> None:
     metrics.update(torch.tensor([0, 1]))
     metrics.update(torch.tensor([7, 30]))
     result = metrics.result()
-    assert set(result) == METRIC_KEYS
+    assert set(result) == METRIC_KEYS | MOMENT_KEYS
     assert metrics.count == 4
     expected = {
         "hr@5": 2 / 4, "hr@10": 3 / 4, "hr@20": 3 / 4,
@@ -74,7 +86,9 @@ def test_ranking_metrics_exact_values() -> None:
         "ndcg@20": (1 + 1 / math.log2(3) + 1 / math.log2(9)) / 4,
         "mrr": (1 + 1 / 2 + 1 / 8 + 1 / 31) / 4,
     }
-    assert result == pytest.approx(expected)
+    assert without_moments(result) == pytest.approx(expected)
+    assert result["hr@10:m2"] == pytest.approx(3 / 4)  # a hit squared is a hit
+    assert result["ndcg@10:m2"] == pytest.approx((1 + 1 / math.log2(3) ** 2 + 1 / math.log2(9) ** 2) / 4)
 
 
 @pytest.mark.parametrize(("rank", "ndcg", "mrr"), [(0, 1.0, 1.0), (1, 1 / math.log2(3), 0.5),
@@ -82,17 +96,44 @@ def test_ranking_metrics_exact_values() -> None:
 def test_single_rank_values(rank: int, ndcg: float, mrr: float) -> None:
     metrics = RankingMetrics(ks=(5,))
     metrics.update(torch.tensor([rank]))
-    assert metrics.result() == pytest.approx({"hr@5": 1.0, "ndcg@5": ndcg, "mrr": mrr})
+    assert without_moments(metrics.result()) == pytest.approx({"hr@5": 1.0, "ndcg@5": ndcg, "mrr": mrr})
 
 
 def test_rank_at_k_is_a_miss() -> None:
     metrics = RankingMetrics(ks=(5,))
     metrics.update(torch.tensor([5]))
-    assert metrics.result() == pytest.approx({"hr@5": 0.0, "ndcg@5": 0.0, "mrr": 1 / 6})
+    assert without_moments(metrics.result()) == pytest.approx({"hr@5": 0.0, "ndcg@5": 0.0, "mrr": 1 / 6})
 
 
 def test_ranking_metrics_without_users_is_empty() -> None:
     assert RankingMetrics().result() == {}
+
+
+def test_standard_errors_are_those_of_the_per_user_values() -> None:
+    ranks = torch.tensor([0, 3, 12, 40, 7, 1, 25])
+    metrics = RankingMetrics()
+    metrics.update(ranks)
+    result = with_standard_errors(metrics.result(), metrics.count)
+    hits = (ranks < 10).double().numpy()
+    ndcg = hits / np.log2(ranks.double().numpy() + 2.0)
+    assert result["hr@10:se"] == pytest.approx(hits.std(ddof=1) / math.sqrt(7))
+    assert result["ndcg@10:se"] == pytest.approx(ndcg.std(ddof=1) / math.sqrt(7))
+    assert result["users"] == 7.0 and not any(k.endswith(SECOND_MOMENT) for k in result)
+    assert with_error(result, "hr@10") == f"{hits.mean():.4f} ± {hits.std(ddof=1) / math.sqrt(7):.4f}"
+    assert with_error({"hr@10": 0.5}, "hr@10") == "0.5000"
+
+
+def test_sites_pooled_by_user_weighted_means_give_the_pooled_standard_error() -> None:
+    # What the server does with the sites' replies: average means and second moments by users.
+    site_ranks = [torch.tensor([0, 3, 12]), torch.tensor([40, 7, 1, 25, 9])]
+    everyone, sites = RankingMetrics(), []
+    for ranks in site_ranks:
+        site = RankingMetrics()
+        site.update(ranks)
+        everyone.update(ranks)
+        sites.append((site.result(), site.count))
+    pooled = {key: sum(r[key] * n for r, n in sites) / 8 for key in sites[0][0]}
+    assert with_standard_errors(pooled, 8) == pytest.approx(with_standard_errors(everyone.result(), 8))
 
 
 def test_mask_seen_hides_history_but_keeps_the_target() -> None:
@@ -110,13 +151,13 @@ def test_evaluate_scorer_with_an_oracle_and_batches(popularity_seqs: UserSequenc
 
     for batch_size in (1, 2, 512):
         result = evaluate_scorer(oracle, popularity_seqs, "test", max_len=10, batch_size=batch_size)
-        assert result == {**dict.fromkeys(METRIC_KEYS, 1.0), "users": 3.0}
+        assert without_moments(result) == {**dict.fromkeys(METRIC_KEYS, 1.0), "users": 3.0}
 
 
 def test_evaluate_popularity_toy_case(popularity_seqs: UserSequences) -> None:
     # Scores [-inf, 4, 2, 0, 0, 0]; test targets 1, 2, 5 -> ranks 0, 1 and 2 + floor(2 ties / 2) = 3.
     result = evaluate_popularity(popularity_seqs, popularity_seqs, "test", num_rows=6)
-    assert result == pytest.approx({
+    assert without_moments(result) == pytest.approx({
         "hr@5": 1.0, "hr@10": 1.0, "hr@20": 1.0,
         "ndcg@5": (1 + 1 / math.log2(3) + 1 / math.log2(5)) / 3,
         "ndcg@10": (1 + 1 / math.log2(3) + 1 / math.log2(5)) / 3,
@@ -134,13 +175,13 @@ def test_evaluate_popularity_valid_split(popularity_seqs: UserSequences) -> None
 def test_evaluate_popularity_with_history_masking(popularity_seqs: UserSequences) -> None:
     # Masking each user's inputs leaves every target on top (u0's target 1 is in its history yet kept).
     result = evaluate_popularity(popularity_seqs, popularity_seqs, "test", num_rows=6, mask_history=True)
-    assert result == {**dict.fromkeys(METRIC_KEYS, 1.0), "users": 3.0}
+    assert without_moments(result) == {**dict.fromkeys(METRIC_KEYS, 1.0), "users": 3.0}
 
 
 def test_evaluate_model_keys_ranges_and_users(tiny_model: FedRecModel, tiny_sequences: UserSequences) -> None:
     for split in ("valid", "test"):
         result = evaluate_model(tiny_model, tiny_sequences, split)
-        assert set(result) == METRIC_KEYS | {"users"}
+        assert set(result) == METRIC_KEYS | MOMENT_KEYS | {"users"}
         assert result["users"] == 2.0
         assert all(0.0 <= result[key] <= 1.0 for key in METRIC_KEYS)
         assert result["hr@5"] <= result["hr@10"] <= result["hr@20"] == 1.0  # only 6 items: always in the top 20

@@ -37,6 +37,8 @@ def test_schema_rejects_a_misspelt_setting(tmp_path):
 def test_centralized_run_learns_beyond_popularity_and_exports_a_model(tmp_path):
     metrics = run_centralized(typed_config(tmp_path, ["train.epochs=8"]))
     assert metrics["test"]["hr@10"] > 1.5 * metrics["popularity_test"]["hr@10"]
+    test, users = metrics["test"], metrics["data"]["users"]
+    assert test["users"] == users and 0 < test["hr@10:se"] <= (0.25 / (users - 1)) ** 0.5  # p(1-p) <= 1/4
     assert metrics["training"]["epoch_losses"][-1] < metrics["training"]["epoch_losses"][0]
     assert metrics["privacy"] == {"dp": False, "claim": "no differential privacy (DP was off)"}
     saved = json.loads((tmp_path / "metrics.json").read_text())

@@ -33,6 +33,10 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
     assert all(r["train_replies"] == 3 and r["train_failures"] == 0 and r["declined"] == 0 for r in rows)
     assert rows[1]["privacy"]["sites_with_dp"] == 3 and 0 < rows[1]["privacy"]["epsilon_max"] <= 8.0 * 1.01
     assert rows[1]["federated_eval"]["hr@10"] > 0
+    # Sites send means and second moments; the server pools them into standard errors over all their users.
+    fed, central = rows[1]["federated_eval"], rows[1]["central_eval"]
+    assert fed["users"] == len(data.sequences) and 0 < fed["hr@10:se"] < 0.1 and "hr@10:m2" not in fed
+    assert central["users"] == len(parts[0]) and central["hr@10:se"] > fed["hr@10:se"]  # one site's users only
     # The best round is picked on validation events, not on the test split the report shows.
     summary = json.loads((out / "summary.json").read_text())
     valid = [r["central_eval"]["valid-ndcg@10"] for r in rows]
@@ -42,6 +46,7 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
     assert rows[0]["bytes_to_each_site"] - rows[0]["bytes_from_each_site"] > features - 200
     report = (out / "report.md").read_text()
     assert "ε max" in report and "No differential-privacy claim" not in report
+    assert f"HR@10 {fed['hr@10']:.4f} ± {fed['hr@10:se']:.4f}" in report
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "privacy.png").stat().st_size > 0
     model, catalog = load_model_dir(out / "model")
     assert catalog.fingerprint == data.catalog.fingerprint and model.config.num_items == len(catalog.item_ids)

@@ -39,13 +39,16 @@ def test_local_only_without_dp_trains_every_site_for_all_rounds_and_averages_by_
     sites = summary["per_site"]
     assert summary["mode"] == "local" and len(sites) == 3 and summary["epochs_per_site"] == 2
     assert sum(s["users"] for s in sites) == summary["users"] == 160
-    assert summary["test"] == pytest.approx(weighted_mean([s["test"] for s in sites], [s["users"] for s in sites]))
+    means = weighted_mean([s["test"] for s in sites], [s["users"] for s in sites])
+    assert {k: summary["test"][k] for k in METRIC_KEYS} == pytest.approx(means)
+    assert summary["test"]["users"] == 160 and 0 < summary["test"]["hr@10:se"] < 0.1  # over all sites' users
     assert all(s["test"]["users"] == s["users"] for s in sites)  # scored on the site's own users only
     assert summary["privacy"] == {"dp": False, "claim": "no differential privacy (DP was off)"}
     on_disk = json.loads((tmp_path / "local" / "summary.json").read_text())
     assert on_disk["test"] == pytest.approx(summary["test"])
     report = (tmp_path / "local" / "report.md").read_text()
     assert "local-only model" in report and "no differential privacy" in report
+    assert f"{summary['test']['hr@10']:.4f} ± {summary['test']['hr@10:se']:.4f}" in report
     assert not (tmp_path / "server").exists()  # no federation ran
     assert json.loads((tmp_path / "popularity.json").read_text())["users"] == 160
 
