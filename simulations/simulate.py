@@ -85,6 +85,9 @@ def run_simulate(cfg: SimulateConfig) -> dict[str, Any]:
     write_popularity(data, cfg.model.max_len, out / "popularity.json")
     match cfg.federation.mode:
         case "federated":
+            if cfg.strategy.min_nodes > len(parts):  # Flower would wait for the missing sites for ever
+                raise ValueError(f"strategy.min_nodes={cfg.strategy.min_nodes}, but the partition has only "
+                                 f"{len(parts)} site(s): set strategy.min_nodes={len(parts)} or more partitions")
             return run_federated(cfg, data, parts, out)
         case "local":
             return run_local_only(data, parts, cfg.model, cfg.train, cfg.privacy,

@@ -61,6 +61,12 @@ def test_local_only_with_dp_spends_each_sites_budget_with_delta_one_over_its_use
     assert summary["privacy"]["dp"] and summary["privacy"]["epsilon_max"] <= 3.0 * 1.01
 
 
+def test_a_federation_waiting_for_more_sites_than_exist_is_refused(tmp_path):
+    overrides = ["federation.mode=federated", "partition.num_partitions=1", "privacy=disabled"]
+    with pytest.raises(ValueError, match=r"strategy\.min_nodes=2, but the partition has only 1 site"):
+        run_simulate(local_config(tmp_path, overrides))
+
+
 def test_an_unknown_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"federation\.mode"):
         run_simulate(local_config(tmp_path, ["federation.mode=solo", "privacy=disabled"]))
