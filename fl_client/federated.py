@@ -23,7 +23,7 @@ from fl_client.train import TrainConfig, TrainingDivergedError, resolve_device, 
 from shared_model import wire
 from shared_model.atomic import write_atomically
 from shared_model.configuration_fedrec import FedRecConfig
-from shared_model.metrics import evaluate_model
+from shared_model.metrics import evaluate_model, training_loss
 from shared_model.modeling_fedrec import FedRecModel
 
 # RoundConfig field -> (wire key, type it is parsed to).
@@ -216,11 +216,14 @@ def declined(model: FedRecModel, delta: float, epsilon: float, reason: str) -> R
 def evaluate_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
                    state: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Full-catalog metrics of the global model on the site's own test events, plus validation NDCG@10
-    (what the server selects the best round by)."""
+    (what the server selects the best round by) and its cross-entropy on the site's training events (how
+    well the averaged model fits them: the sites' own training loss is measured on their local models)."""
     data.catalog.check_matches(round_cfg.catalog_fingerprint)
-    model = build_global_model(round_cfg, state)
     device = resolve_device(site.device)
+    model = build_global_model(round_cfg, state)
+    torch.nn.Module.to(model, device)  # scored where the batches go (a GPU site's batches are on its GPU)
     metrics = evaluate_model(model, data.sequences, "test", device=device)
     valid = evaluate_model(model, data.sequences, "valid", device=device)
     return {**{k: v for k, v in metrics.items() if k != "users"}, wire.VALID_NDCG10: valid["ndcg@10"],
+            wire.TRAIN_CE: training_loss(model, data.sequences, device=device),
             wire.NUM_EXAMPLES: metrics.get("users", 0.0)}

@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt
 
 from shared_model.metrics import with_error
+from shared_model.wire import TRAIN_CE
 
 
 def privacy_sentence(rows: list[dict[str, Any]]) -> str:
@@ -62,13 +63,15 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, A
     lines = ["# Federated training report", "", privacy_sentence(rows), "",
              f"Rounds completed: {summary.get('rounds', 0)}; best round: {summary.get('best_round', 0)}; "
              f"model: `{summary.get('model_dir', '')}`.", "",
-             "| round | sites trained | declined | failed | train loss | HR@10 (sites) | NDCG@10 (sites) | "
-             "HR@10 (server) | ε max |", "|---|---|---|---|---|---|---|---|---|"]
+             "| round | sites trained | declined | failed | train loss (sites' local models) | "
+             "train CE (global model) | HR@10 (sites) | NDCG@10 (sites) | HR@10 (server) | ε max |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fed, central, priv = r.get("federated_eval", {}), r.get("central_eval", {}), r.get("privacy", {})
         trained = r.get("train_replies", 0) - r.get("train_failures", 0) - r.get("declined", 0)
         lines.append(f"| {r['round']} | {trained} | {r.get('declined', 0)} | {r.get('train_failures', 0)} | "
-                     f"{_fmt(r.get('train', {}).get('train-loss'))} | {_fmt(fed.get('hr@10'))} | "
+                     f"{_fmt(r.get('train', {}).get('train-loss'))} | {_fmt(fed.get(TRAIN_CE))} | "
+                     f"{_fmt(fed.get('hr@10'))} | "
                      f"{_fmt(fed.get('ndcg@10'))} | {_fmt(central.get('hr@10'))} | {_fmt(priv.get('epsilon_max'))} |")
     lines += ["", *final_metrics(rows, summary.get("best_round", 0)),
               "", "![accuracy](accuracy.png)", "", "![privacy](privacy.png)", ""]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from shared_model.modeling_fedrec import FedRecModel
 from shared_model.sequences import Split, UserSequences, make_batch
@@ -129,6 +130,33 @@ def evaluate_model(model: FedRecModel, seqs: UserSequences, split: Split, batch_
                                device=device)
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def training_loss(model: FedRecModel, seqs: UserSequences, batch_size: int = 256,
+                  device: torch.device | str = "cpu") -> float:
+    """Mean over users of each user's next-item cross-entropy on the training part, dropout off.
+
+    How well the model fits the events it is trained on; a per-user mean, so user-weighted averaging over
+    sites pools it exactly. (A site's own training loss is measured on its local model, with dropout on.)
+    """
+    was_training = model.training
+    model.eval()
+    users = seqs.trainable_users()
+    total = 0.0
+    try:
+        for start in range(0, len(users), batch_size):
+            batch = {k: v.to(device) for k, v in make_batch(seqs, users[start:start + batch_size], "train",
+                                                             model.config.max_len).items()}
+            hidden = model(batch["item_ids"], batch["event_types"], batch["time_buckets"])  # (B, T, d)
+            keep = batch["labels"] != 0  # (B, T)
+            losses = F.cross_entropy(model.logits(hidden[keep]), batch["labels"][keep], reduction="none")
+            per_user = torch.zeros(keep.shape[0], dtype=losses.dtype, device=losses.device)
+            per_user.index_add_(0, keep.nonzero()[:, 0], losses)
+            total += (per_user / keep.sum(1).clamp(min=1)).sum().item()
+    finally:
+        model.train(was_training)
+    return total / max(len(users), 1)
 
 
 def evaluate_popularity(train_seqs: UserSequences, seqs: UserSequences, split: Split, num_rows: int,

@@ -32,6 +32,7 @@ KEEP_OPTIMIZER_STATE = "keep-optimizer-state"  # sites carry their optimiser sta
 # MetricRecord keys (site -> server).
 NUM_EXAMPLES = "num-examples"  # users trained on / evaluated (FedAvg's weighting key)
 TRAIN_LOSS = "train-loss"
+TRAIN_CE = "train-ce"  # the global model's per-user mean cross-entropy on the training events, dropout off
 VALID_NDCG10 = "valid-ndcg@10"  # NDCG@10 on the validation events: picks the best round (never the test split)
 DECLINED = "declined"  # 1 when the site refused to train (budget); its arrays are then not aggregated
 DP_ENABLED = "dp"  # 1 when the site trained with DP-SGD

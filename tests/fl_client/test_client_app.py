@@ -1,5 +1,7 @@
 """The ClientApp handlers, driven by hand-built Flower Messages (no simulation engine, no SuperNode)."""
 
+import math
+
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -87,5 +89,6 @@ def test_evaluate_reply_has_full_ranking_metrics_weighted_by_users(site):
     reply = call(site, message("evaluate", catalog))
     metrics = reply.content.metric_records[wire.METRICS]
     assert not reply.content.array_records  # nothing but metrics goes back
-    assert {"hr@10", "ndcg@10", "mrr", wire.VALID_NDCG10, wire.NUM_EXAMPLES} <= set(metrics)
+    assert {"hr@10", "ndcg@10", "mrr", wire.VALID_NDCG10, wire.TRAIN_CE, wire.NUM_EXAMPLES} <= set(metrics)
     assert metrics[wire.NUM_EXAMPLES] > 0
+    assert 0 < metrics[wire.TRAIN_CE] < 2 * math.log(len(catalog.item_ids))  # an untrained model: about ln V

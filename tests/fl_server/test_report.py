@@ -12,16 +12,17 @@ def test_report_states_the_cumulative_privacy_spent_and_writes_plots(tmp_path):
     path = write_report(tmp_path, ROWS, {"rounds": 2, "best_round": 2, "model_dir": "/m"})
     text = path.read_text()
     assert "ε max 4.000" in text and "one user" in text
-    assert "| 2 | 3 | 0 | 0 | 3.0000 | 0.2000 |" in text
+    assert "| 2 | 3 | 0 | 0 | 3.0000 |  | 0.2000 |" in text
     assert (tmp_path / "accuracy.png").stat().st_size > 1000 and (tmp_path / "privacy.png").exists()
 
 
 def test_report_gives_the_last_and_best_rounds_with_standard_errors(tmp_path):
-    rows = [{**r, "federated_eval": {**r["federated_eval"], "mrr": 0.01, "hr@10:se": 0.01 * r["round"], "users": 500.0}}
-            for r in ROWS]
+    rows = [{**r, "federated_eval": {**r["federated_eval"], "mrr": 0.01, "hr@10:se": 0.01 * r["round"], "users": 500.0,
+                                     "train-ce": 7.0 - r["round"]}} for r in ROWS]
     text = write_report(tmp_path, rows, {"rounds": 2, "best_round": 1, "model_dir": "/m"}).read_text()
     assert "- last round (2), sites: HR@10 0.2000 ± 0.0200, NDCG@10 0.1000, MRR 0.0100 over 500 users" in text
     assert "- best round (1), sites: HR@10 0.1000 ± 0.0100" in text and "not how much another run" in text
+    assert "| 2 | 3 | 0 | 0 | 3.0000 | 5.0000 | 0.2000 |" in text  # the global model's training CE beside it
 
 
 def test_no_dp_claim_when_a_site_trained_without_dp():

@@ -17,12 +17,13 @@ from shared_model.metrics import (
     evaluate_scorer,
     mask_seen,
     target_ranks,
+    training_loss,
     with_error,
     with_standard_errors,
     without_moments,
 )
-from shared_model.modeling_fedrec import FedRecModel
-from shared_model.sequences import UserSequences
+from shared_model.modeling_fedrec import FedRecModel, sequence_loss
+from shared_model.sequences import UserSequences, make_batch
 
 METRIC_KEYS = {"hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr"}
 MOMENT_KEYS = {key + SECOND_MOMENT for key in METRIC_KEYS}
@@ -185,6 +186,20 @@ def test_evaluate_model_keys_ranges_and_users(tiny_model: FedRecModel, tiny_sequ
         assert result["users"] == 2.0
         assert all(0.0 <= result[key] <= 1.0 for key in METRIC_KEYS)
         assert result["hr@5"] <= result["hr@10"] <= result["hr@20"] == 1.0  # only 6 items: always in the top 20
+
+
+@pytest.mark.parametrize("batch_size", [1, 256])
+def test_training_loss_is_the_mean_over_users_of_their_own_loss_without_dropout(
+        tiny_model: FedRecModel, tiny_sequences: UserSequences, batch_size: int) -> None:
+    tiny_model.train()
+    users = tiny_sequences.trainable_users()
+    with torch.no_grad():
+        tiny_model.eval()
+        batch = make_batch(tiny_sequences, users, "train", tiny_model.config.max_len)
+        expected = sequence_loss(tiny_model, batch, per_user=True).mean().item()
+        tiny_model.train()
+    assert training_loss(tiny_model, tiny_sequences, batch_size=batch_size) == pytest.approx(expected, rel=1e-5)
+    assert tiny_model.training  # mode restored
 
 
 @pytest.mark.parametrize("training", [True, False])
