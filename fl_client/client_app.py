@@ -61,6 +61,8 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             log.warning("site %s declined round %d: %s", site.data_path, round_cfg.server_round, reply.declined)
         content = RecordDict({wire.ARRAYS: ArrayRecord(reply.state), wire.METRICS: metric_record(reply.metrics()),
                               wire.NOTES: ConfigRecord({wire.DECLINED_REASON: reply.declined})})
+        if reply.item_weights is not None:
+            content[wire.ITEM_WEIGHTS] = ArrayRecord({wire.ITEM_WEIGHTS: reply.item_weights})
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

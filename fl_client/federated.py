@@ -36,7 +36,7 @@ ROUND_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 OPTIONAL_ROUND_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "proximal_mu": (wire.PROXIMAL_MU, float), "weight_decay": (wire.WEIGHT_DECAY, float),
     "num_negatives": (wire.NUM_NEGATIVES, int), "seed": (wire.SEED, int),
-    "keep_optimizer_state": (wire.KEEP_OPTIMIZER_STATE, bool),
+    "keep_optimizer_state": (wire.KEEP_OPTIMIZER_STATE, bool), "item_rows": (wire.ITEM_ROWS, str),
 }
 
 
@@ -58,6 +58,7 @@ class RoundConfig:
     num_negatives: int = 0
     seed: int = 0  # seeds sampling and dropout without DP (a DP site draws fresh entropy every round)
     keep_optimizer_state: bool = False  # the site carries its optimiser state (Adam moments) across rounds
+    item_rows: str = "average"  # wire.ITEM_ROW_MODES: holders/counts ask the site for per-item weights
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RoundConfig:
@@ -67,7 +68,11 @@ class RoundConfig:
             raise ValueError(f"round config from the server lacks {missing}")
         values = {name: cast(record[key]) for name, (key, cast) in ROUND_FIELDS.items()}
         optional = {name: cast(record[key]) for name, (key, cast) in OPTIONAL_ROUND_FIELDS.items() if key in record}
-        return cls(**values, **optional)
+        parsed = cls(**values, **optional)
+        if parsed.item_rows not in wire.ITEM_ROW_MODES:
+            raise ValueError(f"round config asks for {wire.ITEM_ROWS}={parsed.item_rows!r}; this site knows "
+                             f"{', '.join(wire.ITEM_ROW_MODES)}")
+        return parsed
 
 
 @dataclass
@@ -81,6 +86,7 @@ class RoundReply:
     epsilon: float  # cumulative over every round this site trained (0 when DP is off)
     delta: float
     declined: str = ""  # the reason, when the site refused to train
+    item_weights: torch.Tensor | None = None  # per catalog row, when the server asked (wire.ITEM_ROWS)
 
     def metrics(self) -> dict[str, float]:
         """The MetricRecord content; keys are identical for every reply, as Flower's strategies require."""
@@ -133,6 +139,10 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
         if cached.exists():  # the server resent a round we already paid for: same answer, no new spending
             return RoundReply(**torch.load(cached, weights_only=False))
         return declined(model, delta, ledger.spent(), "this round was already trained here and its reply is lost")
+    if round_cfg.item_rows != "average" and site.dp:
+        return declined(model, delta, ledger.spent() if ledger else 0.0,
+                        f"the server asks for per-item weights (strategy.item_rows={round_cfg.item_rows}); they "
+                        "tell which items this site's users interacted with, which DP does not cover")
     sigma, planned = plan_round(site, data, round_cfg, delta) if site.dp else (0.0, [])
     if ledger is not None:
         try:
@@ -156,10 +166,22 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
     if ledger is not None and result.privacy is not None:
         epsilon = ledger.record(training_id, round_cfg.server_round, result.privacy.history).epsilon_after
     reply = RoundReply(state=wire.trainable_state(model.cpu()), num_examples=len(data.sequences.trainable_users()),
-                       train_loss=result.epoch_losses[-1], dp=site.dp, epsilon=epsilon, delta=delta)
+                       train_loss=result.epoch_losses[-1], dp=site.dp, epsilon=epsilon, delta=delta,
+                       item_weights=item_row_weights(data, round_cfg.item_rows, model.config.num_item_rows))
     if ledger is not None:
         save_atomically(reply.__dict__, cached)
     return reply
+
+
+def item_row_weights(data: SiteData, mode: str, rows: int) -> torch.Tensor | None:
+    """What the server weighs this site's rows of the item table by (None for plain averaging): its users
+    for every item its training events hold (holders), or its count of each item there (counts)."""
+    if mode == "average":
+        return None
+    counts = torch.from_numpy(data.sequences.item_counts(rows)).to(torch.float32)
+    if mode == "counts":
+        return counts
+    return (counts > 0).to(torch.float32) * len(data.sequences.trainable_users())
 
 
 def local_train_config(site: SiteConfig, round_cfg: RoundConfig) -> TrainConfig:

@@ -25,6 +25,7 @@ class StrategyConfig:
     server_tau: float = 1e-3  # (float) FedAdam/FedYogi adaptivity floor (added to the root of the second moment)
     trim_beta: float = 0.2  # (float) FedTrimmedAvg: share cut from each end
     num_malicious: int = 0  # (int) Krum: sites assumed malicious
+    item_rows: str = "average"  # (str) item-table rows: average, holders or counts (FedAvg family, no DP)
 
 
 @dataclass

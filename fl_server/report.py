@@ -68,16 +68,30 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, A
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fed, central, priv = r.get("federated_eval", {}), r.get("central_eval", {}), r.get("privacy", {})
-        trained = r.get("train_replies", 0) - r.get("train_failures", 0) - r.get("declined", 0)
-        lines.append(f"| {r['round']} | {trained} | {r.get('declined', 0)} | {r.get('train_failures', 0)} | "
+        left_out = len(r.get("item_rows", {}).get("left_out", []))  # trained, but sent unusable item weights
+        failed = r.get("train_failures", 0) + left_out
+        trained = r.get("train_replies", 0) - failed - r.get("declined", 0)
+        lines.append(f"| {r['round']} | {trained} | {r.get('declined', 0)} | {failed} | "
                      f"{_fmt(r.get('train', {}).get('train-loss'))} | {_fmt(fed.get(TRAIN_CE))} | "
                      f"{_fmt(fed.get('hr@10'))} | "
                      f"{_fmt(fed.get('ndcg@10'))} | {_fmt(central.get('hr@10'))} | {_fmt(priv.get('epsilon_max'))} |")
+    lines += item_rows_notes(rows)
     lines += ["", *final_metrics(rows, summary.get("best_round", 0)),
               "", "![accuracy](accuracy.png)", "", "![privacy](privacy.png)", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def item_rows_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """How the item table's rows were aggregated (when not plainly averaged), and every site left out."""
+    modes = sorted({r["item_rows"]["mode"] for r in rows if "item_rows" in r})
+    if not modes:
+        return []
+    lines = ["", f"Item-table rows aggregated by `strategy.item_rows={', '.join(modes)}`: each site's row of an "
+                 "item is weighted by what the site reported of that item (not covered by DP)."]
+    lines += [f"- round {r['round']}: left out {reason}" for r in rows for reason in r["item_rows"]["left_out"]]
+    return lines
 
 
 def final_metrics(rows: list[dict[str, Any]], best_round: int) -> list[str]:

@@ -49,7 +49,7 @@ def round_config(cfg: ServerConfig, model: FedRecModel, catalog: ItemCatalog, tr
         wire.TRAINING_ID: training_id, wire.NUM_ROUNDS: cfg.num_rounds, wire.LOCAL_EPOCHS: cfg.local_epochs,
         wire.BATCH_SIZE: cfg.batch_size, wire.LEARNING_RATE: cfg.lr, wire.OPTIMIZER: cfg.optimizer,
         wire.WEIGHT_DECAY: cfg.weight_decay, wire.NUM_NEGATIVES: cfg.num_negatives, wire.SEED: cfg.seed,
-        wire.KEEP_OPTIMIZER_STATE: cfg.keep_optimizer_state,
+        wire.KEEP_OPTIMIZER_STATE: cfg.keep_optimizer_state, wire.ITEM_ROWS: cfg.strategy.item_rows,
         wire.MODEL_CONFIG: model.config.to_json_string(), wire.CATALOG_FINGERPRINT: catalog.fingerprint})
 
 
@@ -59,6 +59,10 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
     catalog = ItemCatalog.load(cfg.catalog_path)
     model = create_model(cfg.model, catalog, cfg.has_timestamps, cache_dir=str(store.root / "cache"))
     strategy = build_strategy(cfg.strategy)
+    strategy.item_row_names = model.item_row_parameters()
+    if cfg.strategy.item_rows != "average" and not strategy.item_row_names:
+        raise ValueError(f"strategy.item_rows={cfg.strategy.item_rows}, but this model trains no per-item tensor "
+                         "(item table frozen, no item bias): use strategy.item_rows=average")
     checkpoint = store.latest() if cfg.resume else None
     done = 0
     if checkpoint is not None:

@@ -5,11 +5,12 @@ of what each round received, including the sites' privacy reports."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from statistics import mean
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 PRIVACY_KEYS = (wire.EPSILON, wire.DELTA, wire.DP_ENABLED, wire.DECLINED)
 # Server-side optimiser state some strategies keep between rounds; checkpointed so a resume continues it.
 STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
+# Strategies that average (before a server step): row-weighted item tables work by pre-scaling their input.
+AVERAGING = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
 
 
 def reply_metrics(msg: Message) -> dict[str, float]:
@@ -90,6 +93,48 @@ def payload_bytes(content: RecordDict) -> int:
                for record in content.values())
 
 
+def reweight_item_rows(global_arrays: Mapping[str, np.ndarray],
+                       replies: Sequence[tuple[Mapping[str, np.ndarray], float, np.ndarray]],
+                       names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """The sites' weights, with the rows of the per-item tensors `names` rescaled so that Flower's
+    user-weighted average of them is the row-weighted one.
+
+    `replies` holds (weights, users n_i, per-row weights a_i) of each site that trained. Flower computes
+    sum_i (n_i / N) X_i. Replacing row r of a site's tensor L_ir by
+        X_ir = G_r + (N a_ir / (n_i A_r)) (L_ir - G_r),   A_r = sum_j a_jr,
+    makes that sum G_r + sum_i (a_ir / A_r) (L_ir - G_r): each site moves row r in proportion to its weight
+    for item r (G: the global weights the round started from). A row no site weighs (A_r = 0) keeps the
+    plain average. Every FedAvg-family strategy (FedProx, FedAvgM, FedAdam, FedYogi) averages first and then
+    takes its server step, so the step is taken from the row-weighted average.
+    """
+    total = sum(n for _, n, _ in replies)
+    mass = np.sum([a for _, _, a in replies], axis=0)
+    held = mass > 0
+    rescaled = []
+    for arrays, n, a in replies:
+        factor = np.where(held, total * a / (n * np.where(held, mass, 1.0)), 1.0)
+        out = dict(arrays)
+        for name in names:
+            start, local = global_arrays[name].astype(np.float64), arrays[name].astype(np.float64)
+            rows = factor.reshape(-1, *([1] * (local.ndim - 1)))
+            out[name] = (start + rows * (local - start)).astype(arrays[name].dtype)
+        rescaled.append(out)
+    return rescaled
+
+
+def item_weights(msg: Message, rows: int) -> np.ndarray:
+    """A site's per-row weights of the item table; ValueError when absent or unusable."""
+    record = msg.content.array_records.get(wire.ITEM_WEIGHTS)
+    if record is None or wire.ITEM_WEIGHTS not in record:
+        raise ValueError("it sent no item weights")
+    weights = record[wire.ITEM_WEIGHTS].numpy().astype(np.float64)
+    if weights.shape != (rows,):
+        raise ValueError(f"its item weights have shape {weights.shape}, the item table has {rows} rows")
+    if not np.isfinite(weights).all() or (weights < 0).any():
+        raise ValueError("its item weights are negative or not finite")
+    return weights
+
+
 class RoundHooks:
     """Mixin over a Flower FedAvg-family strategy (see module docstring)."""
 
@@ -97,10 +142,14 @@ class RoundHooks:
     last_round: dict[str, Any]
     frozen: ArrayRecord  # frozen public tensors (e.g. item features) sent along with the weights
     bytes_sent: int = 0  # payload of this round's train message to each site
+    item_rows: str = "average"  # wire.ITEM_ROW_MODES: how the item table's rows are aggregated
+    item_row_names: list[str]  # the model's per-item tensors (set by the server from its model)
+    round_start: ArrayRecord | None = None  # the global weights this round's training started from
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Ask sites to train, numbering rounds globally across resumes."""
+        self.round_start = arrays
         messages = with_frozen(super().configure_train(server_round + self.round_offset, arrays, config,  # type: ignore[misc]
                                                        grid), self.frozen)
         self.bytes_sent = payload_bytes(messages[0].content) if messages else 0
@@ -134,9 +183,45 @@ class RoundHooks:
         if not trained:
             log.warning("round %d: no site trained; the global model is unchanged", server_round + self.round_offset)
             return None, None
+        if self.item_rows != "average":
+            trained = self.with_item_rows_weighted(trained)
+            if not trained:
+                return None, None
         arrays, metrics = super().aggregate_train(server_round + self.round_offset, trained)  # type: ignore[misc]
         self.last_round["train"] = dict(metrics) if metrics is not None else {}
         return arrays, metrics
+
+    def with_item_rows_weighted(self, trained: list[Message]) -> list[Message]:
+        """The trained replies, their item-table rows rescaled (see reweight_item_rows) and their per-item
+        weights removed. A site whose weights are missing or unusable is left out, counted and logged."""
+        if self.round_start is None:
+            raise RuntimeError("aggregate_train before configure_train: no round start weights to rescale from")
+        start = {name: self.round_start[name].numpy() for name in self.round_start}
+        names = [name for name in self.item_row_names if name in start]
+        if not names:
+            raise RuntimeError(f"strategy.item_rows={self.item_rows}, but no per-item tensor is trained")
+        rows = start[names[0]].shape[0]
+        usable, left_out = [], []
+        for msg in trained:
+            try:
+                weights = item_weights(msg, rows)
+            except ValueError as err:
+                left_out.append(f"node {msg.metadata.src_node_id}: {err}")
+                continue
+            sent = msg.content.array_records[wire.ARRAYS]
+            usable.append((msg, {k: sent[k].numpy() for k in sent}, reply_metrics(msg)[wire.NUM_EXAMPLES], weights))
+        self.last_round["item_rows"] = {"mode": self.item_rows, "sites": len(usable), "left_out": left_out}
+        if left_out:
+            log.warning("strategy.item_rows=%s: %d trained site(s) left out of the aggregate: %s", self.item_rows,
+                        len(left_out), "; ".join(left_out))
+        if not usable:
+            log.warning("no usable trained site; the global model is unchanged")
+            return []
+        rescaled = reweight_item_rows(start, [(arrays, n, a) for _, arrays, n, a in usable], names)
+        for (msg, *_), scaled in zip(usable, rescaled, strict=True):
+            msg.content = RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in scaled.items()}),
+                                      wire.METRICS: msg.content.metric_records[wire.METRICS]})
+        return [msg for msg, *_ in usable]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Weighted federated evaluation over the sites that answered."""
@@ -195,8 +280,15 @@ def build_strategy(config: StrategyConfig) -> Any:
         case _:
             raise ValueError(f"strategy.name {config.name!r} is not one of fedavg, fedprox, fedadam, fedyogi, "
                              "fedavgm, fedtrimmedavg, fedmedian, krum")
+    if config.item_rows not in wire.ITEM_ROW_MODES:
+        raise ValueError(f"strategy.item_rows {config.item_rows!r} is not one of {', '.join(wire.ITEM_ROW_MODES)}")
+    if config.item_rows != "average" and config.name not in AVERAGING:
+        raise ValueError(f"strategy.item_rows={config.item_rows} rescales the sites' rows before an average; "
+                         f"{config.name} does not average (use item_rows=average, or one of {', '.join(AVERAGING)})")
     hooked = type(f"FedRec{base.__name__}", (RoundHooks, base), {})
     strategy = hooked(**common, **extra)
+    strategy.item_rows = config.item_rows
+    strategy.item_row_names = []
     strategy.last_round = {}
     strategy.frozen = ArrayRecord()
     return strategy

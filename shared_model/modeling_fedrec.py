@@ -71,6 +71,12 @@ class FedRecModel(FedRecPreTrainedModel):
             raise ValueError("this model was configured without item features (feature_dim=0)")
         self.item_features.copy_(features.to(self.item_features.dtype))
 
+    def item_row_parameters(self) -> list[str]:
+        """Names of the trainable tensors with one row per catalog row (item table, output layer), each
+        tied tensor once: what the server may aggregate row by row (`strategy.item_rows`)."""
+        per_item = ("item_embeddings.weight", "output.weight", "output.bias")
+        return [name for name, p in self.named_parameters() if name in per_item and p.requires_grad]
+
     def embed(self, item_ids: torch.Tensor, event_types: torch.Tensor,
               time_buckets: torch.Tensor) -> torch.Tensor:
         """Sum of the input embeddings for left-padded sequences.  # (B, T) -> (B, T, d)"""

@@ -12,6 +12,7 @@ ARRAYS = "arrays"  # ArrayRecord: trainable weights (+ frozen tensors server -> 
 CONFIG = "config"  # ConfigRecord: what the server asks for this round
 METRICS = "metrics"  # MetricRecord: what a site reports back
 NOTES = "notes"  # ConfigRecord: words a site reports back (why it declined a round)
+ITEM_WEIGHTS = "item-weights"  # ArrayRecord {ITEM_WEIGHTS: per-row weights} (site -> server, when asked)
 
 # ConfigRecord keys (server -> site).
 SERVER_ROUND = "server-round"  # set by Flower's strategies
@@ -28,6 +29,14 @@ WEIGHT_DECAY = "weight-decay"
 NUM_NEGATIVES = "num-negatives"
 SEED = "seed"  # seeds local sampling and dropout without DP (never a DP site's noise)
 KEEP_OPTIMIZER_STATE = "keep-optimizer-state"  # sites carry their optimiser state across rounds
+ITEM_ROWS = "item-rows"  # how the item table's rows are aggregated (one of ITEM_ROW_MODES)
+
+# How the server aggregates the rows of the item table (item embeddings, output layer):
+#   average  every row like any other weight: weighted by the sites' users (Flower's FedAvg);
+#   holders  row r over the sites whose training events hold item r, weighted by their users;
+#   counts   row r weighted by each site's count of item r in its training events.
+# holders/counts need each site to send per-item weights; sites training with DP refuse (see fl_client).
+ITEM_ROW_MODES = ("average", "holders", "counts")
 
 # MetricRecord keys (site -> server).
 NUM_EXAMPLES = "num-examples"  # users trained on / evaluated (FedAvg's weighting key)

@@ -1,5 +1,7 @@
 """A site's federated round: catalog check, budget refusal, cumulative ε, no double spending, cached data."""
 
+import json
+
 import pytest
 import torch
 
@@ -16,6 +18,8 @@ from fl_client.ledger import PrivacyLedger
 from fl_client.site import SiteConfig, load_site_data
 from shared_model import wire
 from shared_model.catalog import CatalogMismatchError, ItemCatalog
+from shared_model.configuration_fedrec import FedRecConfig
+from shared_model.modeling_fedrec import FedRecModel
 from tests.fl_client.server_round import round_record
 
 
@@ -170,3 +174,35 @@ def test_sites_keep_their_optimiser_state_across_rounds_when_asked(site, tmp_pat
     cfg, state = round_config(data.catalog, 1)  # the server did not ask: nothing is kept
     train_round(SiteConfig(**{**plain.__dict__, "state_dir": str(tmp_path / "other")}), data, cfg, state)
     assert not (tmp_path / "other" / "optimizer").exists()
+
+
+def test_a_site_sends_per_item_weights_only_when_the_server_asks(site):
+    data = load_site_data(site)
+    plain = SiteConfig(**{**site.__dict__, "dp": False})
+    record, state = round_record(data.catalog)
+    assert train_round(plain, data, RoundConfig.from_record(record), state).item_weights is None
+    rows = FedRecModel(FedRecConfig.from_dict(json.loads(record[wire.MODEL_CONFIG]))).config.num_item_rows
+    counts = torch.from_numpy(data.sequences.item_counts(rows)).float()
+    users = len(data.sequences.trainable_users())
+    replies = {}
+    for mode in ("holders", "counts"):
+        record[wire.ITEM_ROWS] = mode
+        replies[mode] = train_round(plain, data, RoundConfig.from_record(record), state)
+        assert replies[mode].item_weights.shape == (rows,)
+    assert torch.equal(replies["counts"].item_weights, counts)
+    assert torch.equal(replies["holders"].item_weights, (counts > 0).float() * users)
+    assert replies["holders"].item_weights[0] == 0  # the padding row is never held
+    record[wire.ITEM_ROWS] = "rows"
+    with pytest.raises(ValueError, match=r"item-rows='rows'.*average, holders, counts"):
+        RoundConfig.from_record(record)
+
+
+def test_a_dp_site_declines_to_send_per_item_weights_and_spends_nothing(site):
+    data = load_site_data(site)
+    record, state = round_record(data.catalog)
+    record[wire.ITEM_ROWS] = "holders"
+    reply = train_round(site, data, RoundConfig.from_record(record), state)
+    assert reply.num_examples == 0 and reply.item_weights is None
+    assert "which items this site's users interacted with" in reply.declined
+    assert reply.epsilon == 0.0 and PrivacyLedger(site.ledger_path, reply.delta).spent() == 0.0
+    assert all(torch.equal(reply.state[k], state[k]) for k in reply.state)  # the weights come back unchanged

@@ -70,3 +70,105 @@ def test_frozen_tensors_ride_along_without_entering_the_aggregate(monkeypatch):
     assert sent[0].content.config_records[wire.CONFIG]["lr"] == 0.1
     assert set(trainable) == {"w"}  # the strategy's own copy (FedOpt/FedAvgM keep it) is untouched
     assert with_frozen(sent, ArrayRecord()) == sent
+
+
+def item_rows_strategy(monkeypatch, name: str, mode: str, start: dict, **knobs):
+    """A strategy set up as after configure_train (round start weights known), without a Grid."""
+    from flwr.app import Array, ArrayRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attribute, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):  # what a running ServerApp has
+        monkeypatch.setattr(TaskIdentity, attribute, value)
+    strategy = build_strategy(StrategyConfig(name=name, item_rows=mode, min_nodes=1, **knobs))
+    strategy.item_row_names = ["item_embeddings.weight", "output.bias"]
+    strategy.round_start = ArrayRecord({k: Array(v) for k, v in start.items()})
+    if name == "fedavgm":
+        strategy.current_arrays = strategy.round_start
+    return strategy
+
+
+def site_reply(state: dict, users: int, weights=None):
+    """A trained site's reply as the ClientApp builds it."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    metrics = MetricRecord({wire.NUM_EXAMPLES: float(users), wire.TRAIN_LOSS: 1.0, wire.DP_ENABLED: 0.0,
+                            wire.EPSILON: 0.0, wire.DELTA: 0.0, wire.DECLINED: 0.0})
+    content = RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in state.items()}), wire.METRICS: metrics,
+                          wire.NOTES: ConfigRecord({wire.DECLINED_REASON: ""})})
+    if weights is not None:
+        content[wire.ITEM_WEIGHTS] = ArrayRecord({wire.ITEM_WEIGHTS: Array(weights)})
+    return Message(content=content, message_type="train", dst_node_id=1)
+
+
+def three_sites():
+    """Round start weights, three sites' trained weights, their users, and which items each holds."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    start = {"item_embeddings.weight": rng.normal(size=(4, 2)).astype(np.float32),
+             "output.bias": rng.normal(size=4).astype(np.float32), "w": rng.normal(size=3).astype(np.float32)}
+    local = [{k: (v + rng.normal(size=v.shape)).astype(np.float32) for k, v in start.items()} for _ in range(3)]
+    users = np.array([10.0, 30.0, 60.0])
+    holds = np.array([[0, 1, 0, 1], [0, 1, 0, 1], [0, 0, 1, 1]], dtype=np.float64)  # row 0: padding, nobody
+    return start, local, users, holds
+
+
+@pytest.mark.parametrize("mode", ["holders", "counts"])
+def test_item_rows_are_averaged_over_the_sites_that_hold_them(monkeypatch, mode):
+    import numpy as np
+
+    start, local, users, holds = three_sites()
+    weights = holds * users[:, None] if mode == "holders" else holds * np.array([[1, 5, 1, 2]] * 3) * [[1], [3], [2]]
+    strategy = item_rows_strategy(monkeypatch, "fedavg", mode, start)
+    arrays, _ = strategy.aggregate_train(1, [site_reply(s, n, a.astype(np.float32))
+                                             for s, n, a in zip(local, users, weights, strict=True)])
+    plain = {k: sum(n * s[k] for s, n in zip(local, users, strict=True)) / users.sum() for k in start}
+    for name in ("item_embeddings.weight", "output.bias"):
+        got, g = arrays[name].numpy(), start[name]
+        for r in range(4):
+            if weights[:, r].sum() == 0:  # held by nobody: the plain user-weighted average
+                expected = plain[name][r]
+            else:
+                expected = g[r] + sum(a[r] * (s[name][r] - g[r]) for s, a in zip(local, weights, strict=True)
+                                      ) / weights[:, r].sum()
+            np.testing.assert_allclose(got[r], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(arrays["w"].numpy(), plain["w"], rtol=1e-5, atol=1e-6)  # every other tensor
+    np.testing.assert_allclose(arrays["item_embeddings.weight"].numpy()[2], local[2]["item_embeddings.weight"][2],
+                               rtol=1e-5)  # a row one site holds is that site's row
+    assert strategy.last_round["item_rows"] == {"mode": mode, "sites": 3, "left_out": []}
+
+
+def test_a_server_step_is_taken_from_the_row_weighted_average(monkeypatch):
+    import numpy as np
+
+    start, local, users, holds = three_sites()
+    weights = (holds * users[:, None]).astype(np.float32)
+    replies = lambda: [site_reply(s, n, a) for s, n, a in zip(local, users, weights, strict=True)]  # noqa: E731
+    averaged, _ = item_rows_strategy(monkeypatch, "fedavg", "holders", start).aggregate_train(1, replies())
+    stepped, _ = item_rows_strategy(monkeypatch, "fedavgm", "holders", start, server_lr=2.0,
+                                    server_momentum=0.0).aggregate_train(1, replies())
+    for name, g in start.items():
+        np.testing.assert_allclose(stepped[name].numpy(), g + 2.0 * (averaged[name].numpy() - g), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_a_site_without_usable_item_weights_is_left_out_and_named(monkeypatch):
+    import numpy as np
+
+    start, local, users, holds = three_sites()
+    strategy = item_rows_strategy(monkeypatch, "fedavg", "holders", start)
+    replies = [site_reply(local[0], users[0], (holds[0] * users[0]).astype(np.float32)),
+               site_reply(local[1], users[1]), site_reply(local[2], users[2], np.ones(5, dtype=np.float32))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    report = strategy.last_round["item_rows"]
+    assert report["sites"] == 1 and len(report["left_out"]) == 2
+    assert "sent no item weights" in report["left_out"][0] and "shape (5,)" in report["left_out"][1]
+    np.testing.assert_allclose(arrays["w"].numpy(), local[0]["w"])  # only the usable site is averaged
+
+
+def test_item_rows_need_a_known_mode_and_an_averaging_strategy():
+    with pytest.raises(ValueError, match="average, holders, counts"):
+        build_strategy(StrategyConfig(item_rows="rows"))
+    for name in ("fedmedian", "fedtrimmedavg", "krum"):
+        with pytest.raises(ValueError, match=f"{name} does not average"):
+            build_strategy(StrategyConfig(name=name, item_rows="holders"))
