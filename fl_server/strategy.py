@@ -96,8 +96,8 @@ def payload_bytes(content: RecordDict) -> int:
 def reweight_item_rows(global_arrays: Mapping[str, np.ndarray],
                        replies: Sequence[tuple[Mapping[str, np.ndarray], float, np.ndarray]],
                        names: Sequence[str]) -> list[dict[str, np.ndarray]]:
-    """The sites' weights, with the rows of the per-item tensors `names` rescaled so that Flower's
-    user-weighted average of them is the row-weighted one.
+    """The sites' per-item tensors `names`, their rows rescaled so that Flower's user-weighted average of
+    them is the row-weighted one (any other tensor in a site's mapping is passed through unchanged).
 
     `replies` holds (weights, users n_i, per-row weights a_i) of each site that trained. Flower computes
     sum_i (n_i / N) X_i. Replacing row r of a site's tensor L_ir by
@@ -196,10 +196,11 @@ class RoundHooks:
         weights removed. A site whose weights are missing or unusable is left out, counted and logged."""
         if self.round_start is None:
             raise RuntimeError("aggregate_train before configure_train: no round start weights to rescale from")
-        start = {name: self.round_start[name].numpy() for name in self.round_start}
-        names = [name for name in self.item_row_names if name in start]
+        # Only the per-item tensors change: the others stay the sites' own Arrays, never decoded or re-encoded.
+        names = [name for name in self.item_row_names if name in self.round_start]
         if not names:
             raise RuntimeError(f"strategy.item_rows={self.item_rows}, but no per-item tensor is trained")
+        start = {name: self.round_start[name].numpy() for name in names}
         rows = start[names[0]].shape[0]
         usable, left_out = [], []
         for msg in trained:
@@ -209,7 +210,7 @@ class RoundHooks:
                 left_out.append(f"node {msg.metadata.src_node_id}: {err}")
                 continue
             sent = msg.content.array_records[wire.ARRAYS]
-            usable.append((msg, {k: sent[k].numpy() for k in sent}, reply_metrics(msg)[wire.NUM_EXAMPLES], weights))
+            usable.append((msg, {k: sent[k].numpy() for k in names}, reply_metrics(msg)[wire.NUM_EXAMPLES], weights))
         self.last_round["item_rows"] = {"mode": self.item_rows, "sites": len(usable), "left_out": left_out}
         if left_out:
             log.warning("strategy.item_rows=%s: %d trained site(s) left out of the aggregate: %s", self.item_rows,
@@ -219,8 +220,9 @@ class RoundHooks:
             return []
         rescaled = reweight_item_rows(start, [(arrays, n, a) for _, arrays, n, a in usable], names)
         for (msg, *_), scaled in zip(usable, rescaled, strict=True):
-            msg.content = RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in scaled.items()}),
-                                      wire.METRICS: msg.content.metric_records[wire.METRICS]})
+            sent = msg.content.array_records[wire.ARRAYS]
+            arrays = ArrayRecord({k: Array(scaled[k]) if k in scaled else sent[k] for k in sent})
+            msg.content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: msg.content.metric_records[wire.METRICS]})
         return [msg for msg, *_ in usable]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
