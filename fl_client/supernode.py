@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fl_client.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES
 from fl_client.site import SiteConfig, load_site_data
+from fl_client.train import describe_device, resolve_device
 from shared_model.launch import (
     TomlValue,
     exit_on_sigterm,
@@ -89,13 +90,15 @@ def supernode_command(args: argparse.Namespace, config_path: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Check and cache the site's data, then run the SuperNode until it is stopped."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # force: importing opacus already configured the root logger (at WARNING), which hid these lines
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     args = parse_args(argv)
     site = site_config(args)
     data = load_site_data(site)  # parses, validates and caches now, so bad input fails before connecting
     log.info("site %s: %d users (%d trainable), %d items in the catalog; filtered: %s", site.data_path,
              len(data.sequences), len(data.sequences.trainable_users()), len(data.catalog.item_ids),
              data.sequences.dropped or "nothing")
+    log.info("training device: %s", describe_device(resolve_device(site.device)))  # a missing GPU fails here
     log.info("privacy: %s", f"DP-SGD per user, budget ε = {site.epsilon} over all rounds" if site.dp
              else "DP is OFF: this site's updates carry no privacy guarantee")
     state = Path(site.state_dir)

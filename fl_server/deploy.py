@@ -213,7 +213,8 @@ def follow(run_id: int, env: dict[str, str], out_dir: Path, num_rounds: int, sta
 
 def main(argv: list[str] | None = None) -> int:
     """Start the SuperLink, submit the app, follow the run, and clean up whatever happens."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # force: importing opacus already configured the root logger (at WARNING), which hid these lines
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     args = parse_args(argv)
     app_dir = Path(args.app).resolve()
     defaults = app_defaults(app_dir)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Context
 from flwr.simulation import run_simulation
 
@@ -44,18 +45,62 @@ def write_sites(data: PreparedData, parts: Sequence[np.ndarray], root: Path, tem
     return sites
 
 
-def backend_config(num_cpus: int, cpus_per_client: float) -> dict[str, Any]:
-    """Ray settings for a CPU machine: how many simulated sites train at once."""
-    return {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-            "init_args": {"num_cpus": num_cpus, "num_gpus": 0, "include_dashboard": False}}
+@dataclass(frozen=True)
+class Resources:
+    """What Flower's simulation engine (Ray) may use, and what each simulated site takes of it."""
+
+    num_cpus: int = 2
+    cpus_per_client: float = 1.0
+    num_gpus: int = 0
+    gpus_per_client: float = 0.0
+
+    @classmethod
+    def resolve(cls, num_cpus: int, cpus_per_client: float, num_gpus: int | None = None,
+                gpus_per_client: float | None = None, device: str = "auto") -> Resources:
+        """Fill in the GPU defaults and refuse what Ray could never schedule (Flower would wait forever).
+
+        `num_gpus` None means every GPU torch sees. `gpus_per_client` None shares them evenly among the sites
+        that train at once (num_cpus / cpus_per_client of them), at most one GPU each; 0 without GPUs.
+        Ray hides the GPUs from a site given none, so such a site trains on CPU.
+        """
+        if num_cpus < 1 or not 0 < cpus_per_client <= num_cpus:
+            raise ValueError(f"federation.cpus_per_client={cpus_per_client} must be > 0 and at most "
+                             f"federation.num_cpus={num_cpus}, or no site could ever be scheduled")
+        gpus = torch.cuda.device_count() if num_gpus is None else num_gpus
+        if gpus < 0:
+            raise ValueError(f"federation.num_gpus={num_gpus} must be >= 0 (or null: every GPU torch sees)")
+        if gpus_per_client is None:
+            gpus_per_client = min(1.0, gpus * cpus_per_client / num_cpus) if gpus else 0.0
+        if gpus_per_client < 0 or gpus_per_client > gpus or (gpus_per_client > 1 and gpus_per_client % 1):
+            raise ValueError(f"federation.gpus_per_client={gpus_per_client} must be between 0 and "
+                             f"federation.num_gpus={gpus} (a whole number above 1), or no site could be scheduled")
+        if device == "cuda" and not gpus_per_client:
+            raise ValueError("train.device=cuda, but the simulated sites get no GPU (federation.gpus_per_client=0 "
+                             f"with {gpus} GPU(s)); use train.device=auto or give them GPUs")
+        return cls(num_cpus, cpus_per_client, gpus, gpus_per_client)
+
+    def backend_config(self) -> dict[str, Any]:
+        """Flower's backend_config for run_simulation."""
+        return {"client_resources": {"num_cpus": self.cpus_per_client, "num_gpus": self.gpus_per_client},
+                "init_args": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "include_dashboard": False}}
+
+    def describe(self) -> str:
+        """One log line: what each site gets and how many train at once."""
+        at_once = int(self.num_cpus / self.cpus_per_client + 1e-9)  # 1 / 0.1 is 9.999...
+        if self.gpus_per_client:
+            at_once = min(at_once, int(self.num_gpus / self.gpus_per_client + 1e-9))
+            return (f"{self.num_cpus} CPUs and {self.num_gpus} GPU(s); each site gets {self.cpus_per_client} CPU and "
+                    f"{self.gpus_per_client:g} GPU, {at_once} train at once")
+        return f"{self.num_cpus} CPUs, no GPU; each site gets {self.cpus_per_client} CPU, {at_once} train at once"
 
 
-def run_federation(sites: Sequence[SiteConfig], server: ServerConfig, num_cpus: int = 2,
-                   cpus_per_client: float = 1.0) -> None:
+def run_federation(sites: Sequence[SiteConfig], server: ServerConfig, resources: Resources | None = None) -> None:
     """Run the ServerApp and ClientApp in Flower's simulation engine; outputs land in server.out_dir."""
+    resources = resources or Resources()
+    log.info("simulation engine: %s", resources.describe())
 
     def site_of(context: Context) -> SiteConfig:
         return sites[int(context.node_config["partition-id"])]
 
     run_simulation(server_app=build_server_app(lambda _context: server), client_app=build_client_app(site_of),
-                   num_supernodes=len(sites), backend_config=backend_config(num_cpus, cpus_per_client))
+                   num_supernodes=len(sites), backend_config=resources.backend_config())

@@ -25,7 +25,7 @@ from fl_client.train import TrainConfig
 from fl_server.config import ServerConfig, StrategyConfig
 from shared_model.metrics import evaluate_popularity, with_standard_errors
 from simulations.config import RunConfig, register_schemas
-from simulations.federation import run_federation, write_sites
+from simulations.federation import Resources, run_federation, write_sites
 from simulations.local_only import run_local_only
 from simulations.partition import PartitionConfig, partition_users
 from simulations.prepare import PreparedData, prepare_data
@@ -50,6 +50,8 @@ class FederationConfig:
     local_epochs: int = 2  # (int) local passes over each site's users per round
     num_cpus: int = 2  # (int) CPUs Ray may use
     cpus_per_client: float = 1.0  # (float) CPUs per simulated site (how many train at once)
+    num_gpus: int | None = None  # (int) GPUs Ray may use; null = every GPU torch sees (0 on a CPU machine)
+    gpus_per_client: float | None = None  # (float) GPU share per site; null = the GPUs shared by the sites at once
     round_timeout: float = 600.0  # (float) seconds to wait for the sites in each phase
     central_eval: bool = True  # (bool) the server also evaluates on every user's test event (simulation only)
     keep_optimizer_state: bool = False  # (bool) sites carry their optimiser state (Adam moments) across rounds
@@ -80,6 +82,7 @@ def run_simulate(cfg: SimulateConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir).resolve()
     if cfg.train.num_threads:  # the server (central evaluation) and local mode run in this process
         torch.set_num_threads(cfg.train.num_threads)
+    resources = federation_resources(cfg) if cfg.federation.mode == "federated" else None  # fail before the work
     data = prepare_data(cfg.data)
     parts = partition_users(data.sequences, cfg.partition, data.catalog)
     write_popularity(data, cfg.model.max_len, out / "popularity.json")
@@ -91,7 +94,8 @@ def run_simulate(cfg: SimulateConfig) -> dict[str, Any]:
             if cfg.privacy.enabled and cfg.strategy.item_rows != "average":  # every site would decline
                 raise ValueError(f"strategy.item_rows={cfg.strategy.item_rows} needs per-item weights from the "
                                  "sites, which DP does not cover: use strategy.item_rows=average with DP")
-            return run_federated(cfg, data, parts, out)
+            assert resources is not None
+            return run_federated(cfg, data, parts, out, resources)
         case "local":
             return run_local_only(data, parts, cfg.model, cfg.train, cfg.privacy,
                                   cfg.federation.num_rounds * cfg.federation.local_epochs, out / "local")
@@ -118,7 +122,14 @@ def write_popularity(data: PreparedData, max_len: int, path: Path) -> dict[str, 
     return metrics
 
 
-def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.ndarray], out: Path) -> dict[str, Any]:
+def federation_resources(cfg: SimulateConfig) -> Resources:
+    """The simulation engine's CPUs and GPUs, checked before any site is written."""
+    fed = cfg.federation
+    return Resources.resolve(fed.num_cpus, fed.cpus_per_client, fed.num_gpus, fed.gpus_per_client, cfg.train.device)
+
+
+def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.ndarray], out: Path,
+                  resources: Resources) -> dict[str, Any]:
     """Write the sites, run the ServerApp and ClientApps, and return the server's summary."""
     template = SiteConfig(data_path="", catalog_path="", state_dir="", dp=cfg.privacy.enabled,
                           epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
@@ -140,7 +151,7 @@ def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.nd
         keep_optimizer_state=cfg.federation.keep_optimizer_state,
         round_timeout=cfg.federation.round_timeout, central_eval_path=central,
         has_timestamps=data.events.has_timestamps, model=cfg.model, strategy=cfg.strategy)
-    run_federation(sites, server, cfg.federation.num_cpus, cfg.federation.cpus_per_client)
+    run_federation(sites, server, resources)
     return dict(json.loads((out / "server" / "summary.json").read_text(encoding="utf-8")))
 
 

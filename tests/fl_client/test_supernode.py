@@ -3,9 +3,11 @@
 import tomllib
 
 import pytest
+import torch
 
 from fl_client.site import SiteConfig
 from fl_client.supernode import node_config, parse_args, site_config, supernode_command
+from fl_client.train import describe_device, resolve_device
 from shared_model.launch import toml_text
 
 
@@ -48,3 +50,10 @@ def test_unknown_accountant_or_gradient_mode_in_a_node_config_is_refused():
         SiteConfig.from_node_config({**base, "accountant": "moments"})
     with pytest.raises(ValueError, match="grad_sample_mode must be one of"):
         SiteConfig.from_node_config({**base, "grad-sample-mode": "functorch"})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_asking_for_cuda_without_a_gpu_fails_at_startup_with_the_reason():
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu" and describe_device(resolve_device("auto")).startswith("cpu (")

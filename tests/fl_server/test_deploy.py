@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fl_client.site import SiteConfig
 from shared_model.serialization import load_model_dir
@@ -60,8 +61,16 @@ def wait_until(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.5)
 
 
+# The GPU variant leaves out the public title features: they are the server's CPU work (covered on CPU), and
+# their 83 MB text encoder would not fit the GPU test machines' 64 MB upload here.
+ON_GPU = pytest.param("cuda", ' model.item-features="" model.feature-scoring=false', id="cuda",
+                      marks=[pytest.mark.gpu,
+                             pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+
+
 @pytest.mark.slow
-def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(tmp_path):
+@pytest.mark.parametrize(("device", "features"), [pytest.param("cpu", "", id="cpu"), ON_GPU])
+def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(tmp_path, device, features):
     data = prepare_data(DataConfig(name="synthetic", synthetic={"num_users": 180, "num_items": 40, "seed": 5}))
     parts = partition_users(data.sequences, PartitionConfig(kind="iid", num_partitions=3))
     sites = write_sites(data, parts, tmp_path / "sites", SiteConfig(data_path="", catalog_path="", state_dir=""))
@@ -70,13 +79,13 @@ def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(t
     server_cmd = [str(BIN / "fedrec-server"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
                   "--catalog", sites[0].catalog_path, "--out-dir", str(out), "--num-rounds", "2", "--min-sites", "3",
                   "--stall-timeout", "240", "--run-config",
-                  "batch-size=32 lr=0.005 model.hidden-size=16 model.max-len=20 round-timeout=120.0"]
+                  "batch-size=32 lr=0.005 model.hidden-size=16 model.max-len=20 round-timeout=120.0" + features]
     logs = tmp_path / "logs"
     logs.mkdir()
     clients = [subprocess.Popen(
         [str(BIN / "fedrec-client"), "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(port),
          "--data", site.data_path, "--catalog", site.catalog_path, "--state-dir", site.state_dir,
-         "--epsilon", "8", "--device", "cpu", "--rejoin-delay", "1"],
+         "--epsilon", "8", "--device", device, "--rejoin-delay", "1"],
         stdout=(logs / f"client{i}.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         for i, (site, port) in enumerate(zip(sites, site_ports, strict=True))]
     try:
@@ -108,3 +117,5 @@ def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(t
     model, catalog = load_model_dir(out / "model")
     assert model.config.hidden_size == 16 and catalog.fingerprint == data.catalog.fingerprint
     assert (out / "report.md").exists() and "ε max" in (out / "report.md").read_text()
+    for i in range(3):  # each SuperNode names the device its rounds train on
+        assert f"training device: {device}" in (logs / f"client{i}.log").read_text()
