@@ -5,6 +5,7 @@ One training row is one user, so Opacus' per-sample (ε, δ) is a per-user guara
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,8 @@ from opacus import GradSampleModule, PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
+
+from fl_client.secure_rng import secure_loader, use_secure_noise
 
 AccountantHistory = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
 ACCOUNTANTS = ("prv", "rdp", "gdp")
@@ -29,7 +32,7 @@ class PrivacyConfig:
     noise_multiplier: float | None = None  # (float) fixed σ; None calibrates σ to reach `epsilon`
     max_grad_norm: float = 1.0  # (float) per-user gradient clipping bound C
     accountant: str = "prv"  # (str) Opacus accountant: prv, rdp or gdp
-    secure_mode: bool = False  # (bool) cryptographically secure noise (production; slower)
+    secure_mode: bool = False  # (bool) sampling and noise from the OS CSPRNG (production; slower)
     grad_sample_mode: str = "hooks"  # (str) hooks (supports tied item tables) or ghost (untied only)
 
 
@@ -71,15 +74,22 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
     if config.grad_sample_mode == "ghost" and getattr(model.config, "tie_item_embeddings", False):
         raise ValueError("ghost clipping cannot handle the tied item table: set model.tie_item_embeddings=false "
                          "or privacy.grad_sample_mode=hooks")
-    engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_mode)
-    wrapped: Any = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=config.max_grad_norm, poisson_sampling=True, grad_sample_mode=config.grad_sample_mode,
-        criterion=torch.nn.CrossEntropyLoss())
+    # secure_mode is ours (fl_client.secure_rng): Opacus' needs torchcsprng, which no current torch has.
+    with warnings.catch_warnings():
+        if config.secure_mode:  # Opacus warns that *its* secure RNG is off; ours replaces it just below
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=config.accountant)
+        wrapped: Any = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+            max_grad_norm=config.max_grad_norm, poisson_sampling=True, grad_sample_mode=config.grad_sample_mode,
+            criterion=torch.nn.CrossEntropyLoss())
     if config.grad_sample_mode == "ghost":
         private_model, private_optimizer, _criterion, private_loader = wrapped
     else:
         private_model, private_optimizer, private_loader = wrapped
+    if config.secure_mode:
+        private_loader = secure_loader(private_loader)
+        use_secure_noise(private_optimizer)
     return engine, private_model, private_optimizer, private_loader
 
 

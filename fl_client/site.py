@@ -40,7 +40,7 @@ class SiteConfig:
     noise_multiplier: float | None = None  # (float) fixed σ; None = calibrated so ε lasts all planned rounds
     accountant: str = "prv"  # (str) Opacus accountant for σ and the ledger: prv, rdp or gdp (fixed for life)
     grad_sample_mode: str = "hooks"  # (str) Opacus per-user gradients: hooks (tied item table ok) or ghost
-    secure_mode: bool = False  # (bool) Opacus secure RNG (production)
+    secure_mode: bool = False  # (bool) sampling and noise from the OS CSPRNG (production; slower)
     device: str = "auto"  # (str) auto (CUDA when present), cpu or cuda
     min_events: int = 3  # (int) users with fewer events are dropped (counted)
     micro_batch_tokens: int = 8192  # (int) DP: padded positions per micro-batch (bounds this site's memory)

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Opacus per-user gradients: hooks (tied item table ok) or ghost")
     parser.add_argument("--micro-batch-tokens", type=int, default=8192, help="DP: padded positions per micro-batch")
     parser.add_argument("--micro-batch-users", type=int, default=128, help="DP: users per micro-batch")
-    parser.add_argument("--secure-mode", action="store_true", help="Opacus' cryptographically secure RNG")
+    parser.add_argument("--secure-mode", action="store_true", help="DP sampling and noise from the OS CSPRNG (slower)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--min-events", type=int, default=3, help="users with fewer events are dropped (counted)")
     parser.add_argument("--port", type=int, default=9094, help="local port for this SuperNode's ClientApps")
