@@ -33,7 +33,8 @@ class RankingMetrics:
             hit = (ranks < k).double()
             self._add(f"hr@{k}", hit)
             self._add(f"ndcg@{k}", hit / torch.log2(ranks + 2.0))
-        self._add("mrr", 1.0 / (ranks + 1.0))
+            self._add(f"mrr@{k}", hit / (ranks + 1.0))  # reciprocal rank, 0 beyond the cut-off
+        self._add("mrr", 1.0 / (ranks + 1.0))  # over the full ranking
         self.count += int(ranks.numel())
 
     def _add(self, name: str, per_user: torch.Tensor) -> None:

@@ -32,7 +32,7 @@ from shared_model.metrics import (
 from simulations.prepare import PreparedData, build_model
 
 log = logging.getLogger(__name__)
-METRIC_KEYS = ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr")
+METRIC_KEYS = ("hr@5", "ndcg@5", "mrr@5", "hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20", "mrr@20", "mrr")
 
 
 @dataclass

@@ -25,7 +25,7 @@ from shared_model.metrics import (
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
 from shared_model.sequences import UserSequences, make_batch
 
-METRIC_KEYS = {"hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr"}
+METRIC_KEYS = {"hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@5", "mrr@10", "mrr@20", "mrr"}
 MOMENT_KEYS = {key + SECOND_MOMENT for key in METRIC_KEYS}
 
 
@@ -85,6 +85,7 @@ def test_ranking_metrics_exact_values() -> None:
         "ndcg@5": (1 + 1 / math.log2(3)) / 4,
         "ndcg@10": (1 + 1 / math.log2(3) + 1 / math.log2(9)) / 4,
         "ndcg@20": (1 + 1 / math.log2(3) + 1 / math.log2(9)) / 4,
+        "mrr@5": (1 + 1 / 2) / 4, "mrr@10": (1 + 1 / 2 + 1 / 8) / 4, "mrr@20": (1 + 1 / 2 + 1 / 8) / 4,
         "mrr": (1 + 1 / 2 + 1 / 8 + 1 / 31) / 4,
     }
     assert without_moments(result) == pytest.approx(expected)
@@ -97,13 +98,13 @@ def test_ranking_metrics_exact_values() -> None:
 def test_single_rank_values(rank: int, ndcg: float, mrr: float) -> None:
     metrics = RankingMetrics(ks=(5,))
     metrics.update(torch.tensor([rank]))
-    assert without_moments(metrics.result()) == pytest.approx({"hr@5": 1.0, "ndcg@5": ndcg, "mrr": mrr})
+    assert without_moments(metrics.result()) == pytest.approx({"hr@5": 1.0, "ndcg@5": ndcg, "mrr@5": mrr, "mrr": mrr})
 
 
 def test_rank_at_k_is_a_miss() -> None:
     metrics = RankingMetrics(ks=(5,))
     metrics.update(torch.tensor([5]))
-    assert without_moments(metrics.result()) == pytest.approx({"hr@5": 0.0, "ndcg@5": 0.0, "mrr": 1 / 6})
+    assert without_moments(metrics.result()) == pytest.approx({"hr@5": 0.0, "ndcg@5": 0.0, "mrr@5": 0.0, "mrr": 1 / 6})
 
 
 def test_ranking_metrics_without_users_is_empty() -> None:
@@ -163,6 +164,7 @@ def test_evaluate_popularity_toy_case(popularity_seqs: UserSequences) -> None:
         "ndcg@5": (1 + 1 / math.log2(3) + 1 / math.log2(5)) / 3,
         "ndcg@10": (1 + 1 / math.log2(3) + 1 / math.log2(5)) / 3,
         "ndcg@20": (1 + 1 / math.log2(3) + 1 / math.log2(5)) / 3,
+        "mrr@5": (1 + 1 / 2 + 1 / 4) / 3, "mrr@10": (1 + 1 / 2 + 1 / 4) / 3, "mrr@20": (1 + 1 / 2 + 1 / 4) / 3,
         "mrr": (1 + 1 / 2 + 1 / 4) / 3, "users": 3.0})
 
 
