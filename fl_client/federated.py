@@ -86,13 +86,16 @@ class RoundReply:
     epsilon: float  # cumulative over every round this site trained (0 when DP is off)
     delta: float
     declined: str = ""  # the reason, when the site refused to train
+    train_seconds: float = 0.0  # local training time
+    peak_memory_mb: float = 0.0  # peak memory while training (GPU allocator, or the process' resident set)
     item_weights: torch.Tensor | None = None  # per catalog row, when the server asked (wire.ITEM_ROWS)
 
     def metrics(self) -> dict[str, float]:
         """The MetricRecord content; keys are identical for every reply, as Flower's strategies require."""
         return {wire.NUM_EXAMPLES: float(self.num_examples), wire.TRAIN_LOSS: self.train_loss,
                 wire.DP_ENABLED: float(self.dp), wire.EPSILON: self.epsilon, wire.DELTA: self.delta,
-                wire.DECLINED: float(bool(self.declined))}
+                wire.DECLINED: float(bool(self.declined)), wire.TRAIN_SECONDS: self.train_seconds,
+                wire.PEAK_MEMORY_MB: self.peak_memory_mb}
 
 
 def build_global_model(round_cfg: RoundConfig, state: Mapping[str, torch.Tensor]) -> FedRecModel:
@@ -167,6 +170,7 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
         epsilon = ledger.record(training_id, round_cfg.server_round, result.privacy.history).epsilon_after
     reply = RoundReply(state=wire.trainable_state(model.cpu()), num_examples=len(data.sequences.trainable_users()),
                        train_loss=result.epoch_losses[-1], dp=site.dp, epsilon=epsilon, delta=delta,
+                       train_seconds=result.seconds, peak_memory_mb=result.peak_memory_mb,
                        item_weights=item_row_weights(data, round_cfg.item_rows, model.config.num_item_rows))
     if ledger is not None:
         save_atomically(reply.__dict__, cached)

@@ -180,6 +180,9 @@ def progress_line(row: dict[str, Any], num_rounds: int) -> str:
     eps = f", ε max {privacy['epsilon_max']:.3f}" if "epsilon_max" in privacy else ""
     if row.get("declined_reasons"):
         eps += f" (declined: {row['declined_reasons'][0]})"
+    cost = row.get("site_cost") or {}
+    if cost:
+        eps += f"; slowest site {cost['train_seconds_max']:.1f} s, peak {cost['peak_memory_mb_max']:,.0f} MB"
     return (f"round {row['round']}/{num_rounds}: {row.get('train_replies', 0)} sites answered, "
             f"{row.get('declined', 0)} declined, {row.get('train_failures', 0)} failed; "
             f"HR@10 {evaluation.get('hr@10', float('nan')):.4f} NDCG@10 {evaluation.get('ndcg@10', float('nan')):.4f}"

@@ -76,11 +76,26 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, A
                      f"{_fmt(fed.get('hr@10'))} | "
                      f"{_fmt(fed.get('ndcg@10'))} | {_fmt(central.get('hr@10'))} | {_fmt(priv.get('epsilon_max'))} |")
     lines += item_rows_notes(rows)
+    lines += cost_notes(rows)
     lines += ["", *final_metrics(rows, summary.get("best_round", 0)),
               "", "![accuracy](accuracy.png)", "", "![privacy](privacy.png)", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def cost_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """What a round cost the sites (the slowest site's training time, the largest peak memory) and the wire."""
+    costs = [(r["round"], r["site_cost"]) for r in rows if r.get("site_cost")]
+    if not costs:
+        return []
+    last_round, last = costs[-1]
+    row = next(r for r in rows if r["round"] == last_round)
+    return ["", f"Site cost in round {last_round}: the slowest site trained {last['train_seconds_max']:.1f} s "
+                f"(mean {last['train_seconds_mean']:.1f} s); the largest peak memory at a site was "
+                f"{max(c['peak_memory_mb_max'] for _, c in costs):,.0f} MB over all rounds (GPU allocator on a "
+                f"GPU site, resident set on a CPU site); {row.get('bytes_to_each_site', 0):,} bytes went to "
+                f"and {row.get('bytes_from_each_site', 0):,} came from each site."]
 
 
 def item_rows_notes(rows: list[dict[str, Any]]) -> list[str]:

@@ -31,6 +31,7 @@ from shared_model.metrics import with_standard_errors
 
 log = logging.getLogger(__name__)
 PRIVACY_KEYS = (wire.EPSILON, wire.DELTA, wire.DP_ENABLED, wire.DECLINED)
+COST_KEYS = (wire.TRAIN_SECONDS, wire.PEAK_MEMORY_MB)  # reported as max/mean over sites, not user-weighted
 # Server-side optimiser state some strategies keep between rounds; checkpointed so a resume continues it.
 STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
 # Strategies that average (before a server step): row-weighted item tables work by pre-scaling their input.
@@ -61,10 +62,22 @@ def privacy_report(metrics: list[dict[str, float]]) -> dict[str, Any]:
     return report
 
 
+def site_cost(metrics: list[dict[str, float]]) -> dict[str, float]:
+    """The slowest and the mean site's training time, and the largest peak memory, over the sites that trained
+    (replies from sites older than these keys carry none: then nothing is reported)."""
+    trained = [m for m in metrics if m.get(wire.DECLINED, 0.0) == 0.0 and wire.TRAIN_SECONDS in m]
+    if not trained:
+        return {}
+    return {"train_seconds_max": max(m[wire.TRAIN_SECONDS] for m in trained),
+            "train_seconds_mean": mean(m[wire.TRAIN_SECONDS] for m in trained),
+            "peak_memory_mb_max": max(m.get(wire.PEAK_MEMORY_MB, 0.0) for m in trained)}
+
+
 def training_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Weighted means of the sites' training metrics, without privacy keys (a mean ε would mislead)."""
+    """Weighted means of the sites' training metrics, without privacy keys (a mean ε would mislead) or cost
+    keys (site_cost reports those)."""
     aggregated = aggregate_metricrecords(records, weight_key)
-    return MetricRecord({k: v for k, v in aggregated.items() if k not in PRIVACY_KEYS})
+    return MetricRecord({k: v for k, v in aggregated.items() if k not in PRIVACY_KEYS + COST_KEYS})
 
 
 def with_frozen(messages: Iterable[Message], frozen: ArrayRecord) -> list[Message]:
@@ -172,7 +185,8 @@ class RoundHooks:
                            "declined": len(answered) - len(trained),
                            "bytes_to_each_site": self.bytes_sent,
                            "bytes_from_each_site": max((payload_bytes(m.content) for m, _ in answered), default=0),
-                           "privacy": privacy_report([metrics for _, metrics in answered])}
+                           "privacy": privacy_report([metrics for _, metrics in answered]),
+                           "site_cost": site_cost([metrics for _, metrics in answered])}
         for failure in (m for m in replies if m.has_error()):
             log.warning("a site failed to train: %s", failure.error.reason)
         reasons = [declined_reason(m) for m, metrics in answered if metrics.get(wire.DECLINED, 0.0) == 1.0]

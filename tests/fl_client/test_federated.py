@@ -40,6 +40,7 @@ def test_dp_rounds_accumulate_epsilon_in_the_site_ledger(site):
     assert first.epsilon < second.epsilon <= site.epsilon * 1.01  # two planned rounds spend the whole budget
     assert PrivacyLedger(site.ledger_path, second.delta).spent() == pytest.approx(second.epsilon)
     assert set(first.metrics()) == set(second.metrics())
+    assert first.train_seconds > 0 and first.peak_memory_mb > 0  # what the round cost the site, for the server
     sent_back = set(wire.trainable_state(build_global_model(first_cfg, state)))
     assert set(first.state) == set(second.state) == sent_back  # trainable weights only, tied table once
 

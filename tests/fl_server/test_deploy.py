@@ -114,6 +114,7 @@ def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(t
     for site in sites:  # every site paid for each round exactly once, crash or not
         assert ledger_rounds(site) == [1, 2]
     assert 0 < rows[1]["privacy"]["epsilon_max"] <= 8.0 * 1.01
+    assert rows[1]["site_cost"]["train_seconds_max"] > 0 and rows[1]["site_cost"]["peak_memory_mb_max"] > 0
     model, catalog = load_model_dir(out / "model")
     assert model.config.hidden_size == 16 and catalog.fingerprint == data.catalog.fingerprint
     assert (out / "report.md").exists() and "ε max" in (out / "report.md").read_text()

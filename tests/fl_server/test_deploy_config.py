@@ -5,7 +5,7 @@ import tomllib
 
 import pytest
 
-from fl_server.deploy import PROJECT_ROOT, app_defaults, parse_args, run_overrides, superlink_command
+from fl_server.deploy import PROJECT_ROOT, app_defaults, parse_args, progress_line, run_overrides, superlink_command
 from shared_model.catalog import ItemCatalog
 from shared_model.launch import toml_text
 
@@ -49,3 +49,11 @@ def test_tls_needs_all_three_files_and_is_passed_to_the_superlink(tmp_path):
     command = superlink_command(args)
     assert "--insecure" not in command and command[command.index("--ssl-keyfile") + 1] == "k.pem"
     assert "--disable-runtime-dependency-installation" in command  # never `uv sync` a CUDA torch at run time
+
+
+def test_the_progress_line_names_privacy_and_the_sites_cost():
+    row = {"round": 2, "train_replies": 3, "declined": 0, "train_failures": 0,
+           "federated_eval": {"hr@10": 0.25, "ndcg@10": 0.125}, "privacy": {"epsilon_max": 1.5},
+           "site_cost": {"train_seconds_max": 4.25, "train_seconds_mean": 2.0, "peak_memory_mb_max": 1234.0}}
+    assert progress_line(row, 5) == ("round 2/5: 3 sites answered, 0 declined, 0 failed; HR@10 0.2500 NDCG@10 "
+                                     "0.1250, ε max 1.500; slowest site 4.2 s, peak 1,234 MB")

@@ -40,3 +40,13 @@ def test_report_names_the_item_row_weighting_and_counts_sites_left_out_as_failed
     assert "| 1 | 3 | 0 | 0 |" in text and "| 2 | 2 | 0 | 1 |" in text
     assert "- round 2: left out node 9: it sent no item weights" in text
     assert "item_rows" not in write_report(tmp_path, ROWS, {"rounds": 2}).read_text()
+
+
+def test_report_gives_the_sites_training_cost(tmp_path):
+    rows = [{**r, "bytes_to_each_site": 1000, "bytes_from_each_site": 900,
+             "site_cost": {"train_seconds_max": 3.0 * r["round"], "train_seconds_mean": 2.0,
+                           "peak_memory_mb_max": 800.0 / r["round"]}} for r in ROWS]
+    text = write_report(tmp_path, rows, {"rounds": 2}).read_text()
+    assert ("Site cost in round 2: the slowest site trained 6.0 s (mean 2.0 s); the largest peak memory at a site "
+            "was 800 MB over all rounds") in text and "1,000 bytes went to and 900 came from each site" in text
+    assert "Site cost" not in write_report(tmp_path, ROWS, {"rounds": 2}).read_text()

@@ -3,7 +3,7 @@
 import pytest
 
 from fl_server.config import StrategyConfig, server_config_from_run_config
-from fl_server.strategy import build_strategy, privacy_report
+from fl_server.strategy import build_strategy, privacy_report, site_cost
 from shared_model import wire
 
 
@@ -40,6 +40,14 @@ def test_privacy_report_takes_max_and_mean_over_dp_sites_only():
     assert report["epsilon_max"] == 4.0 and report["epsilon_mean"] == 3.0 and report["delta_max"] == 1e-4
     assert report["sites_without_dp"] == 1
     assert "epsilon_max" not in privacy_report([sites[2]])  # no DP claim when no site had DP
+
+
+def test_site_cost_is_the_slowest_and_largest_site_that_trained():
+    sites = [{wire.DECLINED: 0.0, wire.TRAIN_SECONDS: 2.0, wire.PEAK_MEMORY_MB: 900.0},
+             {wire.DECLINED: 0.0, wire.TRAIN_SECONDS: 6.0, wire.PEAK_MEMORY_MB: 300.0},
+             {wire.DECLINED: 1.0, wire.TRAIN_SECONDS: 0.0, wire.PEAK_MEMORY_MB: 0.0}]  # declined: not counted
+    assert site_cost(sites) == {"train_seconds_max": 6.0, "train_seconds_mean": 4.0, "peak_memory_mb_max": 900.0}
+    assert site_cost([sites[2]]) == {} and site_cost([{wire.DECLINED: 0.0}]) == {}  # older sites send none
 
 
 def test_server_config_is_parsed_from_a_flat_run_config():
