@@ -3,6 +3,7 @@ central evaluation, resume after a crash, and export the final recommender."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -30,15 +31,23 @@ log = logging.getLogger(__name__)
 CentralEvaluator = Callable[[FedRecModel], dict[str, float]]
 
 
-def central_evaluator(cfg: ServerConfig, catalog: ItemCatalog) -> CentralEvaluator | None:
-    """Full-ranking test metrics (+ validation NDCG@10) on events the server holds (None when it holds none)."""
+def central_evaluator(cfg: ServerConfig, catalog: ItemCatalog,
+                      device: torch.device | None = None) -> CentralEvaluator | None:
+    """Full-ranking test metrics (+ validation NDCG@10) on events the server holds (None when it holds none),
+    scored on the server's GPU when it has one (a copy of the model goes there; the global model stays put)."""
     if not cfg.central_eval_path:
         return None
     sequences = to_user_sequences(load_dataset(cfg.central_eval_format, cfg.central_eval_path), catalog)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    log.info("central evaluation of %d users on %s", len(sequences), device)
 
     def evaluate(model: FedRecModel) -> dict[str, float]:
-        test = with_standard_errors(evaluate_model(model, sequences, "test"))
-        return {**test, wire.VALID_NDCG10: evaluate_model(model, sequences, "valid")["ndcg@10"]}
+        scored = model
+        if device.type != "cpu":
+            scored = copy.deepcopy(model)
+            torch.nn.Module.to(scored, device)
+        test = with_standard_errors(evaluate_model(scored, sequences, "test", device=device))
+        return {**test, wire.VALID_NDCG10: evaluate_model(scored, sequences, "valid", device=device)["ndcg@10"]}
 
     return evaluate
 
