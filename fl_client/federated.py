@@ -224,9 +224,9 @@ def round_seed(site: SiteConfig, round_cfg: RoundConfig) -> int:
     Under DP it is fresh OS entropy every round. A seed that repeats would repeat the Poisson sample and the
     noise of every round: the noise would add up round after round instead of averaging out, and the
     accountant's assumption of independent noise at every step would be false. A seed the server could
-    derive would let it subtract the noise. (`privacy.secure_mode` goes further: noise and samples then come from the OS
-    CSPRNG, fl_client/secure_rng.py.) Without DP the seed is derived from the training
-    run, the round and the site, so a simulation is reproducible.
+    derive would let it subtract the noise. (`privacy.secure_mode` goes further: noise and samples then come
+    from the OS CSPRNG, fl_client/secure_rng.py.) Without DP the seed is derived from the training run, the
+    round and the site, so a simulation is reproducible.
     """
     if site.dp:
         return secrets.randbits(63)

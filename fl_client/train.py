@@ -149,7 +149,8 @@ def length_chunks(seqs: UserSequences, users: list[int], max_len: int, max_token
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak accelerator memory, or this process' peak resident set on CPU."""
+    """Peak accelerator memory since `train` began, or this process' peak resident set so far on CPU (the OS
+    keeps no resettable peak: in a long-lived process, such as a simulated site, it covers earlier work too)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource  # stdlib, Unix only; imported here so the module still imports elsewhere
@@ -169,6 +170,8 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # this training's peak, not the process' (sites live long)
     torch.nn.Module.to(model, device).train()
     users = seqs.trainable_users()
     if len(users) == 0:

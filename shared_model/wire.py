@@ -48,7 +48,7 @@ DP_ENABLED = "dp"  # 1 when the site trained with DP-SGD
 EPSILON = "epsilon"  # the site's cumulative ε after this round (only meaningful when dp == 1)
 DELTA = "delta"
 TRAIN_SECONDS = "train-seconds"  # the site's local training time this round (0 when it declined)
-PEAK_MEMORY_MB = "peak-memory-mb"  # its peak during training: CUDA allocator on a GPU, resident set on CPU
+PEAK_MEMORY_MB = "peak-memory-mb"  # its peak in training: CUDA allocator on a GPU, process resident set on CPU
 
 # ConfigRecord keys (site -> server).
 DECLINED_REASON = "declined-reason"  # "" when the site trained
