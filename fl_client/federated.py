@@ -19,10 +19,11 @@ import torch
 from fl_client.ledger import BudgetExceededError, PrivacyLedger
 from fl_client.privacy import AccountantHistory, calibrate_noise
 from fl_client.site import SiteConfig, SiteData
-from fl_client.train import TrainConfig, TrainingDivergedError, resolve_device, train
+from fl_client.train import TrainConfig, TrainingDivergedError, train
 from shared_model import wire
 from shared_model.atomic import write_atomically
 from shared_model.configuration_fedrec import FedRecConfig
+from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, training_loss
 from shared_model.modeling_fedrec import FedRecModel
 

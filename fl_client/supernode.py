@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fl_client.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES
 from fl_client.site import SiteConfig, load_site_data
-from fl_client.train import describe_device, resolve_device
+from shared_model.device import describe_device, resolve_device
 from shared_model.launch import (
     TomlValue,
     exit_on_sigterm,

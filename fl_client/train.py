@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from fl_client.privacy import PrivacyConfig, PrivacySpent, calibrate_noise, make_private, resolve_delta, spent
 from shared_model import wire
+from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, without_moments
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
 from shared_model.sequences import UserSequences, make_batch
@@ -75,25 +76,6 @@ def check_finite(model: torch.nn.Module, epoch: int, config: TrainConfig) -> Non
         raise TrainingDivergedError(
             f"training diverged in epoch {epoch}: non-finite weights in {shown} "
             f"(train.optimizer={config.optimizer}, train.lr={config.lr}); lower train.lr")
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present; asking for CUDA where there is none is an error, named now."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for, but this torch build ({torch.__version__}) sees no CUDA "
-                         "device; use device=auto or cpu, or install a CUDA build of torch")
-    return device
-
-
-def describe_device(device: torch.device) -> str:
-    """What a site trains on, for its log: the GPU's name and memory, or the CPU threads."""
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return f"{device} ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig,

@@ -21,6 +21,7 @@ from fl_server.strategy import build_strategy
 from shared_model import wire
 from shared_model.adapters import load_dataset
 from shared_model.catalog import ItemCatalog
+from shared_model.device import resolve_device
 from shared_model.factory import create_model
 from shared_model.metrics import evaluate_model, with_standard_errors
 from shared_model.modeling_fedrec import FedRecModel
@@ -38,7 +39,7 @@ def central_evaluator(cfg: ServerConfig, catalog: ItemCatalog,
     if not cfg.central_eval_path:
         return None
     sequences = to_user_sequences(load_dataset(cfg.central_eval_format, cfg.central_eval_path), catalog)
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or resolve_device("auto")
     log.info("central evaluation of %d users on %s", len(sequences), device)
 
     def evaluate(model: FedRecModel) -> dict[str, float]:

@@ -17,7 +17,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fl_client.privacy import PrivacyConfig
-from fl_client.train import TrainConfig, TrainResult, resolve_device, train
+from fl_client.train import TrainConfig, TrainResult, train
+from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, evaluate_popularity, with_standard_errors
 from shared_model.serialization import save_model_dir
 from simulations.config import CentralizedConfig, register_schemas

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from fl_client.privacy import PrivacyConfig
-from fl_client.train import TrainConfig, resolve_device, train
+from fl_client.train import TrainConfig, train
+from shared_model.device import resolve_device
 from shared_model.factory import ModelConfig
 from shared_model.metrics import (
     SECOND_MOMENT,

@@ -7,7 +7,7 @@ import torch
 
 from fl_client.site import SiteConfig
 from fl_client.supernode import node_config, parse_args, site_config, supernode_command
-from fl_client.train import describe_device, resolve_device
+from shared_model.device import describe_device, resolve_device
 from shared_model.launch import toml_text
 
 
