@@ -22,7 +22,7 @@ from simulations.config import DataConfig
 from simulations.prepare import prepare_data
 from tests.fl_client.server_round import round_record
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.modeling_fedrec import FedRecModel
 from simulations.synthetic import generate_events, write_events
 
-ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                        reason="needs a CUDA GPU")])
+ON_GPU = pytest.param("cuda", marks=pytest.mark.gpu)  # skipped without CUDA (tests/conftest.py)
 
 
 @pytest.mark.parametrize("device", ["cpu", ON_GPU])

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from fl_client.site import SiteConfig
 from shared_model.serialization import load_model_dir
@@ -63,9 +62,7 @@ def wait_until(condition, timeout_s: float, what: str) -> None:
 
 # The GPU variant leaves out the public title features: they are the server's CPU work (covered on CPU), and
 # their 83 MB text encoder would not fit the GPU test machines' 64 MB upload here.
-ON_GPU = pytest.param("cuda", ' model.item-features="" model.feature-scoring=false', id="cuda",
-                      marks=[pytest.mark.gpu,
-                             pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+ON_GPU = pytest.param("cuda", ' model.item-features="" model.feature-scoring=false', id="cuda", marks=pytest.mark.gpu)
 
 
 @pytest.mark.slow
