@@ -51,7 +51,8 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         site = resolve_site(context)
         data, round_cfg, state = decode(msg, site)
         try:
-            reply = train_round(site, data, round_cfg, state)
+            shared = msg.content.array_records.get(wire.OPTIMIZER_STATE)
+            reply = train_round(site, data, round_cfg, state, shared.to_torch_state_dict() if shared else None)
         except CatalogMismatchError as err:
             return Message(Error(code=CATALOG_MISMATCH, reason=str(err)), reply_to=msg)
         except TrainingDivergedError as err:
@@ -63,6 +64,8 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
                               wire.NOTES: ConfigRecord({wire.DECLINED_REASON: reply.declined})})
         if reply.item_weights is not None:
             content[wire.ITEM_WEIGHTS] = ArrayRecord({wire.ITEM_WEIGHTS: reply.item_weights})
+        if reply.moments:
+            content[wire.OPTIMIZER_STATE] = ArrayRecord(reply.moments)
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from fl_client.ledger import BudgetExceededError, PrivacyLedger
+from fl_client.moments import from_named_moments, to_named_moments, trainable_names
 from fl_client.privacy import AccountantHistory, calibrate_noise
 from fl_client.site import SiteConfig, SiteData
-from fl_client.train import TrainConfig, TrainingDivergedError, train
+from fl_client.train import TrainConfig, TrainingDivergedError, build_optimizer, train
 from shared_model import wire
 from shared_model.atomic import write_atomically
 from shared_model.configuration_fedrec import FedRecConfig
@@ -38,6 +39,7 @@ OPTIONAL_ROUND_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "proximal_mu": (wire.PROXIMAL_MU, float), "weight_decay": (wire.WEIGHT_DECAY, float),
     "num_negatives": (wire.NUM_NEGATIVES, int), "seed": (wire.SEED, int),
     "keep_optimizer_state": (wire.KEEP_OPTIMIZER_STATE, bool), "item_rows": (wire.ITEM_ROWS, str),
+    "share_optimizer_state": (wire.SHARE_OPTIMIZER_STATE, bool),
 }
 
 
@@ -60,6 +62,7 @@ class RoundConfig:
     seed: int = 0  # seeds sampling and dropout without DP (a DP site draws fresh entropy every round)
     keep_optimizer_state: bool = False  # the site carries its optimiser state (Adam moments) across rounds
     item_rows: str = "average"  # wire.ITEM_ROW_MODES: holders/counts ask the site for per-item weights
+    share_optimizer_state: bool = False  # start from the server's average of the sites' moments; send ours back
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RoundConfig:
@@ -90,6 +93,7 @@ class RoundReply:
     train_seconds: float = 0.0  # local training time
     peak_memory_mb: float = 0.0  # peak memory while training (GPU allocator, or the process' resident set)
     item_weights: torch.Tensor | None = None  # per catalog row, when the server asked (wire.ITEM_ROWS)
+    moments: dict[str, torch.Tensor] | None = None  # the optimiser state after training, when shared
 
     def metrics(self) -> dict[str, float]:
         """The MetricRecord content; keys are identical for every reply, as Flower's strategies require."""
@@ -130,9 +134,12 @@ def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
 
 
-def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
-                state: Mapping[str, torch.Tensor]) -> RoundReply:
-    """Train the global model on the site's users for one round, within the site's privacy budget."""
+def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, state: Mapping[str, torch.Tensor],
+                shared_moments: Mapping[str, torch.Tensor] | None = None) -> RoundReply:
+    """Train the global model on the site's users for one round, within the site's privacy budget.
+
+    `shared_moments`: the server's average of the sites' optimiser states (`share_optimizer_state`; none in
+    the first round), which this round's optimiser starts from."""
     data.catalog.check_matches(round_cfg.catalog_fingerprint)
     training_id = round_cfg.training_id
     delta = site_delta(site, data)
@@ -153,10 +160,14 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
             ledger.check(planned, site.epsilon)
         except BudgetExceededError as err:
             return declined(model, delta, ledger.spent(), str(err))
-    optimizer_path = optimizer_state_path(site, training_id) if round_cfg.keep_optimizer_state else None
+    keep = round_cfg.keep_optimizer_state and not round_cfg.share_optimizer_state
+    optimizer_path = optimizer_state_path(site, training_id) if keep else None
+    local = local_train_config(site, round_cfg)
+    start = load_optimizer_state(optimizer_path)
+    if round_cfg.share_optimizer_state and shared_moments:
+        start = from_named_moments(shared_moments, model, build_optimizer(model, local).state_dict())
     try:
-        result = train(model, data.sequences, local_train_config(site, round_cfg), site.privacy(delta, sigma),
-                       optimizer_state=load_optimizer_state(optimizer_path))
+        result = train(model, data.sequences, local, site.privacy(delta, sigma), optimizer_state=start)
     except TrainingDivergedError as err:
         # The failure itself is released, so the round is charged in full (at most the planned steps ran).
         if ledger is not None:
@@ -173,6 +184,8 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
                        train_loss=result.epoch_losses[-1], dp=site.dp, epsilon=epsilon, delta=delta,
                        train_seconds=result.seconds, peak_memory_mb=result.peak_memory_mb,
                        item_weights=item_row_weights(data, round_cfg.item_rows, model.config.num_item_rows))
+    if round_cfg.share_optimizer_state and result.optimizer_state is not None:
+        reply.moments = to_named_moments(result.optimizer_state, trainable_names(model))
     if ledger is not None:
         save_atomically(reply.__dict__, cached)
     return reply

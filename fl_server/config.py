@@ -43,6 +43,7 @@ class ServerConfig:
     num_negatives: int = 0  # (int) local sampled-softmax negatives; 0 = full-catalog cross-entropy (DP: 0 only)
     seed: int = 0  # (int) seeds the sites' sampling and dropout without DP (DP sites draw fresh entropy)
     keep_optimizer_state: bool = False  # (bool) sites carry their optimiser state (Adam moments) across rounds
+    share_optimizer_state: bool = False  # (bool) sites start each round from the average of their optimiser states
     round_timeout: float = 3600.0  # (float) seconds to wait for the sites in each phase of a round
     resume: bool = True  # (bool) continue from the last completed round found in out_dir
     central_eval_path: str = ""  # (str) events the server holds for central evaluation ("" = none)

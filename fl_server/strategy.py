@@ -5,7 +5,7 @@ of what each round received, including the sites' privacy reports."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from statistics import mean
 from typing import Any
 
@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fl_server.config import StrategyConfig
+from fl_server.item_rows import average_moments, item_weights, reweight_item_rows
 from shared_model import wire
 from shared_model.metrics import with_standard_errors
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 PRIVACY_KEYS = (wire.EPSILON, wire.DELTA, wire.DP_ENABLED, wire.DECLINED)
 COST_KEYS = (wire.TRAIN_SECONDS, wire.PEAK_MEMORY_MB)  # reported as max/mean over sites, not user-weighted
 # Server-side optimiser state some strategies keep between rounds; checkpointed so a resume continues it.
-STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
+STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "shared_moments")
 # Strategies that average (before a server step): row-weighted item tables work by pre-scaling their input.
 AVERAGING = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
 
@@ -80,21 +81,24 @@ def training_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord
     return MetricRecord({k: v for k, v in aggregated.items() if k not in PRIVACY_KEYS + COST_KEYS})
 
 
-def with_frozen(messages: Iterable[Message], frozen: ArrayRecord) -> list[Message]:
-    """The same messages with the frozen public tensors added to their arrays (server -> site only).
+def with_frozen(messages: Iterable[Message], frozen: ArrayRecord,
+                extra: Mapping[str, ArrayRecord] | None = None) -> list[Message]:
+    """The same messages with the frozen public tensors added to their arrays, and `extra` records (the
+    shared optimiser moments) added beside them (server -> site only).
 
     The strategy itself aggregates and keeps only the trainable weights (sites send nothing else back);
     a site needs the frozen ones too to rebuild the model.
     """
     messages = list(messages)
-    if not frozen:
+    if not frozen and not extra:
         return messages
     merged: dict[int, RecordDict] = {}  # FedAvg sends one shared RecordDict to every node: merge it once
     for msg in messages:
         content = msg.content
         if id(content) not in merged:
             arrays = ArrayRecord({**content.array_records[wire.ARRAYS], **frozen})
-            merged[id(content)] = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: content.config_records[wire.CONFIG]})
+            merged[id(content)] = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: content.config_records[wire.CONFIG],
+                                              **(extra or {})})
         msg.content = merged[id(content)]
     return messages
 
@@ -104,48 +108,6 @@ def payload_bytes(content: RecordDict) -> int:
     (Flower 1.41's ConfigRecord.count_bytes raises on an empty string)."""
     return sum(len(record.deflate()) if isinstance(record, ConfigRecord) else record.count_bytes()
                for record in content.values())
-
-
-def reweight_item_rows(global_arrays: Mapping[str, np.ndarray],
-                       replies: Sequence[tuple[Mapping[str, np.ndarray], float, np.ndarray]],
-                       names: Sequence[str]) -> list[dict[str, np.ndarray]]:
-    """The sites' per-item tensors `names`, their rows rescaled so that Flower's user-weighted average of
-    them is the row-weighted one (any other tensor in a site's mapping is passed through unchanged).
-
-    `replies` holds (weights, users n_i, per-row weights a_i) of each site that trained. Flower computes
-    sum_i (n_i / N) X_i. Replacing row r of a site's tensor L_ir by
-        X_ir = G_r + (N a_ir / (n_i A_r)) (L_ir - G_r),   A_r = sum_j a_jr,
-    makes that sum G_r + sum_i (a_ir / A_r) (L_ir - G_r): each site moves row r in proportion to its weight
-    for item r (G: the global weights the round started from). A row no site weighs (A_r = 0) keeps the
-    plain average. Every FedAvg-family strategy (FedProx, FedAvgM, FedAdam, FedYogi) averages first and then
-    takes its server step, so the step is taken from the row-weighted average.
-    """
-    total = sum(n for _, n, _ in replies)
-    mass = np.sum([a for _, _, a in replies], axis=0)
-    held = mass > 0
-    rescaled = []
-    for arrays, n, a in replies:
-        factor = np.where(held, total * a / (n * np.where(held, mass, 1.0)), 1.0)
-        out = dict(arrays)
-        for name in names:
-            start, local = global_arrays[name].astype(np.float64), arrays[name].astype(np.float64)
-            rows = factor.reshape(-1, *([1] * (local.ndim - 1)))
-            out[name] = (start + rows * (local - start)).astype(arrays[name].dtype)
-        rescaled.append(out)
-    return rescaled
-
-
-def item_weights(msg: Message, rows: int) -> np.ndarray:
-    """A site's per-row weights of the item table; ValueError when absent or unusable."""
-    record = msg.content.array_records.get(wire.ITEM_WEIGHTS)
-    if record is None or wire.ITEM_WEIGHTS not in record:
-        raise ValueError("it sent no item weights")
-    weights = record[wire.ITEM_WEIGHTS].numpy().astype(np.float64)
-    if weights.shape != (rows,):
-        raise ValueError(f"its item weights have shape {weights.shape}, the item table has {rows} rows")
-    if not np.isfinite(weights).all() or (weights < 0).any():
-        raise ValueError("its item weights are negative or not finite")
-    return weights
 
 
 class RoundHooks:
@@ -158,13 +120,16 @@ class RoundHooks:
     item_rows: str = "average"  # wire.ITEM_ROW_MODES: how the item table's rows are aggregated
     item_row_names: list[str]  # the model's per-item tensors (set by the server from its model)
     round_start: ArrayRecord | None = None  # the global weights this round's training started from
+    shared_moments: dict[str, np.ndarray] | None = None  # the sites' averaged optimiser moments, sent next round
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Ask sites to train, numbering rounds globally across resumes."""
         self.round_start = arrays
+        extra = {wire.OPTIMIZER_STATE: ArrayRecord({k: Array(v) for k, v in self.shared_moments.items()})} \
+            if self.shared_moments else None
         messages = with_frozen(super().configure_train(server_round + self.round_offset, arrays, config,  # type: ignore[misc]
-                                                       grid), self.frozen)
+                                                       grid), self.frozen, extra)
         self.bytes_sent = payload_bytes(messages[0].content) if messages else 0
         return messages
 
@@ -197,6 +162,7 @@ class RoundHooks:
         if not trained:
             log.warning("round %d: no site trained; the global model is unchanged", server_round + self.round_offset)
             return None, None
+        trained = self.with_moments_averaged(trained)
         if self.item_rows != "average":
             trained = self.with_item_rows_weighted(trained)
             if not trained:
@@ -204,6 +170,31 @@ class RoundHooks:
         arrays, metrics = super().aggregate_train(server_round + self.round_offset, trained)  # type: ignore[misc]
         self.last_round["train"] = dict(metrics) if metrics is not None else {}
         return arrays, metrics
+
+    def with_moments_averaged(self, trained: list[Message]) -> list[Message]:
+        """Average the optimiser moments the trained sites sent (`share_optimizer_state`) for the next round,
+        and take them out of the replies (Flower averages replies holding one ArrayRecord each)."""
+        sent = [m for m in trained if wire.OPTIMIZER_STATE in m.content.array_records]
+        if not sent:
+            return trained
+        names = [name for name in self.item_row_names if self.round_start is not None and name in self.round_start]
+        rows = self.round_start[names[0]].numpy().shape[0] if names and self.round_start is not None else 0
+        replies = []
+        for msg in sent:
+            moments = {k: v.numpy() for k, v in msg.content.array_records[wire.OPTIMIZER_STATE].items()}
+            try:
+                weights = item_weights(msg, rows) if self.item_rows != "average" and rows else None
+            except ValueError:
+                weights = None  # with_item_rows_weighted leaves such a site out and says why
+            replies.append((moments, reply_metrics(msg)[wire.NUM_EXAMPLES], weights))
+            msg.content = RecordDict({k: v for k, v in msg.content.items() if k != wire.OPTIMIZER_STATE})
+        try:
+            self.shared_moments = average_moments(replies, names)
+        except ValueError as err:
+            log.warning("optimiser moments not shared this round: %s", err)
+        steps = (self.shared_moments or {}).get(wire.MOMENTS_STEP)
+        self.last_round["shared_moments"] = {"sites": len(sent), "step": float(steps[0]) if steps is not None else 0.0}
+        return trained
 
     def with_item_rows_weighted(self, trained: list[Message]) -> list[Message]:
         """The trained replies, their item-table rows rescaled (see reweight_item_rows) and their per-item

@@ -13,6 +13,8 @@ CONFIG = "config"  # ConfigRecord: what the server asks for this round
 METRICS = "metrics"  # MetricRecord: what a site reports back
 NOTES = "notes"  # ConfigRecord: words a site reports back (why it declined a round)
 ITEM_WEIGHTS = "item-weights"  # ArrayRecord {ITEM_WEIGHTS: per-row weights} (site -> server, when asked)
+OPTIMIZER_STATE = "optimizer-state"  # ArrayRecord of optimiser moments "<param>:<moment>" + MOMENTS_STEP (both ways)
+MOMENTS_STEP = "step"  # its key of the optimiser's step count (the sites' mean)
 
 # ConfigRecord keys (server -> site).
 SERVER_ROUND = "server-round"  # set by Flower's strategies
@@ -29,6 +31,7 @@ WEIGHT_DECAY = "weight-decay"
 NUM_NEGATIVES = "num-negatives"
 SEED = "seed"  # seeds local sampling and dropout without DP (never a DP site's noise)
 KEEP_OPTIMIZER_STATE = "keep-optimizer-state"  # sites carry their optimiser state across rounds
+SHARE_OPTIMIZER_STATE = "share-optimizer-state"  # sites start from the average of the sites' optimiser states
 ITEM_ROWS = "item-rows"  # how the item table's rows are aggregated (one of ITEM_ROW_MODES)
 
 # How the server aggregates the rows of the item table (item embeddings, output layer):

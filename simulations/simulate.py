@@ -55,6 +55,7 @@ class FederationConfig:
     round_timeout: float = 600.0  # (float) seconds to wait for the sites in each phase
     central_eval: bool = True  # (bool) the server also evaluates on every user's test event (simulation only)
     keep_optimizer_state: bool = False  # (bool) sites carry their optimiser state (Adam moments) across rounds
+    share_optimizer_state: bool = False  # (bool) sites start each round from the average of their optimiser states
 
 
 @dataclass
@@ -149,6 +150,7 @@ def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.nd
         batch_size=cfg.train.batch_size, lr=cfg.train.lr, optimizer=cfg.train.optimizer,
         weight_decay=cfg.train.weight_decay, num_negatives=cfg.train.num_negatives, seed=cfg.train.seed,
         keep_optimizer_state=cfg.federation.keep_optimizer_state,
+        share_optimizer_state=cfg.federation.share_optimizer_state,
         round_timeout=cfg.federation.round_timeout, central_eval_path=central,
         has_timestamps=data.events.has_timestamps, model=cfg.model, strategy=cfg.strategy)
     run_federation(sites, server, resources)

@@ -95,7 +95,7 @@ def item_rows_strategy(monkeypatch, name: str, mode: str, start: dict, **knobs):
     return strategy
 
 
-def site_reply(state: dict, users: int, weights=None):
+def site_reply(state: dict, users: int, weights=None, moments=None):
     """A trained site's reply as the ClientApp builds it."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
@@ -105,6 +105,8 @@ def site_reply(state: dict, users: int, weights=None):
                           wire.NOTES: ConfigRecord({wire.DECLINED_REASON: ""})})
     if weights is not None:
         content[wire.ITEM_WEIGHTS] = ArrayRecord({wire.ITEM_WEIGHTS: Array(weights)})
+    if moments is not None:
+        content[wire.OPTIMIZER_STATE] = ArrayRecord({k: Array(v) for k, v in moments.items()})
     return Message(content=content, message_type="train", dst_node_id=1)
 
 
@@ -180,3 +182,67 @@ def test_item_rows_need_a_known_mode_and_an_averaging_strategy():
     for name in ("fedmedian", "fedtrimmedavg", "krum"):
         with pytest.raises(ValueError, match=f"{name} does not average"):
             build_strategy(StrategyConfig(name=name, item_rows="holders"))
+
+
+def site_moments(local: list[dict]) -> list[dict]:
+    """Made-up Adam moments for each site's tensors (named as fl_client.moments names them), and a step."""
+    import numpy as np
+
+    return [{**{f"{k}:exp_avg": v * 0.1 for k, v in s.items()}, **{f"{k}:exp_avg_sq": v**2 for k, v in s.items()},
+             wire.MOMENTS_STEP: np.array([10.0 * (i + 1)], dtype=np.float32)} for i, s in enumerate(local)]
+
+
+def test_moments_are_averaged_by_users_and_item_rows_by_their_weights():
+    import numpy as np
+
+    from fl_server.item_rows import average_moments
+
+    _, local, users, holds = three_sites()
+    moments = site_moments(local)
+    plain = average_moments([(m, n, None) for m, n in zip(moments, users, strict=True)], ["output.bias"])
+    for key in moments[0]:
+        np.testing.assert_allclose(plain[key], sum(n * m[key] for m, n in zip(moments, users, strict=True))
+                                   / users.sum(), rtol=1e-5)
+    assert plain[wire.MOMENTS_STEP][0] == pytest.approx((10 * 10 + 20 * 30 + 30 * 60) / 100)
+    rows = average_moments([(m, n, a) for m, n, a in zip(moments, users, holds, strict=True)], ["output.bias"])
+    key = "output.bias:exp_avg_sq"
+    np.testing.assert_allclose(rows[key][2], moments[2][key][2], rtol=1e-6)  # only site 2 holds item 2
+    np.testing.assert_allclose(rows[key][1], (moments[0][key][1] + moments[1][key][1]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(rows[key][0], plain[key][0], rtol=1e-6)  # held by nobody: the user-weighted mean
+    np.testing.assert_allclose(rows["w:exp_avg"], plain["w:exp_avg"], rtol=1e-6)  # not a per-item tensor
+    with pytest.raises(ValueError, match="different optimiser moments"):
+        average_moments([(moments[0], 1.0, None), ({"w:exp_avg": local[0]["w"]}, 1.0, None)], [])
+
+
+class Grid:
+    """Just enough of a Flower Grid for configure_train: three connected nodes."""
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+
+def test_shared_moments_are_averaged_kept_out_of_the_weights_sent_next_round_and_checkpointed(monkeypatch):
+    import numpy as np
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    start, local, users, holds = three_sites()
+    moments = site_moments(local)
+    plain, _ = item_rows_strategy(monkeypatch, "fedavg", "counts", start).aggregate_train(
+        1, [site_reply(s, n, a.astype(np.float32)) for s, n, a in zip(local, users, holds, strict=True)])
+    strategy = item_rows_strategy(monkeypatch, "fedavg", "counts", start)
+    arrays, _ = strategy.aggregate_train(1, [site_reply(s, n, a.astype(np.float32), m)
+                                             for s, n, a, m in zip(local, users, holds, moments, strict=True)])
+    for name in start:  # the moments change nothing about the weights' aggregate
+        np.testing.assert_allclose(arrays[name].numpy(), plain[name].numpy(), rtol=1e-6)
+    assert strategy.last_round["shared_moments"] == {"sites": 3, "step": pytest.approx(25.0)}
+    np.testing.assert_allclose(strategy.shared_moments["output.bias:exp_avg"][2], moments[2]["output.bias:exp_avg"][2])
+    sent = list(strategy.configure_train(2, arrays, ConfigRecord({}), Grid()))
+    assert len(sent) == 3 and all(set(m.content.array_records) == {wire.ARRAYS, wire.OPTIMIZER_STATE} for m in sent)
+    np.testing.assert_allclose(sent[0].content.array_records[wire.OPTIMIZER_STATE]["w:exp_avg_sq"].numpy(),
+                               strategy.shared_moments["w:exp_avg_sq"])
+    resumed = item_rows_strategy(monkeypatch, "fedavg", "counts", start)
+    resumed.restore_optimiser_state(strategy.optimiser_state())  # what a checkpoint holds and a resume restores
+    assert set(resumed.shared_moments) == set(moments[0])
+    fresh = item_rows_strategy(monkeypatch, "fedavg", "counts", start)
+    assert all(set(m.content.array_records) == {wire.ARRAYS} for m in
+               fresh.configure_train(1, ArrayRecord(), ConfigRecord({}), Grid()))  # nothing to share yet

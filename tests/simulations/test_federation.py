@@ -66,14 +66,14 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
 
 
 @pytest.mark.slow
-def test_sites_send_which_items_they_hold_when_the_server_weighs_item_rows_by_it(tmp_path):
+def test_sites_send_which_items_they_hold_and_share_their_optimiser_moments_when_asked(tmp_path):
     data = prepare_data(DataConfig(name="synthetic", synthetic={"num_users": 180, "num_items": 40, "seed": 4}))
     parts = partition_users(data.sequences, PartitionConfig(kind="iid", num_partitions=3))
     template = SiteConfig(data_path="", catalog_path="", state_dir="", dp=False, device="cpu")
     sites = write_sites(data, parts, tmp_path / "sites", template)
     out = tmp_path / "server"
     server = ServerConfig(out_dir=str(out), catalog_path=str(tmp_path / "sites" / "catalog.json"), num_rounds=2,
-                          local_epochs=1, batch_size=32, lr=0.005, round_timeout=600,
+                          local_epochs=1, batch_size=32, lr=0.005, round_timeout=600, share_optimizer_state=True,
                           model=ModelConfig(hidden_size=16, max_len=20, item_features=[], item_bias=False),
                           strategy=StrategyConfig(name="fedavgm", server_lr=1.5, server_momentum=0.0, min_nodes=3,
                                                   item_rows="holders"))
@@ -81,8 +81,14 @@ def test_sites_send_which_items_they_hold_when_the_server_weighs_item_rows_by_it
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["item_rows"] for r in rows] == [{"mode": "holders", "sites": 3, "left_out": []}] * 2
     assert all(r["train_replies"] == 3 and r["declined"] == 0 and r["train_failures"] == 0 for r in rows)
-    # The per-item weights (one float per catalog row) travel up beside the trained weights.
+    # The per-item weights (one float per catalog row) and Adam's two moments travel up beside the trained
+    # weights; the averaged moments travel down from the second round on.
     model, catalog = load_model_dir(out / "model")
     trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    assert rows[0]["bytes_from_each_site"] >= trained + catalog.num_rows * 4
+    assert rows[0]["bytes_from_each_site"] >= 3 * trained + catalog.num_rows * 4
+    assert trained <= rows[0]["bytes_to_each_site"] < 2 * trained <= 3 * trained <= rows[1]["bytes_to_each_site"]
+    # Round 2 started from the averaged moments, so its step count continues round 1's instead of restarting.
+    shared = [r["shared_moments"] for r in rows]
+    assert [m["sites"] for m in shared] == [3, 3] and shared[0]["step"] > 0
+    assert shared[1]["step"] == pytest.approx(2 * shared[0]["step"])
     assert rows[1]["federated_eval"]["train-ce"] < rows[0]["federated_eval"]["train-ce"]
