@@ -44,6 +44,9 @@ class ServerConfig:
     seed: int = 0  # (int) seeds the sites' sampling and dropout without DP (DP sites draw fresh entropy)
     keep_optimizer_state: bool = False  # (bool) sites carry their optimiser state (Adam moments) across rounds
     share_optimizer_state: bool = False  # (bool) sites start each round from the average of their optimiser states
+    decay_from_round: int = 0  # (int) from this round on, decay_lr / decay_server_lr replace lr / server_lr (0 = never)
+    decay_lr: float = 0.0  # (float) the sites' learning rate from decay_from_round (0 = unchanged)
+    decay_server_lr: float = 0.0  # (float) FedAvgM/FedAdam/FedYogi server lr from decay_from_round (0 = unchanged)
     round_timeout: float = 3600.0  # (float) seconds to wait for the sites in each phase of a round
     resume: bool = True  # (bool) continue from the last completed round found in out_dir
     central_eval_path: str = ""  # (str) events the server holds for central evaluation ("" = none)

@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_server.checkpoint import RunStore
 from fl_server.config import ServerConfig, server_config_from_run_config
 from fl_server.report import write_report
+from fl_server.schedule import Decay
 from fl_server.strategy import build_strategy
 from shared_model import wire
 from shared_model.adapters import load_dataset
@@ -71,6 +72,8 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
     model = create_model(cfg.model, catalog, cfg.has_timestamps, cache_dir=str(store.root / "cache"))
     strategy = build_strategy(cfg.strategy)
     strategy.item_row_names = model.item_row_parameters()
+    strategy.decay = Decay(cfg.decay_from_round, cfg.decay_lr, cfg.decay_server_lr)
+    strategy.decay.check(strategy)
     if cfg.strategy.item_rows != "average" and not strategy.item_row_names:
         raise ValueError(f"strategy.item_rows={cfg.strategy.item_rows}, but this model trains no per-item tensor "
                          "(item table frozen, no item bias): use strategy.item_rows=average")

@@ -27,6 +27,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fl_server.config import StrategyConfig
 from fl_server.item_rows import average_moments, item_weights, reweight_item_rows
+from fl_server.schedule import Decay, learning_rates
 from shared_model import wire
 from shared_model.metrics import with_standard_errors
 
@@ -121,11 +122,15 @@ class RoundHooks:
     item_row_names: list[str]  # the model's per-item tensors (set by the server from its model)
     round_start: ArrayRecord | None = None  # the global weights this round's training started from
     shared_moments: dict[str, np.ndarray] | None = None  # the sites' averaged optimiser moments, sent next round
+    decay: Decay = Decay()  # from which round the sites' and the server's learning rates change
+    round_rates: dict[str, float]  # this round's site lr (and server lr), for the round's log line
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Ask sites to train, numbering rounds globally across resumes."""
         self.round_start = arrays
+        self.decay.apply(self, server_round + self.round_offset, config)
+        self.round_rates = learning_rates(self, config)
         extra = {wire.OPTIMIZER_STATE: ArrayRecord({k: Array(v) for k, v in self.shared_moments.items()})} \
             if self.shared_moments else None
         messages = with_frozen(super().configure_train(server_round + self.round_offset, arrays, config,  # type: ignore[misc]
@@ -148,7 +153,7 @@ class RoundHooks:
         self.last_round = {"round": server_round + self.round_offset, "train_replies": len(replies),
                            "train_failures": len(replies) - len(answered),
                            "declined": len(answered) - len(trained),
-                           "bytes_to_each_site": self.bytes_sent,
+                           "bytes_to_each_site": self.bytes_sent, **getattr(self, "round_rates", {}),
                            "bytes_from_each_site": max((payload_bytes(m.content) for m, _ in answered), default=0),
                            "privacy": privacy_report([metrics for _, metrics in answered]),
                            "site_cost": site_cost([metrics for _, metrics in answered])}

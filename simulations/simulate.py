@@ -23,6 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from fl_client.site import SiteConfig
 from fl_client.train import TrainConfig
 from fl_server.config import ServerConfig, StrategyConfig
+from fl_server.schedule import Decay
+from fl_server.strategy import build_strategy
 from shared_model.metrics import evaluate_popularity, with_standard_errors
 from simulations.config import RunConfig, register_schemas
 from simulations.federation import Resources, run_federation, write_sites
@@ -56,6 +58,9 @@ class FederationConfig:
     central_eval: bool = True  # (bool) the server also evaluates on every user's test event (simulation only)
     keep_optimizer_state: bool = False  # (bool) sites carry their optimiser state (Adam moments) across rounds
     share_optimizer_state: bool = False  # (bool) sites start each round from the average of their optimiser states
+    decay_from_round: int = 0  # (int) from this round on, decay_lr / decay_server_lr replace lr / server_lr (0 = never)
+    decay_lr: float = 0.0  # (float) the sites' learning rate from decay_from_round (0 = unchanged)
+    decay_server_lr: float = 0.0  # (float) FedAvgM/FedAdam/FedYogi server lr from decay_from_round (0 = unchanged)
 
 
 @dataclass
@@ -95,6 +100,8 @@ def run_simulate(cfg: SimulateConfig) -> dict[str, Any]:
             if cfg.privacy.enabled and cfg.strategy.item_rows != "average":  # every site would decline
                 raise ValueError(f"strategy.item_rows={cfg.strategy.item_rows} needs per-item weights from the "
                                  "sites, which DP does not cover: use strategy.item_rows=average with DP")
+            fed = cfg.federation
+            Decay(fed.decay_from_round, fed.decay_lr, fed.decay_server_lr).check(build_strategy(cfg.strategy))
             assert resources is not None
             return run_federated(cfg, data, parts, out, resources)
         case "local":
@@ -151,6 +158,8 @@ def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.nd
         weight_decay=cfg.train.weight_decay, num_negatives=cfg.train.num_negatives, seed=cfg.train.seed,
         keep_optimizer_state=cfg.federation.keep_optimizer_state,
         share_optimizer_state=cfg.federation.share_optimizer_state,
+        decay_from_round=cfg.federation.decay_from_round, decay_lr=cfg.federation.decay_lr,
+        decay_server_lr=cfg.federation.decay_server_lr,
         round_timeout=cfg.federation.round_timeout, central_eval_path=central,
         has_timestamps=data.events.has_timestamps, model=cfg.model, strategy=cfg.strategy)
     run_federation(sites, server, resources)

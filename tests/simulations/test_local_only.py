@@ -76,3 +76,11 @@ def test_item_rows_weighted_by_holders_are_refused_with_dp(tmp_path):
     overrides = ["federation.mode=federated", "privacy=dp", "strategy.item_rows=holders"]
     with pytest.raises(ValueError, match=r"strategy\.item_rows=holders needs per-item weights.*DP"):
         run_simulate(local_config(tmp_path, overrides))
+
+
+def test_a_server_lr_decay_for_a_strategy_without_server_step_is_refused_before_the_work(tmp_path):
+    overrides = ["federation.mode=federated", "privacy=disabled", "federation.decay_from_round=2",
+                 "federation.decay_server_lr=1.0"]
+    with pytest.raises(ValueError, match="decay_server_lr=1.0, but FedRecFedAvg takes no server step"):
+        run_simulate(local_config(tmp_path, overrides))
+    assert not (tmp_path / "sites").exists()
