@@ -71,3 +71,15 @@ def test_a_site_sends_its_moments_and_starts_from_the_shared_ones_when_asked(sit
     restarted = train_round(plain, data, RoundConfig.from_record(record), first.state)  # same round, no moments
     assert not torch.equal(second.state["item_embeddings.weight"], restarted.state["item_embeddings.weight"])
     assert not Path(plain.state_dir, "optimizer").exists()  # the site keeps no state of its own for this
+
+
+def test_a_dp_site_shares_moments_of_its_noised_gradients_and_still_spends_its_accounted_epsilon(site):
+    data = load_site_data(site)
+    record, state = round_record(data.catalog)
+    record[wire.SHARE_OPTIMIZER_STATE] = True
+    first = train_round(site, data, RoundConfig.from_record(record), state)
+    assert first.dp and 0 < first.epsilon < site.epsilon and first.moments is not None
+    record[wire.SERVER_ROUND] = 2
+    second = train_round(site, data, RoundConfig.from_record(record), first.state, first.moments)
+    assert first.epsilon < second.epsilon <= site.epsilon * 1.01  # sharing changes nothing about the accounting
+    assert float(second.moments[wire.MOMENTS_STEP][0]) > float(first.moments[wire.MOMENTS_STEP][0])
