@@ -61,7 +61,7 @@ def average_moments(replies: Sequence[tuple[Mapping[str, np.ndarray], float, np.
     `replies` holds (moments, users n_i, per-row weights a_i or None) of each site that trained. When every
     site sent per-row weights, the rows of per-item tensors are weighted by them instead (as the weights'
     rows are, see reweight_item_rows); a row no site weighs keeps the user-weighted mean. ValueError when the
-    sites' moments disagree in names or shapes.
+    sites' moments disagree in names or shapes, or one is not finite.
     """
     keys = set(replies[0][0])
     for moments, _, _ in replies[1:]:
@@ -73,6 +73,8 @@ def average_moments(replies: Sequence[tuple[Mapping[str, np.ndarray], float, np.
     averaged = {}
     for key in sorted(keys):
         stack = np.stack([np.asarray(moments[key], dtype=np.float64) for moments, _, _ in replies])
+        if not np.isfinite(stack).all():
+            raise ValueError(f"a site's optimiser moment {key} is not finite")
         mean = np.tensordot(users / users.sum(), stack, axes=1)  # (sites,) x (sites, ...) -> (...)
         if by_rows and key.split(":", 1)[0] in item_row_names:
             a = np.stack(row_weights).astype(np.float64)  # (sites, rows)

@@ -212,6 +212,9 @@ def test_moments_are_averaged_by_users_and_item_rows_by_their_weights():
     np.testing.assert_allclose(rows["w:exp_avg"], plain["w:exp_avg"], rtol=1e-6)  # not a per-item tensor
     with pytest.raises(ValueError, match="different optimiser moments"):
         average_moments([(moments[0], 1.0, None), ({"w:exp_avg": local[0]["w"]}, 1.0, None)], [])
+    with pytest.raises(ValueError, match="w:exp_avg_sq is not finite"):
+        average_moments([(moments[0], 1.0, None), ({**moments[1], "w:exp_avg_sq": np.full(3, np.nan)}, 1.0, None)],
+                        [])
 
 
 class Grid:

@@ -81,6 +81,6 @@ def test_item_rows_weighted_by_holders_are_refused_with_dp(tmp_path):
 def test_a_server_lr_decay_for_a_strategy_without_server_step_is_refused_before_the_work(tmp_path):
     overrides = ["federation.mode=federated", "privacy=disabled", "federation.decay_from_round=2",
                  "federation.decay_server_lr=1.0"]
-    with pytest.raises(ValueError, match="decay_server_lr=1.0, but FedRecFedAvg takes no server step"):
+    with pytest.raises(ValueError, match=r"decay_server_lr=1\.0, but FedRecFedAvg takes no server step"):
         run_simulate(local_config(tmp_path, overrides))
     assert not (tmp_path / "sites").exists()
