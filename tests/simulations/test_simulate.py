@@ -62,7 +62,7 @@ SIZE = ("max_len", "hidden_size", "num_hidden_layers", "num_attention_heads", "h
 
 @pytest.mark.parametrize(("preset", "centralized_preset"), [
     ("fed_movielens", "movielens"), ("fed_movielens_dp", "movielens"),
-    ("fed_beauty", "beauty"), ("fed_beauty_dp", "beauty")])
+    ("fed_beauty", "beauty"), ("fed_beauty_dp", "beauty"), ("fed_beauty_tuned", "beauty")])
 def test_federated_presets_use_the_centralized_data_and_model_size(preset, centralized_preset):
     fed, central = typed([f"+experiment={preset}"]), centralized([f"+experiment={centralized_preset}"])
     assert fed.data == central.data
