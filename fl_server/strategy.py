@@ -176,14 +176,20 @@ class RoundHooks:
         self.last_round["train"] = dict(metrics) if metrics is not None else {}
         return arrays, metrics
 
+    def trained_item_rows(self) -> tuple[list[str], int]:
+        """The per-item tensors this round trains and the item table's number of rows (none: [], 0)."""
+        if self.round_start is None:
+            return [], 0
+        names = [name for name in self.item_row_names if name in self.round_start]
+        return names, (self.round_start[names[0]].numpy().shape[0] if names else 0)
+
     def with_moments_averaged(self, trained: list[Message]) -> list[Message]:
         """Average the optimiser moments the trained sites sent (`share_optimizer_state`) for the next round,
         and take them out of the replies (Flower averages replies holding one ArrayRecord each)."""
         sent = [m for m in trained if wire.OPTIMIZER_STATE in m.content.array_records]
         if not sent:
             return trained
-        names = [name for name in self.item_row_names if self.round_start is not None and name in self.round_start]
-        rows = self.round_start[names[0]].numpy().shape[0] if names and self.round_start is not None else 0
+        names, rows = self.trained_item_rows()
         replies = []
         for msg in sent:
             moments = {k: v.numpy() for k, v in msg.content.array_records[wire.OPTIMIZER_STATE].items()}
@@ -207,11 +213,10 @@ class RoundHooks:
         if self.round_start is None:
             raise RuntimeError("aggregate_train before configure_train: no round start weights to rescale from")
         # Only the per-item tensors change: the others stay the sites' own Arrays, never decoded or re-encoded.
-        names = [name for name in self.item_row_names if name in self.round_start]
+        names, rows = self.trained_item_rows()
         if not names:
             raise RuntimeError(f"strategy.item_rows={self.item_rows}, but no per-item tensor is trained")
         start = {name: self.round_start[name].numpy() for name in names}
-        rows = start[names[0]].shape[0]
         usable, left_out = [], []
         for msg in trained:
             try:
