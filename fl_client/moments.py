@@ -49,8 +49,9 @@ def from_named_moments(moments: Mapping[str, torch.Tensor], model: torch.nn.Modu
     step = float(moments[wire.MOMENTS_STEP].reshape(-1)[0])
     state: dict[int, dict[str, torch.Tensor]] = {}
     known = {wire.MOMENTS_STEP}
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    for index, (name, param) in enumerate(trainable):
+    params = dict(model.named_parameters())
+    for index, name in enumerate(trainable_names(model)):
+        param = params[name]
         entries = {key.split(":", 1)[1]: value for key, value in moments.items() if key.startswith(f"{name}:")}
         if not entries:
             raise ValueError(f"the shared optimiser state has no moments for {name}")

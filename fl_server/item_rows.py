@@ -69,15 +69,14 @@ def average_moments(replies: Sequence[tuple[Mapping[str, np.ndarray], float, np.
             raise ValueError(f"sites sent different optimiser moments: {sorted(keys ^ set(moments))[:3]}")
     users = np.array([n for _, n, _ in replies], dtype=np.float64)
     row_weights = [a for _, _, a in replies if a is not None]
-    by_rows = len(row_weights) == len(replies)
+    a = np.stack(row_weights).astype(np.float64) if len(row_weights) == len(replies) else None  # (sites, rows)
     averaged = {}
     for key in sorted(keys):
         stack = np.stack([np.asarray(moments[key], dtype=np.float64) for moments, _, _ in replies])
         if not np.isfinite(stack).all():
             raise ValueError(f"a site's optimiser moment {key} is not finite")
         mean = np.tensordot(users / users.sum(), stack, axes=1)  # (sites,) x (sites, ...) -> (...)
-        if by_rows and key.split(":", 1)[0] in item_row_names:
-            a = np.stack(row_weights).astype(np.float64)  # (sites, rows)
+        if a is not None and key.split(":", 1)[0] in item_row_names:
             mass = a.sum(axis=0)
             held = (mass > 0).reshape(-1, *([1] * (mean.ndim - 1)))
             weighted = np.einsum("sr,sr...->r...", a, stack)  # (rows, ...): sum over sites of a_ir X_ir

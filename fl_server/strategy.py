@@ -181,7 +181,7 @@ class RoundHooks:
         if self.round_start is None:
             return [], 0
         names = [name for name in self.item_row_names if name in self.round_start]
-        return names, (self.round_start[names[0]].numpy().shape[0] if names else 0)
+        return names, (self.round_start[names[0]].shape[0] if names else 0)  # shape without decoding
 
     def with_moments_averaged(self, trained: list[Message]) -> list[Message]:
         """Average the optimiser moments the trained sites sent (`share_optimizer_state`) for the next round,

@@ -19,17 +19,6 @@ TINY_TIME_BUCKETS = 8  # small enough that a huge gap hits the cap (bucket 7)
 #   u2: c(+5, view) a(+10, pv = view) b(+130, buy = purchase)
 #   u3: f, f (two events: too short)
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` are skipped, with the reason, where torch sees no CUDA device (CI)."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if item.get_closest_marker("gpu"):
-            item.add_marker(skip)
-
-
 TINY_EVENTS_CSV = f"""user_id,item_id,timestamp,event_type,region
 u2,a,{T0 + 10},pv,east
 u1,e,{T0 + 660 + 60_000_000},favourite,south
@@ -43,6 +32,16 @@ u1,d,{T0 + 660},view,north
 u2,b,{T0 + 130},buy,east
 u1,b,{T0 + 60},cart,north
 """
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` are skipped, with the reason, where torch sees no CUDA device (CI)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
 
 
 @pytest.fixture
