@@ -42,7 +42,7 @@ class ServerConfig:
     weight_decay: float = 0.0  # (float) local decoupled weight decay (AdamW)
     num_negatives: int = 0  # (int) local sampled-softmax negatives; 0 = full-catalog cross-entropy (DP: 0 only)
     seed: int = 0  # (int) seeds the sites' sampling and dropout without DP (DP sites draw fresh entropy)
-    keep_optimizer_state: bool = False  # (bool) sites carry their optimiser state (Adam moments) across rounds
+    keep_optimizer_state: bool = False  # (bool) sites carry their Adam moments across rounds (moot with share)
     share_optimizer_state: bool = False  # (bool) sites start each round from the average of their optimiser states
     decay_from_round: int = 0  # (int) from this round on, decay_lr / decay_server_lr replace lr / server_lr (0 = never)
     decay_lr: float = 0.0  # (float) the sites' learning rate from decay_from_round (0 = unchanged)

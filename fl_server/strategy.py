@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from statistics import mean
 from typing import Any
 
 import numpy as np
@@ -23,63 +22,19 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fl_server.config import StrategyConfig
 from fl_server.item_rows import average_moments, item_weights, reweight_item_rows
+from fl_server.replies import declined_reason, payload_bytes, privacy_report, reply_metrics, site_cost, training_metrics
 from fl_server.schedule import Decay, learning_rates
 from shared_model import wire
 from shared_model.metrics import with_standard_errors
 
 log = logging.getLogger(__name__)
-PRIVACY_KEYS = (wire.EPSILON, wire.DELTA, wire.DP_ENABLED, wire.DECLINED)
-COST_KEYS = (wire.TRAIN_SECONDS, wire.PEAK_MEMORY_MB)  # reported as max/mean over sites, not user-weighted
 # Server-side optimiser state some strategies keep between rounds; checkpointed so a resume continues it.
 STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "shared_moments")
 # Strategies that average (before a server step): row-weighted item tables work by pre-scaling their input.
 AVERAGING = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
-
-
-def reply_metrics(msg: Message) -> dict[str, float]:
-    """The MetricRecord of a site's reply, as plain floats."""
-    record = msg.content.metric_records[wire.METRICS]
-    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
-
-
-def declined_reason(msg: Message) -> str:
-    """Why a site declined to train, in its own words."""
-    notes = msg.content.config_records.get(wire.NOTES)
-    return str(notes.get(wire.DECLINED_REASON, "")) if notes is not None else "no reason given"
-
-
-def privacy_report(metrics: list[dict[str, float]]) -> dict[str, Any]:
-    """Max and mean ε over the sites that trained with DP, and how many sites had DP off."""
-    private = [m for m in metrics if m.get(wire.DP_ENABLED, 0.0) == 1.0]
-    report: dict[str, Any] = {"sites": len(metrics), "sites_with_dp": len(private),
-                              "sites_without_dp": len(metrics) - len(private)}
-    if private:
-        report.update(epsilon_max=max(m[wire.EPSILON] for m in private),
-                      epsilon_mean=mean(m[wire.EPSILON] for m in private),
-                      delta_max=max(m[wire.DELTA] for m in private))
-    return report
-
-
-def site_cost(metrics: list[dict[str, float]]) -> dict[str, float]:
-    """The slowest and the mean site's training time, and the largest peak memory, over the sites that trained
-    (replies from sites older than these keys carry none: then nothing is reported)."""
-    trained = [m for m in metrics if m.get(wire.DECLINED, 0.0) == 0.0 and wire.TRAIN_SECONDS in m]
-    if not trained:
-        return {}
-    return {"train_seconds_max": max(m[wire.TRAIN_SECONDS] for m in trained),
-            "train_seconds_mean": mean(m[wire.TRAIN_SECONDS] for m in trained),
-            "peak_memory_mb_max": max(m.get(wire.PEAK_MEMORY_MB, 0.0) for m in trained)}
-
-
-def training_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Weighted means of the sites' training metrics, without privacy keys (a mean ε would mislead) or cost
-    keys (site_cost reports those)."""
-    aggregated = aggregate_metricrecords(records, weight_key)
-    return MetricRecord({k: v for k, v in aggregated.items() if k not in PRIVACY_KEYS + COST_KEYS})
 
 
 def with_frozen(messages: Iterable[Message], frozen: ArrayRecord,
@@ -102,13 +57,6 @@ def with_frozen(messages: Iterable[Message], frozen: ArrayRecord,
                                               **(extra or {})})
         msg.content = merged[id(content)]
     return messages
-
-
-def payload_bytes(content: RecordDict) -> int:
-    """Bytes of a message's records: arrays and metrics as Flower counts them, configs serialised
-    (Flower 1.41's ConfigRecord.count_bytes raises on an empty string)."""
-    return sum(len(record.deflate()) if isinstance(record, ConfigRecord) else record.count_bytes()
-               for record in content.values())
 
 
 class RoundHooks:

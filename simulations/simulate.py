@@ -56,7 +56,7 @@ class FederationConfig:
     gpus_per_client: float | None = None  # (float) GPU share per site; null = the GPUs shared by the sites at once
     round_timeout: float = 600.0  # (float) seconds to wait for the sites in each phase
     central_eval: bool = True  # (bool) the server also evaluates on every user's test event (simulation only)
-    keep_optimizer_state: bool = False  # (bool) sites carry their optimiser state (Adam moments) across rounds
+    keep_optimizer_state: bool = False  # (bool) sites carry their Adam moments across rounds (moot with share)
     share_optimizer_state: bool = False  # (bool) sites start each round from the average of their optimiser states
     decay_from_round: int = 0  # (int) from this round on, decay_lr / decay_server_lr replace lr / server_lr (0 = never)
     decay_lr: float = 0.0  # (float) the sites' learning rate from decay_from_round (0 = unchanged)

@@ -3,7 +3,8 @@
 import pytest
 
 from fl_server.config import StrategyConfig, server_config_from_run_config
-from fl_server.strategy import build_strategy, privacy_report, site_cost
+from fl_server.replies import privacy_report, site_cost
+from fl_server.strategy import build_strategy
 from shared_model import wire
 
 

@@ -1,0 +1,64 @@
+"""What the sites' replies report, summed up for a round's log line: their metrics, privacy reports, costs
+and reasons for declining, and the bytes each message carries."""
+
+from __future__ import annotations
+
+from statistics import mean
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from shared_model import wire
+
+PRIVACY_KEYS = (wire.EPSILON, wire.DELTA, wire.DP_ENABLED, wire.DECLINED)
+COST_KEYS = (wire.TRAIN_SECONDS, wire.PEAK_MEMORY_MB)  # reported as max/mean over sites, not user-weighted
+
+
+def reply_metrics(msg: Message) -> dict[str, float]:
+    """The MetricRecord of a site's reply, as plain floats."""
+    record = msg.content.metric_records[wire.METRICS]
+    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+
+
+def declined_reason(msg: Message) -> str:
+    """Why a site declined to train, in its own words."""
+    notes = msg.content.config_records.get(wire.NOTES)
+    return str(notes.get(wire.DECLINED_REASON, "")) if notes is not None else "no reason given"
+
+
+def privacy_report(metrics: list[dict[str, float]]) -> dict[str, Any]:
+    """Max and mean ε over the sites that trained with DP, and how many sites had DP off."""
+    private = [m for m in metrics if m.get(wire.DP_ENABLED, 0.0) == 1.0]
+    report: dict[str, Any] = {"sites": len(metrics), "sites_with_dp": len(private),
+                              "sites_without_dp": len(metrics) - len(private)}
+    if private:
+        report.update(epsilon_max=max(m[wire.EPSILON] for m in private),
+                      epsilon_mean=mean(m[wire.EPSILON] for m in private),
+                      delta_max=max(m[wire.DELTA] for m in private))
+    return report
+
+
+def site_cost(metrics: list[dict[str, float]]) -> dict[str, float]:
+    """The slowest and the mean site's training time, and the largest peak memory, over the sites that trained
+    (replies from sites older than these keys carry none: then nothing is reported)."""
+    trained = [m for m in metrics if m.get(wire.DECLINED, 0.0) == 0.0 and wire.TRAIN_SECONDS in m]
+    if not trained:
+        return {}
+    return {"train_seconds_max": max(m[wire.TRAIN_SECONDS] for m in trained),
+            "train_seconds_mean": mean(m[wire.TRAIN_SECONDS] for m in trained),
+            "peak_memory_mb_max": max(m.get(wire.PEAK_MEMORY_MB, 0.0) for m in trained)}
+
+
+def training_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted means of the sites' training metrics, without privacy keys (a mean ε would mislead) or cost
+    keys (site_cost reports those)."""
+    aggregated = aggregate_metricrecords(records, weight_key)
+    return MetricRecord({k: v for k, v in aggregated.items() if k not in PRIVACY_KEYS + COST_KEYS})
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message's records: arrays and metrics as Flower counts them, configs serialised
+    (Flower 1.41's ConfigRecord.count_bytes raises on an empty string)."""
+    return sum(len(record.deflate()) if isinstance(record, ConfigRecord) else record.count_bytes()
+               for record in content.values())
