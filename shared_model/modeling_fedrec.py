@@ -38,8 +38,11 @@ class FedRecModel(FedRecPreTrainedModel):
 
     def __init__(self, config: FedRecConfig) -> None:
         super().__init__(config)
-        d = config.hidden_size
-        self.item_embeddings = nn.Embedding(config.num_item_rows, d, padding_idx=0)
+        d, r = config.hidden_size, config.item_embedding_size
+        self.item_embeddings = nn.Embedding(config.num_item_rows, r, padding_idx=0)
+        if config.factorized_items:
+            self.item_up = nn.Linear(r, d, bias=False)  # item vector r -> model width d
+            self.item_down = nn.Linear(d, r, bias=False)  # hidden state d -> r, scored against the table
         self.position_embeddings = nn.Embedding(config.max_len, d)
         self.event_type_embeddings = nn.Embedding(config.num_event_types, d, padding_idx=0)
         if config.use_time_gaps:  # unused parameters would get no per-user gradient under Opacus
@@ -56,7 +59,7 @@ class FedRecModel(FedRecPreTrainedModel):
         bert = config.to_bert_config()
         self.layers = nn.ModuleList([BertLayer(bert, layer_idx=i) for i in range(config.num_hidden_layers)])
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.output = nn.Linear(d, config.num_item_rows, bias=config.item_bias)
+        self.output = nn.Linear(r, config.num_item_rows, bias=config.item_bias)
         self.post_init()
         if not config.train_item_embeddings:
             # Items are then known only through public features and the bias: under DP this removes the
@@ -64,6 +67,9 @@ class FedRecModel(FedRecPreTrainedModel):
             for table in (self.item_embeddings, self.output):
                 table.weight.data.zero_()
                 table.weight.requires_grad_(False)
+            for projection in ("item_up", "item_down"):  # would only feed the zero table
+                if hasattr(self, projection):
+                    getattr(self, projection).weight.requires_grad_(False)
 
     def set_item_features(self, features: torch.Tensor) -> None:
         """Install the frozen (num_item_rows, feature_dim) public item-feature table."""
@@ -85,7 +91,10 @@ class FedRecModel(FedRecPreTrainedModel):
         # expanded to the batch because broadcast ids break per-sample gradients.
         positions = torch.arange(T - 1, -1, -1, device=item_ids.device).clamp(max=self.config.max_len - 1)
         positions = positions.unsqueeze(0).expand(B, T).contiguous()  # (B, T)
-        x = self.item_embeddings(item_ids) + self.position_embeddings(positions)  # (B, T, d)
+        items = self.item_embeddings(item_ids)  # (B, T, r)
+        if self.config.factorized_items:
+            items = self.item_up(items)  # (B, T, r) -> (B, T, d)
+        x = items + self.position_embeddings(positions)  # (B, T, d)
         x = x + self.event_type_embeddings(event_types)
         if self.config.use_time_gaps:
             x = x + self.time_embeddings(time_buckets)
@@ -115,11 +124,15 @@ class FedRecModel(FedRecPreTrainedModel):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores of every catalog row; row 0 (padding) can never be recommended.  # (..., d) -> (..., V)"""
-        scores = self.output(hidden)
+        scores = self.output(self.item_query(hidden))  # (..., r) -> (..., V)
         if self.config.feature_scoring:
             # A parameter-free product with the frozen table: Opacus only needs feature_output's gradient.
             scores = scores + self.feature_output(hidden) @ self.item_features.T  # (..., F) @ (F, V)
         return scores.index_fill(-1, torch.zeros(1, dtype=torch.long, device=scores.device), float("-inf"))
+
+    def item_query(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden state in item-vector space, scored against the item rows.  # (..., d) -> (..., r)"""
+        return self.item_down(hidden) if self.config.factorized_items else hidden
 
     def score_next(self, item_ids: torch.Tensor, event_types: torch.Tensor,
                    time_buckets: torch.Tensor) -> torch.Tensor:
@@ -135,14 +148,15 @@ class FedRecModel(FedRecPreTrainedModel):
         negatives = torch.randint(1, self.config.num_item_rows, (num_negatives,), generator=generator,
                                   device=hidden.device)  # (K,)
         weight, bias = self.output.weight, self.output.bias
-        positive = (hidden * weight[labels]).sum(-1, keepdim=True)  # (B, T, 1)
-        negative = hidden @ weight[negatives].T  # (B, T, K)
+        query = self.item_query(hidden)  # (B, T, r)
+        positive = (query * weight[labels]).sum(-1, keepdim=True)  # (B, T, 1)
+        negative = query @ weight[negatives].T  # (B, T, K)
         if bias is not None:
             positive, negative = positive + bias[labels].unsqueeze(-1), negative + bias[negatives]
         if self.config.feature_scoring:
-            query = self.feature_output(hidden)  # (B, T, F)
-            positive = positive + (query * self.item_features[labels]).sum(-1, keepdim=True)
-            negative = negative + query @ self.item_features[negatives].T
+            features = self.feature_output(hidden)  # (B, T, F)
+            positive = positive + (features * self.item_features[labels]).sum(-1, keepdim=True)
+            negative = negative + features @ self.item_features[negatives].T
         negative = negative.masked_fill(negatives.view(1, 1, -1) == labels.unsqueeze(-1), float("-inf"))
         return torch.cat([positive, negative], dim=-1)
 

@@ -29,16 +29,17 @@ def seqs():
     return to_user_sequences(log, ItemCatalog.from_events(log.frame))
 
 
-def tiny_model(tie: bool) -> FedRecModel:
+def tiny_model(tie: bool, item_size: int | None = None) -> FedRecModel:
     torch.manual_seed(0)
     return FedRecModel(FedRecConfig(num_items=30, hidden_size=16, max_len=8, hidden_dropout_prob=0.0,
-                                    attention_probs_dropout_prob=0.0, tie_item_embeddings=tie))
+                                    attention_probs_dropout_prob=0.0, tie_item_embeddings=tie,
+                                    item_embedding_size=item_size))
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_per_user_gradients_equal_each_users_own_gradient(seqs, tie):
-    model = tiny_model(tie)
-    reference = tiny_model(tie)
+@pytest.mark.parametrize("tie,item_size", [(True, None), (False, None), (True, 4)])
+def test_per_user_gradients_equal_each_users_own_gradient(seqs, tie, item_size):
+    model = tiny_model(tie, item_size)
+    reference = tiny_model(tie, item_size)
     reference.load_state_dict(model.state_dict())
     users = seqs.trainable_users()[:4]
     batch = make_batch(seqs, users, "train", 8)
