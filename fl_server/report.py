@@ -63,14 +63,14 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, A
     lines = ["# Federated training report", "", privacy_sentence(rows), "",
              f"Rounds completed: {summary.get('rounds', 0)}; best round: {summary.get('best_round', 0)}; "
              f"model: `{summary.get('model_dir', '')}`.", "",
-             "| round | sites trained | declined | failed | train loss (sites' local models) | "
+             "| round | sites trained | declined | failed or silent | train loss (sites' local models) | "
              "train CE (global model) | HR@10 (sites) | NDCG@10 (sites) | HR@10 (server) | ε max |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fed, central, priv = r.get("federated_eval", {}), r.get("central_eval", {}), r.get("privacy", {})
         left_out = len(r.get("item_rows", {}).get("left_out", []))  # trained, but sent unusable item weights
-        failed = r.get("train_failures", 0) + left_out
-        trained = r.get("train_replies", 0) - failed - r.get("declined", 0)
+        failed = r.get("train_failures", 0) + left_out + r.get("train_no_reply", 0)
+        trained = r.get("train_replies", 0) - r.get("train_failures", 0) - left_out - r.get("declined", 0)
         lines.append(f"| {r['round']} | {trained} | {r.get('declined', 0)} | {failed} | "
                      f"{_fmt(r.get('train', {}).get('train-loss'))} | {_fmt(fed.get(TRAIN_CE))} | "
                      f"{_fmt(fed.get('hr@10'))} | "

@@ -72,6 +72,7 @@ class RoundHooks:
     shared_moments: dict[str, np.ndarray] | None = None  # the sites' averaged optimiser moments, sent next round
     decay: Decay = Decay()  # from which round the sites' and the server's learning rates change
     round_rates: dict[str, float]  # this round's site lr (and server lr), for the round's log line
+    asked: dict[str, int]  # sites sent this round's train / evaluate message (to count the silent ones)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -84,13 +85,25 @@ class RoundHooks:
         messages = with_frozen(super().configure_train(server_round + self.round_offset, arrays, config,  # type: ignore[misc]
                                                        grid), self.frozen, extra)
         self.bytes_sent = payload_bytes(messages[0].content) if messages else 0
+        self.asked = {"train": len(messages)}
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Ask sites to evaluate, numbering rounds globally across resumes."""
-        messages = super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
-        return with_frozen(messages, self.frozen)
+        messages = with_frozen(super().configure_evaluate(server_round + self.round_offset, arrays, config,  # type: ignore[misc]
+                                                          grid), self.frozen)
+        self.asked = {**getattr(self, "asked", {}), "evaluate": len(messages)}
+        return messages
+
+    def count_silent(self, phase: str, server_round: int, replies: int) -> None:
+        """Record and warn about sites that were asked but sent nothing back (federation.round_timeout)."""
+        silent = max(getattr(self, "asked", {}).get(phase, replies) - replies, 0)
+        self.last_round[f"{phase}_no_reply"] = silent
+        if silent:
+            log.warning("round %d: %d of %d site(s) sent no %s reply within federation.round_timeout; "
+                        "they are left out of this round", server_round + self.round_offset, silent,
+                        silent + replies, phase)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -105,6 +118,7 @@ class RoundHooks:
                            "bytes_from_each_site": max((payload_bytes(m.content) for m, _ in answered), default=0),
                            "privacy": privacy_report([metrics for _, metrics in answered]),
                            "site_cost": site_cost([metrics for _, metrics in answered])}
+        self.count_silent("train", server_round, len(replies))
         for failure in (m for m in replies if m.has_error()):
             log.warning("a site failed to train: %s", failure.error.reason)
         reasons = [declined_reason(m) for m, metrics in answered if metrics.get(wire.DECLINED, 0.0) == 1.0]
@@ -193,6 +207,7 @@ class RoundHooks:
         replies = list(replies)
         answered = [m for m in replies if not m.has_error()]
         self.last_round["evaluate_failures"] = len(replies) - len(answered)
+        self.count_silent("evaluate", server_round, len(replies))
         if not answered:
             return None
         metrics = super().aggregate_evaluate(server_round + self.round_offset, answered)  # type: ignore[misc]

@@ -57,3 +57,6 @@ def test_the_progress_line_names_privacy_and_the_sites_cost():
            "site_cost": {"train_seconds_max": 4.25, "train_seconds_mean": 2.0, "peak_memory_mb_max": 1234.0}}
     assert progress_line(row, 5) == ("round 2/5: 3 sites answered, 0 declined, 0 failed; HR@10 0.2500 NDCG@10 "
                                      "0.1250, ε max 1.500; slowest site 4.2 s, peak 1,234 MB")
+    silent = {**row, "train_replies": 1, "train_no_reply": 2}
+    assert progress_line(silent, 5).startswith("round 2/5: 1 sites answered, 0 declined, 0 failed, "
+                                               "2 silent (round timeout); HR@10 0.2500")

@@ -250,3 +250,18 @@ def test_shared_moments_are_averaged_kept_out_of_the_weights_sent_next_round_and
     fresh = item_rows_strategy(monkeypatch, "fedavg", "counts", start)
     assert all(set(m.content.array_records) == {wire.ARRAYS} for m in
                fresh.configure_train(1, ArrayRecord(), ConfigRecord({}), Grid()))  # nothing to share yet
+
+
+def test_sites_that_send_nothing_back_before_the_timeout_are_counted_and_named_in_the_log(monkeypatch, caplog):
+    import numpy as np
+    from flwr.app import ConfigRecord
+
+    start, local, users, holds = three_sites()
+    strategy = item_rows_strategy(monkeypatch, "fedavg", "counts", start)
+    asked = list(strategy.configure_train(1, strategy.round_start, ConfigRecord({}), Grid()))
+    assert len(asked) == 3
+    with caplog.at_level("WARNING"):  # only two of the three sites answered within federation.round_timeout
+        strategy.aggregate_train(1, [site_reply(s, n, a.astype(np.float32))
+                                     for s, n, a in list(zip(local, users, holds, strict=True))[:2]])
+    assert strategy.last_round["train_replies"] == 2 and strategy.last_round["train_no_reply"] == 1
+    assert "1 of 3 site(s) sent no train reply within federation.round_timeout" in caplog.text
