@@ -11,9 +11,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from opacus.accountants import create_accountant
-
-from fl_client.privacy import AccountantHistory
+from fl_client.privacy import AccountantHistory, composed_epsilon
 from shared_model.atomic import write_text_atomically
 
 LEDGER_VERSION = 1
@@ -36,11 +34,7 @@ class LedgerEntry:
 
 def epsilon_of(history: AccountantHistory, delta: float, accountant: str = "prv") -> float:
     """ε of a composition of DP-SGD steps (0 for no steps)."""
-    if not history:
-        return 0.0
-    acc = create_accountant(mechanism=accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(acc.get_epsilon(delta=delta))
+    return composed_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), delta, accountant)
 
 
 class PrivacyLedger:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
 from opacus import GradSampleModule, PrivacyEngine
+from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
@@ -63,8 +65,15 @@ def calibrate_noise(config: PrivacyConfig, sample_rate: float, steps: int, delta
     """σ that spends exactly the configured ε over `steps` Poisson-sampled steps (or the fixed σ)."""
     if config.noise_multiplier is not None:
         return config.noise_multiplier
-    return float(get_noise_multiplier(target_epsilon=config.epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=steps, accountant=config.accountant))
+    return _calibrated_sigma(config.epsilon, delta, sample_rate, steps, config.accountant)
+
+
+@lru_cache(maxsize=256)
+def _calibrated_sigma(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """Opacus' σ search, done once per process for each plan: it is a pure function of its arguments and
+    takes seconds (the accountants' fractional RDP orders), and a site plans the same σ every round."""
+    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant=accountant))
 
 
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
@@ -96,5 +105,17 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
 def spent(engine: PrivacyEngine, config: PrivacyConfig, delta: float, noise_multiplier: float) -> PrivacySpent:
     """The (ε, δ) the engine's accountant has recorded so far."""
     history = [(float(s), float(q), int(n)) for s, q, n in getattr(engine.accountant, "history", [])]
-    return PrivacySpent(epsilon=float(engine.get_epsilon(delta)), delta=delta, noise_multiplier=noise_multiplier,
-                        max_grad_norm=config.max_grad_norm, history=history)
+    return PrivacySpent(epsilon=composed_epsilon(tuple(history), delta, engine.accountant.mechanism()),
+                        delta=delta, noise_multiplier=noise_multiplier, max_grad_norm=config.max_grad_norm,
+                        history=history)
+
+
+@lru_cache(maxsize=256)
+def composed_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    """ε of a composition of (σ, sample rate, steps) DP-SGD steps; 0 for none. Cached per process: the
+    accountants take seconds (fractional RDP orders) and the answer depends on nothing else."""
+    if not history:
+        return 0.0
+    acc = create_accountant(mechanism=accountant)
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta))

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
 
 from fl_client.privacy import PrivacyConfig, calibrate_noise, make_private
 from fl_client.train import TrainConfig, TrainingDivergedError, length_chunks, private_step, train, user_loader
@@ -98,8 +99,25 @@ def test_noise_is_calibrated_to_the_requested_epsilon(seqs):
         assert result.privacy.delta == pytest.approx(1 / len(seqs))
         assert sum(steps for _, _, steps in result.privacy.history) == 2 * 4  # ceil(52 users / 16) steps
         assert "per user" in result.privacy.claim()
+        fresh = create_accountant(mechanism="prv")  # the claim is Opacus' own answer for the steps taken
+        fresh.history = list(result.privacy.history)
+        assert fresh.get_epsilon(delta=result.privacy.delta) == pytest.approx(result.privacy.epsilon)
     assert calibrate_noise(PrivacyConfig(epsilon=1.0), 0.1, 100, 1e-5) > calibrate_noise(
         PrivacyConfig(epsilon=8.0), 0.1, 100, 1e-5)
+
+
+def test_the_sigma_search_runs_once_per_plan_in_a_process(monkeypatch):
+    import fl_client.privacy as privacy
+
+    calls = []
+    search = privacy.get_noise_multiplier
+    monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **kw: calls.append(kw) or search(**kw))
+    privacy._calibrated_sigma.cache_clear()
+    config = PrivacyConfig(epsilon=3.0, accountant="rdp")
+    sigma = calibrate_noise(config, 0.25, 40, 1e-3)
+    assert calibrate_noise(config, 0.25, 40, 1e-3) == sigma and len(calls) == 1  # a site's next round
+    assert calibrate_noise(PrivacyConfig(epsilon=6.0, accountant="rdp"), 0.25, 40, 1e-3) < sigma
+    assert len(calls) == 2
 
 
 def test_training_without_dp_makes_no_privacy_claim(seqs):
