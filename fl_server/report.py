@@ -69,8 +69,9 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, A
     for r in rows:
         fed, central, priv = r.get("federated_eval", {}), r.get("central_eval", {}), r.get("privacy", {})
         left_out = len(r.get("item_rows", {}).get("left_out", []))  # trained, but sent unusable item weights
-        failed = r.get("train_failures", 0) + left_out + r.get("train_no_reply", 0)
-        trained = r.get("train_replies", 0) - r.get("train_failures", 0) - left_out - r.get("declined", 0)
+        unusable = r.get("train_failures", 0) + left_out  # replied, but nothing to aggregate
+        failed = unusable + r.get("train_no_reply", 0)
+        trained = r.get("train_replies", 0) - unusable - r.get("declined", 0)
         lines.append(f"| {r['round']} | {trained} | {r.get('declined', 0)} | {failed} | "
                      f"{_fmt(r.get('train', {}).get('train-loss'))} | {_fmt(fed.get(TRAIN_CE))} | "
                      f"{_fmt(fed.get('hr@10'))} | "

@@ -93,12 +93,12 @@ class RoundHooks:
         """Ask sites to evaluate, numbering rounds globally across resumes."""
         messages = with_frozen(super().configure_evaluate(server_round + self.round_offset, arrays, config,  # type: ignore[misc]
                                                           grid), self.frozen)
-        self.asked = {**getattr(self, "asked", {}), "evaluate": len(messages)}
+        self.asked["evaluate"] = len(messages)
         return messages
 
     def count_silent(self, phase: str, server_round: int, replies: int) -> None:
         """Record and warn about sites that were asked but sent nothing back (federation.round_timeout)."""
-        silent = max(getattr(self, "asked", {}).get(phase, replies) - replies, 0)
+        silent = max(self.asked.get(phase, replies) - replies, 0)
         self.last_round[f"{phase}_no_reply"] = silent
         if silent:
             log.warning("round %d: %d of %d site(s) sent no %s reply within federation.round_timeout; "
@@ -270,5 +270,6 @@ def build_strategy(config: StrategyConfig) -> Any:
     strategy.item_rows = config.item_rows
     strategy.item_row_names = []
     strategy.last_round = {}
+    strategy.asked = {}
     strategy.frozen = ArrayRecord()
     return strategy
