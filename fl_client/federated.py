@@ -120,8 +120,15 @@ def plan_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
     """σ that spreads the site's whole budget over all planned rounds, and this round's planned steps."""
     steps_per_epoch = math.ceil(len(data.sequences.trainable_users()) / round_cfg.batch_size)
     round_steps = round_cfg.local_epochs * steps_per_epoch
-    sigma = calibrate_noise(site.privacy(delta), 1.0 / steps_per_epoch, round_cfg.num_rounds * round_steps, delta)
+    sigma = calibrate_noise(site.privacy(delta), 1.0 / steps_per_epoch, round_cfg.num_rounds * round_steps, delta,
+                            cache_path=sigma_plans_path(site))
     return sigma, [(sigma, 1.0 / steps_per_epoch, round_steps)]
+
+
+def sigma_plans_path(site: SiteConfig) -> Path | None:
+    """Where the site keeps the σ it has searched (none without a state dir): each round in deployment is a
+    fresh process, and Opacus' σ search takes seconds, the same answer every round of a run."""
+    return Path(site.state_dir) / "sigma_plans.json" if site.state_dir else None
 
 
 def reply_path(site: SiteConfig, training_id: str, server_round: int) -> Path:

@@ -5,11 +5,15 @@ One training row is one user, so Opacus' per-sample (ε, δ) is a per-user guara
 
 from __future__ import annotations
 
+import json
+import math
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
+import opacus
 import torch
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.accountants import create_accountant
@@ -18,6 +22,7 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
 from fl_client.secure_rng import secure_loader, use_secure_noise
+from shared_model.atomic import write_atomically
 
 AccountantHistory = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
 ACCOUNTANTS = ("prv", "rdp", "gdp")
@@ -61,11 +66,40 @@ def resolve_delta(config: PrivacyConfig, num_users: int) -> float:
     return 1.0 / max(num_users, 1)
 
 
-def calibrate_noise(config: PrivacyConfig, sample_rate: float, steps: int, delta: float) -> float:
-    """σ that spends exactly the configured ε over `steps` Poisson-sampled steps (or the fixed σ)."""
+def calibrate_noise(config: PrivacyConfig, sample_rate: float, steps: int, delta: float,
+                    cache_path: Path | None = None) -> float:
+    """σ that spends exactly the configured ε over `steps` Poisson-sampled steps (or the fixed σ).
+
+    `cache_path`: a JSON file of σ plans already searched (a site's state dir), for processes that plan the
+    same σ again: a deployed site starts a fresh process for every round."""
     if config.noise_multiplier is not None:
         return config.noise_multiplier
-    return _calibrated_sigma(config.epsilon, delta, sample_rate, steps, config.accountant)
+    args = (config.epsilon, delta, sample_rate, steps, config.accountant)
+    if cache_path is None:
+        return _calibrated_sigma(*args)
+    key = json.dumps([*args, opacus.__version__])  # floats as their shortest exact repr
+    plans = _read_plans(cache_path)
+    if key not in plans:
+        plans[key] = _calibrated_sigma(*args)
+        write_atomically(cache_path, lambda out: out.write(json.dumps(plans, indent=1).encode()))
+    return plans[key]
+
+
+def _read_plans(path: Path) -> dict[str, float]:
+    """The cached σ plans; an unreadable file is reported and searched again (a cache, never a source of truth:
+    the ledger composes ε from the σ actually used, so a wrong σ here could not overspend the budget)."""
+    if not path.exists():
+        return {}
+    try:
+        plans = json.loads(path.read_text())
+        if isinstance(plans, dict) and all(isinstance(v, float) and math.isfinite(v) and v > 0
+                                           for v in plans.values()):
+            return plans
+        problem = "not a mapping of plans to positive σ"
+    except (OSError, ValueError) as err:
+        problem = str(err)
+    warnings.warn(f"{path}: ignoring the σ plan cache ({problem}); searching σ again", stacklevel=3)
+    return {}
 
 
 @lru_cache(maxsize=256)

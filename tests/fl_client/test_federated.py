@@ -1,6 +1,7 @@
 """A site's federated round: catalog check, budget refusal, cumulative ε, no double spending, cached data."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +40,7 @@ def test_dp_rounds_accumulate_epsilon_in_the_site_ledger(site):
     second = train_round(site, data, second_cfg, first.state)
     assert first.epsilon < second.epsilon <= site.epsilon * 1.01  # two planned rounds spend the whole budget
     assert PrivacyLedger(site.ledger_path, second.delta).spent() == pytest.approx(second.epsilon)
+    assert len(json.loads((Path(site.state_dir) / "sigma_plans.json").read_text())) == 1  # one σ, kept on disk
     assert set(first.metrics()) == set(second.metrics())
     assert first.train_seconds > 0 and first.peak_memory_mb > 0  # what the round cost the site, for the server
     sent_back = set(wire.trainable_state(build_global_model(first_cfg, state)))

@@ -1,5 +1,7 @@
 """DP-SGD mechanics: per-user gradients are exact, clipped to C, and ε is what was asked for."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -118,6 +120,25 @@ def test_the_sigma_search_runs_once_per_plan_in_a_process(monkeypatch):
     assert calibrate_noise(config, 0.25, 40, 1e-3) == sigma and len(calls) == 1  # a site's next round
     assert calibrate_noise(PrivacyConfig(epsilon=6.0, accountant="rdp"), 0.25, 40, 1e-3) < sigma
     assert len(calls) == 2
+
+
+def test_a_sites_sigma_plans_outlive_its_process_and_a_broken_cache_is_searched_again(monkeypatch, tmp_path):
+    import fl_client.privacy as privacy
+
+    calls = []
+    search = privacy.get_noise_multiplier
+    monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **kw: calls.append(kw) or search(**kw))
+    privacy._calibrated_sigma.cache_clear()
+    config, cache = PrivacyConfig(epsilon=3.0, accountant="rdp"), tmp_path / "state" / "sigma_plans.json"
+    sigma = calibrate_noise(config, 0.25, 40, 1e-3, cache_path=cache)
+    privacy._calibrated_sigma.cache_clear()  # the next round's fresh process
+    assert calibrate_noise(config, 0.25, 40, 1e-3, cache_path=cache) == sigma and len(calls) == 1
+    assert calibrate_noise(config, 0.25, 80, 1e-3, cache_path=cache) > sigma and len(calls) == 2  # another plan
+    cache.write_text('{"x": -1.0}')
+    privacy._calibrated_sigma.cache_clear()
+    with pytest.warns(UserWarning, match=r"sigma_plans.json: ignoring the σ plan cache"):
+        assert calibrate_noise(config, 0.25, 40, 1e-3, cache_path=cache) == sigma
+    assert len(calls) == 3 and list(json.loads(cache.read_text()).values()) == [sigma]  # rewritten
 
 
 def test_training_without_dp_makes_no_privacy_claim(seqs):

@@ -1,4 +1,4 @@
-"""A real deployment on loopback: `fedrec-server` (SuperLink + ServerApp) and two `fedrec-client` SuperNodes as
+"""A real deployment on loopback: `fedrec-server` (SuperLink + ServerApp) and three `fedrec-client` SuperNodes as
 separate processes, each site with its own events file. The server side is killed mid-round and restarted."""
 
 import contextlib
@@ -21,6 +21,7 @@ from simulations.partition import PartitionConfig, partition_users
 from simulations.prepare import prepare_data
 
 BIN = Path(sys.executable).parent
+SITES = 3  # SuperNodes, each with its own events file
 
 
 def free_ports(count: int) -> list[int]:
@@ -67,14 +68,15 @@ ON_GPU = pytest.param("cuda", ' model.item-features="" model.feature-scoring=fal
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("device", "features"), [pytest.param("cpu", "", id="cpu"), ON_GPU])
-def test_two_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(tmp_path, device, features):
-    data = prepare_data(DataConfig(name="synthetic", synthetic={"num_users": 120, "num_items": 40, "seed": 5}))
-    parts = partition_users(data.sequences, PartitionConfig(kind="iid", num_partitions=2))
+def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(tmp_path, device, features):
+    data = prepare_data(DataConfig(name="synthetic", synthetic={"num_users": 60 * SITES, "num_items": 40, "seed": 5}))
+    parts = partition_users(data.sequences, PartitionConfig(kind="iid", num_partitions=SITES))
     sites = write_sites(data, parts, tmp_path / "sites", SiteConfig(data_path="", catalog_path="", state_dir=""))
-    link, *site_ports = free_ports(3)
+    link, *site_ports = free_ports(1 + SITES)
     out = tmp_path / "server"
     server_cmd = [str(BIN / "fedrec-server"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
-                  "--catalog", sites[0].catalog_path, "--out-dir", str(out), "--num-rounds", "2", "--min-sites", "2",
+                  "--catalog", sites[0].catalog_path, "--out-dir", str(out), "--num-rounds", "2",
+                  "--min-sites", str(SITES),
                   "--stall-timeout", "240", "--run-config",
                   "batch-size=32 lr=0.005 model.hidden-size=16 model.max-len=20 round-timeout=120.0" + features]
     logs = tmp_path / "logs"
@@ -107,7 +109,7 @@ def test_two_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(tmp
             client.wait(30)
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]  # round 1 kept, round 2 completed once
-    assert all(r["train_replies"] == 2 and r["train_failures"] == 0 and r["declined"] == 0 for r in rows)
+    assert all(r["train_replies"] == SITES and r["train_failures"] == 0 and r["declined"] == 0 for r in rows)
     for site in sites:  # every site paid for each round exactly once, crash or not
         assert ledger_rounds(site) == [1, 2]
     assert 0 < rows[1]["privacy"]["epsilon_max"] <= 8.0 * 1.01
@@ -115,5 +117,5 @@ def test_two_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(tmp
     model, catalog = load_model_dir(out / "model")
     assert model.config.hidden_size == 16 and catalog.fingerprint == data.catalog.fingerprint
     assert (out / "report.md").exists() and "ε max" in (out / "report.md").read_text()
-    for i in range(2):  # each SuperNode names the device its rounds train on
+    for i in range(SITES):  # each SuperNode names the device its rounds train on
         assert f"training device: {device}" in (logs / f"client{i}.log").read_text()
