@@ -41,6 +41,7 @@ class TrainConfig:
     micro_batch_tokens: int = 8192  # (int) DP: padded positions per length-sorted micro-batch (memory bound)
     micro_batch_users: int = 128  # (int) DP: users per micro-batch (per-user item-table gradients: memory)
     proximal_mu: float = 0.0  # (float) FedProx: pull towards the weights training started from; 0 = off
+    clip_stats: bool = False  # (bool) DP: record per-user gradient norms before clipping (local diagnostic)
 
 
 @dataclass
@@ -55,6 +56,42 @@ class TrainResult:
     peak_memory_mb: float = 0.0
     privacy: PrivacySpent | None = None
     optimizer_state: dict[str, Any] | None = None  # the optimiser's state_dict at the end (Adam moments)
+    clipping: ClippingStats | None = None  # DP with clip_stats (hooks mode): per-user norms before clipping
+
+
+@dataclass
+class ClippingStats:
+    """Per-user gradient norms before clipping, over every DP step of a training: how much of the bound C
+    each user's gradient needs, and which parameters take the clipped budget.
+
+    A diagnostic for choosing C and the model under DP. It is computed from the raw per-user gradients, so
+    the DP guarantee does not cover it: it stays with whoever trained (a site never sends it)."""
+
+    max_grad_norm: float
+    norms: list[float] = field(default_factory=list)  # one per user and step
+    squared_by_parameter: dict[str, float] = field(default_factory=dict)  # summed squared per-user norms
+
+    def add(self, per_user: dict[str, torch.Tensor]) -> None:
+        """Record one micro-batch: parameter name -> its (b, ...) per-user gradients."""
+        squared = {name: g.reshape(len(g), -1).norm(2, dim=-1).square() for name, g in per_user.items()}
+        for name, values in squared.items():
+            self.squared_by_parameter[name] = self.squared_by_parameter.get(name, 0.0) + float(values.sum())
+        if squared:
+            self.norms.extend(torch.stack(list(squared.values())).sum(0).sqrt().tolist())
+
+    def summary(self) -> dict[str, Any]:
+        """Quantiles of the norms, the share of users clipped, and each parameter's share of the squared
+        norm (largest first)."""
+        norms = np.asarray(self.norms)
+        if norms.size == 0:
+            return {"max_grad_norm": self.max_grad_norm, "user_steps": 0}
+        total = sum(self.squared_by_parameter.values()) or 1.0
+        p10, median, p90 = np.percentile(norms, [10, 50, 90])
+        shares = sorted(self.squared_by_parameter.items(), key=lambda kv: -kv[1])
+        return {"max_grad_norm": self.max_grad_norm, "user_steps": int(norms.size),
+                "clipped_fraction": float((norms > self.max_grad_norm).mean()), "norm_p10": float(p10),
+                "norm_median": float(median), "norm_p90": float(p90),
+                "squared_norm_share": {name: round(v / total, 4) for name, v in shares}}
 
 
 Progress = Callable[[int, float, dict[str, float] | None], None]
@@ -162,6 +199,7 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
     loader = user_loader(users, config.batch_size, generator)
     optimizer = build_optimizer(model, config, optimizer_state)
     step_model: torch.nn.Module = model
+    result = TrainResult()
     engine = None
     if privacy.enabled:
         if config.num_negatives:
@@ -171,13 +209,15 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
         steps_per_epoch = len(loader)
         sigma = calibrate_noise(privacy, 1.0 / steps_per_epoch, config.epochs * steps_per_epoch, delta)
         engine, step_model, optimizer, loader = make_private(model, optimizer, loader, privacy, sigma)
+        if config.clip_stats and privacy.grad_sample_mode == "hooks":  # ghost mode has no per-user gradients
+            result.clipping = ClippingStats(privacy.max_grad_norm)
     anchor = wire.trainable_state(model) if config.proximal_mu else None  # FedProx' global model
-    result = TrainResult()
     best_score, best_state, stale = -1.0, None, 0
     started, samples = time.perf_counter(), 0
     for epoch in range(1, config.epochs + 1):
         batches = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress_bar, unit="batch")
-        loss, seen = run_epoch(step_model, model, seqs, batches, optimizer, privacy, config, device, anchor)
+        loss, seen = run_epoch(step_model, model, seqs, batches, optimizer, privacy, config, device, anchor,
+                               result.clipping)
         check_finite(model, epoch, config)
         result.epoch_losses.append(loss)
         samples += seen
@@ -220,14 +260,15 @@ def proximal_step(model: torch.nn.Module, anchor: dict[str, torch.Tensor], rate:
 def run_epoch(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequences,
               loader: Iterable[dict[str, torch.Tensor]],
               optimizer: torch.optim.Optimizer, privacy: PrivacyConfig, config: TrainConfig,
-              device: torch.device, anchor: dict[str, torch.Tensor] | None = None) -> tuple[float, int]:
+              device: torch.device, anchor: dict[str, torch.Tensor] | None = None,
+              clipping: ClippingStats | None = None) -> tuple[float, int]:
     """One pass over the loader; returns the mean training loss and the number of user rows seen."""
     total, steps, seen = 0.0, 0, 0
     for batch in loader:
         users = batch["users"].tolist()
         optimizer.zero_grad(set_to_none=True)
         if privacy.enabled:
-            value = private_step(step_model, model, seqs, users, optimizer, privacy, config, device)
+            value = private_step(step_model, model, seqs, users, optimizer, privacy, config, device, clipping)
         else:
             inputs = {k: v.to(device) for k, v in make_batch(seqs, users, "train", model.config.max_len).items()}
             loss = sequence_loss(model, inputs, num_negatives=config.num_negatives)
@@ -242,12 +283,14 @@ def run_epoch(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequenc
 
 def private_step(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequences, users: list[int],
                  optimizer: torch.optim.Optimizer, privacy: PrivacyConfig, config: TrainConfig,
-                 device: torch.device) -> float:
+                 device: torch.device, clipping: ClippingStats | None = None) -> float:
     """One DP-SGD step over a Poisson-sampled batch, in length-sorted micro-batches.
 
     Each micro-batch's clipped per-user gradients are summed by Opacus (skipped steps); noise is added
-    and the accountant records the step once, at the last micro-batch.
+    and the accountant records the step once, at the last micro-batch. `clipping` records the per-user
+    norms before clipping (hooks mode).
     """
+    names = {id(p): n for n, p in model.named_parameters()} if clipping is not None else {}
     dp_optimizer: DPOptimizer = optimizer
     chunks = length_chunks(seqs, users, model.config.max_len, config.micro_batch_tokens, config.micro_batch_users)
     if not chunks:  # an empty Poisson batch: still a step the accountant must count
@@ -262,6 +305,9 @@ def private_step(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequ
             DPTensorFastGradientClipping(step_model, dp_optimizer, per_user, "mean").backward()
         else:
             per_user.mean().backward()  # Opacus rescales to per-user gradients of this micro-batch
+            if clipping is not None:
+                clipping.add({names[id(p)]: g for p, g in zip(dp_optimizer.params, dp_optimizer.grad_samples,
+                                                              strict=True)})
         dp_optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)
         dp_optimizer.step()
         dp_optimizer.zero_grad(set_to_none=True)

@@ -68,6 +68,9 @@ def run_centralized(cfg: CentralizedConfig) -> dict[str, Any]:
         "training": training_summary(result, str(device)),
         "privacy": privacy_summary(result),
     }
+    if result.clipping is not None:
+        metrics["clipping"] = {"note": "per-user gradient norms before clipping, over every DP step: a local "
+                                       "diagnostic, not covered by the DP guarantee", **result.clipping.summary()}
     save_model_dir(model.cpu(), data.catalog, out / "model")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -97,6 +100,11 @@ def main(cfg: DictConfig) -> None:
     log.info("test HR@10 %.4f NDCG@10 %.4f MRR %.4f | popularity HR@10 %.4f NDCG@10 %.4f", test["hr@10"],
              test["ndcg@10"], test["mrr"], pop["hr@10"], pop["ndcg@10"])
     log.info("privacy: %s", metrics["privacy"]["claim"])
+    if "clipping" in metrics:
+        clip = metrics["clipping"]
+        log.info("clipping: %.0f%% of per-user gradients above C = %g (norms: p10 %.3g, median %.3g, p90 %.3g)",
+                 100 * clip.get("clipped_fraction", 0.0), clip["max_grad_norm"], clip.get("norm_p10", 0.0),
+                 clip.get("norm_median", 0.0), clip.get("norm_p90", 0.0))
     log.info("outputs in %s", typed.output_dir)
 
 

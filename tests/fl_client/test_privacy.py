@@ -141,6 +141,32 @@ def test_a_sites_sigma_plans_outlive_its_process_and_a_broken_cache_is_searched_
     assert len(calls) == 3 and list(json.loads(cache.read_text()).values()) == [sigma]  # rewritten
 
 
+def test_clip_stats_record_each_sampled_users_own_gradient_norm_before_clipping(seqs):
+    reference = tiny_model(True)
+    truth = []
+    for user in seqs.trainable_users():  # every user's own gradient norm at the starting weights
+        reference.zero_grad()
+        sequence_loss(reference, make_batch(seqs, [int(user)], "train", 8), per_user=True).sum().backward()
+        truth.append(torch.sqrt(sum((p.grad ** 2).sum() for p in reference.parameters())).item())
+    config = TrainConfig(epochs=2, batch_size=16, lr=0.0, clip_stats=True, micro_batch_users=4)  # lr 0: fixed
+    result = train(tiny_model(True), seqs, config, PrivacyConfig(enabled=True, noise_multiplier=1.0,
+                                                                  max_grad_norm=np.median(truth)))
+    stats = result.clipping
+    assert stats is not None and len(stats.norms) > 16  # several steps, several micro-batches each
+    assert all(np.isclose(truth, n, rtol=1e-4).any() for n in stats.norms)
+    summary = stats.summary()
+    assert summary["user_steps"] == len(stats.norms) and 0 < summary["clipped_fraction"] < 1
+    assert summary["norm_p10"] <= summary["norm_median"] <= summary["norm_p90"]
+    assert sum(summary["squared_norm_share"].values()) == pytest.approx(1, abs=1e-3)
+    assert "item_embeddings.weight" in summary["squared_norm_share"]
+    assert train(tiny_model(True), seqs, config, PrivacyConfig(enabled=True, max_grad_norm=1e6)
+                 ).clipping.summary()["clipped_fraction"] == 0
+    assert train(tiny_model(True), seqs, TrainConfig(epochs=1, batch_size=16), PrivacyConfig(enabled=True)
+                 ).clipping is None  # off unless asked
+    assert train(tiny_model(False), seqs, config, PrivacyConfig(enabled=True, grad_sample_mode="ghost",
+                                                                 max_grad_norm=1.0)).clipping is None
+
+
 def test_training_without_dp_makes_no_privacy_claim(seqs):
     result = train(tiny_model(True), seqs, TrainConfig(epochs=1, batch_size=16), PrivacyConfig(enabled=False))
     assert result.privacy is None

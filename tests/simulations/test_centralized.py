@@ -50,9 +50,13 @@ def test_centralized_run_learns_beyond_popularity_and_exports_a_model(tmp_path):
 
 @pytest.mark.slow
 def test_centralized_dp_run_reports_the_spent_budget_per_user(tmp_path):
-    metrics = run_centralized(typed_config(tmp_path, ["privacy=dp", "privacy.epsilon=3", "train.epochs=2"]))
+    metrics = run_centralized(typed_config(tmp_path, ["privacy=dp", "privacy.epsilon=3", "train.epochs=2",
+                                                      "train.clip_stats=true"]))
     privacy = metrics["privacy"]
     assert privacy["dp"] is True and privacy["unit"] == "one user"
     assert privacy["epsilon"] == pytest.approx(3.0, rel=0.02)
     assert privacy["delta"] == pytest.approx(1 / metrics["data"]["users"])
     assert "per user" in privacy["claim"]
+    clipping = metrics["clipping"]  # asked for: the norms before clipping, labelled as outside the guarantee
+    assert "not covered by the DP guarantee" in clipping["note"] and clipping["max_grad_norm"] == 1.0
+    assert clipping["user_steps"] > metrics["data"]["users"] and 0 <= clipping["clipped_fraction"] <= 1
