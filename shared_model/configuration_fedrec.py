@@ -31,6 +31,7 @@ class FedRecConfig(PretrainedConfig):
         num_event_types: int = len(EVENT_TYPES) + 1,
         num_time_buckets: int = 32,
         use_time_gaps: bool = True,
+        use_event_types: bool = True,
         feature_dim: int = 0,
         feature_scoring: bool = False,
         item_bias: bool = False,
@@ -57,6 +58,9 @@ class FedRecConfig(PretrainedConfig):
         self.num_event_types = num_event_types  # (int) event-type codes incl. padding 0
         self.num_time_buckets = num_time_buckets  # (int) log2-minute gap buckets incl. 0 = none
         self.use_time_gaps = use_time_gaps  # (bool) add the time-gap embedding (needs real timestamps)
+        # (bool) add the event-type embedding; with one type in the data it is a constant input vector
+        # that still takes its share of every user's clipped gradient under DP
+        self.use_event_types = use_event_types
         self.feature_dim = feature_dim  # (int) width of frozen public item features (text/attributes); 0 = none
         self.feature_scoring = feature_scoring  # (bool) also score items through their public features
         self.item_bias = item_bias  # (bool) a learned per-item score offset (popularity)

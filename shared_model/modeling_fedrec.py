@@ -44,7 +44,8 @@ class FedRecModel(FedRecPreTrainedModel):
             self.item_up = nn.Linear(r, d, bias=False)  # item vector r -> model width d
             self.item_down = nn.Linear(d, r, bias=False)  # hidden state d -> r, scored against the table
         self.position_embeddings = nn.Embedding(config.max_len, d)
-        self.event_type_embeddings = nn.Embedding(config.num_event_types, d, padding_idx=0)
+        if config.use_event_types:
+            self.event_type_embeddings = nn.Embedding(config.num_event_types, d, padding_idx=0)
         if config.use_time_gaps:  # unused parameters would get no per-user gradient under Opacus
             self.time_embeddings = nn.Embedding(config.num_time_buckets, d, padding_idx=0)
         if config.feature_dim:
@@ -95,7 +96,8 @@ class FedRecModel(FedRecPreTrainedModel):
         if self.config.factorized_items:
             items = self.item_up(items)  # (B, T, r) -> (B, T, d)
         x = items + self.position_embeddings(positions)  # (B, T, d)
-        x = x + self.event_type_embeddings(event_types)
+        if self.config.use_event_types:
+            x = x + self.event_type_embeddings(event_types)
         if self.config.use_time_gaps:
             x = x + self.time_embeddings(time_buckets)
         if self.config.feature_dim:

@@ -150,3 +150,18 @@ def test_a_factorized_table_trains_with_sampled_softmax():
                  labels=torch.randint(1, 100, (2, 5)))
     sequence_loss(model, batch, num_negatives=10).backward()
     assert model.item_up.weight.grad is not None and model.item_down.weight.grad is not None
+
+
+def test_without_event_types_the_model_ignores_them_and_round_trips(tmp_path):
+    model = tiny(use_event_types=False)
+    assert not any(name.startswith("event_type_embeddings") for name, _ in model.named_parameters())
+    assert ModuleValidator.validate(model.train(), strict=False) == []
+    model.eval()
+    ids = torch.randint(1, 100, (2, 4))
+    _, types, gaps = inputs(ids)
+    assert torch.equal(model.score_next(ids, types, gaps), model.score_next(ids, (types % 4) + 1, gaps))
+    model.save_pretrained(tmp_path)
+    loaded = FedRecModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.use_event_types is False
+    assert torch.allclose(model.score_next(ids, types, gaps), loaded.score_next(ids, types, gaps))
+    assert tiny().config.use_event_types is True  # the default keeps them
