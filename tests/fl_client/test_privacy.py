@@ -9,6 +9,7 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 
+from fl_client import privacy
 from fl_client.privacy import PrivacyConfig, calibrate_noise, make_private
 from fl_client.train import TrainConfig, TrainingDivergedError, length_chunks, private_step, train, user_loader
 from shared_model import wire
@@ -108,13 +109,18 @@ def test_noise_is_calibrated_to_the_requested_epsilon(seqs):
         PrivacyConfig(epsilon=8.0), 0.1, 100, 1e-5)
 
 
-def test_the_sigma_search_runs_once_per_plan_in_a_process(monkeypatch):
-    import fl_client.privacy as privacy
-
-    calls = []
+@pytest.fixture
+def sigma_searches(monkeypatch):
+    """The calls Opacus' σ search receives from here on (the per-process cache starts empty)."""
+    calls: list[dict] = []
     search = privacy.get_noise_multiplier
     monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **kw: calls.append(kw) or search(**kw))
     privacy._calibrated_sigma.cache_clear()
+    return calls
+
+
+def test_the_sigma_search_runs_once_per_plan_in_a_process(sigma_searches):
+    calls = sigma_searches
     config = PrivacyConfig(epsilon=3.0, accountant="rdp")
     sigma = calibrate_noise(config, 0.25, 40, 1e-3)
     assert calibrate_noise(config, 0.25, 40, 1e-3) == sigma and len(calls) == 1  # a site's next round
@@ -122,13 +128,8 @@ def test_the_sigma_search_runs_once_per_plan_in_a_process(monkeypatch):
     assert len(calls) == 2
 
 
-def test_a_sites_sigma_plans_outlive_its_process_and_a_broken_cache_is_searched_again(monkeypatch, tmp_path):
-    import fl_client.privacy as privacy
-
-    calls = []
-    search = privacy.get_noise_multiplier
-    monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **kw: calls.append(kw) or search(**kw))
-    privacy._calibrated_sigma.cache_clear()
+def test_a_sites_sigma_plans_outlive_its_process_and_a_broken_cache_is_searched_again(sigma_searches, tmp_path):
+    calls = sigma_searches
     config, cache = PrivacyConfig(epsilon=3.0, accountant="rdp"), tmp_path / "state" / "sigma_plans.json"
     sigma = calibrate_noise(config, 0.25, 40, 1e-3, cache_path=cache)
     privacy._calibrated_sigma.cache_clear()  # the next round's fresh process
