@@ -8,6 +8,8 @@ from transformers import BertConfig, PretrainedConfig
 
 from shared_model.events import EVENT_TYPES
 
+POSITION_ENCODINGS = ("learned", "sinusoidal")
+
 
 class FedRecConfig(PretrainedConfig):
     """Configuration of FedRecModel; tiny test configs use hidden_size=32, num_hidden_layers=2, num_items=99."""
@@ -32,6 +34,7 @@ class FedRecConfig(PretrainedConfig):
         num_time_buckets: int = 32,
         use_time_gaps: bool = True,
         use_event_types: bool = True,
+        position_encoding: str = "learned",
         feature_dim: int = 0,
         feature_scoring: bool = False,
         item_bias: bool = False,
@@ -61,6 +64,12 @@ class FedRecConfig(PretrainedConfig):
         # (bool) add the event-type embedding; with one type in the data it is a constant input vector
         # that still takes its share of every user's clipped gradient under DP
         self.use_event_types = use_event_types
+        if position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(f"model config field position_encoding={position_encoding!r}: "
+                             f"expected one of {', '.join(POSITION_ENCODINGS)}")
+        # (str) "learned": a trained max_len x d table; "sinusoidal": fixed (Transformer) encodings, nothing
+        # to train, so under DP no share of any user's clipped gradient goes to positions
+        self.position_encoding = position_encoding
         self.feature_dim = feature_dim  # (int) width of frozen public item features (text/attributes); 0 = none
         self.feature_scoring = feature_scoring  # (bool) also score items through their public features
         self.item_bias = item_bias  # (bool) a learned per-item score offset (popularity)

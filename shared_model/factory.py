@@ -23,6 +23,7 @@ class ModelConfig:
     attention_probs_dropout_prob: float = 0.2  # (float) dropout on attention weights
     use_time_gaps: bool = True  # (bool) time-gap embedding (ignored when the data has no timestamps)
     use_event_types: bool = True  # (bool) event-type embedding (false: for data with one event type)
+    position_encoding: str = "learned"  # (str) learned (trained table) or sinusoidal (fixed, nothing noised)
     item_features: list[str] = field(default_factory=list)  # (list) public feature sources: text, attributes
     feature_dim: int = 64  # (int) principal components kept from the public item features
     feature_scoring: bool = False  # (bool) also score items through their public features
@@ -42,6 +43,7 @@ def create_model(config: ModelConfig, catalog: ItemCatalog, has_timestamps: bool
         hidden_dropout_prob=config.hidden_dropout_prob,
         attention_probs_dropout_prob=config.attention_probs_dropout_prob,
         use_time_gaps=config.use_time_gaps and has_timestamps, use_event_types=config.use_event_types,
+        position_encoding=config.position_encoding,
         feature_dim=feature_dim,
         feature_scoring=config.feature_scoring and feature_dim > 0, item_bias=config.item_bias,
         train_item_embeddings=config.train_item_embeddings,

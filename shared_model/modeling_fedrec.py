@@ -13,6 +13,16 @@ from transformers.models.bert.modeling_bert import BertLayer
 from shared_model.configuration_fedrec import FedRecConfig
 
 
+def sinusoidal_positions(length: int, width: int) -> torch.Tensor:
+    """The Transformer's fixed encodings: sin/cos of position / 10000^(2i/width).  # -> (length, width)"""
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)  # (L, 1)
+    rate = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-torch.log(torch.tensor(1e4)) / width))
+    table = torch.zeros(length, width)
+    table[:, 0::2] = torch.sin(position * rate)
+    table[:, 1::2] = torch.cos(position * rate[: width // 2])
+    return table
+
+
 class FedRecPreTrainedModel(PreTrainedModel):
     """HF plumbing: config class and weight init."""
 
@@ -35,6 +45,7 @@ class FedRecModel(FedRecPreTrainedModel):
     """Next-item recommender: hidden states per position, and logits over all catalog rows."""
 
     item_features: torch.Tensor  # (V, F) frozen public features, present when config.feature_dim > 0
+    position_table: torch.Tensor  # (max_len, d) fixed encodings, present when position_encoding="sinusoidal"
 
     def __init__(self, config: FedRecConfig) -> None:
         super().__init__(config)
@@ -43,7 +54,11 @@ class FedRecModel(FedRecPreTrainedModel):
         if config.factorized_items:
             self.item_up = nn.Linear(r, d, bias=False)  # item vector r -> model width d
             self.item_down = nn.Linear(d, r, bias=False)  # hidden state d -> r, scored against the table
-        self.position_embeddings = nn.Embedding(config.max_len, d)
+        if config.position_encoding == "sinusoidal":
+            # Fixed and public (no parameters): under DP no part of a user's clipped gradient goes to positions
+            self.register_buffer("position_table", sinusoidal_positions(config.max_len, d))
+        else:
+            self.position_embeddings = nn.Embedding(config.max_len, d)
         if config.use_event_types:
             self.event_type_embeddings = nn.Embedding(config.num_event_types, d, padding_idx=0)
         if config.use_time_gaps:  # unused parameters would get no per-user gradient under Opacus
@@ -95,7 +110,10 @@ class FedRecModel(FedRecPreTrainedModel):
         items = self.item_embeddings(item_ids)  # (B, T, r)
         if self.config.factorized_items:
             items = self.item_up(items)  # (B, T, r) -> (B, T, d)
-        x = items + self.position_embeddings(positions)  # (B, T, d)
+        if self.config.position_encoding == "sinusoidal":
+            x = items + self.position_table[positions]  # (B, T, d)
+        else:
+            x = items + self.position_embeddings(positions)  # (B, T, d)
         if self.config.use_event_types:
             x = x + self.event_type_embeddings(event_types)
         if self.config.use_time_gaps:

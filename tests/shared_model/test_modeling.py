@@ -1,5 +1,6 @@
 """Behaviour of the transformer model: shapes, causality, padding invariance, save/load, Opacus validity."""
 
+import pytest
 import torch
 from opacus.validators import ModuleValidator
 
@@ -165,3 +166,26 @@ def test_without_event_types_the_model_ignores_them_and_round_trips(tmp_path):
     assert loaded.config.use_event_types is False
     assert torch.allclose(model.score_next(ids, types, gaps), loaded.score_next(ids, types, gaps))
     assert tiny().config.use_event_types is True  # the default keeps them
+
+
+def test_sinusoidal_positions_are_fixed_keep_order_and_round_trip(tmp_path):
+    model = tiny(position_encoding="sinusoidal")
+    assert not any("position" in name for name, _ in model.named_parameters())  # nothing to train or noise
+    assert ModuleValidator.validate(model.train(), strict=False) == []
+    model.eval()
+    ids = torch.tensor([[0, 5, 6, 7], [0, 7, 6, 5]])
+    scores = model.score_next(*inputs(ids))
+    assert not torch.allclose(scores[0], scores[1])  # the same items in another order score differently
+    table = model.position_table
+    assert table.shape == (10, 32) and torch.allclose(table[0, 0::2], torch.zeros(16))  # sin(0) = 0
+    assert torch.allclose(table[0, 1::2], torch.ones(16))  # cos(0) = 1
+    model.save_pretrained(tmp_path)
+    loaded = FedRecModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.position_encoding == "sinusoidal"
+    assert torch.allclose(scores, loaded.score_next(*inputs(ids)))
+    assert tiny().config.position_encoding == "learned"  # the default trains a table
+
+
+def test_an_unknown_position_encoding_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"position_encoding='rotary'.*learned, sinusoidal"):
+        FedRecConfig(position_encoding="rotary")
