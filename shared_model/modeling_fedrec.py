@@ -55,8 +55,11 @@ class FedRecModel(FedRecPreTrainedModel):
             self.item_up = nn.Linear(r, d, bias=False)  # item vector r -> model width d
             self.item_down = nn.Linear(d, r, bias=False)  # hidden state d -> r, scored against the table
         if config.position_encoding == "sinusoidal":
-            # Fixed and public (no parameters): under DP no part of a user's clipped gradient goes to positions
-            self.register_buffer("position_table", sinusoidal_positions(config.max_len, d))
+            # Fixed and public (no parameters): under DP no part of a user's clipped gradient goes to positions.
+            # Scaled to the learned embeddings' init (std initializer_range): at amplitude 1 they would drown
+            # the 0.02-scale item vectors in the sum before LayerNorm (measured: training stalled under DP).
+            table = sinusoidal_positions(config.max_len, d) * config.initializer_range
+            self.register_buffer("position_table", table)
         else:
             self.position_embeddings = nn.Embedding(config.max_len, d)
         if config.use_event_types:

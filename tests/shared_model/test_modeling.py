@@ -176,9 +176,10 @@ def test_sinusoidal_positions_are_fixed_keep_order_and_round_trip(tmp_path):
     ids = torch.tensor([[0, 5, 6, 7], [0, 7, 6, 5]])
     scores = model.score_next(*inputs(ids))
     assert not torch.allclose(scores[0], scores[1])  # the same items in another order score differently
-    table = model.position_table
+    table = model.position_table / model.config.initializer_range  # at the learned embeddings' scale
     assert table.shape == (10, 32) and torch.allclose(table[0, 0::2], torch.zeros(16))  # sin(0) = 0
     assert torch.allclose(table[0, 1::2], torch.ones(16))  # cos(0) = 1
+    assert torch.allclose(table[3, 0], torch.sin(torch.tensor(3.0)))  # the fastest frequency: 1 rad a step
     model.save_pretrained(tmp_path)
     loaded = FedRecModel.from_pretrained(tmp_path).eval()
     assert loaded.config.position_encoding == "sinusoidal"
