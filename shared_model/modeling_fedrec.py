@@ -58,8 +58,8 @@ class FedRecModel(FedRecPreTrainedModel):
             # Fixed and public (no parameters): under DP no part of a user's clipped gradient goes to positions.
             # Scaled to the learned embeddings' init (std initializer_range): at amplitude 1 they would drown
             # the 0.02-scale item vectors in the sum before LayerNorm (measured: training stalled under DP).
-            table = sinusoidal_positions(config.max_len, d) * config.initializer_range
-            self.register_buffer("position_table", table)
+            encodings = sinusoidal_positions(config.max_len, d) * config.initializer_range
+            self.register_buffer("position_table", encodings)
         else:
             self.position_embeddings = nn.Embedding(config.max_len, d)
         if config.use_event_types:
