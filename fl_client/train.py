@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable, Iterable
@@ -15,6 +16,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from fl_client.averaging import WeightAverage
 from fl_client.privacy import PrivacyConfig, PrivacySpent, calibrate_noise, make_private, resolve_delta, spent
 from shared_model import wire
 from shared_model.device import resolve_device
@@ -42,6 +44,7 @@ class TrainConfig:
     micro_batch_users: int = 128  # (int) DP: users per micro-batch (per-user item-table gradients: memory)
     proximal_mu: float = 0.0  # (float) FedProx: pull towards the weights training started from; 0 = off
     clip_stats: bool = False  # (bool) DP: record per-user gradient norms before clipping (local diagnostic)
+    ema_decay: float = 0.0  # (float) keep, validate and return an EMA of the weights (per step); 0 = off
 
 
 @dataclass
@@ -57,6 +60,7 @@ class TrainResult:
     privacy: PrivacySpent | None = None
     optimizer_state: dict[str, Any] | None = None  # the optimiser's state_dict at the end (Adam moments)
     clipping: ClippingStats | None = None  # DP with clip_stats (hooks mode): per-user norms before clipping
+    last_iterate: dict[str, torch.Tensor] | None = None  # with ema_decay: the trained weights before averaging
 
 
 @dataclass
@@ -182,8 +186,10 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
           progress_bar: bool = False, optimizer_state: dict[str, Any] | None = None) -> TrainResult:
     """Train in place; with `privacy.enabled`, DP-SGD per user whose ε covers every step taken here.
 
-    With `valid` and `patience`, the best-validating weights are restored at the end. `optimizer_state`
-    continues an earlier training's optimiser (a federated site's Adam moments); the final one is returned.
+    With `ema_decay`, validation and the returned model use the weights' moving average (the last iterate is
+    kept in the result). With `valid` and `patience`, the best-validating weights are restored at the end.
+    `optimizer_state` continues an earlier training's optimiser (a federated site's Adam moments); the final
+    one is returned.
     """
     torch.manual_seed(config.seed)
     if config.num_threads:
@@ -212,24 +218,26 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
         if config.clip_stats and privacy.grad_sample_mode == "hooks":  # ghost mode has no per-user gradients
             result.clipping = ClippingStats(privacy.max_grad_norm)
     anchor = wire.trainable_state(model) if config.proximal_mu else None  # FedProx' global model
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     best_score, best_state, stale = -1.0, None, 0
     started, samples = time.perf_counter(), 0
     for epoch in range(1, config.epochs + 1):
         batches = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress_bar, unit="batch")
         loss, seen = run_epoch(step_model, model, seqs, batches, optimizer, privacy, config, device, anchor,
-                               result.clipping)
+                               result.clipping, average)
         check_finite(model, epoch, config)
         result.epoch_losses.append(loss)
         samples += seen
         metrics = None
         if valid is not None and config.eval_every and epoch % config.eval_every == 0:
-            metrics = evaluate_model(model, valid, "valid", device=device)
-            result.valid_history.append({"epoch": float(epoch), **without_moments(metrics)})
-            if metrics["ndcg@10"] > best_score:
-                best_score, best_state, stale, result.best_epoch = metrics["ndcg@10"], copy.deepcopy(
-                    model.state_dict()), 0, epoch
-            else:
-                stale += 1
+            with average.applied(model) if average else contextlib.nullcontext():  # validate what is kept
+                metrics = evaluate_model(model, valid, "valid", device=device)
+                result.valid_history.append({"epoch": float(epoch), **without_moments(metrics)})
+                if metrics["ndcg@10"] > best_score:
+                    best_score, best_state, stale, result.best_epoch = metrics["ndcg@10"], copy.deepcopy(
+                        model.state_dict()), 0, epoch
+                else:
+                    stale += 1
         if progress is not None:
             progress(epoch, loss, metrics)
         if config.patience and stale >= config.patience:
@@ -237,6 +245,9 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
     result.seconds = time.perf_counter() - started
     result.samples_per_second = samples / max(result.seconds, 1e-9)
     result.peak_memory_mb = peak_memory_mb(device)
+    if average is not None:
+        result.last_iterate = wire.trainable_state(model)
+        average.copy_to(model)
     if best_state is not None and config.patience:
         model.load_state_dict(best_state)
     if engine is not None:
@@ -261,7 +272,7 @@ def run_epoch(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequenc
               loader: Iterable[dict[str, torch.Tensor]],
               optimizer: torch.optim.Optimizer, privacy: PrivacyConfig, config: TrainConfig,
               device: torch.device, anchor: dict[str, torch.Tensor] | None = None,
-              clipping: ClippingStats | None = None) -> tuple[float, int]:
+              clipping: ClippingStats | None = None, average: WeightAverage | None = None) -> tuple[float, int]:
     """One pass over the loader; returns the mean training loss and the number of user rows seen."""
     total, steps, seen = 0.0, 0, 0
     for batch in loader:
@@ -277,6 +288,8 @@ def run_epoch(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequenc
             value = float(loss.item())
         if anchor is not None:
             proximal_step(model, anchor, config.lr * config.proximal_mu)
+        if average is not None:
+            average.update(model)
         total, steps, seen = total + value, steps + 1, seen + len(users)
     return total / max(steps, 1), seen
 

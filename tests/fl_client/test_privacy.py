@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from opacus import PrivacyEngine
@@ -13,24 +12,9 @@ from fl_client import privacy
 from fl_client.privacy import PrivacyConfig, calibrate_noise, make_private
 from fl_client.train import TrainConfig, TrainingDivergedError, length_chunks, private_step, train, user_loader
 from shared_model import wire
-from shared_model.catalog import ItemCatalog
 from shared_model.configuration_fedrec import FedRecConfig
-from shared_model.events import LoadReport, finish_events
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
-from shared_model.sequences import make_batch, to_user_sequences
-
-
-@pytest.fixture
-def seqs():
-    rng = np.random.default_rng(0)
-    rows = []
-    for u in range(60):
-        start = int(rng.integers(0, 20))
-        for i in range(int(rng.integers(4, 12))):
-            rows.append((f"u{u}", f"i{(start + i) % 30}", 1000 + 600 * i, "view" if i % 2 else "purchase"))
-    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "event_type"])
-    log = finish_events(frame, LoadReport("memory", len(frame)))
-    return to_user_sequences(log, ItemCatalog.from_events(log.frame))
+from shared_model.sequences import make_batch
 
 
 def tiny_model(tie: bool, item_size: int | None = None, positions: str = "learned") -> FedRecModel:
