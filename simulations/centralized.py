@@ -117,6 +117,10 @@ def main(cfg: DictConfig) -> None:
     test, pop = metrics["test"], metrics["popularity_test"]
     log.info("test HR@10 %.4f NDCG@10 %.4f MRR %.4f | popularity HR@10 %.4f NDCG@10 %.4f", test["hr@10"],
              test["ndcg@10"], test["mrr"], pop["hr@10"], pop["ndcg@10"])
+    if "test_last_iterate" in metrics:
+        last = metrics["test_last_iterate"]
+        log.info("test of the last iterate (before averaging) HR@10 %.4f NDCG@10 %.4f", last["hr@10"],
+                 last["ndcg@10"])
     log.info("privacy: %s", metrics["privacy"]["claim"])
     if "clipping" in metrics:
         clip = metrics["clipping"]
