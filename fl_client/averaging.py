@@ -7,9 +7,11 @@ no privacy and the accountant's ε covers it unchanged. It damps the noise each 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
+
+from shared_model import wire
 
 
 class WeightAverage:
@@ -39,23 +41,22 @@ class WeightAverage:
         scale = 1.0 / (1.0 - self.decay ** self.updates)
         return {name: total * scale for name, total in self.sums.items()}
 
-    @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
-        """Overwrite the model's trainable weights with the average."""
-        average = self.averaged()
-        for name, p in model.named_parameters():
-            if name in average:
-                p.copy_(average[name].to(p.dtype))
+        """Overwrite the model's trainable weights with the average (before any step: leave them)."""
+        if self.updates:
+            wire.load_state(model, self.averaged(), trainable_only=True)
 
-    @contextmanager
-    def applied(self, model: torch.nn.Module) -> Iterator[None]:
+    def applied(self, model: torch.nn.Module) -> AbstractContextManager[None]:
         """Inside the block the model holds the average; the trained weights come back afterwards."""
-        saved = {n: p.detach().clone() for n, p in model.named_parameters() if n in self.sums}
-        self.copy_to(model)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if name in saved:
-                        p.copy_(saved[name])
+        return weights_swapped_in(model, self.averaged()) if self.updates else nullcontext()
+
+
+@contextmanager
+def weights_swapped_in(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Inside the block the model's trainable weights are `weights`; its own come back afterwards."""
+    saved = wire.trainable_state(model)
+    wire.load_state(model, weights, trainable_only=True)
+    try:
+        yield
+    finally:
+        wire.load_state(model, saved, trainable_only=True)

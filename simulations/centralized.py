@@ -17,9 +17,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fl_client.averaging import weights_swapped_in
 from fl_client.privacy import PrivacyConfig
 from fl_client.train import TrainConfig, TrainResult, train
-from shared_model import wire
 from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, evaluate_popularity, with_standard_errors
 from shared_model.modeling_fedrec import FedRecModel
@@ -85,11 +85,9 @@ def last_iterate_test(model: FedRecModel, last_iterate: dict[str, torch.Tensor],
                       cfg: CentralizedConfig) -> dict[str, Any]:
     """Test metrics of the final trained weights of a run that keeps their moving average (train.ema_decay);
     the model holds the average again afterwards."""
-    averaged = wire.trainable_state(model)
-    model.load_state_dict(last_iterate, strict=False)
-    metrics = evaluate_model(model, data.sequences, "test", cfg.eval.batch_size, cfg.eval.mask_history,
-                             resolve_device(cfg.train.device))
-    model.load_state_dict(averaged, strict=False)
+    with weights_swapped_in(model, last_iterate):
+        metrics = evaluate_model(model, data.sequences, "test", cfg.eval.batch_size, cfg.eval.mask_history,
+                                 resolve_device(cfg.train.device))
     return {"note": f"the last iterate, before the moving average (ema_decay {cfg.train.ema_decay})",
             **with_standard_errors(metrics)}
 
