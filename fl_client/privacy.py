@@ -41,6 +41,9 @@ class PrivacyConfig:
     accountant: str = "prv"  # (str) Opacus accountant: prv, rdp or gdp
     secure_mode: bool = False  # (bool) sampling and noise from the OS CSPRNG (production; slower)
     grad_sample_mode: str = "hooks"  # (str) hooks (supports tied item tables) or ghost (untied only)
+    # (float) σ of the user-level Gaussian item count that picks model.trained_item_rows (one release, each
+    # user's count vector has norm 1; its ε is part of `epsilon`)
+    selection_noise: float = 5.0
 
 
 @dataclass
@@ -52,11 +55,15 @@ class PrivacySpent:
     noise_multiplier: float
     max_grad_norm: float
     history: AccountantHistory
+    selection_noise: float | None = None  # σ of the noisy item count in `history` (model.trained_item_rows)
 
     def claim(self) -> str:
         """The exact sentence a report prints."""
-        return (f"(ε = {self.epsilon:.3f}, δ = {self.delta:.3g})-DP per user, over {sum(h[2] for h in self.history)}"
-                f" DP-SGD steps (σ = {self.noise_multiplier:.3f}, C = {self.max_grad_norm})")
+        steps = sum(h[2] for h in self.history) - (1 if self.selection_noise is not None else 0)
+        counted = ("" if self.selection_noise is None
+                   else f" and one Gaussian item count choosing the trained item rows (σ = {self.selection_noise:g})")
+        return (f"(ε = {self.epsilon:.3f}, δ = {self.delta:.3g})-DP per user, over {steps}"
+                f" DP-SGD steps (σ = {self.noise_multiplier:.3f}, C = {self.max_grad_norm}){counted}")
 
 
 def resolve_delta(config: PrivacyConfig, num_users: int) -> float:
@@ -67,13 +74,17 @@ def resolve_delta(config: PrivacyConfig, num_users: int) -> float:
 
 
 def calibrate_noise(config: PrivacyConfig, sample_rate: float, steps: int, delta: float,
-                    cache_path: Path | None = None) -> float:
-    """σ that spends exactly the configured ε over `steps` Poisson-sampled steps (or the fixed σ).
+                    cache_path: Path | None = None, extra: AccountantHistory | None = None) -> float:
+    """σ that spends exactly the configured ε over `steps` Poisson-sampled steps (or the fixed σ), together
+    with the `extra` releases already planned (the item-count release of `trained_item_rows`).
 
     `cache_path`: a JSON file of σ plans already searched (a site's state dir), for processes that plan the
     same σ again: a deployed site starts a fresh process for every round."""
     if config.noise_multiplier is not None:
         return config.noise_multiplier
+    if extra:
+        return _calibrated_sigma_beside(config.epsilon, delta, sample_rate, steps, config.accountant,
+                                        tuple((float(s), float(q), int(n)) for s, q, n in extra))
     args = (config.epsilon, delta, sample_rate, steps, config.accountant)
     if cache_path is None:
         return _calibrated_sigma(*args)
@@ -110,6 +121,26 @@ def _calibrated_sigma(epsilon: float, delta: float, sample_rate: float, steps: i
                                       steps=steps, accountant=accountant))
 
 
+def _calibrated_sigma_beside(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                             extra: tuple[tuple[float, float, int], ...], tolerance: float = 0.01) -> float:
+    """The smallest σ (to within `tolerance` in ε, as Opacus' own search) whose steps composed with `extra`
+    spend at most `epsilon`; bisection on the composed ε, starting from the σ that would spend it alone."""
+    def spend(sigma: float) -> float:
+        return composed_epsilon(((sigma, sample_rate, steps), *extra), delta, accountant)
+
+    if composed_epsilon(extra, delta, accountant) >= epsilon:
+        raise ValueError(f"the item-count release alone (σ = {extra[0][0]:g}) spends the whole privacy.epsilon="
+                         f"{epsilon}: raise privacy.selection_noise")
+    low = _calibrated_sigma(epsilon, delta, sample_rate, steps, accountant)  # too small beside `extra`
+    high = low * 1.25
+    while spend(high) > epsilon:
+        low, high = high, high * 1.5
+    while epsilon - spend(high) > tolerance:
+        middle = (low + high) / 2
+        low, high = (middle, high) if spend(middle) > epsilon else (low, middle)
+    return high
+
+
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                  config: PrivacyConfig, noise_multiplier: float
                  ) -> tuple[PrivacyEngine, GradSampleModule, DPOptimizer, DataLoader]:
@@ -136,12 +167,13 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
     return engine, private_model, private_optimizer, private_loader
 
 
-def spent(engine: PrivacyEngine, config: PrivacyConfig, delta: float, noise_multiplier: float) -> PrivacySpent:
-    """The (ε, δ) the engine's accountant has recorded so far."""
+def spent(engine: PrivacyEngine, config: PrivacyConfig, delta: float, noise_multiplier: float,
+          selection_noise: float | None = None) -> PrivacySpent:
+    """The (ε, δ) the engine's accountant has recorded so far (with the item-count release, when there was one)."""
     history = [(float(s), float(q), int(n)) for s, q, n in getattr(engine.accountant, "history", [])]
     return PrivacySpent(epsilon=composed_epsilon(tuple(history), delta, engine.accountant.mechanism()),
                         delta=delta, noise_multiplier=noise_multiplier, max_grad_norm=config.max_grad_norm,
-                        history=history)
+                        history=history, selection_noise=selection_noise)
 
 
 @lru_cache(maxsize=256)

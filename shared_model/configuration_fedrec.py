@@ -39,6 +39,7 @@ class FedRecConfig(PretrainedConfig):
         feature_scoring: bool = False,
         item_bias: bool = False,
         train_item_embeddings: bool = True,
+        trained_item_rows: int = 0,
         tie_item_embeddings: bool = True,
         catalog_fingerprint: str = "",
         **kwargs: Any,
@@ -74,6 +75,13 @@ class FedRecConfig(PretrainedConfig):
         self.feature_scoring = feature_scoring  # (bool) also score items through their public features
         self.item_bias = item_bias  # (bool) a learned per-item score offset (popularity)
         self.train_item_embeddings = train_item_embeddings  # (bool) False: item table fixed at 0, no noise on it
+        if not 0 <= trained_item_rows <= num_items:
+            raise ValueError(f"model config field trained_item_rows={trained_item_rows}: expected 0 (every row) "
+                             f"up to the {num_items} catalog items")
+        # (int) K > 0: only K item rows (chosen from training counts, noisy under DP) carry item vectors and a
+        # bias; the other items are scored through public features alone, so no clipped gradient and no
+        # noise ever reaches their rows (DP-FEST-style sparsity); 0 = every row
+        self.trained_item_rows = trained_item_rows
         self.tie_item_embeddings = tie_item_embeddings  # (bool) score with the input item table
         self.tie_word_embeddings = tie_item_embeddings  # HF's name for the same switch (save/load ties)
         self.catalog_fingerprint = catalog_fingerprint  # (str) the catalog the item rows refer to

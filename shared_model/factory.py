@@ -30,6 +30,7 @@ class ModelConfig:
     item_bias: bool = False  # (bool) learned per-item score offset (popularity)
     train_item_embeddings: bool = True  # (bool) false: no per-item vectors (public features + bias only)
     tie_item_embeddings: bool = True  # (bool) score items with the input item table
+    trained_item_rows: int = 0  # (int) K > 0: item vectors and bias only for K rows picked by (DP) counts; 0 = all
 
 
 def create_model(config: ModelConfig, catalog: ItemCatalog, has_timestamps: bool = True,
@@ -46,7 +47,7 @@ def create_model(config: ModelConfig, catalog: ItemCatalog, has_timestamps: bool
         position_encoding=config.position_encoding,
         feature_dim=feature_dim,
         feature_scoring=config.feature_scoring and feature_dim > 0, item_bias=config.item_bias,
-        train_item_embeddings=config.train_item_embeddings,
+        train_item_embeddings=config.train_item_embeddings, trained_item_rows=config.trained_item_rows,
         tie_item_embeddings=config.tie_item_embeddings, catalog_fingerprint=catalog.fingerprint))
     if feature_dim:
         model.set_item_features(item_feature_table(catalog, config.item_features, feature_dim, cache_dir))

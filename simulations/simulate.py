@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fl_client.site import SiteConfig
 from fl_client.train import TrainConfig
-from fl_server.config import ServerConfig, StrategyConfig
+from fl_server.config import ServerConfig, StrategyConfig, check_federated_model
 from fl_server.schedule import Decay
 from fl_server.strategy import build_strategy
 from shared_model.metrics import evaluate_popularity, with_standard_errors
@@ -100,6 +100,7 @@ def run_simulate(cfg: SimulateConfig) -> dict[str, Any]:
             if cfg.privacy.enabled and cfg.strategy.item_rows != "average":  # every site would decline
                 raise ValueError(f"strategy.item_rows={cfg.strategy.item_rows} needs per-item weights from the "
                                  "sites, which DP does not cover: use strategy.item_rows=average with DP")
+            check_federated_model(cfg.model)
             fed = cfg.federation
             Decay(fed.decay_from_round, fed.decay_lr, fed.decay_server_lr).check(build_strategy(cfg.strategy))
             assert resources is not None
