@@ -9,8 +9,9 @@ from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 
 from fl_client import privacy
+from fl_client.dp_step import length_chunks, private_step
 from fl_client.privacy import PrivacyConfig, calibrate_noise, make_private
-from fl_client.train import TrainConfig, TrainingDivergedError, length_chunks, private_step, train, user_loader
+from fl_client.train import TrainConfig, TrainingDivergedError, train, user_loader
 from shared_model import wire
 from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
