@@ -13,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_client.count_round import count_round
 from fl_client.federated import RoundConfig, evaluate_round, train_round
 from fl_client.site import SiteConfig, SiteData, load_site_data
 from fl_client.train import TrainingDivergedError
@@ -66,6 +67,21 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             content[wire.ITEM_WEIGHTS] = ArrayRecord({wire.ITEM_WEIGHTS: reply.item_weights})
         if reply.moments:
             content[wire.OPTIMIZER_STATE] = ArrayRecord(reply.moments)
+        return Message(content=content, reply_to=msg)
+
+    @app.query(wire.COUNT_QUERY)
+    def handle_item_counts(msg: Message, context: Context) -> Message:
+        site = resolve_site(context)
+        try:
+            reply = count_round(site, *decode(msg, site))
+        except CatalogMismatchError as err:
+            return Message(Error(code=CATALOG_MISMATCH, reason=str(err)), reply_to=msg)
+        if reply.declined:
+            log.warning("site %s declined the item count: %s", site.data_path, reply.declined)
+        content = RecordDict({wire.METRICS: metric_record(reply.metrics()),
+                              wire.NOTES: ConfigRecord({wire.DECLINED_REASON: reply.declined})})
+        if reply.counts is not None:
+            content[wire.ITEM_COUNTS] = ArrayRecord({wire.ITEM_COUNTS: reply.counts})
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fl_client.item_selection import selection_release
 from fl_client.ledger import BudgetExceededError, PrivacyLedger
 from fl_client.moments import from_named_moments, to_named_moments, trainable_names
 from fl_client.privacy import AccountantHistory, calibrate_noise
@@ -28,6 +29,7 @@ from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, training_loss
 from shared_model.modeling_fedrec import FedRecModel
 
+COUNT_ROUND = 0  # the ledger's round of a site's item count (training rounds count from 1)
 # RoundConfig field -> (wire key, type it is parsed to).
 ROUND_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "server_round": (wire.SERVER_ROUND, int), "training_id": (wire.TRAINING_ID, str),
@@ -115,13 +117,15 @@ def site_delta(site: SiteConfig, data: SiteData) -> float:
     return site.delta if site.delta is not None else 1.0 / max(len(data.sequences), 1)
 
 
-def plan_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
-               delta: float) -> tuple[float, AccountantHistory]:
-    """σ that spreads the site's whole budget over all planned rounds, and this round's planned steps."""
+def plan_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, delta: float,
+               counted: bool = False) -> tuple[float, AccountantHistory]:
+    """σ that spreads the site's whole budget over all planned rounds (beside the item count of a model that
+    trains only some item rows, when the site paid for one: `counted`), and this round's planned steps."""
     steps_per_epoch = math.ceil(len(data.sequences.trainable_users()) / round_cfg.batch_size)
     round_steps = round_cfg.local_epochs * steps_per_epoch
-    sigma = calibrate_noise(site.privacy(delta), 1.0 / steps_per_epoch, round_cfg.num_rounds * round_steps, delta,
-                            cache_path=sigma_plans_path(site))
+    privacy = site.privacy(delta)
+    sigma = calibrate_noise(privacy, 1.0 / steps_per_epoch, round_cfg.num_rounds * round_steps, delta,
+                            cache_path=sigma_plans_path(site), extra=selection_release(privacy) if counted else None)
     return sigma, [(sigma, 1.0 / steps_per_epoch, round_steps)]
 
 
@@ -161,7 +165,11 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, state:
         return declined(model, delta, ledger.spent() if ledger else 0.0,
                         f"the server asks for per-item weights (strategy.item_rows={round_cfg.item_rows}); they "
                         "tell which items this site's users interacted with, which DP does not cover")
-    sigma, planned = plan_round(site, data, round_cfg, delta) if site.dp else (0.0, [])
+    if model.config.trained_item_rows and not model.item_rows_selected:  # training would pick (and pay) again
+        raise ValueError("the server sent a model that trains only some item rows without choosing them "
+                         "(model.trained_item_rows): it must ask the sites for item counts first")
+    counted = ledger is not None and ledger.has(training_id, COUNT_ROUND)
+    sigma, planned = plan_round(site, data, round_cfg, delta, counted) if site.dp else (0.0, [])
     if ledger is not None:
         try:
             ledger.check(planned, site.epsilon)

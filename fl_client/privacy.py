@@ -82,16 +82,14 @@ def calibrate_noise(config: PrivacyConfig, sample_rate: float, steps: int, delta
     same σ again: a deployed site starts a fresh process for every round."""
     if config.noise_multiplier is not None:
         return config.noise_multiplier
-    if extra:
-        return _calibrated_sigma_beside(config.epsilon, delta, sample_rate, steps, config.accountant,
-                                        tuple((float(s), float(q), int(n)) for s, q, n in extra))
     args = (config.epsilon, delta, sample_rate, steps, config.accountant)
+    beside = tuple((float(s), float(q), int(n)) for s, q, n in extra or [])
     if cache_path is None:
-        return _calibrated_sigma(*args)
-    key = json.dumps([*args, opacus.__version__])  # floats as their shortest exact repr
+        return _calibrated_sigma_beside(*args, beside) if beside else _calibrated_sigma(*args)
+    key = json.dumps([*args, opacus.__version__, *([[list(e) for e in beside]] if beside else [])])
     plans = _read_plans(cache_path)
     if key not in plans:
-        plans[key] = _calibrated_sigma(*args)
+        plans[key] = _calibrated_sigma_beside(*args, beside) if beside else _calibrated_sigma(*args)
         write_atomically(cache_path, lambda out: out.write(json.dumps(plans, indent=1).encode()))
     return plans[key]
 

@@ -67,15 +67,6 @@ def _section(cls: type, values: Mapping[str, Any], prefix: str) -> dict[str, Any
     return out
 
 
-def check_federated_model(model: ModelConfig) -> ModelConfig:
-    """Refuse model settings that federated training does not support yet; returns `model`."""
-    if model.trained_item_rows:
-        # Each site would pick its own rows (and under DP pay for a new count every round): not built yet.
-        raise ValueError(f"model.trained_item_rows={model.trained_item_rows}: choosing the trained item rows is "
-                         "centralized / local-only for now; federated runs need model.trained_item_rows=0")
-    return model
-
-
 def server_config_from_run_config(run_config: Mapping[str, Any]) -> ServerConfig:
     """Parse Flower's flat run config (`model.hidden-size`, `strategy.name`, `num-rounds`, ...) once."""
     flat = dict(run_config)
@@ -84,5 +75,5 @@ def server_config_from_run_config(run_config: Mapping[str, Any]) -> ServerConfig
             raise ValueError(f"run config needs {required!r} (an absolute path; the ServerApp runs from an "
                              "installed copy of the app, so relative paths would land somewhere unexpected)")
     top = {k: v for k, v in _section(ServerConfig, flat, "").items() if k not in ("model", "strategy")}
-    model = check_federated_model(ModelConfig(**_section(ModelConfig, flat, "model.")))
+    model = ModelConfig(**_section(ModelConfig, flat, "model."))
     return ServerConfig(**top, model=model, strategy=StrategyConfig(**_section(StrategyConfig, flat, "strategy.")))

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_server.checkpoint import RunStore
 from fl_server.config import ServerConfig, server_config_from_run_config
+from fl_server.item_counts import choose_trained_rows
 from fl_server.report import write_report
 from fl_server.schedule import Decay
 from fl_server.strategy import build_strategy
@@ -103,6 +104,9 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
 
     if done < cfg.num_rounds:
         train_config = round_config(cfg, model, catalog, store.training_id())
+        counts = choose_trained_rows(grid, model, train_config, cfg.strategy.min_nodes, cfg.round_timeout)
+        if counts is not None:
+            (store.root / "item_counts.json").write_text(json.dumps(counts, indent=1), encoding="utf-8")
         trainable = wire.trainable_state(model)
         strategy.frozen = ArrayRecord({k: v for k, v in wire.full_state(model).items() if k not in trainable})
         strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable), num_rounds=cfg.num_rounds - done,

@@ -117,6 +117,17 @@ class FedRecModel(FedRecPreTrainedModel):
         self.item_row_mask.zero_()
         self.item_row_mask[rows.to(self.item_row_mask.device)] = 1.0
 
+    def select_most_counted_rows(self, counts: torch.Tensor) -> torch.Tensor:
+        """Choose the `trained_item_rows` catalog rows with the largest (num_item_rows,) `counts` (a histogram of
+        training events, noisy under DP; padding row 0 never counts); returns them, sorted."""
+        if counts.shape != (self.config.num_item_rows,):
+            raise ValueError(f"expected item counts of shape ({self.config.num_item_rows},), got {tuple(counts.shape)}")
+        scores = counts.detach().to(torch.float64).cpu().clone()
+        scores[0] = -torch.inf
+        rows = scores.topk(self.config.trained_item_rows).indices.sort().values
+        self.select_item_rows(rows)
+        return rows
+
     @torch.no_grad()
     def zero_untrained_item_rows(self) -> None:
         """Set the item vectors and bias of rows outside the mask to 0 (they never affect a score; under DP they

@@ -14,6 +14,8 @@ METRICS = "metrics"  # MetricRecord: what a site reports back
 NOTES = "notes"  # ConfigRecord: words a site reports back (why it declined a round)
 ITEM_WEIGHTS = "item-weights"  # ArrayRecord {ITEM_WEIGHTS: per-row weights} (site -> server, when asked)
 OPTIMIZER_STATE = "optimizer-state"  # ArrayRecord of optimiser moments "<param>:<moment>" + MOMENTS_STEP (both ways)
+ITEM_COUNTS = "item-counts"  # ArrayRecord {ITEM_COUNTS: a site's (noisy under DP) item histogram} (site -> server)
+COUNT_QUERY = "item_counts"  # the query action that asks the sites for ITEM_COUNTS (message type query.item_counts)
 MOMENTS_STEP = "step"  # its key of the optimiser's step count (the sites' mean)
 
 # ConfigRecord keys (server -> site).

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fl_client.site import SiteConfig
 from fl_client.train import TrainConfig
-from fl_server.config import ServerConfig, StrategyConfig, check_federated_model
+from fl_server.config import ServerConfig, StrategyConfig
 from fl_server.schedule import Decay
 from fl_server.strategy import build_strategy
 from shared_model.metrics import evaluate_popularity, with_standard_errors
@@ -100,7 +100,6 @@ def run_simulate(cfg: SimulateConfig) -> dict[str, Any]:
             if cfg.privacy.enabled and cfg.strategy.item_rows != "average":  # every site would decline
                 raise ValueError(f"strategy.item_rows={cfg.strategy.item_rows} needs per-item weights from the "
                                  "sites, which DP does not cover: use strategy.item_rows=average with DP")
-            check_federated_model(cfg.model)
             fed = cfg.federation
             Decay(fed.decay_from_round, fed.decay_lr, fed.decay_server_lr).check(build_strategy(cfg.strategy))
             assert resources is not None
@@ -143,7 +142,8 @@ def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.nd
     template = SiteConfig(data_path="", catalog_path="", state_dir="", dp=cfg.privacy.enabled,
                           epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
                           max_grad_norm=cfg.privacy.max_grad_norm, noise_multiplier=cfg.privacy.noise_multiplier,
-                          accountant=cfg.privacy.accountant, grad_sample_mode=cfg.privacy.grad_sample_mode,
+                          accountant=cfg.privacy.accountant, selection_noise=cfg.privacy.selection_noise,
+                          grad_sample_mode=cfg.privacy.grad_sample_mode,
                           secure_mode=cfg.privacy.secure_mode, device=cfg.train.device,
                           min_events=cfg.data.min_events, micro_batch_tokens=cfg.train.micro_batch_tokens,
                           micro_batch_users=cfg.train.micro_batch_users)

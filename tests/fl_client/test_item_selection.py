@@ -6,12 +6,10 @@ import pytest
 import torch
 from opacus import PrivacyEngine
 
-from fl_client.item_selection import choose_item_rows, select_trained_rows, user_item_histogram
+from fl_client.item_selection import noisy_item_histogram, select_trained_rows, user_item_histogram
 from fl_client.privacy import PrivacyConfig, calibrate_noise, composed_epsilon
 from fl_client.train import TrainConfig, train, user_loader
-from fl_server.config import check_federated_model
 from shared_model.configuration_fedrec import FedRecConfig
-from shared_model.factory import ModelConfig
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
 from shared_model.sequences import make_batch
 from shared_model.serialization import save_model_dir
@@ -33,11 +31,24 @@ def test_one_user_moves_the_histogram_by_exactly_one_in_l2(seqs):
 
 def test_without_noise_the_rows_with_the_largest_histogram_are_chosen(seqs):
     histogram = user_item_histogram(seqs, 31)
-    rows = choose_item_rows(seqs, 8, 31)
+    model = masked_model(k=8)
+    rows = model.select_most_counted_rows(noisy_item_histogram(seqs, 31)).numpy()
     assert len(rows) == 8 and list(rows) == sorted(rows) and 0 not in rows
+    assert torch.equal(model.item_row_mask.nonzero().flatten(), torch.from_numpy(rows))
     assert histogram[rows].min() >= np.delete(histogram, np.r_[0, rows]).max()
-    with pytest.raises(ValueError, match="trained_item_rows=31"):
-        choose_item_rows(seqs, 31, 31)
+    with pytest.raises(ValueError, match=r"shape \(31,\)"):
+        model.select_most_counted_rows(torch.zeros(30))
+
+
+def test_the_noise_has_the_asked_scale_and_comes_from_the_given_generator(seqs):
+    exact = torch.from_numpy(user_item_histogram(seqs, 31))
+    first = noisy_item_histogram(seqs, 31, 4.0, generator=torch.Generator().manual_seed(1))
+    again = noisy_item_histogram(seqs, 31, 4.0, generator=torch.Generator().manual_seed(1))
+    other = noisy_item_histogram(seqs, 31, 4.0, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert 2.0 < float((first - exact).std()) < 8.0
+    secure = noisy_item_histogram(seqs, 31, 4.0, secure=True)
+    assert 2.0 < float((secure - exact).std()) < 8.0
 
 
 def test_rows_outside_the_mask_get_no_gradient_and_do_not_change_any_score(seqs):
@@ -104,7 +115,9 @@ def test_rows_are_chosen_once_and_only_without_dp_for_free(seqs):
     model = masked_model()
     assert select_trained_rows(model, seqs, PrivacyConfig()) == []  # exact counts, no DP claim
     chosen = model.item_row_mask.clone()
-    assert torch.equal(chosen[torch.from_numpy(choose_item_rows(seqs, 10, 31))], torch.ones(10))
+    exact = masked_model()
+    exact.select_most_counted_rows(torch.from_numpy(user_item_histogram(seqs, 31)))
+    assert torch.equal(chosen, exact.item_row_mask)
     assert select_trained_rows(model, seqs, PrivacyConfig(enabled=True)) == []  # already chosen: no new release
     assert torch.equal(model.item_row_mask, chosen)
     assert select_trained_rows(masked_model(k=0), seqs, PrivacyConfig(enabled=True)) == []
@@ -117,11 +130,6 @@ def test_rows_are_chosen_once_and_only_without_dp_for_free(seqs):
 def test_dp_settings_that_cannot_pay_for_the_count_are_refused(seqs, privacy, match):
     with pytest.raises(ValueError, match=match):
         train(masked_model(), seqs, TrainConfig(epochs=1, batch_size=16), privacy)
-
-
-def test_federated_runs_refuse_trained_item_rows():
-    with pytest.raises(ValueError, match="centralized / local-only"):
-        check_federated_model(ModelConfig(trained_item_rows=100))
 
 
 def test_the_exported_model_keeps_its_rows(seqs, tmp_path):

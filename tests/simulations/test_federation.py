@@ -1,4 +1,5 @@
-"""End to end on Flower's simulation engine: 3 sites with DP, 2 rounds, checkpoints, resume, export."""
+"""End to end on Flower's simulation engine: 3 sites with DP, 2 rounds, checkpoints, resume, export (and a
+model that trains only the item rows the sites' DP item counts pick)."""
 
 import json
 
@@ -25,9 +26,13 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
                           local_epochs=1, batch_size=32, lr=0.005, round_timeout=600,
                           central_eval_path=sites[0].data_path,
                           model=ModelConfig(hidden_size=16, max_len=20, item_features=["text"], feature_dim=8,
-                                            feature_scoring=True, item_bias=True),
+                                            feature_scoring=True, item_bias=True, trained_item_rows=20),
                           strategy=StrategyConfig(min_nodes=3))
     run_federation(sites, server)
+    # Before round 1 every site paid for one noisy item count (ledger round 0); the server kept the 20 rows
+    # with the largest sum, and the exported model trains and scores item vectors for those rows only.
+    assert json.loads((out / "item_counts.json").read_text()) == {
+        "trained_item_rows": 20, "sites_counted": 3, "sites_declined": 0, "sites_failed": 0, "sites_no_reply": 0}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["train_replies"] == 3 and r["train_failures"] == 0 and r["declined"] == 0 for r in rows)
@@ -50,11 +55,14 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "privacy.png").stat().st_size > 0
     model, catalog = load_model_dir(out / "model")
     assert catalog.fingerprint == data.catalog.fingerprint and model.config.num_items == len(catalog.item_ids)
+    off = model.item_row_mask == 0
+    assert int((~off).sum()) == 20 and model.output.bias[off].abs().max() == 0 < model.output.bias[~off].abs().max()
     for site in sites:
         ledger = json.loads(site.ledger_path.read_text())
-        assert [e["round"] for e in ledger["entries"]] == [1, 2]
+        assert [e["round"] for e in ledger["entries"]] == [0, 1, 2]
     # A restarted server asking for a third round continues after round 2 (nothing repeated); the sites
-    # planned their whole budget for the two announced rounds, so each declines rather than overspend.
+    # planned their whole budget for the two announced rounds, so each declines rather than overspend. The
+    # trained rows come back with the checkpoint: nobody is asked (or pays) for a second count.
     run_federation(sites, ServerConfig(**{**server.__dict__, "num_rounds": 3}))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3]
@@ -62,7 +70,7 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
     assert len(rows[2]["declined_reasons"]) == 3 and all("budget" in r for r in rows[2]["declined_reasons"])
     for site in sites:
         ledger = json.loads(site.ledger_path.read_text())
-        assert [e["round"] for e in ledger["entries"]] == [1, 2]
+        assert [e["round"] for e in ledger["entries"]] == [0, 1, 2]
 
 
 @pytest.mark.slow
