@@ -31,6 +31,7 @@ from shared_model.sequences import to_user_sequences
 from shared_model.serialization import save_model_dir
 
 log = logging.getLogger(__name__)
+ITEM_COUNTS_FILE = "item_counts.json"  # how the trained item rows were chosen (model.trained_item_rows)
 CentralEvaluator = Callable[[FedRecModel], dict[str, float]]
 
 
@@ -106,7 +107,7 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         train_config = round_config(cfg, model, catalog, store.training_id())
         counts = choose_trained_rows(grid, model, train_config, cfg.strategy.min_nodes, cfg.round_timeout)
         if counts is not None:
-            (store.root / "item_counts.json").write_text(json.dumps(counts, indent=1), encoding="utf-8")
+            (store.root / ITEM_COUNTS_FILE).write_text(json.dumps(counts, indent=1), encoding="utf-8")
         trainable = wire.trainable_state(model)
         strategy.frozen = ArrayRecord({k: v for k, v in wire.full_state(model).items() if k not in trainable})
         strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable), num_rounds=cfg.num_rounds - done,
@@ -128,6 +129,8 @@ def export(store: RunStore, model: FedRecModel, catalog: ItemCatalog) -> dict[st
     history = store.history()
     summary: dict[str, Any] = {"rounds": final.round if final else 0, "best_round": final.best_round if final else 0,
                "history": history, "model_dir": str(store.root / "model")}
+    if (store.root / ITEM_COUNTS_FILE).exists():
+        summary["item_counts"] = json.loads((store.root / ITEM_COUNTS_FILE).read_text(encoding="utf-8"))
     (store.root / "summary.json").write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
     write_report(store.root, history, summary)
     return summary

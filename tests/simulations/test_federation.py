@@ -51,6 +51,7 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
     assert rows[0]["bytes_to_each_site"] - rows[0]["bytes_from_each_site"] > features - 200
     report = (out / "report.md").read_text()
     assert "ε max" in report and "No differential-privacy claim" not in report
+    assert "trained for 20 item rows only" in report and "item counts of 3 sites" in report
     assert f"HR@10 {fed['hr@10']:.4f} ± {fed['hr@10:se']:.4f}" in report
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "privacy.png").stat().st_size > 0
     model, catalog = load_model_dir(out / "model")
