@@ -10,6 +10,8 @@ noisy histograms, at the server) is post-processing.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -17,6 +19,8 @@ from fl_client.privacy import AccountantHistory, PrivacyConfig
 from fl_client.secure_rng import secure_standard_normal
 from shared_model.modeling_fedrec import FedRecModel
 from shared_model.sequences import UserSequences
+
+log = logging.getLogger(__name__)
 
 
 def user_item_histogram(seqs: UserSequences, num_rows: int) -> np.ndarray:
@@ -63,6 +67,10 @@ def select_trained_rows(model: FedRecModel, seqs: UserSequences, privacy: Privac
         return []
     release = selection_release(privacy)
     sigma = release[0][0] if release else 0.0
-    model.select_most_counted_rows(noisy_item_histogram(seqs, model.config.num_item_rows, sigma,
-                                                        secure=privacy.secure_mode))
+    rows = model.select_most_counted_rows(noisy_item_histogram(seqs, model.config.num_item_rows, sigma,
+                                                               secure=privacy.secure_mode))
+    events = seqs.item_counts(model.config.num_item_rows)  # local, never released: how much the rows cover
+    log.info("training item vectors for %d of %d items, chosen by a %s; they hold %.1f%% of the training events",
+             len(rows), model.config.num_items, f"noisy item count (σ = {sigma:g})" if sigma else "exact item count",
+             100.0 * events[rows.numpy()].sum() / max(events.sum(), 1))
     return release
