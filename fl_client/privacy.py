@@ -133,7 +133,9 @@ def _calibrated_sigma_beside(epsilon: float, delta: float, sample_rate: float, s
     high = low * 1.25
     while spend(high) > epsilon:
         low, high = high, high * 1.5
-    while epsilon - spend(high) > tolerance:
+    for _ in range(60):  # the interval halves each time: far below any σ that matters long before 60
+        if epsilon - spend(high) <= tolerance:
+            break
         middle = (low + high) / 2
         low, high = (middle, high) if spend(middle) > epsilon else (low, middle)
     return high
