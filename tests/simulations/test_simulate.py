@@ -56,8 +56,8 @@ def centralized(overrides: list[str]):
     return typed_cfg
 
 
-SIZE = ("max_len", "hidden_size", "num_hidden_layers", "num_attention_heads", "hidden_dropout_prob",
-        "attention_probs_dropout_prob", "tie_item_embeddings")
+# The architecture; the DP presets may regularise differently (under DP the model underfits: no dropout).
+SIZE = ("max_len", "hidden_size", "num_hidden_layers", "num_attention_heads", "tie_item_embeddings")
 
 
 @pytest.mark.parametrize(("preset", "centralized_preset"), [
