@@ -84,12 +84,15 @@ def calibrate_noise(config: PrivacyConfig, sample_rate: float, steps: int, delta
         return config.noise_multiplier
     args = (config.epsilon, delta, sample_rate, steps, config.accountant)
     beside = tuple((float(s), float(q), int(n)) for s, q, n in extra or [])
-    if cache_path is None:
+    def search() -> float:
         return _calibrated_sigma_beside(*args, beside) if beside else _calibrated_sigma(*args)
+
+    if cache_path is None:
+        return search()
     key = json.dumps([*args, opacus.__version__, *([[list(e) for e in beside]] if beside else [])])
     plans = _read_plans(cache_path)
     if key not in plans:
-        plans[key] = _calibrated_sigma_beside(*args, beside) if beside else _calibrated_sigma(*args)
+        plans[key] = search()
         write_atomically(cache_path, lambda out: out.write(json.dumps(plans, indent=1).encode()))
     return plans[key]
 
