@@ -36,11 +36,15 @@ def metric_record(values: Mapping[str, float]) -> MetricRecord:
     return MetricRecord({key: float(value) for key, value in values.items()})
 
 
+def decode_config(msg: Message) -> RoundConfig:
+    """The round's settings carried by a message."""
+    return RoundConfig.from_record(dict(msg.content.config_records[wire.CONFIG]))
+
+
 def decode(msg: Message, site: SiteConfig) -> tuple[SiteData, RoundConfig, dict[str, torch.Tensor]]:
     """The site's (cached) data, the round's settings and the global weights carried by a message."""
-    round_cfg = RoundConfig.from_record(dict(msg.content.config_records[wire.CONFIG]))
     state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
-    return load_site_data(site), round_cfg, state
+    return load_site_data(site), decode_config(msg), state
 
 
 def build_client_app(resolve_site: SiteResolver) -> ClientApp:
@@ -73,7 +77,7 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
     def handle_item_counts(msg: Message, context: Context) -> Message:
         site = resolve_site(context)
         try:
-            reply = count_round(site, *decode(msg, site))
+            reply = count_round(site, load_site_data(site), decode_config(msg))  # settings only, no weights
         except CatalogMismatchError as err:
             return Message(Error(code=CATALOG_MISMATCH, reason=str(err)), reply_to=msg)
         if reply.declined:

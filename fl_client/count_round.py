@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fl_client.federated import COUNT_ROUND, RoundConfig, build_global_model, safe_name, save_atomically, site_delta
+from fl_client.federated import COUNT_ROUND, RoundConfig, safe_name, save_atomically, site_delta
 from fl_client.item_selection import noisy_item_histogram, selection_release
 from fl_client.ledger import BudgetExceededError, PrivacyLedger
 from fl_client.site import SiteConfig, SiteData
@@ -41,11 +41,12 @@ def count_reply_path(site: SiteConfig, training_id: str) -> Path:
     return Path(site.state_dir) / "replies" / f"{safe_name(training_id)}_item_counts.pt"
 
 
-def count_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
-                state: dict[str, torch.Tensor]) -> CountReply:
-    """The site's (noisy under DP) item histogram for the server's choice of trained item rows, within budget."""
+def count_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig) -> CountReply:
+    """The site's (noisy under DP) item histogram for the server's choice of trained item rows, within budget.
+
+    The query carries settings only (no weights): a histogram needs the catalog, which the fingerprint pins.
+    """
     data.catalog.check_matches(round_cfg.catalog_fingerprint)
-    model = build_global_model(round_cfg, state)
     delta = site_delta(site, data)
     ledger = PrivacyLedger(site.ledger_path, delta, site.accountant) if site.dp else None
     cached = count_reply_path(site, round_cfg.training_id)
@@ -63,7 +64,7 @@ def count_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
     sigma = release[0][0] if release else 0.0
     # Fresh entropy under DP (a seed the server could guess would let it subtract the noise).
     generator = torch.Generator().manual_seed(secrets.randbits(63))
-    counts = noisy_item_histogram(data.sequences, model.config.num_item_rows, sigma, secure=site.secure_mode,
+    counts = noisy_item_histogram(data.sequences, data.catalog.num_rows, sigma, secure=site.secure_mode,
                                   generator=generator)
     if ledger is None:
         return CountReply(counts, False, 0.0, delta)

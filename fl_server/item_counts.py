@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
@@ -28,8 +28,8 @@ def choose_trained_rows(grid: Grid, model: FedRecModel, config: ConfigRecord, mi
     if not model.config.trained_item_rows or model.item_rows_selected:
         return None
     _, nodes = sample_nodes(grid, min_nodes, min_nodes)
-    content = RecordDict({wire.ARRAYS: ArrayRecord(wire.full_state(model)),
-                          wire.CONFIG: ConfigRecord({**config, wire.SERVER_ROUND: 0})})
+    # Settings only: a site's histogram needs the catalog (pinned by the config's fingerprint), not the weights.
+    content = RecordDict({wire.CONFIG: ConfigRecord({**config, wire.SERVER_ROUND: 0})})
     messages = [Message(content=content, dst_node_id=node, message_type=f"{MessageType.QUERY}.{wire.COUNT_QUERY}")
                 for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))

@@ -28,8 +28,8 @@ def ledger_rounds(site):
 
 def test_a_dp_site_pays_for_its_item_count_once_and_resends_the_same_answer(site):
     data = load_site_data(site)
-    cfg, state = query(data.catalog)
-    first = count_round(site, data, cfg, state)
+    cfg = query(data.catalog)[0]
+    first = count_round(site, data, cfg)
     assert first.dp and not first.declined and first.counts.shape == (data.catalog.num_rows,)
     assert 0 < first.epsilon < site.epsilon
     entries = json.loads(site.ledger_path.read_text())["entries"]
@@ -37,7 +37,7 @@ def test_a_dp_site_pays_for_its_item_count_once_and_resends_the_same_answer(site
     exact = torch.from_numpy(user_item_histogram(data.sequences, data.catalog.num_rows))
     noise = first.counts - exact
     assert 0.5 * site.selection_noise < float(noise.std()) < 2 * site.selection_noise
-    again = count_round(site, data, cfg, state)  # a restarted server asks again: same release, nothing spent
+    again = count_round(site, data, cfg)  # a restarted server asks again: same release, nothing spent
     assert torch.equal(again.counts, first.counts) and again.epsilon == first.epsilon
     assert ledger_rounds(site) == [COUNT_ROUND]
 
@@ -45,7 +45,7 @@ def test_a_dp_site_pays_for_its_item_count_once_and_resends_the_same_answer(site
 def test_without_dp_the_counts_are_exact_and_nothing_is_claimed(site):
     site = replace(site, dp=False)
     data = load_site_data(site)
-    reply = count_round(site, data, *query(data.catalog))
+    reply = count_round(site, data, query(data.catalog)[0])
     assert not reply.dp and reply.epsilon == 0.0 and not site.ledger_path.exists()
     assert torch.equal(reply.counts, torch.from_numpy(user_item_histogram(data.sequences, data.catalog.num_rows)))
 
@@ -53,14 +53,14 @@ def test_without_dp_the_counts_are_exact_and_nothing_is_claimed(site):
 def test_a_site_declines_a_count_its_budget_cannot_pay_for(site):
     site = replace(site, epsilon=0.05, selection_noise=1.0)
     data = load_site_data(site)
-    reply = count_round(site, data, *query(data.catalog))
+    reply = count_round(site, data, query(data.catalog)[0])
     assert reply.counts is None and "budget" in reply.declined and not site.ledger_path.exists()
 
 
 def test_the_count_and_every_planned_round_together_spend_the_budget(site):
     data = load_site_data(site)
     cfg, state = query(data.catalog)
-    counts = count_round(site, data, cfg, state).counts
+    counts = count_round(site, data, cfg).counts
     model = build_global_model(cfg, state)
     model.select_most_counted_rows(counts)
     state = model.state_dict()

@@ -61,15 +61,12 @@ def test_server_config_is_parsed_from_a_flat_run_config():
         server_config_from_run_config({"catalog-path": "/abs/catalog.json"})
 
 
-def test_frozen_tensors_ride_along_without_entering_the_aggregate(monkeypatch):
+def test_frozen_tensors_ride_along_without_entering_the_aggregate(serverapp_identity):
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from fl_server.strategy import with_frozen
 
-    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):  # what a running ServerApp has
-        monkeypatch.setattr(TaskIdentity, name, value)
     trainable = ArrayRecord({"w": torch.ones(3)})
     frozen = ArrayRecord({"item_features": torch.zeros(4, 2)})
     shared = RecordDict({wire.ARRAYS: trainable, wire.CONFIG: ConfigRecord({"lr": 0.1})})
@@ -81,13 +78,11 @@ def test_frozen_tensors_ride_along_without_entering_the_aggregate(monkeypatch):
     assert with_frozen(sent, ArrayRecord()) == sent
 
 
-def item_rows_strategy(monkeypatch, name: str, mode: str, start: dict, **knobs):
-    """A strategy set up as after configure_train (round start weights known), without a Grid."""
+def item_rows_strategy(name: str, mode: str, start: dict, **knobs):
+    """A strategy set up as after configure_train (round start weights known), without a Grid (the test
+    asks for `serverapp_identity`)."""
     from flwr.app import Array, ArrayRecord
-    from flwr.supercore.task_identity import TaskIdentity
 
-    for attribute, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):  # what a running ServerApp has
-        monkeypatch.setattr(TaskIdentity, attribute, value)
     strategy = build_strategy(StrategyConfig(name=name, item_rows=mode, min_nodes=1, **knobs))
     strategy.item_row_names = ["item_embeddings.weight", "output.bias"]
     strategy.round_start = ArrayRecord({k: Array(v) for k, v in start.items()})
@@ -125,12 +120,12 @@ def three_sites():
 
 
 @pytest.mark.parametrize("mode", ["holders", "counts"])
-def test_item_rows_are_averaged_over_the_sites_that_hold_them(monkeypatch, mode):
+def test_item_rows_are_averaged_over_the_sites_that_hold_them(serverapp_identity, mode):
     import numpy as np
 
     start, local, users, holds = three_sites()
     weights = holds * users[:, None] if mode == "holders" else holds * np.array([[1, 5, 1, 2]] * 3) * [[1], [3], [2]]
-    strategy = item_rows_strategy(monkeypatch, "fedavg", mode, start)
+    strategy = item_rows_strategy("fedavg", mode, start)
     arrays, _ = strategy.aggregate_train(1, [site_reply(s, n, a.astype(np.float32))
                                              for s, n, a in zip(local, users, weights, strict=True)])
     plain = {k: sum(n * s[k] for s, n in zip(local, users, strict=True)) / users.sum() for k in start}
@@ -149,25 +144,25 @@ def test_item_rows_are_averaged_over_the_sites_that_hold_them(monkeypatch, mode)
     assert strategy.last_round["item_rows"] == {"mode": mode, "sites": 3, "left_out": []}
 
 
-def test_a_server_step_is_taken_from_the_row_weighted_average(monkeypatch):
+def test_a_server_step_is_taken_from_the_row_weighted_average(serverapp_identity):
     import numpy as np
 
     start, local, users, holds = three_sites()
     weights = (holds * users[:, None]).astype(np.float32)
     replies = lambda: [site_reply(s, n, a) for s, n, a in zip(local, users, weights, strict=True)]  # noqa: E731
-    averaged, _ = item_rows_strategy(monkeypatch, "fedavg", "holders", start).aggregate_train(1, replies())
-    stepped, _ = item_rows_strategy(monkeypatch, "fedavgm", "holders", start, server_lr=2.0,
+    averaged, _ = item_rows_strategy("fedavg", "holders", start).aggregate_train(1, replies())
+    stepped, _ = item_rows_strategy("fedavgm", "holders", start, server_lr=2.0,
                                     server_momentum=0.0).aggregate_train(1, replies())
     for name, g in start.items():
         np.testing.assert_allclose(stepped[name].numpy(), g + 2.0 * (averaged[name].numpy() - g), rtol=1e-5,
                                    atol=1e-5)
 
 
-def test_a_site_without_usable_item_weights_is_left_out_and_named(monkeypatch):
+def test_a_site_without_usable_item_weights_is_left_out_and_named(serverapp_identity):
     import numpy as np
 
     start, local, users, holds = three_sites()
-    strategy = item_rows_strategy(monkeypatch, "fedavg", "holders", start)
+    strategy = item_rows_strategy("fedavg", "holders", start)
     replies = [site_reply(local[0], users[0], (holds[0] * users[0]).astype(np.float32)),
                site_reply(local[1], users[1]), site_reply(local[2], users[2], np.ones(5, dtype=np.float32))]
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -225,15 +220,15 @@ class Grid:
         return [1, 2, 3]
 
 
-def test_shared_moments_are_averaged_kept_out_of_the_weights_sent_next_round_and_checkpointed(monkeypatch):
+def test_shared_moments_are_averaged_kept_out_of_the_weights_sent_next_round_and_checkpointed(serverapp_identity):
     import numpy as np
     from flwr.app import ArrayRecord, ConfigRecord
 
     start, local, users, holds = three_sites()
     moments = site_moments(local)
-    plain, _ = item_rows_strategy(monkeypatch, "fedavg", "counts", start).aggregate_train(
+    plain, _ = item_rows_strategy("fedavg", "counts", start).aggregate_train(
         1, [site_reply(s, n, a.astype(np.float32)) for s, n, a in zip(local, users, holds, strict=True)])
-    strategy = item_rows_strategy(monkeypatch, "fedavg", "counts", start)
+    strategy = item_rows_strategy("fedavg", "counts", start)
     arrays, _ = strategy.aggregate_train(1, [site_reply(s, n, a.astype(np.float32), m)
                                              for s, n, a, m in zip(local, users, holds, moments, strict=True)])
     for name in start:  # the moments change nothing about the weights' aggregate
@@ -244,20 +239,20 @@ def test_shared_moments_are_averaged_kept_out_of_the_weights_sent_next_round_and
     assert len(sent) == 3 and all(set(m.content.array_records) == {wire.ARRAYS, wire.OPTIMIZER_STATE} for m in sent)
     np.testing.assert_allclose(sent[0].content.array_records[wire.OPTIMIZER_STATE]["w:exp_avg_sq"].numpy(),
                                strategy.shared_moments["w:exp_avg_sq"])
-    resumed = item_rows_strategy(monkeypatch, "fedavg", "counts", start)
+    resumed = item_rows_strategy("fedavg", "counts", start)
     resumed.restore_optimiser_state(strategy.optimiser_state())  # what a checkpoint holds and a resume restores
     assert set(resumed.shared_moments) == set(moments[0])
-    fresh = item_rows_strategy(monkeypatch, "fedavg", "counts", start)
+    fresh = item_rows_strategy("fedavg", "counts", start)
     assert all(set(m.content.array_records) == {wire.ARRAYS} for m in
                fresh.configure_train(1, ArrayRecord(), ConfigRecord({}), Grid()))  # nothing to share yet
 
 
-def test_sites_that_send_nothing_back_before_the_timeout_are_counted_and_named_in_the_log(monkeypatch, caplog):
+def test_sites_that_send_nothing_back_before_the_timeout_are_counted_and_named_in_the_log(serverapp_identity, caplog):
     import numpy as np
     from flwr.app import ConfigRecord
 
     start, local, users, holds = three_sites()
-    strategy = item_rows_strategy(monkeypatch, "fedavg", "counts", start)
+    strategy = item_rows_strategy("fedavg", "counts", start)
     asked = list(strategy.configure_train(1, strategy.round_start, ConfigRecord({}), Grid()))
     assert len(asked) == 3
     with caplog.at_level("WARNING"):  # only two of the three sites answered within federation.round_timeout
