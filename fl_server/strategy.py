@@ -37,6 +37,19 @@ STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "shared_moments")
 AVERAGING = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
 
 
+def with_dtypes_of(arrays: ArrayRecord | None, reference: ArrayRecord | None) -> ArrayRecord | None:
+    """`arrays` with each tensor in the dtype it has in `reference`. Flower's FedAdam, FedYogi and FedAdagrad
+    step with a NumPy float64 scalar, which (NumPy 2) turns float32 weights into float64: the global model
+    would travel and be checkpointed at twice its size from the first server step on."""
+    if arrays is None or reference is None:
+        return arrays
+    changed = {k for k, v in arrays.items() if k in reference and v.dtype != reference[k].dtype}
+    if not changed:
+        return arrays
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.numpy().astype(reference[k].dtype))) if k in changed else v
+                        for k, v in arrays.items()})
+
+
 def with_frozen(messages: Iterable[Message], frozen: ArrayRecord,
                 extra: Mapping[str, ArrayRecord] | None = None) -> list[Message]:
     """The same messages with the frozen public tensors added to their arrays, and `extra` records (the
@@ -136,7 +149,7 @@ class RoundHooks:
                 return None, None
         arrays, metrics = super().aggregate_train(server_round + self.round_offset, trained)  # type: ignore[misc]
         self.last_round["train"] = dict(metrics) if metrics is not None else {}
-        return arrays, metrics
+        return with_dtypes_of(arrays, self.round_start), metrics
 
     def trained_item_rows(self) -> tuple[list[str], int]:
         """The per-item tensors this round trains and the item table's number of rows (none: [], 0)."""

@@ -88,6 +88,8 @@ def item_rows_strategy(name: str, mode: str, start: dict, **knobs):
     strategy.round_start = ArrayRecord({k: Array(v) for k, v in start.items()})
     if name == "fedavgm":
         strategy.current_arrays = strategy.round_start
+    if name in ("fedadam", "fedyogi"):
+        strategy.current_arrays = dict(start)  # as FedOpt's configure_train keeps them
     return strategy
 
 
@@ -156,6 +158,18 @@ def test_a_server_step_is_taken_from_the_row_weighted_average(serverapp_identity
     for name, g in start.items():
         np.testing.assert_allclose(stepped[name].numpy(), g + 2.0 * (averaged[name].numpy() - g), rtol=1e-5,
                                    atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_an_adaptive_server_step_keeps_the_weights_float32(serverapp_identity, name):
+    import numpy as np
+
+    start, local, users, _ = three_sites()
+    replies = [site_reply(s, n) for s, n in zip(local, users, strict=True)]
+    stepped, _ = item_rows_strategy(name, "average", start, server_lr=0.1).aggregate_train(1, replies)
+    for key, value in start.items():  # Flower's float64 step size would double the model on the wire
+        assert stepped[key].dtype == "float32"
+        assert not np.allclose(stepped[key].numpy(), value)  # a step was taken
 
 
 def test_a_site_without_usable_item_weights_is_left_out_and_named(serverapp_identity):
