@@ -47,6 +47,20 @@ def test_dp_rounds_accumulate_epsilon_in_the_site_ledger(site):
     assert set(first.state) == set(second.state) == sent_back  # trainable weights only, tied table once
 
 
+def test_a_batch_above_the_sites_users_is_one_full_site_dp_step_per_round(site):
+    # fed_beauty_dp relies on this: sample rate 1, one step a round, so with SGD of lr 1 the site sends its
+    # noisy mean gradient and the server's FedAdam does the optimising
+    data = load_site_data(site)
+    record, state = round_record(data.catalog, 1, num_rounds=3)
+    record.update({wire.BATCH_SIZE: 100_000, wire.OPTIMIZER: "sgd", wire.LEARNING_RATE: 1.0})
+    reply = train_round(site, data, RoundConfig.from_record(record), state)
+    assert reply.dp and not reply.declined and reply.num_examples == len(data.sequences.trainable_users())
+    [entry] = json.loads(site.ledger_path.read_text())["entries"]
+    [(sigma, sample_rate, steps)] = entry["history"]
+    assert (sample_rate, steps) == (1.0, 1) and sigma > 0
+    assert not torch.equal(reply.state["item_embeddings.weight"], state["item_embeddings.weight"])
+
+
 def test_a_dp_site_never_repeats_its_noise_and_sampling(site):
     # Regression: every round used to reseed torch with the same seed, so a DP site added the same noise to
     # (and sampled the same users for) every round: the noise added up instead of averaging out, and the
