@@ -38,9 +38,10 @@ AVERAGING = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
 
 
 def with_dtypes_of(arrays: ArrayRecord | None, reference: ArrayRecord | None) -> ArrayRecord | None:
-    """`arrays` with each tensor in the dtype it has in `reference`. Flower's FedAdam, FedYogi and FedAdagrad
-    step with a NumPy float64 scalar, which (NumPy 2) turns float32 weights into float64: the global model
-    would travel and be checkpointed at twice its size from the first server step on."""
+    """`arrays` with each tensor in the dtype it has in `reference`. Flower 1.41's FedAdam steps with a NumPy
+    float64 scalar (its bias-corrected η), which (NumPy 2) turns float32 weights into float64: the global model
+    would travel and be checkpointed at twice its size from the first server step on. Applied to every
+    strategy's result, so no other server step can change the weights' dtype either."""
     if arrays is None or reference is None:
         return arrays
     changed = {k for k, v in arrays.items() if k in reference and v.dtype != reference[k].dtype}

@@ -167,7 +167,7 @@ def test_an_adaptive_server_step_keeps_the_weights_float32(serverapp_identity, n
     start, local, users, _ = three_sites()
     replies = [site_reply(s, n) for s, n in zip(local, users, strict=True)]
     stepped, _ = item_rows_strategy(name, "average", start, server_lr=0.1).aggregate_train(1, replies)
-    for key, value in start.items():  # Flower's float64 step size would double the model on the wire
+    for key, value in start.items():  # FedAdam's float64 step size would double the model on the wire
         assert stepped[key].dtype == "float32"
         assert not np.allclose(stepped[key].numpy(), value)  # a step was taken
 
