@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 
 from fl_client.count_round import count_round
 from fl_client.federated import RoundConfig, evaluate_round, train_round
+from fl_client.frozen import FrozenTensorsError, frozen_tensors
 from fl_client.site import SiteConfig, SiteData, load_site_data
 from fl_client.train import TrainingDivergedError
 from shared_model import wire
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 SiteResolver = Callable[[Context], SiteConfig]
 CATALOG_MISMATCH = 4001  # Error code of a refusal: the weights belong to another catalog
 TRAINING_DIVERGED = 4002  # Error code of a round whose local training produced NaN/inf weights (nothing is sent)
+FROZEN_TENSORS = 4003  # Error code: the frozen tensors were neither in the message nor intact at the site
 
 
 def site_from_node_config(context: Context) -> SiteConfig:
@@ -42,9 +44,13 @@ def decode_config(msg: Message) -> RoundConfig:
 
 
 def decode(msg: Message, site: SiteConfig) -> tuple[SiteData, RoundConfig, dict[str, torch.Tensor]]:
-    """The site's (cached) data, the round's settings and the global weights carried by a message."""
+    """The site's (cached) data, the round's settings and the global weights: the trainable ones the message
+    carries, and the frozen ones it carries or the site kept from an earlier message."""
+    round_cfg = decode_config(msg)
     state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
-    return load_site_data(site), decode_config(msg), state
+    sent = msg.content.array_records.get(wire.FROZEN)
+    state.update(frozen_tensors(site, round_cfg.frozen_digest, sent.to_torch_state_dict() if sent else None))
+    return load_site_data(site), round_cfg, state
 
 
 def build_client_app(resolve_site: SiteResolver) -> ClientApp:
@@ -54,8 +60,8 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
     @app.train()
     def handle_train(msg: Message, context: Context) -> Message:
         site = resolve_site(context)
-        data, round_cfg, state = decode(msg, site)
         try:
+            data, round_cfg, state = decode(msg, site)
             shared = msg.content.array_records.get(wire.OPTIMIZER_STATE)
             reply = train_round(site, data, round_cfg, state, shared.to_torch_state_dict() if shared else None)
         except CatalogMismatchError as err:
@@ -63,10 +69,13 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         except TrainingDivergedError as err:
             log.error("site %s, round %d: %s", site.data_path, round_cfg.server_round, err)
             return Message(Error(code=TRAINING_DIVERGED, reason=str(err)), reply_to=msg)
+        except FrozenTensorsError as err:
+            return Message(Error(code=FROZEN_TENSORS, reason=str(err)), reply_to=msg)
         if reply.declined:
             log.warning("site %s declined round %d: %s", site.data_path, round_cfg.server_round, reply.declined)
         content = RecordDict({wire.ARRAYS: ArrayRecord(reply.state), wire.METRICS: metric_record(reply.metrics()),
-                              wire.NOTES: ConfigRecord({wire.DECLINED_REASON: reply.declined})})
+                              wire.NOTES: ConfigRecord({wire.DECLINED_REASON: reply.declined,
+                                                        wire.FROZEN_HELD: round_cfg.frozen_digest})})
         if reply.item_weights is not None:
             content[wire.ITEM_WEIGHTS] = ArrayRecord({wire.ITEM_WEIGHTS: reply.item_weights})
         if reply.moments:
@@ -95,6 +104,8 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             metrics = evaluate_round(site, *decode(msg, site))
         except CatalogMismatchError as err:
             return Message(Error(code=CATALOG_MISMATCH, reason=str(err)), reply_to=msg)
+        except FrozenTensorsError as err:
+            return Message(Error(code=FROZEN_TENSORS, reason=str(err)), reply_to=msg)
         return Message(content=RecordDict({wire.METRICS: metric_record(metrics)}), reply_to=msg)
 
     return app

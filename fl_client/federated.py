@@ -41,7 +41,7 @@ OPTIONAL_ROUND_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "proximal_mu": (wire.PROXIMAL_MU, float), "weight_decay": (wire.WEIGHT_DECAY, float),
     "num_negatives": (wire.NUM_NEGATIVES, int), "seed": (wire.SEED, int),
     "keep_optimizer_state": (wire.KEEP_OPTIMIZER_STATE, bool), "item_rows": (wire.ITEM_ROWS, str),
-    "share_optimizer_state": (wire.SHARE_OPTIMIZER_STATE, bool),
+    "share_optimizer_state": (wire.SHARE_OPTIMIZER_STATE, bool), "frozen_digest": (wire.FROZEN_DIGEST, str),
 }
 
 
@@ -65,6 +65,7 @@ class RoundConfig:
     keep_optimizer_state: bool = False  # the site carries its optimiser state (Adam moments) across rounds
     item_rows: str = "average"  # wire.ITEM_ROW_MODES: holders/counts ask the site for per-item weights
     share_optimizer_state: bool = False  # start from the server's average of the sites' moments; send ours back
+    frozen_digest: str = ""  # names the run's frozen tensors, which the site keeps once sent (fl_client.frozen)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RoundConfig:

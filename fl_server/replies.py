@@ -27,6 +27,12 @@ def declined_reason(msg: Message) -> str:
     return str(notes.get(wire.DECLINED_REASON, "")) if notes is not None else "no reason given"
 
 
+def held_digest(msg: Message) -> str:
+    """The digest of the frozen tensors a site says it keeps ("" when it keeps none or says nothing)."""
+    notes = msg.content.config_records.get(wire.NOTES)
+    return str(notes.get(wire.FROZEN_HELD, "")) if notes is not None else ""
+
+
 def privacy_report(metrics: list[dict[str, float]]) -> dict[str, Any]:
     """Max and mean ε over the sites that trained with DP, and how many sites had DP off."""
     private = [m for m in metrics if m.get(wire.DP_ENABLED, 0.0) == 1.0]

@@ -109,7 +109,9 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         if counts is not None:
             (store.root / ITEM_COUNTS_FILE).write_text(json.dumps(counts, indent=1), encoding="utf-8")
         trainable = wire.trainable_state(model)
-        strategy.frozen = ArrayRecord({k: v for k, v in wire.full_state(model).items() if k not in trainable})
+        frozen = {k: v for k, v in wire.full_state(model).items() if k not in trainable}
+        strategy.frozen, strategy.frozen_digest = ArrayRecord(frozen), wire.tensors_digest(frozen) if frozen else ""
+        train_config[wire.FROZEN_DIGEST] = strategy.frozen_digest
         strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable), num_rounds=cfg.num_rounds - done,
                        timeout=cfg.round_timeout, train_config=train_config,
                        evaluate_config=ConfigRecord(dict(train_config)), evaluate_fn=after_round)

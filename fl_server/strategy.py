@@ -5,7 +5,7 @@ of what each round received, including the sites' privacy reports."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -24,8 +24,17 @@ from flwr.serverapp.strategy import (
 )
 
 from fl_server.config import StrategyConfig
+from fl_server.frozen import with_frozen
 from fl_server.item_rows import average_moments, item_weights, reweight_item_rows
-from fl_server.replies import declined_reason, payload_bytes, privacy_report, reply_metrics, site_cost, training_metrics
+from fl_server.replies import (
+    declined_reason,
+    held_digest,
+    payload_bytes,
+    privacy_report,
+    reply_metrics,
+    site_cost,
+    training_metrics,
+)
 from fl_server.schedule import Decay, learning_rates
 from shared_model import wire
 from shared_model.metrics import with_standard_errors
@@ -51,35 +60,16 @@ def with_dtypes_of(arrays: ArrayRecord | None, reference: ArrayRecord | None) ->
                         for k, v in arrays.items()})
 
 
-def with_frozen(messages: Iterable[Message], frozen: ArrayRecord,
-                extra: Mapping[str, ArrayRecord] | None = None) -> list[Message]:
-    """The same messages with the frozen public tensors added to their arrays, and `extra` records (the
-    shared optimiser moments) added beside them (server -> site only).
-
-    The strategy itself aggregates and keeps only the trainable weights (sites send nothing else back);
-    a site needs the frozen ones too to rebuild the model.
-    """
-    messages = list(messages)
-    if not frozen and not extra:
-        return messages
-    merged: dict[int, RecordDict] = {}  # FedAvg sends one shared RecordDict to every node: merge it once
-    for msg in messages:
-        content = msg.content
-        if id(content) not in merged:
-            arrays = ArrayRecord({**content.array_records[wire.ARRAYS], **frozen})
-            merged[id(content)] = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: content.config_records[wire.CONFIG],
-                                              **(extra or {})})
-        msg.content = merged[id(content)]
-    return messages
-
-
 class RoundHooks:
     """Mixin over a Flower FedAvg-family strategy (see module docstring)."""
 
     round_offset: int = 0
     last_round: dict[str, Any]
-    frozen: ArrayRecord  # frozen public tensors (e.g. item features) sent along with the weights
-    bytes_sent: int = 0  # payload of this round's train message to each site
+    frozen: ArrayRecord  # frozen public tensors (e.g. item features), sent to each site until it keeps them
+    frozen_digest: str = ""  # their wire.tensors_digest, which a site names back when it keeps them
+    frozen_held: set[int]  # nodes that said they keep them (forgotten when a node fails: it may have lost them)
+    bytes_sent: int = 0  # payload of this round's largest train message (to a site without the frozen tensors)
+    frozen_sent: int = 0  # sites this round's train messages carried the frozen tensors to
     item_rows: str = "average"  # wire.ITEM_ROW_MODES: how the item table's rows are aggregated
     item_row_names: list[str]  # the model's per-item tensors (set by the server from its model)
     round_start: ArrayRecord | None = None  # the global weights this round's training started from
@@ -97,8 +87,9 @@ class RoundHooks:
         extra = {wire.OPTIMIZER_STATE: ArrayRecord({k: Array(v) for k, v in self.shared_moments.items()})} \
             if self.shared_moments else None
         messages = with_frozen(super().configure_train(server_round + self.round_offset, arrays, config,  # type: ignore[misc]
-                                                       grid), self.frozen, extra)
-        self.bytes_sent = payload_bytes(messages[0].content) if messages else 0
+                                                       grid), self.frozen, self.frozen_held, extra)
+        self.bytes_sent = max((payload_bytes(m.content) for m in messages), default=0)
+        self.frozen_sent = sum(wire.FROZEN in m.content.array_records for m in messages)
         self.asked = {"train": len(messages)}
         return messages
 
@@ -106,7 +97,7 @@ class RoundHooks:
                            grid: Grid) -> Iterable[Message]:
         """Ask sites to evaluate, numbering rounds globally across resumes."""
         messages = with_frozen(super().configure_evaluate(server_round + self.round_offset, arrays, config,  # type: ignore[misc]
-                                                          grid), self.frozen)
+                                                          grid), self.frozen, self.frozen_held)
         self.asked["evaluate"] = len(messages)
         return messages
 
@@ -119,16 +110,27 @@ class RoundHooks:
                         "they are left out of this round", server_round + self.round_offset, silent,
                         silent + replies, phase)
 
+    def note_frozen_held(self, replies: list[Message]) -> None:
+        """Remember the sites that keep the frozen tensors; forget any that failed (it may have lost them)."""
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self.frozen_held.discard(node)
+            elif self.frozen_digest and held_digest(msg) == self.frozen_digest:
+                self.frozen_held.add(node)
+
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the sites that trained; declined and failed sites are counted, not averaged in."""
         replies = list(replies)
+        self.note_frozen_held(replies)
         answered = [(m, reply_metrics(m)) for m in replies if not m.has_error()]
         trained = [m for m, metrics in answered if metrics.get(wire.DECLINED, 0.0) == 0.0]
         self.last_round = {"round": server_round + self.round_offset, "train_replies": len(replies),
                            "train_failures": len(replies) - len(answered),
                            "declined": len(answered) - len(trained),
-                           "bytes_to_each_site": self.bytes_sent, **getattr(self, "round_rates", {}),
+                           "bytes_to_each_site": self.bytes_sent, "frozen_sent_to": self.frozen_sent,
+                           **getattr(self, "round_rates", {}),
                            "bytes_from_each_site": max((payload_bytes(m.content) for m, _ in answered), default=0),
                            "privacy": privacy_report([metrics for _, metrics in answered]),
                            "site_cost": site_cost([metrics for _, metrics in answered])}
@@ -219,6 +221,7 @@ class RoundHooks:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Weighted federated evaluation over the sites that answered."""
         replies = list(replies)
+        self.note_frozen_held([m for m in replies if m.has_error()])
         answered = [m for m in replies if not m.has_error()]
         self.last_round["evaluate_failures"] = len(replies) - len(answered)
         self.count_silent("evaluate", server_round, len(replies))
@@ -286,4 +289,5 @@ def build_strategy(config: StrategyConfig) -> Any:
     strategy.last_round = {}
     strategy.asked = {}
     strategy.frozen = ArrayRecord()
+    strategy.frozen_held = set()
     return strategy

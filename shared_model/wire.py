@@ -1,14 +1,17 @@
 """What crosses the wire between server and sites, defined once for both sides: record keys, and which
-tensors travel (trainable weights both ways; frozen public tensors only from the server to the sites)."""
+tensors travel (trainable weights both ways; frozen public tensors only from the server, and once to each site,
+which keeps them by their digest)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import torch
 
 # Record keys inside a Message's RecordDict.
-ARRAYS = "arrays"  # ArrayRecord: trainable weights (+ frozen tensors server -> site), no Opacus `_module.`
+ARRAYS = "arrays"  # ArrayRecord: trainable weights, no Opacus `_module.`
+FROZEN = "frozen"  # ArrayRecord: the run's frozen public tensors (server -> a site that does not hold them yet)
 CONFIG = "config"  # ConfigRecord: what the server asks for this round
 METRICS = "metrics"  # MetricRecord: what a site reports back
 NOTES = "notes"  # ConfigRecord: words a site reports back (why it declined a round)
@@ -35,6 +38,7 @@ SEED = "seed"  # seeds local sampling and dropout without DP (never a DP site's 
 KEEP_OPTIMIZER_STATE = "keep-optimizer-state"  # sites carry their optimiser state across rounds
 SHARE_OPTIMIZER_STATE = "share-optimizer-state"  # sites start from the average of the sites' optimiser states
 ITEM_ROWS = "item-rows"  # how the item table's rows are aggregated (one of ITEM_ROW_MODES)
+FROZEN_DIGEST = "frozen-digest"  # tensors_digest of the run's frozen tensors ("" when there are none)
 
 # How the server aggregates the rows of the item table (item embeddings, output layer):
 #   average  every row like any other weight: weighted by the sites' users (Flower's FedAvg);
@@ -57,6 +61,7 @@ PEAK_MEMORY_MB = "peak-memory-mb"  # its peak in training: CUDA allocator on a G
 
 # ConfigRecord keys (site -> server).
 DECLINED_REASON = "declined-reason"  # "" when the site trained
+FROZEN_HELD = "frozen-held"  # the FROZEN_DIGEST the site keeps on its disk: the server need not send them again
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -89,3 +94,13 @@ def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, tra
     if missing or result.unexpected_keys:
         unexpected = sorted(result.unexpected_keys)
         raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
+
+
+def tensors_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes: equal digests mean bit-identical tensors."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -3,14 +3,18 @@
 import math
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_client.client_app import CATALOG_MISMATCH, TRAINING_DIVERGED, build_client_app
+from fl_client.client_app import CATALOG_MISMATCH, FROZEN_TENSORS, TRAINING_DIVERGED, build_client_app
 from fl_client.federated import RoundConfig, build_global_model
+from fl_client.frozen import frozen_path
 from fl_client.site import SiteConfig
 from shared_model import wire
 from shared_model.catalog import ItemCatalog
+from shared_model.configuration_fedrec import FedRecConfig
+from shared_model.modeling_fedrec import FedRecModel
 from tests.fl_client.server_round import round_record
 
 
@@ -92,3 +96,49 @@ def test_evaluate_reply_has_full_ranking_metrics_weighted_by_users(site):
     assert {"hr@10", "ndcg@10", "mrr", wire.VALID_NDCG10, wire.TRAIN_CE, wire.NUM_EXAMPLES} <= set(metrics)
     assert metrics[wire.NUM_EXAMPLES] > 0
     assert 0 < metrics[wire.TRAIN_CE] < 2 * math.log(len(catalog.item_ids))  # an untrained model: about ln V
+
+
+def featured_messages(catalog: ItemCatalog) -> tuple[dict, dict, dict]:
+    """A round's config for a model with frozen public item features, its trainable and its frozen tensors."""
+    record, _ = round_record(catalog)
+    config = FedRecConfig(num_items=len(catalog.item_ids), hidden_size=16, max_len=10, feature_dim=4,
+                          feature_scoring=True, catalog_fingerprint=catalog.fingerprint)
+    model = FedRecModel(config)
+    model.set_item_features(torch.randn(config.num_item_rows, 4))
+    trainable = wire.trainable_state(model)
+    frozen = {k: v for k, v in wire.full_state(model).items() if k not in trainable}
+    record.update({wire.MODEL_CONFIG: config.to_json_string(), wire.FROZEN_DIGEST: wire.tensors_digest(frozen)})
+    return record, trainable, frozen
+
+
+def test_a_site_keeps_the_frozen_tensors_once_sent_and_says_so(site):
+    catalog = ItemCatalog.load(site.catalog_path)
+    record, trainable, frozen = featured_messages(catalog)
+    assert set(frozen) == {"item_features"}
+
+    def send(kind: str, server_round: int, tensors: dict | None, **overrides) -> Message:
+        records = {wire.ARRAYS: ArrayRecord(trainable),
+                   wire.CONFIG: ConfigRecord({**record, wire.SERVER_ROUND: server_round, **overrides})}
+        if tensors is not None:
+            records[wire.FROZEN] = ArrayRecord(tensors)
+        return call(site, Message(content=RecordDict(records), message_type=kind, dst_node_id=2))
+
+    first = send("train", 1, frozen)
+    assert not first.has_error()
+    assert first.content.config_records[wire.NOTES][wire.FROZEN_HELD] == record[wire.FROZEN_DIGEST]
+    assert set(first.content.array_records[wire.ARRAYS]) == set(trainable)  # never sent back
+    # Later messages carry the trainable weights only: the site rebuilds the model from its kept copy.
+    assert not send("evaluate", 1, None).has_error()
+    assert not send("train", 2, None).has_error()
+    # Tensors that are not the ones named, or a digest the site never received, get an error reply.
+    tampered = {"item_features": frozen["item_features"] + 1}
+    wrong = send("evaluate", 1, tampered)
+    assert wrong.has_error() and wrong.error.code == FROZEN_TENSORS and "do not match" in wrong.error.reason
+    unknown = send("evaluate", 1, None, **{wire.FROZEN_DIGEST: wire.tensors_digest(tampered)})
+    assert unknown.has_error() and unknown.error.code == FROZEN_TENSORS and "holds none" in unknown.error.reason
+    # A kept copy damaged on disk is refused and removed, so the server's next resend is kept afresh.
+    kept = frozen_path(site, record[wire.FROZEN_DIGEST])
+    kept.write_bytes(b"damaged")
+    damaged = send("evaluate", 1, None)
+    assert damaged.has_error() and damaged.error.code == FROZEN_TENSORS and "damaged" in damaged.error.reason
+    assert not kept.exists() and not send("evaluate", 1, frozen).has_error() and kept.exists()

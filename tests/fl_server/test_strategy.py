@@ -61,21 +61,69 @@ def test_server_config_is_parsed_from_a_flat_run_config():
         server_config_from_run_config({"catalog-path": "/abs/catalog.json"})
 
 
-def test_frozen_tensors_ride_along_without_entering_the_aggregate(serverapp_identity):
+def test_frozen_tensors_go_beside_the_weights_to_sites_that_do_not_keep_them(serverapp_identity):
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-    from fl_server.strategy import with_frozen
+    from fl_server.frozen import with_frozen
 
     trainable = ArrayRecord({"w": torch.ones(3)})
     frozen = ArrayRecord({"item_features": torch.zeros(4, 2)})
     shared = RecordDict({wire.ARRAYS: trainable, wire.CONFIG: ConfigRecord({"lr": 0.1})})
-    sent = with_frozen([Message(content=shared, message_type="train", dst_node_id=n) for n in (7, 8)], frozen)
+    sent = with_frozen([Message(content=shared, message_type="train", dst_node_id=n) for n in (7, 8)], frozen,
+                       held={8})
     assert [m.metadata.dst_node_id for m in sent] == [7, 8]
-    assert all(set(m.content.array_records[wire.ARRAYS]) == {"w", "item_features"} for m in sent)
-    assert sent[0].content.config_records[wire.CONFIG]["lr"] == 0.1
+    assert all(set(m.content.array_records[wire.ARRAYS]) == {"w"} for m in sent)  # never mixed into the weights
+    assert set(sent[0].content.array_records[wire.FROZEN]) == {"item_features"}
+    assert wire.FROZEN not in sent[1].content.array_records  # node 8 keeps them
+    assert all(m.content.config_records[wire.CONFIG]["lr"] == 0.1 for m in sent)
     assert set(trainable) == {"w"}  # the strategy's own copy (FedOpt/FedAvgM keep it) is untouched
     assert with_frozen(sent, ArrayRecord()) == sent
+
+
+class FakeNodes:
+    """The one Grid call a strategy's configure_* makes: which nodes are connected."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def test_the_server_sends_frozen_tensors_until_a_site_says_it_keeps_them_and_again_after_it_fails(
+        serverapp_identity):
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+    from fl_server.strategy import build_strategy
+
+    strategy = build_strategy(StrategyConfig(min_nodes=1))
+    frozen = {"item_features": torch.ones(4, 2)}
+    strategy.frozen, strategy.frozen_digest = ArrayRecord(frozen), wire.tensors_digest(frozen)
+    start = ArrayRecord({"w": torch.ones(3)})
+
+    def ask(nodes: list[int]) -> dict[int, bool]:
+        grid = FakeNodes(nodes)
+        sent = strategy.configure_train(1, start, ConfigRecord({wire.FROZEN_DIGEST: strategy.frozen_digest}), grid)
+        return {m.metadata.dst_node_id: wire.FROZEN in m.content.array_records for m in sent}
+
+    def reply(node: int, held: str) -> Message:
+        request = Message(content=RecordDict(), message_type="train", dst_node_id=node)
+        content = RecordDict({wire.ARRAYS: ArrayRecord({"w": torch.zeros(3)}),
+                              wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 5.0, wire.DECLINED: 0.0}),
+                              wire.NOTES: ConfigRecord({wire.DECLINED_REASON: "", wire.FROZEN_HELD: held})})
+        return Message(content=content, reply_to=request)  # a reply comes from the request's node
+
+    assert ask([1, 2, 3]) == {1: True, 2: True, 3: True}
+    failed = Message(Error(code=4003, reason="lost"), reply_to=Message(RecordDict(), 3, "train"))
+    assert failed.metadata.src_node_id == 3
+    strategy.aggregate_train(1, [reply(1, strategy.frozen_digest), reply(2, "another digest"), failed])
+    assert strategy.last_round["frozen_sent_to"] == 3
+    assert ask([1, 2, 3]) == {1: False, 2: True, 3: True}  # only node 1 named the run's digest
+    lost = Message(Error(code=4003, reason="lost"), reply_to=Message(RecordDict(), 1, "evaluate"))
+    strategy.aggregate_evaluate(1, [lost])
+    assert ask([1, 2, 3]) == {1: True, 2: True, 3: True}  # a failed node is sent them again
 
 
 def item_rows_strategy(name: str, mode: str, start: dict, **knobs):

@@ -44,3 +44,15 @@ def test_loading_restores_the_model_and_names_what_is_missing():
         wire.load_state(model(), wire.trainable_state(source))
     with pytest.raises(ValueError, match="unexpected \\['bogus'\\]"):
         wire.load_state(model(), {**wire.full_state(source), "bogus": torch.zeros(1)})
+
+
+def test_tensors_digest_is_equal_only_for_bit_identical_tensors_under_the_same_names():
+    state = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2, dtype=torch.bfloat16)}
+    digest = wire.tensors_digest(state)
+    assert digest == wire.tensors_digest({"b": state["b"].clone(), "a": state["a"].clone()})  # order-free
+    assert digest != wire.tensors_digest({**state, "a": state["a"].reshape(3, 2)})  # shape
+    assert digest != wire.tensors_digest({**state, "a": state["a"].double()})  # dtype
+    assert digest != wire.tensors_digest({"c": state["a"], "b": state["b"]})  # name
+    nudged = state["a"].clone()
+    nudged[1, 2] = torch.nextafter(nudged[1, 2], torch.tensor(100.0))
+    assert digest != wire.tensors_digest({**state, "a": nudged})  # one ulp in one value

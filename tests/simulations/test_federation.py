@@ -46,9 +46,12 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
     summary = json.loads((out / "summary.json").read_text())
     valid = [r["central_eval"]["valid-ndcg@10"] for r in rows]
     assert summary["best_round"] == 1 + valid.index(max(valid))
-    # Public title features travel to the sites but never back; the tied item table travels once.
+    # Public title features travel to the sites but never back, and to each site once: the sites keep them
+    # (by digest) and say so, so round 2 sends the trainable weights only. The tied item table travels once.
     features = 51 * 8 * 4
     assert rows[0]["bytes_to_each_site"] - rows[0]["bytes_from_each_site"] > features - 200
+    assert [r["frozen_sent_to"] for r in rows] == [3, 0]
+    assert rows[0]["bytes_to_each_site"] - rows[1]["bytes_to_each_site"] > features - 200
     report = (out / "report.md").read_text()
     assert "ε max" in report and "No differential-privacy claim" not in report
     assert "trained for 20 item rows only" in report and "item counts of 3 sites" in report

@@ -1,0 +1,54 @@
+"""The run's frozen public tensors (item features, fixed tables) kept on the site's disk by their digest, so
+the server sends them to a site once, not with every message (they are about half of a Beauty message)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from fl_client.site import SiteConfig
+from shared_model import wire
+from shared_model.atomic import write_atomically
+
+
+class FrozenTensorsError(RuntimeError):
+    """The message's frozen tensors are not the ones it names, or it carried none and the site holds no intact
+    copy of them."""
+
+
+def frozen_path(site: SiteConfig, digest: str) -> Path:
+    """Where the site keeps the frozen tensors with this digest."""
+    return Path(site.state_dir) / "frozen" / f"{digest}.safetensors"
+
+
+def frozen_tensors(site: SiteConfig, digest: str, sent: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The run's frozen tensors: those the message carried (checked against `digest`, then kept on disk), or
+    else the site's kept copy. No digest (a server that names none): whatever the message carried."""
+    if not digest:
+        return dict(sent or {})
+    path = frozen_path(site, digest)
+    if sent:
+        received = dict(sent)
+        if wire.tensors_digest(received) != digest:
+            raise FrozenTensorsError(f"the frozen tensors in the message do not match their digest "
+                                     f"{wire.FROZEN_DIGEST}={digest}: refusing them")
+        if not path.exists():
+            write_atomically(path, lambda out: out.write(save_tensors(received)))
+        return received
+    if not path.exists():
+        raise FrozenTensorsError(f"the server sent no frozen tensors and this site holds none with digest "
+                                        f"{digest} (looked for {path}); the server sends them again next round")
+    try:
+        kept = load_tensors(path.read_bytes())
+    except SafetensorError:
+        kept = {}
+    if wire.tensors_digest(kept) != digest:
+        path.unlink(missing_ok=True)  # damaged on disk: dropped, so the next message brings them again
+        raise FrozenTensorsError(f"the frozen tensors kept at {path} are damaged (their digest is not {digest}); "
+                                 "removed them, the server sends them again next round")
+    return kept
