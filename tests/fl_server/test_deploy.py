@@ -112,6 +112,9 @@ def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(t
     assert all(r["train_replies"] == SITES and r["train_failures"] == 0 and r["declined"] == 0 for r in rows)
     for site in sites:  # every site paid for each round exactly once, crash or not
         assert ledger_rounds(site) == [1, 2]
+    if not features:  # title features: sent with each server process' first messages, kept by the sites
+        assert [r["frozen_sent_to"] for r in rows] == [SITES, SITES]  # the restarted server knew no site yet
+        assert all(len(list((Path(s.state_dir) / "frozen").glob("*.safetensors"))) == 1 for s in sites)
     assert 0 < rows[1]["privacy"]["epsilon_max"] <= 8.0 * 1.01
     assert rows[1]["site_cost"]["train_seconds_max"] > 0 and rows[1]["site_cost"]["peak_memory_mb_max"] > 0
     model, catalog = load_model_dir(out / "model")
