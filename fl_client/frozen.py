@@ -42,7 +42,7 @@ def frozen_tensors(site: SiteConfig, digest: str, sent: Mapping[str, torch.Tenso
         return received
     if not path.exists():
         raise FrozenTensorsError(f"the server sent no frozen tensors and this site holds none with digest "
-                                        f"{digest} (looked for {path}); the server sends them again next round")
+                                 f"{digest} (looked for {path}); the server sends them again next round")
     try:
         kept = load_tensors(path.read_bytes())
     except SafetensorError:

@@ -21,16 +21,21 @@ def reply_metrics(msg: Message) -> dict[str, float]:
     return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
 
 
+def reply_note(msg: Message, key: str, without_notes: str = "") -> str:
+    """One of the words a site's reply carries (wire.NOTES); "" for a key it left out, `without_notes` when
+    the reply has no notes at all."""
+    notes = msg.content.config_records.get(wire.NOTES)
+    return str(notes.get(key, "")) if notes is not None else without_notes
+
+
 def declined_reason(msg: Message) -> str:
     """Why a site declined to train, in its own words."""
-    notes = msg.content.config_records.get(wire.NOTES)
-    return str(notes.get(wire.DECLINED_REASON, "")) if notes is not None else "no reason given"
+    return reply_note(msg, wire.DECLINED_REASON, without_notes="no reason given")
 
 
 def held_digest(msg: Message) -> str:
     """The digest of the frozen tensors a site says it keeps ("" when it keeps none or says nothing)."""
-    notes = msg.content.config_records.get(wire.NOTES)
-    return str(notes.get(wire.FROZEN_HELD, "")) if notes is not None else ""
+    return reply_note(msg, wire.FROZEN_HELD)
 
 
 def privacy_report(metrics: list[dict[str, float]]) -> dict[str, Any]:

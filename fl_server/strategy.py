@@ -68,7 +68,7 @@ class RoundHooks:
     frozen: ArrayRecord  # frozen public tensors (e.g. item features), sent to each site until it keeps them
     frozen_digest: str = ""  # their wire.tensors_digest, which a site names back when it keeps them
     frozen_held: set[int]  # nodes that said they keep them (forgotten when a node fails: it may have lost them)
-    bytes_sent: int = 0  # payload of this round's largest train message (to a site without the frozen tensors)
+    bytes_sent: int = 0  # payload of this round's largest train message (with the frozen tensors, if any went)
     frozen_sent: int = 0  # sites this round's train messages carried the frozen tensors to
     item_rows: str = "average"  # wire.ITEM_ROW_MODES: how the item table's rows are aggregated
     item_row_names: list[str]  # the model's per-item tensors (set by the server from its model)
@@ -221,7 +221,7 @@ class RoundHooks:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Weighted federated evaluation over the sites that answered."""
         replies = list(replies)
-        self.note_frozen_held([m for m in replies if m.has_error()])
+        self.note_frozen_held(replies)  # evaluate replies name no digest: only failures count here
         answered = [m for m in replies if not m.has_error()]
         self.last_round["evaluate_failures"] = len(replies) - len(answered)
         self.count_silent("evaluate", server_round, len(replies))
