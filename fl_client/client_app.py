@@ -26,6 +26,11 @@ SiteResolver = Callable[[Context], SiteConfig]
 CATALOG_MISMATCH = 4001  # Error code of a refusal: the weights belong to another catalog
 TRAINING_DIVERGED = 4002  # Error code of a round whose local training produced NaN/inf weights (nothing is sent)
 FROZEN_TENSORS = 4003  # Error code: the frozen tensors were neither in the message nor intact at the site
+WIRE_VERSION = 4004  # Error code: the server speaks another version of the wire protocol (shared_model.wire)
+# What a handler answers with an Error reply instead of crashing the client process.
+REFUSALS: dict[type[Exception], int] = {
+    CatalogMismatchError: CATALOG_MISMATCH, TrainingDivergedError: TRAINING_DIVERGED,
+    FrozenTensorsError: FROZEN_TENSORS, wire.WireVersionError: WIRE_VERSION}
 
 
 def site_from_node_config(context: Context) -> SiteConfig:
@@ -39,8 +44,23 @@ def metric_record(values: Mapping[str, float]) -> MetricRecord:
 
 
 def decode_config(msg: Message) -> RoundConfig:
-    """The round's settings carried by a message."""
-    return RoundConfig.from_record(dict(msg.content.config_records[wire.CONFIG]))
+    """The round's settings carried by a message, from a server speaking this site's wire version."""
+    record = dict(msg.content.config_records[wire.CONFIG])
+    if problem := wire.version_problem(record, "the server"):
+        raise wire.WireVersionError(problem)
+    return RoundConfig.from_record(record)
+
+
+def refusal(msg: Message, site: SiteConfig, err: Exception) -> Message:
+    """The Error reply to a message this site cannot serve (REFUSALS), logged at the site too."""
+    log.error("site %s, %s message: %s", site.data_path, msg.metadata.message_type, err)
+    code = next(code for kind, code in REFUSALS.items() if isinstance(err, kind))
+    return Message(Error(code=code, reason=str(err)), reply_to=msg)
+
+
+def notes(words: Mapping[str, str] | None = None) -> ConfigRecord:
+    """The words every reply carries (wire.NOTES): this site's wire version, and `words`."""
+    return ConfigRecord({wire.WIRE_VERSION: wire.VERSION, **(words or {})})
 
 
 def decode(msg: Message, site: SiteConfig) -> tuple[SiteData, RoundConfig, dict[str, torch.Tensor]]:
@@ -64,18 +84,13 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
             data, round_cfg, state = decode(msg, site)
             shared = msg.content.array_records.get(wire.OPTIMIZER_STATE)
             reply = train_round(site, data, round_cfg, state, shared.to_torch_state_dict() if shared else None)
-        except CatalogMismatchError as err:
-            return Message(Error(code=CATALOG_MISMATCH, reason=str(err)), reply_to=msg)
-        except TrainingDivergedError as err:
-            log.error("site %s, round %d: %s", site.data_path, round_cfg.server_round, err)
-            return Message(Error(code=TRAINING_DIVERGED, reason=str(err)), reply_to=msg)
-        except FrozenTensorsError as err:
-            return Message(Error(code=FROZEN_TENSORS, reason=str(err)), reply_to=msg)
+        except tuple(REFUSALS) as err:
+            return refusal(msg, site, err)
         if reply.declined:
             log.warning("site %s declined round %d: %s", site.data_path, round_cfg.server_round, reply.declined)
         content = RecordDict({wire.ARRAYS: ArrayRecord(reply.state), wire.METRICS: metric_record(reply.metrics()),
-                              wire.NOTES: ConfigRecord({wire.DECLINED_REASON: reply.declined,
-                                                        wire.FROZEN_HELD: round_cfg.frozen_digest})})
+                              wire.NOTES: notes({wire.DECLINED_REASON: reply.declined,
+                                                 wire.FROZEN_HELD: round_cfg.frozen_digest})})
         if reply.item_weights is not None:
             content[wire.ITEM_WEIGHTS] = ArrayRecord({wire.ITEM_WEIGHTS: reply.item_weights})
         if reply.moments:
@@ -87,12 +102,12 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         site = resolve_site(context)
         try:
             reply = count_round(site, load_site_data(site), decode_config(msg))  # settings only, no weights
-        except CatalogMismatchError as err:
-            return Message(Error(code=CATALOG_MISMATCH, reason=str(err)), reply_to=msg)
+        except tuple(REFUSALS) as err:
+            return refusal(msg, site, err)
         if reply.declined:
             log.warning("site %s declined the item count: %s", site.data_path, reply.declined)
         content = RecordDict({wire.METRICS: metric_record(reply.metrics()),
-                              wire.NOTES: ConfigRecord({wire.DECLINED_REASON: reply.declined})})
+                              wire.NOTES: notes({wire.DECLINED_REASON: reply.declined})})
         if reply.counts is not None:
             content[wire.ITEM_COUNTS] = ArrayRecord({wire.ITEM_COUNTS: reply.counts})
         return Message(content=content, reply_to=msg)
@@ -102,11 +117,9 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
         site = resolve_site(context)
         try:
             metrics = evaluate_round(site, *decode(msg, site))
-        except CatalogMismatchError as err:
-            return Message(Error(code=CATALOG_MISMATCH, reason=str(err)), reply_to=msg)
-        except FrozenTensorsError as err:
-            return Message(Error(code=FROZEN_TENSORS, reason=str(err)), reply_to=msg)
-        return Message(content=RecordDict({wire.METRICS: metric_record(metrics)}), reply_to=msg)
+        except tuple(REFUSALS) as err:
+            return refusal(msg, site, err)
+        return Message(content=RecordDict({wire.METRICS: metric_record(metrics), wire.NOTES: notes()}), reply_to=msg)
 
     return app
 

@@ -6,6 +6,7 @@ Nothing here sees a Flower Message or Context; the ClientApp handlers decode and
 from __future__ import annotations
 
 import json
+import logging
 import math
 import secrets
 import zlib
@@ -29,6 +30,7 @@ from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, training_loss
 from shared_model.modeling_fedrec import FedRecModel
 
+log = logging.getLogger(__name__)
 COUNT_ROUND = 0  # the ledger's round of a site's item count (training rounds count from 1)
 # RoundConfig field -> (wire key, type it is parsed to).
 ROUND_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
@@ -204,7 +206,21 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, state:
         reply.moments = to_named_moments(result.optimizer_state, trainable_names(model))
     if ledger is not None:
         save_atomically(reply.__dict__, cached)
+        drop_older_replies(site, training_id, round_cfg.server_round)
     return reply
+
+
+def drop_older_replies(site: SiteConfig, training_id: str, server_round: int) -> None:
+    """Remove this training's kept replies of rounds before the last two. A server resends only the round after
+    its last checkpoint, and it checkpoints every round before asking for the next; a round resent after
+    its reply is gone is still never trained (or paid for) twice: the ledger declines it."""
+    stale = [reply_path(site, training_id, r) for r in range(1, server_round - 1)]
+    removed = [path for path in stale if path.exists()]
+    for path in removed:
+        path.unlink()
+    if removed:
+        log.info("removed %d kept round replies of training %s before round %d", len(removed), training_id,
+                 server_round - 1)
 
 
 def item_row_weights(data: SiteData, mode: str, rows: int) -> torch.Tensor | None:

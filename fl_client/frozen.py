@@ -1,5 +1,6 @@
 """The run's frozen public tensors (item features, fixed tables) kept on the site's disk by their digest, so
-the server sends them to a site once, not with every message (they are about half of a Beauty message)."""
+the server sends them to a site once, not with every message (they are about half of a Beauty message).
+The site keeps the `cache_keep` digests it used last; one removed too early is only sent again."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from fl_client.site import SiteConfig
+from fl_client.site import SiteConfig, keep_latest
 from shared_model import wire
 from shared_model.atomic import write_atomically
 
@@ -37,8 +38,11 @@ def frozen_tensors(site: SiteConfig, digest: str, sent: Mapping[str, torch.Tenso
         if wire.tensors_digest(received) != digest:
             raise FrozenTensorsError(f"the frozen tensors in the message do not match their digest "
                                      f"{wire.FROZEN_DIGEST}={digest}: refusing them")
-        if not path.exists():
+        if path.exists():
+            path.touch()
+        else:
             write_atomically(path, lambda out: out.write(save_tensors(received)))
+            keep_latest(path, "*.safetensors", site.cache_keep)
         return received
     if not path.exists():
         raise FrozenTensorsError(f"the server sent no frozen tensors and this site holds none with digest "
@@ -51,4 +55,5 @@ def frozen_tensors(site: SiteConfig, digest: str, sent: Mapping[str, torch.Tenso
         path.unlink(missing_ok=True)  # damaged on disk: dropped, so the next message brings them again
         raise FrozenTensorsError(f"the frozen tensors kept at {path} are damaged (their digest is not {digest}); "
                                  "removed them, the server sends them again next round")
+    path.touch()  # in use: the last to be removed by keep_latest
     return kept

@@ -46,6 +46,7 @@ class SiteConfig:
     min_events: int = 3  # (int) users with fewer events are dropped (counted)
     micro_batch_tokens: int = 8192  # (int) DP: padded positions per micro-batch (bounds this site's memory)
     micro_batch_users: int = 128  # (int) DP: users per micro-batch (per-user item-table gradients cost memory)
+    cache_keep: int = 3  # (int) preprocessing caches and frozen-tensor copies kept, each kind: the latest used
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:
@@ -53,6 +54,8 @@ class SiteConfig:
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"site grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got "
                              f"{self.grad_sample_mode!r}")
+        if self.cache_keep < 1:
+            raise ValueError(f"site cache_keep must be at least 1 (the copy in use), got {self.cache_keep}")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object]) -> SiteConfig:
@@ -107,13 +110,30 @@ def load_site_data(site: SiteConfig, num_time_buckets: int = 32) -> SiteData:
     catalog = ItemCatalog.load(site.catalog_path)
     cache = Path(site.state_dir) / f"sequences_{_cache_key(site, catalog, num_time_buckets)}.npz"
     if cache.exists():
+        cache.touch()  # in use: the last to be removed by keep_latest
         return SiteData(catalog, _read_cache(cache))
     events = load_dataset(site.data_format, site.data_path)
     seqs = to_user_sequences(events, catalog, num_time_buckets=num_time_buckets, min_events=site.min_events)
     log.info("site %s; filtered while building sequences: %s", events.report.summary(), seqs.dropped or "nothing")
     cache.parent.mkdir(parents=True, exist_ok=True)
     _write_cache(cache, seqs)
+    keep_latest(cache, "sequences_*.npz", site.cache_keep)
     return SiteData(catalog, seqs)
+
+
+def keep_latest(current: Path, pattern: str, keep: int) -> list[Path]:
+    """Remove all but `current` and the `keep` - 1 most recently used other files matching `pattern` in its
+    folder (use: modification time; a reader touches what it reads). Returns what was removed (logged)."""
+    folder = current.parent
+    others = sorted((path for path in folder.glob(pattern) if path != current),
+                    key=lambda path: path.stat().st_mtime_ns, reverse=True)
+    removed = others[keep - 1:]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    if removed:
+        log.info("removed %d file(s) no longer in use from %s (the site keeps %d): %s", len(removed), folder, keep,
+                 ", ".join(path.name for path in removed))
+    return removed
 
 
 def _write_cache(path: Path, seqs: UserSequences) -> None:

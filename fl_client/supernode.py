@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Opacus per-user gradients: hooks (tied item table ok) or ghost")
     parser.add_argument("--micro-batch-tokens", type=int, default=8192, help="DP: padded positions per micro-batch")
     parser.add_argument("--micro-batch-users", type=int, default=128, help="DP: users per micro-batch")
+    parser.add_argument("--cache-keep", type=int, default=3,
+                        help="preprocessing caches and frozen-tensor copies this site keeps, each kind (latest used)")
     parser.add_argument("--secure-mode", action="store_true", help="DP sampling and noise from the OS CSPRNG (slower)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--min-events", type=int, default=3, help="users with fewer events are dropped (counted)")
@@ -75,7 +77,8 @@ def site_config(args: argparse.Namespace) -> SiteConfig:
                       accountant=args.accountant, selection_noise=args.selection_noise,
                       grad_sample_mode=args.grad_sample_mode,
                       secure_mode=args.secure_mode, device=args.device, min_events=args.min_events,
-                      micro_batch_tokens=args.micro_batch_tokens, micro_batch_users=args.micro_batch_users)
+                      micro_batch_tokens=args.micro_batch_tokens, micro_batch_users=args.micro_batch_users,
+                      cache_keep=args.cache_keep)
 
 
 def node_config(site: SiteConfig) -> dict[str, TomlValue]:

@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from fl_server.replies import failure
 from shared_model import wire
 from shared_model.modeling_fedrec import FedRecModel
 
@@ -36,9 +37,9 @@ def choose_trained_rows(grid: Grid, model: FedRecModel, config: ConfigRecord, mi
     total = torch.zeros(model.config.num_item_rows, dtype=torch.float64)
     counted, declined, failed = 0, [], 0
     for reply in replies:
-        if reply.has_error():
+        if reason := failure(reply):
             failed += 1
-            log.warning("item counts: site %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
+            log.warning("item counts: %s", reason)
             continue
         if wire.ITEM_COUNTS not in reply.content.array_records:
             reason = str(reply.content.config_records[wire.NOTES][wire.DECLINED_REASON])

@@ -28,6 +28,16 @@ def reply_note(msg: Message, key: str, without_notes: str = "") -> str:
     return str(notes.get(key, "")) if notes is not None else without_notes
 
 
+def failure(msg: Message) -> str:
+    """Why a site's reply cannot be used ("" when it can): the error it sent, or a wire version other than
+    this server's (a site of another fedrec release)."""
+    node = msg.metadata.src_node_id
+    if msg.has_error():
+        return f"node {node}: {msg.error.reason}"
+    notes = msg.content.config_records.get(wire.NOTES)
+    return wire.version_problem(dict(notes) if notes is not None else {}, f"node {node}")
+
+
 def declined_reason(msg: Message) -> str:
     """Why a site declined to train, in its own words."""
     return reply_note(msg, wire.DECLINED_REASON, without_notes="no reason given")

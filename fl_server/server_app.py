@@ -59,6 +59,7 @@ def central_evaluator(cfg: ServerConfig, catalog: ItemCatalog,
 def round_config(cfg: ServerConfig, model: FedRecModel, catalog: ItemCatalog, training_id: str) -> ConfigRecord:
     """What every site is told each round (hyperparameters, architecture, catalog; never noise or budget)."""
     return ConfigRecord({
+        wire.WIRE_VERSION: wire.VERSION,
         wire.TRAINING_ID: training_id, wire.NUM_ROUNDS: cfg.num_rounds, wire.LOCAL_EPOCHS: cfg.local_epochs,
         wire.BATCH_SIZE: cfg.batch_size, wire.LEARNING_RATE: cfg.lr, wire.OPTIMIZER: cfg.optimizer,
         wire.WEIGHT_DECAY: cfg.weight_decay, wire.NUM_NEGATIVES: cfg.num_negatives, wire.SEED: cfg.seed,

@@ -28,6 +28,7 @@ from fl_server.frozen import with_frozen
 from fl_server.item_rows import average_moments, item_weights, reweight_item_rows
 from fl_server.replies import (
     declined_reason,
+    failure,
     held_digest,
     payload_bytes,
     privacy_report,
@@ -114,7 +115,7 @@ class RoundHooks:
         """Remember the sites that keep the frozen tensors; forget any that failed (it may have lost them)."""
         for msg in replies:
             node = msg.metadata.src_node_id
-            if msg.has_error():
+            if failure(msg):
                 self.frozen_held.discard(node)
             elif self.frozen_digest and held_digest(msg) == self.frozen_digest:
                 self.frozen_held.add(node)
@@ -124,10 +125,11 @@ class RoundHooks:
         """Aggregate the sites that trained; declined and failed sites are counted, not averaged in."""
         replies = list(replies)
         self.note_frozen_held(replies)
-        answered = [(m, reply_metrics(m)) for m in replies if not m.has_error()]
+        failures = [reason for m in replies if (reason := failure(m))]
+        answered = [(m, reply_metrics(m)) for m in replies if not failure(m)]
         trained = [m for m, metrics in answered if metrics.get(wire.DECLINED, 0.0) == 0.0]
         self.last_round = {"round": server_round + self.round_offset, "train_replies": len(replies),
-                           "train_failures": len(replies) - len(answered),
+                           "train_failures": len(failures),
                            "declined": len(answered) - len(trained),
                            "bytes_to_each_site": self.bytes_sent, "frozen_sent_to": self.frozen_sent,
                            **getattr(self, "round_rates", {}),
@@ -135,8 +137,10 @@ class RoundHooks:
                            "privacy": privacy_report([metrics for _, metrics in answered]),
                            "site_cost": site_cost([metrics for _, metrics in answered])}
         self.count_silent("train", server_round, len(replies))
-        for failure in (m for m in replies if m.has_error()):
-            log.warning("a site failed to train: %s", failure.error.reason)
+        if failures:
+            self.last_round["train_failure_reasons"] = failures
+            log.warning("round %d: %d site(s) failed to train: %s", server_round + self.round_offset, len(failures),
+                        "; ".join(failures))
         reasons = [declined_reason(m) for m, metrics in answered if metrics.get(wire.DECLINED, 0.0) == 1.0]
         if reasons:
             self.last_round["declined_reasons"] = reasons
@@ -222,8 +226,12 @@ class RoundHooks:
         """Weighted federated evaluation over the sites that answered."""
         replies = list(replies)
         self.note_frozen_held(replies)  # evaluate replies name no digest: only failures count here
-        answered = [m for m in replies if not m.has_error()]
-        self.last_round["evaluate_failures"] = len(replies) - len(answered)
+        failures = [reason for m in replies if (reason := failure(m))]
+        answered = [m for m in replies if not failure(m)]
+        self.last_round["evaluate_failures"] = len(failures)
+        if failures:
+            log.warning("round %d: %d site(s) failed to evaluate: %s", server_round + self.round_offset,
+                        len(failures), "; ".join(failures))
         self.count_silent("evaluate", server_round, len(replies))
         if not answered:
             return None

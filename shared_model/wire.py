@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from typing import Any
 
 import torch
+
+# The version of this protocol (the keys below, what each record holds, what the tensors mean). A server and a
+# site of different versions refuse each other with a message naming both, never a misread record. Bump it on
+# any change the other side would misread. 1: the first versioned protocol (frozen tensors sent once).
+VERSION = 1
 
 # Record keys inside a Message's RecordDict.
 ARRAYS = "arrays"  # ArrayRecord: trainable weights, no Opacus `_module.`
@@ -20,6 +26,9 @@ OPTIMIZER_STATE = "optimizer-state"  # ArrayRecord of optimiser moments "<param>
 ITEM_COUNTS = "item-counts"  # ArrayRecord {ITEM_COUNTS: a site's (noisy under DP) item histogram} (site -> server)
 COUNT_QUERY = "item_counts"  # the query action that asks the sites for ITEM_COUNTS (message type query.item_counts)
 MOMENTS_STEP = "step"  # its key of the optimiser's step count (the sites' mean)
+
+# ConfigRecord key, both ways (the server's CONFIG, every site reply's NOTES).
+WIRE_VERSION = "wire-version"  # the VERSION the sender speaks
 
 # ConfigRecord keys (server -> site).
 SERVER_ROUND = "server-round"  # set by Flower's strategies
@@ -62,6 +71,21 @@ PEAK_MEMORY_MB = "peak-memory-mb"  # its peak in training: CUDA allocator on a G
 # ConfigRecord keys (site -> server).
 DECLINED_REASON = "declined-reason"  # "" when the site trained
 FROZEN_HELD = "frozen-held"  # the FROZEN_DIGEST the site keeps on its disk: the server need not send them again
+
+
+class WireVersionError(ValueError):
+    """The other side speaks another version of this protocol."""
+
+
+def version_problem(record: Mapping[str, Any], sender: str) -> str:
+    """"" when `record` (a server's CONFIG or a site's NOTES) names this build's VERSION; otherwise why the
+    two sides cannot work together, naming both versions."""
+    theirs = record.get(WIRE_VERSION)
+    if theirs == VERSION:
+        return ""
+    said = f"version {theirs}" if theirs is not None else "no version (a fedrec build from before wire versions)"
+    return (f"{sender} speaks fedrec wire protocol {said}, this side version {VERSION}: run the same fedrec "
+            "release at the server and at every site")
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

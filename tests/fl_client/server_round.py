@@ -15,7 +15,8 @@ def round_record(catalog: ItemCatalog, server_round: int = 1, num_rounds: int = 
                           catalog_fingerprint=catalog.fingerprint, trained_item_rows=trained_item_rows)
     torch.manual_seed(0)
     state = FedRecModel(config).state_dict()
-    record = {wire.SERVER_ROUND: server_round, wire.TRAINING_ID: "train-7", wire.NUM_ROUNDS: num_rounds,
+    record = {wire.WIRE_VERSION: wire.VERSION,
+              wire.SERVER_ROUND: server_round, wire.TRAINING_ID: "train-7", wire.NUM_ROUNDS: num_rounds,
               wire.LOCAL_EPOCHS: 1, wire.BATCH_SIZE: 32, wire.LEARNING_RATE: 0.003, wire.OPTIMIZER: "adam",
               wire.MODEL_CONFIG: config.to_json_string(), wire.CATALOG_FINGERPRINT: catalog.fingerprint}
     return record, state

@@ -7,7 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_client.client_app import CATALOG_MISMATCH, FROZEN_TENSORS, TRAINING_DIVERGED, build_client_app
+from fl_client.client_app import CATALOG_MISMATCH, FROZEN_TENSORS, TRAINING_DIVERGED, WIRE_VERSION, build_client_app
 from fl_client.federated import RoundConfig, build_global_model
 from fl_client.frozen import frozen_path
 from fl_client.site import SiteConfig
@@ -73,6 +73,25 @@ def test_weights_for_another_catalog_get_an_error_reply_not_a_crash(site):
     for kind in ("train", "evaluate"):
         reply = call(site, message(kind, catalog, fingerprint=other))
         assert reply.has_error() and reply.error.code == CATALOG_MISMATCH and "catalog" in reply.error.reason
+
+
+@pytest.mark.parametrize("kind", ["train", "evaluate", f"query.{wire.COUNT_QUERY}"])
+def test_a_server_of_another_wire_version_is_refused_naming_both_versions(site, kind):
+    catalog = ItemCatalog.load(site.catalog_path)
+    for version, said in ((wire.VERSION + 1, f"version {wire.VERSION + 1}"), (None, "no version")):
+        msg = message(kind, catalog)
+        if version is None:
+            del msg.content.config_records[wire.CONFIG][wire.WIRE_VERSION]
+        else:
+            msg.content.config_records[wire.CONFIG][wire.WIRE_VERSION] = version
+        reply = call(site, msg)
+        assert reply.has_error() and reply.error.code == WIRE_VERSION
+        assert f"the server speaks fedrec wire protocol {said}" in reply.error.reason
+        assert f"this side version {wire.VERSION}" in reply.error.reason
+    assert not site.ledger_path.exists()  # refused before anything was spent or kept
+    good = call(site, message(kind, catalog))  # the same site serves a server of its own version
+    assert not good.has_error()
+    assert good.content.config_records[wire.NOTES][wire.WIRE_VERSION] == wire.VERSION
 
 
 def test_a_diverged_round_sends_no_weights_and_is_charged_to_the_ledger(site):

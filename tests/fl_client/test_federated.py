@@ -1,6 +1,7 @@
 """A site's federated round: catalog check, budget refusal, cumulative ε, no double spending, cached data."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,20 @@ def test_a_resent_round_is_answered_from_cache_without_spending_again(site):
     assert len(PrivacyLedger(site.ledger_path, first.delta).entries) == 1
 
 
+def test_a_site_keeps_the_replies_of_its_last_two_rounds_and_never_retrains_an_older_one(site):
+    data = load_site_data(site)
+    state = round_config(data.catalog)[1]
+    for server_round in range(1, 5):
+        cfg = RoundConfig.from_record(round_record(data.catalog, server_round, num_rounds=4)[0])
+        reply = train_round(site, data, cfg, state)
+        state = reply.state
+    kept = sorted(path.name for path in (Path(site.state_dir) / "replies").iterdir())
+    assert kept == ["train-7_round3.pt", "train-7_round4.pt"]
+    old = train_round(site, data, RoundConfig.from_record(round_record(data.catalog, 1, num_rounds=4)[0]), state)
+    assert "already trained here and its reply is lost" in old.declined
+    assert old.epsilon == reply.epsilon  # nothing spent again
+
+
 def test_site_declines_a_round_beyond_its_budget(site):
     data = load_site_data(site)
     cfg, state = round_config(data.catalog, 1, num_rounds=1)
@@ -137,6 +152,15 @@ def test_site_preprocessing_is_cached_and_invalidated_by_a_changed_file(site, tm
         events.write(f"{first.sequences.user_ids[0]},{first.catalog.item_ids[0]},2000000000,view,,,\n")
     load_site_data(site)
     assert len(list((tmp_path / "state").glob("sequences_*.npz"))) == 2
+    # A third version of the file: the site keeps its cache_keep latest caches, the one in use among them.
+    site.cache_keep = 2
+    second = set((tmp_path / "state").glob("sequences_*.npz")) - set(caches)
+    os.utime(caches[0], ns=(1, 1))  # the first file's cache: the least recently used
+    with open(site.data_path, "a") as events:
+        events.write(f"{first.sequences.user_ids[0]},{first.catalog.item_ids[1]},2000000001,view,,,\n")
+    load_site_data(site)
+    kept = set((tmp_path / "state").glob("sequences_*.npz"))
+    assert len(kept) == 2 and caches[0] not in kept and second < kept
 
 
 def test_node_config_is_parsed_with_clear_errors():

@@ -16,10 +16,10 @@ def test_site_settings_round_trip_through_the_node_config_file(tmp_path):
     data.write_text("user_id,item_id\n")
     args = parse_args(["--insecure", "--data", str(data), "--catalog", "catalog.json", "--epsilon", "3",
                        "--superlink", "10.0.0.5:9092", "--port", "9200", "--accountant", "rdp",
-                       "--micro-batch-users", "32"])
+                       "--micro-batch-users", "32", "--cache-keep", "5"])
     site = site_config(args)
     assert site.state_dir == str(tmp_path / ".fedrec-my events") and site.epsilon == 3.0 and site.delta is None
-    assert (site.accountant, site.micro_batch_users, site.noise_multiplier) == ("rdp", 32, None)
+    assert (site.accountant, site.micro_batch_users, site.noise_multiplier, site.cache_keep) == ("rdp", 32, None, 5)
     parsed = tomllib.loads(toml_text(node_config(site)))
     assert SiteConfig.from_node_config(parsed) == site
     command = supernode_command(args, tmp_path / "node_config.toml")

@@ -27,9 +27,12 @@ class FakeGrid:
         return [answer(msg) for msg in self.sent if (answer := self.answers[msg.metadata.dst_node_id]) is not None]
 
 
+NOTES = ConfigRecord({wire.WIRE_VERSION: wire.VERSION})
+
+
 def counts_reply(values):
     def answer(msg):
-        content = RecordDict({wire.METRICS: MetricRecord({wire.DECLINED: 0.0}),
+        content = RecordDict({wire.METRICS: MetricRecord({wire.DECLINED: 0.0}), wire.NOTES: NOTES,
                               wire.ITEM_COUNTS: ArrayRecord({wire.ITEM_COUNTS: torch.tensor(values).double()})})
         return Message(content=content, reply_to=msg)
     return answer
@@ -37,7 +40,7 @@ def counts_reply(values):
 
 def declined(msg):
     return Message(content=RecordDict({wire.METRICS: MetricRecord({wire.DECLINED: 1.0}),
-                                       wire.NOTES: ConfigRecord({wire.DECLINED_REASON: "budget spent"})}),
+                                       wire.NOTES: ConfigRecord({**NOTES, wire.DECLINED_REASON: "budget spent"})}),
                    reply_to=msg)
 
 
@@ -76,3 +79,16 @@ def test_nothing_is_asked_when_every_row_trains_or_the_rows_are_already_chosen()
 def test_a_query_no_site_answers_with_counts_stops_the_run_with_the_tally(serverapp_identity):
     with pytest.raises(RuntimeError, match=r"no site sent item counts.*'sites_declined': 1"):
         choose_trained_rows(FakeGrid({1: declined, 2: failed}), model(), ConfigRecord({}), 2, 1.0)
+
+
+def test_counts_from_a_site_of_another_wire_version_are_not_summed(serverapp_identity):
+    def other_version(msg):
+        reply = counts_reply([0, 0, 9, 0, 0, 0, 0, 0, 9, 0])(msg)
+        reply.content[wire.NOTES] = ConfigRecord({wire.WIRE_VERSION: wire.VERSION + 1})
+        return reply
+
+    grid = FakeGrid({1: counts_reply([0, 5, 0, 1, 0, 0, 0, 0, 0, 2]), 2: other_version})
+    global_model = model()
+    summary = choose_trained_rows(grid, global_model, ConfigRecord({}), min_nodes=2, timeout=1.0)
+    assert summary["sites_counted"] == 1 and summary["sites_failed"] == 1
+    assert global_model.item_row_mask.nonzero().flatten().tolist() == [1, 9]  # site 2's 9s left out

@@ -112,7 +112,8 @@ def test_the_server_sends_frozen_tensors_until_a_site_says_it_keeps_them_and_aga
         request = Message(content=RecordDict(), message_type="train", dst_node_id=node)
         content = RecordDict({wire.ARRAYS: ArrayRecord({"w": torch.zeros(3)}),
                               wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 5.0, wire.DECLINED: 0.0}),
-                              wire.NOTES: ConfigRecord({wire.DECLINED_REASON: "", wire.FROZEN_HELD: held})})
+                              wire.NOTES: ConfigRecord({wire.WIRE_VERSION: wire.VERSION, wire.DECLINED_REASON: "",
+                                                        wire.FROZEN_HELD: held})})
         return Message(content=content, reply_to=request)  # a reply comes from the request's node
 
     assert ask([1, 2, 3]) == {1: True, 2: True, 3: True}
@@ -148,7 +149,7 @@ def site_reply(state: dict, users: int, weights=None, moments=None):
     metrics = MetricRecord({wire.NUM_EXAMPLES: float(users), wire.TRAIN_LOSS: 1.0, wire.DP_ENABLED: 0.0,
                             wire.EPSILON: 0.0, wire.DELTA: 0.0, wire.DECLINED: 0.0})
     content = RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in state.items()}), wire.METRICS: metrics,
-                          wire.NOTES: ConfigRecord({wire.DECLINED_REASON: ""})})
+                          wire.NOTES: ConfigRecord({wire.WIRE_VERSION: wire.VERSION, wire.DECLINED_REASON: ""})})
     if weights is not None:
         content[wire.ITEM_WEIGHTS] = ArrayRecord({wire.ITEM_WEIGHTS: Array(weights)})
     if moments is not None:
@@ -322,3 +323,23 @@ def test_sites_that_send_nothing_back_before_the_timeout_are_counted_and_named_i
                                      for s, n, a in list(zip(local, users, holds, strict=True))[:2]])
     assert strategy.last_round["train_replies"] == 2 and strategy.last_round["train_no_reply"] == 1
     assert "1 of 3 site(s) sent no train reply within federation.round_timeout" in caplog.text
+
+
+def test_replies_of_another_wire_version_are_failures_never_averaged(serverapp_identity, caplog):
+    import numpy as np
+    from flwr.app import ConfigRecord
+
+    start, local, users, _ = three_sites()
+    strategy = item_rows_strategy("fedavg", "average", start)
+    replies = [site_reply(s, n) for s, n in zip(local, users, strict=True)]
+    replies[1].content[wire.NOTES] = ConfigRecord({wire.WIRE_VERSION: wire.VERSION + 1, wire.DECLINED_REASON: ""})
+    replies[2].content[wire.NOTES] = ConfigRecord({wire.DECLINED_REASON: ""})  # a build from before versions
+    with caplog.at_level("WARNING"):
+        arrays, _ = strategy.aggregate_train(1, replies)
+    assert strategy.last_round["train_failures"] == 2 and strategy.last_round["privacy"]["sites"] == 1
+    reasons = strategy.last_round["train_failure_reasons"]
+    assert f"speaks fedrec wire protocol version {wire.VERSION + 1}" in reasons[0]
+    assert "speaks fedrec wire protocol no version" in reasons[1]
+    assert "2 site(s) failed to train" in caplog.text
+    for name, value in local[0].items():  # the one site of this server's version alone
+        np.testing.assert_allclose(arrays[name].numpy(), value, rtol=1e-6)

@@ -1,0 +1,36 @@
+"""A site's kept copies of frozen public tensors: verified by digest, the latest used kept, older ones removed."""
+
+import os
+
+import pytest
+import torch
+
+from fl_client.frozen import FrozenTensorsError, frozen_path, frozen_tensors
+from fl_client.site import SiteConfig
+from shared_model import wire
+
+
+def tables(count: int) -> list[tuple[str, dict]]:
+    """`count` distinct frozen-tensor sets with their digests (as a new feature table per run would give)."""
+    sets = [{"item_features": torch.full((4, 2), float(i))} for i in range(count)]
+    return [(wire.tensors_digest(tensors), tensors) for tensors in sets]
+
+
+def test_a_site_keeps_the_frozen_tensors_it_used_last_and_removes_older_ones(tmp_path):
+    site = SiteConfig(data_path="-", catalog_path="-", state_dir=str(tmp_path), cache_keep=2)
+    (a, tensors_a), (b, tensors_b), (c, tensors_c) = tables(3)
+    frozen_tensors(site, a, tensors_a)
+    frozen_tensors(site, b, tensors_b)
+    os.utime(frozen_path(site, b), ns=(1, 1))
+    assert torch.equal(frozen_tensors(site, a, None)["item_features"], tensors_a["item_features"])  # a: used again
+    frozen_tensors(site, c, tensors_c)  # a third run: b is the least recently used
+    assert {path.name for path in (tmp_path / "frozen").iterdir()} == {f"{a}.safetensors", f"{c}.safetensors"}
+    with pytest.raises(FrozenTensorsError, match="holds none"):
+        frozen_tensors(site, b, None)  # removed: the server sends it again, and the site keeps it again
+    assert torch.equal(frozen_tensors(site, b, tensors_b)["item_features"], tensors_b["item_features"])
+    assert frozen_path(site, b).exists() and len(list((tmp_path / "frozen").iterdir())) == 2
+
+
+def test_a_site_must_keep_at_least_the_copy_in_use():
+    with pytest.raises(ValueError, match="cache_keep must be at least 1"):
+        SiteConfig(data_path="-", catalog_path="-", state_dir="-", cache_keep=0)
