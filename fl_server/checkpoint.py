@@ -73,8 +73,9 @@ class RunStore:
         return load_file(path) if path.exists() else None
 
     def save(self, server_round: int, state: dict[str, torch.Tensor], optimiser_state: dict[str, Any],
-             row: dict[str, Any], score: float) -> None:
-        """Write round `server_round` atomically (folder rename, then the pointer), and the best model."""
+             row: dict[str, Any], score: float | None) -> None:
+        """Write round `server_round` atomically (folder rename, then the pointer), and the best model
+        (`score`: the round's validation score; None for a round that was not evaluated)."""
         previous = self._pointer()  # metadata only: no need to read the previous weights back
         best_round, best_score = (int(previous["best_round"]), float(previous["best_score"])) if previous \
             else (0, float("-inf"))
@@ -87,7 +88,7 @@ class RunStore:
         _write_json(tmp / "metrics.json", row)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
-        if score > best_score:
+        if score is not None and score > best_score:
             best_round, best_score = server_round, score
             best_tmp = self.root / ".best.tmp"
             shutil.rmtree(best_tmp, ignore_errors=True)

@@ -48,12 +48,21 @@ class ServerConfig:
     decay_lr: float = 0.0  # (float) the sites' learning rate from decay_from_round (0 = unchanged)
     decay_server_lr: float = 0.0  # (float) FedAvgM/FedAdam/FedYogi server lr from decay_from_round (0 = unchanged)
     round_timeout: float = 3600.0  # (float) seconds to wait for the sites in each phase of a round
+    eval_every: int = 1  # (int) evaluate (sites and server) every k-th round and the last round; 1 = every round
     resume: bool = True  # (bool) continue from the last completed round found in out_dir
     central_eval_path: str = ""  # (str) events the server holds for central evaluation ("" = none)
     central_eval_format: str = "events"  # (str) adapter for central_eval_path
     has_timestamps: bool = True  # (bool) whether the sites' data has real timestamps (time-gap input)
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+
+    def __post_init__(self) -> None:
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be at least 1 (evaluate every k-th round), got {self.eval_every}")
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether round `server_round` is evaluated: every eval_every-th round, and always the last."""
+        return server_round % self.eval_every == 0 or server_round >= self.num_rounds
 
 
 def _section(cls: type, values: Mapping[str, Any], prefix: str) -> dict[str, Any]:

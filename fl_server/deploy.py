@@ -185,10 +185,10 @@ def progress_line(row: dict[str, Any], num_rounds: int) -> str:
         eps += f"; slowest site {cost['train_seconds_max']:.1f} s, peak {cost['peak_memory_mb_max']:,.0f} MB"
     silent = row.get("train_no_reply", 0)
     failed = f"{row.get('train_failures', 0)} failed" + (f", {silent} silent (round timeout)" if silent else "")
+    scores = (f"HR@10 {evaluation.get('hr@10', float('nan')):.4f} NDCG@10 {evaluation.get('ndcg@10', float('nan')):.4f}"
+              if "central_eval" in row or "federated_eval" in row else "not evaluated (eval-every)")
     return (f"round {row['round']}/{num_rounds}: {row.get('train_replies', 0)} sites answered, "
-            f"{row.get('declined', 0)} declined, {failed}; "
-            f"HR@10 {evaluation.get('hr@10', float('nan')):.4f} NDCG@10 {evaluation.get('ndcg@10', float('nan')):.4f}"
-            f"{eps}")
+            f"{row.get('declined', 0)} declined, {failed}; {scores}{eps}")
 
 
 def follow(run_id: int, env: dict[str, str], out_dir: Path, num_rounds: int, stall_timeout: float) -> str:

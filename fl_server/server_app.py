@@ -88,18 +88,22 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         done = checkpoint.round
         log.info("resuming after round %d of %d (from %s)", done, cfg.num_rounds, store.root)
     strategy.round_offset = done
+    strategy.evaluated_rounds = cfg.evaluates
     evaluate_centrally = central_evaluator(cfg, catalog)
     started = time.time()
 
     def after_round(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         wire.load_state(model, arrays.to_torch_state_dict(), trainable_only=True)
-        central: dict[str, Any] = evaluate_centrally(model) if evaluate_centrally else {}
+        evaluated = local_round == 0 or cfg.evaluates(local_round + done)
+        central: dict[str, Any] = evaluate_centrally(model) if evaluate_centrally and evaluated else {}
         if local_round == 0:
             return MetricRecord(central) if central else None
-        row = {"round": local_round + done, "seconds": round(time.time() - started, 2), **strategy.last_round,
-               "central_eval": central}
-        # The best round is chosen on validation events, never on the test split the report shows.
-        score = central.get(wire.VALID_NDCG10, row.get("federated_eval", {}).get(wire.VALID_NDCG10, 0.0))
+        row = {"round": local_round + done, "seconds": round(time.time() - started, 2), **strategy.last_round}
+        if evaluated:
+            row["central_eval"] = central
+        # The best round is chosen among the evaluated rounds on validation events, never on the test split.
+        score = central.get(wire.VALID_NDCG10, row.get("federated_eval", {}).get(wire.VALID_NDCG10, 0.0)) \
+            if evaluated else None
         store.save(local_round + done, model.state_dict(), strategy.optimiser_state(), row, score)
         log.info("round %s", json.dumps(row))
         return MetricRecord(central) if central else None

@@ -5,7 +5,7 @@ of what each round received, including the sites' privacy reports."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -78,6 +78,7 @@ class RoundHooks:
     decay: Decay = Decay()  # from which round the sites' and the server's learning rates change
     round_rates: dict[str, float]  # this round's site lr (and server lr), for the round's log line
     asked: dict[str, int]  # sites sent this round's train / evaluate message (to count the silent ones)
+    evaluated_rounds: Callable[[int], bool] | None = None  # which (global) rounds are evaluated; None: all
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -96,7 +97,10 @@ class RoundHooks:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Ask sites to evaluate, numbering rounds globally across resumes."""
+        """Ask sites to evaluate, numbering rounds globally across resumes (none in a round not evaluated)."""
+        if self.evaluated_rounds is not None and not self.evaluated_rounds(server_round + self.round_offset):
+            self.asked["evaluate"] = 0
+            return []
         messages = with_frozen(super().configure_evaluate(server_round + self.round_offset, arrays, config,  # type: ignore[misc]
                                                           grid), self.frozen, self.frozen_held)
         self.asked["evaluate"] = len(messages)

@@ -55,6 +55,7 @@ class FederationConfig:
     num_gpus: int | None = None  # (int) GPUs Ray may use; null = every GPU torch sees (0 on a CPU machine)
     gpus_per_client: float | None = None  # (float) GPU share per site; null = the GPUs shared by the sites at once
     round_timeout: float = 600.0  # (float) seconds to wait for the sites in each phase
+    eval_every: int = 1  # (int) evaluate (sites and server) every k-th round and the last round
     central_eval: bool = True  # (bool) the server also evaluates on every user's test event (simulation only)
     keep_optimizer_state: bool = False  # (bool) sites carry their Adam moments across rounds (moot with share)
     share_optimizer_state: bool = False  # (bool) sites start each round from the average of their optimiser states
@@ -161,7 +162,7 @@ def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.nd
         share_optimizer_state=cfg.federation.share_optimizer_state,
         decay_from_round=cfg.federation.decay_from_round, decay_lr=cfg.federation.decay_lr,
         decay_server_lr=cfg.federation.decay_server_lr,
-        round_timeout=cfg.federation.round_timeout, central_eval_path=central,
+        round_timeout=cfg.federation.round_timeout, eval_every=cfg.federation.eval_every, central_eval_path=central,
         has_timestamps=data.events.has_timestamps, model=cfg.model, strategy=cfg.strategy)
     run_federation(sites, server, resources)
     return dict(json.loads((out / "server" / "summary.json").read_text(encoding="utf-8")))

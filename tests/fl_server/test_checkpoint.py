@@ -36,6 +36,16 @@ def test_best_model_follows_the_score(tmp_path):
     assert best["round"] == 1
 
 
+def test_a_round_not_evaluated_is_checkpointed_but_never_the_best(tmp_path):
+    store = RunStore(tmp_path)
+    store.save(1, state(1.0), {}, {"round": 1}, score=None)
+    assert store.best_state() is None and store.latest().round == 1
+    store.save(2, state(2.0), {}, {"round": 2}, score=0.0)
+    store.save(3, state(3.0), {}, {"round": 3}, score=None)
+    latest = store.latest()
+    assert latest is not None and (latest.round, latest.best_round) == (3, 2)
+
+
 def test_resaving_a_round_after_a_crash_leaves_one_line_per_round(tmp_path):
     store = RunStore(tmp_path)
     store.save(1, state(1.0), {}, {"round": 1}, score=0.1)

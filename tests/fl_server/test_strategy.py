@@ -61,6 +61,14 @@ def test_server_config_is_parsed_from_a_flat_run_config():
         server_config_from_run_config({"catalog-path": "/abs/catalog.json"})
 
 
+def test_every_kth_round_and_the_last_are_evaluated():
+    config = server_config_from_run_config({"out-dir": "/abs/out", "catalog-path": "/abs/c.json", "num-rounds": 7,
+                                            "eval-every": 3})
+    assert [r for r in range(1, 8) if config.evaluates(r)] == [3, 6, 7]
+    with pytest.raises(ValueError, match="eval_every must be at least 1"):
+        server_config_from_run_config({"out-dir": "/abs/out", "catalog-path": "/abs/c.json", "eval-every": 0})
+
+
 def test_frozen_tensors_go_beside_the_weights_to_sites_that_do_not_keep_them(serverapp_identity):
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict

@@ -104,3 +104,27 @@ def test_sites_send_which_items_they_hold_and_share_their_optimiser_moments_when
     assert [m["sites"] for m in shared] == [3, 3] and shared[0]["step"] > 0
     assert shared[1]["step"] == pytest.approx(2 * shared[0]["step"])
     assert rows[1]["federated_eval"]["train-ce"] < rows[0]["federated_eval"]["train-ce"]
+
+
+@pytest.mark.slow
+def test_rounds_between_evaluations_are_trained_and_checkpointed_but_not_scored(tmp_path):
+    from fl_server.deploy import progress_line
+
+    data = prepare_data(DataConfig(name="synthetic", synthetic={"num_users": 120, "num_items": 30, "seed": 5}))
+    parts = partition_users(data.sequences, PartitionConfig(kind="iid", num_partitions=2))
+    template = SiteConfig(data_path="", catalog_path="", state_dir="", dp=False, device="cpu")
+    sites = write_sites(data, parts, tmp_path / "sites", template)
+    out = tmp_path / "server"
+    server = ServerConfig(out_dir=str(out), catalog_path=str(tmp_path / "sites" / "catalog.json"), num_rounds=3,
+                          local_epochs=1, batch_size=32, lr=0.005, round_timeout=600, eval_every=2,
+                          central_eval_path=sites[0].data_path,
+                          model=ModelConfig(hidden_size=16, max_len=20, item_features=[]),
+                          strategy=StrategyConfig(min_nodes=2))
+    run_federation(sites, server)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3] and all(r["train_replies"] == 2 for r in rows)
+    assert "federated_eval" not in rows[0] and "central_eval" not in rows[0] and rows[0]["evaluate_failures"] == 0
+    assert all(r["federated_eval"]["hr@10"] >= 0 and "hr@10" in r["central_eval"] for r in rows[1:])  # 2nd and last
+    assert json.loads((out / "summary.json").read_text())["best_round"] in (2, 3)
+    assert "not evaluated (eval-every)" in progress_line(rows[0], 3) and "HR@10 0." in progress_line(rows[1], 3)
+    assert "| 1 | 2 | 0 | 0 |" in (out / "report.md").read_text()

@@ -35,8 +35,9 @@ def test_flwr_defaults_equal_the_hydra_defaults():
     hydra = hydra_defaults()
     assert server.model == hydra.model
     assert server.strategy == hydra.strategy
-    assert (server.num_rounds, server.local_epochs, server.round_timeout) == (
-        hydra.federation.num_rounds, hydra.federation.local_epochs, hydra.federation.round_timeout)
+    assert (server.num_rounds, server.local_epochs, server.round_timeout, server.eval_every) == (
+        hydra.federation.num_rounds, hydra.federation.local_epochs, hydra.federation.round_timeout,
+        hydra.federation.eval_every)
     assert (server.batch_size, server.lr, server.optimizer, server.weight_decay, server.num_negatives,
             server.seed) == (hydra.train.batch_size, hydra.train.lr, hydra.train.optimizer,
                              hydra.train.weight_decay, hydra.train.num_negatives, hydra.train.seed)
