@@ -1,5 +1,6 @@
 """The data-site ClientApp: thin Flower handlers that decode a Message, call the round functions, and reply.
 
+An evaluate message imports no training or DP code (deployment starts a fresh process per message).
 `app` is the deployment entry point (settings from the SuperNode's --node-config); simulations build their
 own app with `build_client_app` and a resolver that maps a simulated node to its site.
 """
@@ -13,11 +14,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_client.count_round import count_round
-from fl_client.federated import RoundConfig, evaluate_round, train_round
 from fl_client.frozen import FrozenTensorsError, frozen_tensors
+from fl_client.rounds import RoundConfig, TrainingDivergedError, evaluate_round
 from fl_client.site import SiteConfig, SiteData, load_site_data
-from fl_client.train import TrainingDivergedError
 from shared_model import wire
 from shared_model.catalog import CatalogMismatchError
 
@@ -79,6 +78,8 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
 
     @app.train()
     def handle_train(msg: Message, context: Context) -> Message:
+        from fl_client.federated import train_round  # DP training (Opacus): imported by train messages only
+
         site = resolve_site(context)
         try:
             data, round_cfg, state = decode(msg, site)
@@ -99,6 +100,8 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
 
     @app.query(wire.COUNT_QUERY)
     def handle_item_counts(msg: Message, context: Context) -> Message:
+        from fl_client.count_round import count_round  # a DP release: imported by count queries only
+
         site = resolve_site(context)
         try:
             reply = count_round(site, load_site_data(site), decode_config(msg))  # settings only, no weights

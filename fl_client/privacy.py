@@ -1,4 +1,5 @@
-"""User-level DP-SGD through Opacus: settings, noise calibration, and wrapping a model for training.
+"""User-level DP-SGD through Opacus: noise calibration, accounting, and wrapping a model for training (the
+settings are fl_client.dp_settings).
 
 One training row is one user, so Opacus' per-sample (ε, δ) is a per-user guarantee.
 """
@@ -21,29 +22,9 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
+from fl_client.dp_settings import AccountantHistory, PrivacyConfig
 from fl_client.secure_rng import secure_loader, use_secure_noise
 from shared_model.atomic import write_atomically
-
-AccountantHistory = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
-ACCOUNTANTS = ("prv", "rdp", "gdp")
-GRAD_SAMPLE_MODES = ("hooks", "ghost")
-
-
-@dataclass
-class PrivacyConfig:
-    """DP-SGD settings; `enabled=False` means no DP claim is made anywhere."""
-
-    enabled: bool = False  # (bool) train with DP-SGD
-    epsilon: float = 8.0  # (float) total ε this training may spend, per user
-    delta: float | None = None  # (float) δ; None means 1 / number of users
-    noise_multiplier: float | None = None  # (float) fixed σ; None calibrates σ to reach `epsilon`
-    max_grad_norm: float = 1.0  # (float) per-user gradient clipping bound C
-    accountant: str = "prv"  # (str) Opacus accountant: prv, rdp or gdp
-    secure_mode: bool = False  # (bool) sampling and noise from the OS CSPRNG (production; slower)
-    grad_sample_mode: str = "hooks"  # (str) hooks (supports tied item tables) or ghost (untied only)
-    # (float) σ of the user-level Gaussian item count that picks model.trained_item_rows (one release, each
-    # user's count vector has norm 1; its ε is part of `epsilon`)
-    selection_noise: float = 5.0
 
 
 @dataclass

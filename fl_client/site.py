@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fl_client.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES, PrivacyConfig
+from fl_client.dp_settings import ACCOUNTANTS, GRAD_SAMPLE_MODES, PrivacyConfig
 from shared_model.adapters import load_dataset
 from shared_model.atomic import write_atomically
 from shared_model.catalog import ItemCatalog

@@ -14,7 +14,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from fl_client.privacy import ACCOUNTANTS, GRAD_SAMPLE_MODES
+from fl_client.dp_settings import ACCOUNTANTS, GRAD_SAMPLE_MODES
 from fl_client.site import SiteConfig, load_site_data
 from shared_model.device import describe_device, resolve_device
 from shared_model.launch import (

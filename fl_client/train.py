@@ -18,6 +18,7 @@ from fl_client.averaging import WeightAverage
 from fl_client.dp_step import ClippingStats, private_step
 from fl_client.item_selection import select_trained_rows
 from fl_client.privacy import PrivacyConfig, PrivacySpent, calibrate_noise, make_private, resolve_delta, spent
+from fl_client.rounds import TrainingDivergedError
 from shared_model import wire
 from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, without_moments
@@ -64,10 +65,6 @@ class TrainResult:
 
 
 Progress = Callable[[int, float, dict[str, float] | None], None]
-
-
-class TrainingDivergedError(ValueError):
-    """Training produced non-finite weights (NaN or inf): nothing trained this way should be sent or saved."""
 
 
 def check_finite(model: torch.nn.Module, epoch: int, config: TrainConfig) -> None:

@@ -1,6 +1,9 @@
 """The ClientApp handlers, driven by hand-built Flower Messages (no simulation engine, no SuperNode)."""
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,8 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_client.client_app import CATALOG_MISMATCH, FROZEN_TENSORS, TRAINING_DIVERGED, WIRE_VERSION, build_client_app
-from fl_client.federated import RoundConfig, build_global_model
 from fl_client.frozen import frozen_path
+from fl_client.rounds import RoundConfig, build_global_model
 from fl_client.site import SiteConfig
 from shared_model import wire
 from shared_model.catalog import ItemCatalog
@@ -161,3 +164,24 @@ def test_a_site_keeps_the_frozen_tensors_once_sent_and_says_so(site):
     damaged = send("evaluate", 1, None)
     assert damaged.has_error() and damaged.error.code == FROZEN_TENSORS and "damaged" in damaged.error.reason
     assert not kept.exists() and not send("evaluate", 1, frozen).has_error() and kept.exists()
+
+
+def test_an_evaluate_message_imports_no_training_or_dp_code(site):
+    """Deployment starts a fresh process per message: an evaluate message must not pay for importing Opacus."""
+    script = f"""
+import sys
+from flwr.supercore.task_identity import TaskIdentity
+for name in ("_run_id", "_node_id", "_task_id"):
+    setattr(TaskIdentity, name, 1)
+from fl_client.site import SiteConfig
+from shared_model.catalog import ItemCatalog
+from tests.fl_client.test_client_app import call, message
+site = SiteConfig(data_path={site.data_path!r}, catalog_path={site.catalog_path!r}, state_dir={site.state_dir!r})
+reply = call(site, message("evaluate", ItemCatalog.load(site.catalog_path)))
+assert not reply.has_error(), reply.error
+print(sorted(m for m in ("opacus", "fl_client.privacy", "fl_client.train", "fl_client.federated") if m in sys.modules))
+"""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from fl_client.count_round import count_round
-from fl_client.federated import COUNT_ROUND, RoundConfig, build_global_model, plan_round, train_round
+from fl_client.federated import COUNT_ROUND, plan_round, train_round
 from fl_client.item_selection import user_item_histogram
 from fl_client.ledger import PrivacyLedger
+from fl_client.rounds import RoundConfig, build_global_model
 from fl_client.site import load_site_data
 from tests.fl_client.server_round import round_record
 

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_client.federated import RoundConfig, build_global_model, train_round
+from fl_client.federated import train_round
 from fl_client.moments import from_named_moments, to_named_moments, trainable_names
+from fl_client.rounds import RoundConfig, build_global_model
 from fl_client.site import SiteConfig, load_site_data
 from fl_client.train import TrainConfig, build_optimizer
 from shared_model import wire
