@@ -15,19 +15,28 @@ from simulations.partition import PartitionConfig, partition_users
 from simulations.prepare import prepare_data
 
 
+def synthetic_sites(tmp_path, users: int, items: int, seed: int, num_sites: int, **site):
+    """Synthetic events for `users` users split iid over `num_sites` sites, written as site files."""
+    data = prepare_data(DataConfig(name="synthetic", synthetic={"num_users": users, "num_items": items, "seed": seed}))
+    parts = partition_users(data.sequences, PartitionConfig(kind="iid", num_partitions=num_sites))
+    template = SiteConfig(data_path="", catalog_path="", state_dir="", device="cpu", **site)
+    return data, parts, write_sites(data, parts, tmp_path / "sites", template)
+
+
+def server_config(tmp_path, **settings) -> ServerConfig:
+    """A small, quick server run writing to tmp_path/server."""
+    paths = {"out_dir": str(tmp_path / "server"), "catalog_path": str(tmp_path / "sites" / "catalog.json")}
+    return ServerConfig(**{**paths, "local_epochs": 1, "batch_size": 32, "lr": 0.005, "round_timeout": 600, **settings})
+
+
 @pytest.mark.slow
 def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_budget(tmp_path):
-    data = prepare_data(DataConfig(name="synthetic", synthetic={"num_users": 240, "num_items": 50, "seed": 2}))
-    parts = partition_users(data.sequences, PartitionConfig(kind="iid", num_partitions=3))
-    template = SiteConfig(data_path="", catalog_path="", state_dir="", epsilon=8.0, device="cpu")
-    sites = write_sites(data, parts, tmp_path / "sites", template)
+    data, parts, sites = synthetic_sites(tmp_path, users=240, items=50, seed=2, num_sites=3, epsilon=8.0)
     out = tmp_path / "server"
-    server = ServerConfig(out_dir=str(out), catalog_path=str(tmp_path / "sites" / "catalog.json"), num_rounds=2,
-                          local_epochs=1, batch_size=32, lr=0.005, round_timeout=600,
-                          central_eval_path=sites[0].data_path,
-                          model=ModelConfig(hidden_size=16, max_len=20, item_features=["text"], feature_dim=8,
-                                            feature_scoring=True, item_bias=True, trained_item_rows=20),
-                          strategy=StrategyConfig(min_nodes=3))
+    server = server_config(tmp_path, num_rounds=2, central_eval_path=sites[0].data_path,
+                           model=ModelConfig(hidden_size=16, max_len=20, item_features=["text"], feature_dim=8,
+                                             feature_scoring=True, item_bias=True, trained_item_rows=20),
+                           strategy=StrategyConfig(min_nodes=3))
     run_federation(sites, server)
     # Before round 1 every site paid for one noisy item count (ledger round 0); the server kept the 20 rows
     # with the largest sum, and the exported model trains and scores item vectors for those rows only.
@@ -79,16 +88,12 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
 
 @pytest.mark.slow
 def test_sites_send_which_items_they_hold_and_share_their_optimiser_moments_when_asked(tmp_path):
-    data = prepare_data(DataConfig(name="synthetic", synthetic={"num_users": 180, "num_items": 40, "seed": 4}))
-    parts = partition_users(data.sequences, PartitionConfig(kind="iid", num_partitions=3))
-    template = SiteConfig(data_path="", catalog_path="", state_dir="", dp=False, device="cpu")
-    sites = write_sites(data, parts, tmp_path / "sites", template)
+    _, _, sites = synthetic_sites(tmp_path, users=180, items=40, seed=4, num_sites=3, dp=False)
     out = tmp_path / "server"
-    server = ServerConfig(out_dir=str(out), catalog_path=str(tmp_path / "sites" / "catalog.json"), num_rounds=2,
-                          local_epochs=1, batch_size=32, lr=0.005, round_timeout=600, share_optimizer_state=True,
-                          model=ModelConfig(hidden_size=16, max_len=20, item_features=[], item_bias=False),
-                          strategy=StrategyConfig(name="fedavgm", server_lr=1.5, server_momentum=0.0, min_nodes=3,
-                                                  item_rows="holders"))
+    server = server_config(tmp_path, num_rounds=2, share_optimizer_state=True,
+                           model=ModelConfig(hidden_size=16, max_len=20, item_features=[], item_bias=False),
+                           strategy=StrategyConfig(name="fedavgm", server_lr=1.5, server_momentum=0.0, min_nodes=3,
+                                                   item_rows="holders"))
     run_federation(sites, server)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["item_rows"] for r in rows] == [{"mode": "holders", "sites": 3, "left_out": []}] * 2
@@ -110,16 +115,11 @@ def test_sites_send_which_items_they_hold_and_share_their_optimiser_moments_when
 def test_rounds_between_evaluations_are_trained_and_checkpointed_but_not_scored(tmp_path):
     from fl_server.deploy import progress_line
 
-    data = prepare_data(DataConfig(name="synthetic", synthetic={"num_users": 120, "num_items": 30, "seed": 5}))
-    parts = partition_users(data.sequences, PartitionConfig(kind="iid", num_partitions=2))
-    template = SiteConfig(data_path="", catalog_path="", state_dir="", dp=False, device="cpu")
-    sites = write_sites(data, parts, tmp_path / "sites", template)
+    _, _, sites = synthetic_sites(tmp_path, users=120, items=30, seed=5, num_sites=2, dp=False)
     out = tmp_path / "server"
-    server = ServerConfig(out_dir=str(out), catalog_path=str(tmp_path / "sites" / "catalog.json"), num_rounds=3,
-                          local_epochs=1, batch_size=32, lr=0.005, round_timeout=600, eval_every=2,
-                          central_eval_path=sites[0].data_path,
-                          model=ModelConfig(hidden_size=16, max_len=20, item_features=[]),
-                          strategy=StrategyConfig(min_nodes=2))
+    server = server_config(tmp_path, num_rounds=3, eval_every=2, central_eval_path=sites[0].data_path,
+                           model=ModelConfig(hidden_size=16, max_len=20, item_features=[]),
+                           strategy=StrategyConfig(min_nodes=2))
     run_federation(sites, server)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3] and all(r["train_replies"] == 2 for r in rows)
