@@ -50,6 +50,7 @@ class ServerConfig:
     round_timeout: float = 3600.0  # (float) seconds to wait for the sites in each phase of a round
     eval_every: int = 1  # (int) evaluate (sites and server) every k-th round and the last round; 1 = every round
     resume: bool = True  # (bool) continue from the last completed round found in out_dir
+    initial_model: str = ""  # (str) ABSOLUTE exported model directory the first round starts from ("" = fresh)
     central_eval_path: str = ""  # (str) events the server holds for central evaluation ("" = none)
     central_eval_format: str = "events"  # (str) adapter for central_eval_path
     has_timestamps: bool = True  # (bool) whether the sites' data has real timestamps (time-gap input)

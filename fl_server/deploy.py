@@ -21,6 +21,7 @@ from typing import Any
 from flwr.common.config import parse_config_args
 
 from fl_server.config import server_config_from_run_config
+from fl_server.initial_model import load_initial_model
 from fl_server.strategy import build_strategy
 from shared_model.catalog import ItemCatalog
 from shared_model.factory import create_model
@@ -38,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", required=True, help="checkpoints, metrics, report and model go here")
     parser.add_argument("--central-eval", default="", help="held-out events the server may score (optional)")
     parser.add_argument("--central-eval-format", default="events", help="adapter for --central-eval")
+    parser.add_argument("--initial-model", default="",
+                        help="an exported model directory the first round starts from (default: fresh weights)")
     parser.add_argument("--num-rounds", type=int, help="federated rounds (default: the app's)")
     parser.add_argument("--min-sites", type=int, help="sites that must be connected before a round starts")
     parser.add_argument("--strategy", help="fedavg, fedprox, fedadam, fedyogi, fedavgm, fedtrimmedavg, ...")
@@ -89,19 +92,26 @@ def run_overrides(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[st
                        ("strategy.name", args.strategy)):
         if value is not None:
             overrides[key] = value
-    overrides.update(parse_config_args(args.run_config) if args.run_config else {})
+    # One --run-config at a time: Flower's parser merges them shallowly, so a second `model.x=...` would drop
+    # the first's `model.y=...` (flwr 1.41).
+    for settings in args.run_config:
+        overrides.update(parse_config_args([settings]))
+    if args.initial_model or overrides.get("initial-model"):  # the ServerApp runs elsewhere: an absolute path
+        overrides["initial-model"] = str(Path(args.initial_model or overrides["initial-model"]).resolve())
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise ValueError(f"unknown run-config keys {unknown}; known: {sorted(defaults)}")
-    for path_key in ("catalog-path", "central-eval-path"):
+    for path_key in ("catalog-path", "central-eval-path", "initial-model"):
         if overrides.get(path_key) and not Path(overrides[path_key]).exists():
             raise FileNotFoundError(f"{path_key}: {overrides[path_key]} does not exist")
     config = server_config_from_run_config({**defaults, **overrides})
     build_strategy(config.strategy)  # fail here, not in the ServerApp
     # The model the ServerApp will build: checks the catalog and its public features (titles for 'text'),
     # and leaves the encoded features in the ServerApp's cache.
-    create_model(config.model, ItemCatalog.load(config.catalog_path), config.has_timestamps,
-                 cache_dir=str(Path(config.out_dir) / "cache"))
+    catalog = ItemCatalog.load(config.catalog_path)
+    model = create_model(config.model, catalog, config.has_timestamps, cache_dir=str(Path(config.out_dir) / "cache"))
+    if config.initial_model:  # its catalog, its tensors and its frozen public tensors against this run's
+        load_initial_model(model, catalog, config.initial_model)
     return overrides
 
 

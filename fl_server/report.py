@@ -62,7 +62,7 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, A
                                                  ("privacy", "epsilon_mean", "ε mean over sites")], "ε spent")
     lines = ["# Federated training report", "", privacy_sentence(rows), "",
              f"Rounds completed: {summary.get('rounds', 0)}; best round: {summary.get('best_round', 0)}; "
-             f"model: `{summary.get('model_dir', '')}`.", "",
+             f"model: `{summary.get('model_dir', '')}`.", *initial_model_note(summary.get("initial_model")), "",
              "| round | sites trained | declined | failed or silent | train loss (sites' local models) | "
              "train CE (global model) | HR@10 (sites) | NDCG@10 (sites) | HR@10 (server) | ε max |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -83,6 +83,15 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, A
     path = out_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def initial_model_note(initial: dict[str, Any] | None) -> list[str]:
+    """Where round 1 started when it was not fresh weights, and what the privacy claim does not cover."""
+    if not initial:
+        return []
+    return ["", f"Round 1 started from the exported model `{initial['path']}`. The ε above is what each site's "
+                "ledger holds (every DP round the site ever trained, this training and any before it); what the "
+                "starting model learned elsewhere is covered only by how that model was trained."]
 
 
 def cost_notes(rows: list[dict[str, Any]]) -> list[str]:

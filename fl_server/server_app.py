@@ -14,6 +14,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fl_server import initial_model
 from fl_server.checkpoint import RunStore
 from fl_server.config import ServerConfig, server_config_from_run_config
 from fl_server.item_counts import choose_trained_rows
@@ -87,6 +88,8 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         strategy.restore_optimiser_state(checkpoint.optimiser_state)
         done = checkpoint.round
         log.info("resuming after round %d of %d (from %s)", done, cfg.num_rounds, store.root)
+    elif cfg.initial_model:
+        initial_model.record(store.root, initial_model.load_initial_model(model, catalog, cfg.initial_model))
     strategy.round_offset = done
     strategy.evaluated_rounds = cfg.evaluates
     evaluate_centrally = central_evaluator(cfg, catalog)
@@ -136,6 +139,9 @@ def export(store: RunStore, model: FedRecModel, catalog: ItemCatalog) -> dict[st
     history = store.history()
     summary: dict[str, Any] = {"rounds": final.round if final else 0, "best_round": final.best_round if final else 0,
                "history": history, "model_dir": str(store.root / "model")}
+    started_from = initial_model.recorded(store.root)
+    if started_from is not None:
+        summary["initial_model"] = started_from
     if (store.root / ITEM_COUNTS_FILE).exists():
         summary["item_counts"] = json.loads((store.root / ITEM_COUNTS_FILE).read_text(encoding="utf-8"))
     (store.root / "summary.json").write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")

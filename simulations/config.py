@@ -22,6 +22,8 @@ class DataConfig:
     synthetic: dict[str, Any] = field(default_factory=dict)  # (dict) generator settings for synthetic
     min_events: int = 3  # (int) users with fewer events are dropped (counted)
     item_attributes: str | None = None  # (str) public {item: [attribute ids]} JSON added to the catalog
+    user_share: float = 1.0  # (float) keep this share of users, drawn at random (e.g. a panel that opted in); 1 = all
+    user_share_seed: int = 0  # (int) seeds that draw (the catalog keeps every item of the file either way)
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch
 
 from fl_client.privacy import PrivacyConfig
 from fl_client.train import TrainConfig, train
+from fl_server.initial_model import load_initial_model
 from shared_model.device import resolve_device
 from shared_model.factory import ModelConfig
 from shared_model.metrics import (
@@ -51,11 +52,14 @@ class SiteResult:
 
 
 def train_site(index: int, data: PreparedData, users: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig,
-               privacy: PrivacyConfig, cache_dir: str) -> SiteResult:
-    """Train a fresh model on one site's users only and score it on their test events."""
+               privacy: PrivacyConfig, cache_dir: str, initial_model: str = "") -> SiteResult:
+    """Train a model on one site's users only (fresh, or from `initial_model`, an exported model directory, as
+    the federation would start) and score it on their test events."""
     seqs = data.sequences.subset(users)
     torch.manual_seed(train_cfg.seed)  # every site starts from the same initial weights, as in the federation
     model = build_model(model_cfg, data, cache_dir=cache_dir)
+    if initial_model:
+        load_initial_model(model, data.catalog, initial_model)
     result = train(model, seqs, replace(train_cfg, seed=site_seed(train_cfg.seed, index)), privacy)
     test = evaluate_model(model, seqs, "test", device=resolve_device(train_cfg.device))
     popularity = evaluate_popularity(seqs, seqs, "test", data.catalog.num_rows, model_cfg.max_len)
@@ -86,17 +90,18 @@ def weighted_mean(rows: Sequence[dict[str, float]], weights: Sequence[int]) -> d
 
 
 def run_local_only(data: PreparedData, parts: Sequence[np.ndarray], model_cfg: ModelConfig, train_cfg: TrainConfig,
-                   privacy: PrivacyConfig, epochs: int, out_dir: Path) -> dict[str, Any]:
-    """Train every site alone for `epochs` (last epoch kept, as in the federation), write summary.json and
-    report.md under out_dir, and return the summary."""
+                   privacy: PrivacyConfig, epochs: int, out_dir: Path, initial_model: str = "") -> dict[str, Any]:
+    """Train every site alone for `epochs` (last epoch kept, as in the federation; from `initial_model` when
+    given), write summary.json and report.md under out_dir, and return the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     site_cfg = replace(train_cfg, epochs=epochs, patience=0, eval_every=0)
     started = time.perf_counter()
-    sites = [train_site(i, data, users, model_cfg, site_cfg, privacy, str(out_dir / "cache"))
+    sites = [train_site(i, data, users, model_cfg, site_cfg, privacy, str(out_dir / "cache"), initial_model)
              for i, users in enumerate(parts)]
     weights = [s.users for s in sites]
     summary: dict[str, Any] = {
         "mode": "local", "sites": len(sites), "users": sum(weights), "epochs_per_site": epochs,
+        **({"initial_model": initial_model} if initial_model else {}),
         "seconds": round(time.perf_counter() - started, 1),
         "test": weighted_mean([s.test for s in sites], weights),
         "popularity_test": weighted_mean([s.popularity_test for s in sites], weights),

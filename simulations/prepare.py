@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 from hydra.utils import to_absolute_path
 
 from shared_model.catalog import ItemCatalog
@@ -62,9 +63,26 @@ def prepare_data(config: DataConfig, num_time_buckets: int = 32) -> PreparedData
     sequences = to_user_sequences(events, catalog, num_time_buckets=num_time_buckets, min_events=config.min_events)
     log.info("%s", events.report.summary())
     log.info("filtered while building sequences (events): %s", sequences.dropped or "none")
+    if config.user_share != 1.0:
+        events, sequences = user_sample(events, sequences, config.user_share, config.user_share_seed)
     log.info("%d users, %d items, %d events in sequences (catalog %s)", len(sequences), len(catalog.item_ids),
              len(sequences.items), catalog.fingerprint[:12])
     return PreparedData(events=events, catalog=catalog, sequences=sequences)
+
+
+def user_sample(events: EventLog, sequences: UserSequences, share: float,
+                seed: int) -> tuple[EventLog, UserSequences]:
+    """Keep a random `share` of the users (their sequences and events); the catalog is left whole, so models
+    trained on the sample fit runs on all users."""
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"data.user_share must be in (0, 1], got {share}")
+    total = len(sequences)
+    keep = np.sort(np.random.default_rng(seed).choice(total, size=max(1, round(share * total)), replace=False))
+    sample = sequences.subset(keep)
+    frame = events.frame[events.frame["user_id"].isin(set(sample.user_ids))].reset_index(drop=True)
+    log.info("data.user_share=%s (seed %d): kept %d of %d users and %d of %d events; %d users left out", share, seed,
+             len(sample), total, len(frame), len(events.frame), total - len(sample))
+    return replace(events, frame=frame), sample
 
 
 def build_model(config: ModelConfig, data: PreparedData, cache_dir: str | None = None) -> FedRecModel:

@@ -30,7 +30,7 @@ from simulations.config import RunConfig, register_schemas
 from simulations.federation import Resources, run_federation, write_sites
 from simulations.local_only import run_local_only
 from simulations.partition import PartitionConfig, partition_users
-from simulations.prepare import PreparedData, prepare_data
+from simulations.prepare import PreparedData, absolute, prepare_data
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class FederationConfig:
     gpus_per_client: float | None = None  # (float) GPU share per site; null = the GPUs shared by the sites at once
     round_timeout: float = 600.0  # (float) seconds to wait for the sites in each phase
     eval_every: int = 1  # (int) evaluate (sites and server) every k-th round and the last round
+    initial_model: str = ""  # (str) exported model directory training starts from ("" = fresh weights)
     central_eval: bool = True  # (bool) the server also evaluates on every user's test event (simulation only)
     keep_optimizer_state: bool = False  # (bool) sites carry their Adam moments across rounds (moot with share)
     share_optimizer_state: bool = False  # (bool) sites start each round from the average of their optimiser states
@@ -106,8 +107,9 @@ def run_simulate(cfg: SimulateConfig) -> dict[str, Any]:
             assert resources is not None
             return run_federated(cfg, data, parts, out, resources)
         case "local":
+            start = absolute(cfg.federation.initial_model) if cfg.federation.initial_model else ""
             return run_local_only(data, parts, cfg.model, cfg.train, cfg.privacy,
-                                  cfg.federation.num_rounds * cfg.federation.local_epochs, out / "local")
+                                  cfg.federation.num_rounds * cfg.federation.local_epochs, out / "local", start)
         case _:
             raise ValueError(f"federation.mode must be federated or local, got {cfg.federation.mode!r}")
 
@@ -163,6 +165,7 @@ def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.nd
         decay_from_round=cfg.federation.decay_from_round, decay_lr=cfg.federation.decay_lr,
         decay_server_lr=cfg.federation.decay_server_lr,
         round_timeout=cfg.federation.round_timeout, eval_every=cfg.federation.eval_every, central_eval_path=central,
+        initial_model=absolute(cfg.federation.initial_model) if cfg.federation.initial_model else "",
         has_timestamps=data.events.has_timestamps, model=cfg.model, strategy=cfg.strategy)
     run_federation(sites, server, resources)
     return dict(json.loads((out / "server" / "summary.json").read_text(encoding="utf-8")))

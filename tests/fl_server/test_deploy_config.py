@@ -24,6 +24,11 @@ def test_overrides_are_absolute_known_and_typed(tmp_path, catalog, monkeypatch):
     assert overrides["out-dir"] == str(tmp_path / "out") and overrides["catalog-path"] == str(catalog)
     assert overrides["num-rounds"] == 4 and overrides["strategy.name"] == "fedprox"
     assert overrides["model.hidden-size"] == 32
+    # Several --run-config options add up, also within one section (Flower's own parser keeps the last's only).
+    twice = run_overrides(parse_args(["--insecure", "--catalog", "catalog.json", "--out-dir", "out", "--run-config",
+                                      "model.item-features=''", "--run-config", "model.hidden-size=32"]),
+                          app_defaults(PROJECT_ROOT))
+    assert twice["model.item-features"] == "" and twice["model.hidden-size"] == 32
     flat = tomllib.loads(toml_text(overrides))  # the --run-config file Flower reads: dotted keys nest
     assert flat["model"]["hidden-size"] == 32 and flat["out-dir"] == str(tmp_path / "out")
 
@@ -39,6 +44,30 @@ def test_unknown_keys_bad_values_and_missing_files_are_refused_up_front(tmp_path
         run_overrides(parse_args([*base, "--run-config", "model.item-features='text'"]), defaults)
     with pytest.raises(FileNotFoundError, match="central-eval-path"):
         run_overrides(parse_args([*base, "--central-eval", str(tmp_path / "missing.csv")]), defaults)
+
+
+def test_an_initial_model_is_made_absolute_and_checked_against_the_run_before_anything_starts(tmp_path, catalog,
+                                                                                            monkeypatch):
+    from fl_server.config import server_config_from_run_config
+    from shared_model.factory import create_model
+    from shared_model.serialization import save_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    ids_only = server_config_from_run_config({**app_defaults(PROJECT_ROOT), "out-dir": "o", "catalog-path": "c",
+                                              "model.item-features": ""}).model  # the app's model, ids only
+    fits = save_model_dir(create_model(ids_only, ItemCatalog.load(catalog)), ItemCatalog.load(catalog), "fits")
+    other = ItemCatalog.from_items(["a", "b", "x"])
+    elsewhere = save_model_dir(create_model(ids_only, other), other, "elsewhere")
+    base = ["--insecure", "--catalog", str(catalog), "--out-dir", "out", "--run-config", "model.item-features=''"]
+    overrides = run_overrides(parse_args([*base, "--initial-model", str(fits)]), app_defaults(PROJECT_ROOT))
+    assert overrides["initial-model"] == str(tmp_path / "fits")
+    with pytest.raises(ValueError, match=f"initial model {tmp_path / 'elsewhere'}: its catalog.json"):
+        run_overrides(parse_args([*base, "--initial-model", str(elsewhere)]), app_defaults(PROJECT_ROOT))
+    with pytest.raises(ValueError, match="does not fit this run's model"):
+        run_overrides(parse_args([*base, "--initial-model", str(fits), "--run-config", "model.hidden-size=32"]),
+                      app_defaults(PROJECT_ROOT))
+    with pytest.raises(FileNotFoundError, match="initial-model"):
+        run_overrides(parse_args([*base, "--run-config", "initial-model='missing'"]), app_defaults(PROJECT_ROOT))
 
 
 def test_tls_needs_all_three_files_and_is_passed_to_the_superlink(tmp_path):

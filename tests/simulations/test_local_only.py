@@ -84,3 +84,24 @@ def test_a_server_lr_decay_for_a_strategy_without_server_step_is_refused_before_
     with pytest.raises(ValueError, match=r"decay_server_lr=1\.0, but FedRecFedAvg takes no server step"):
         run_simulate(local_config(tmp_path, overrides))
     assert not (tmp_path / "sites").exists()
+
+
+def test_every_site_alone_starts_from_the_initial_model_when_one_is_given(tmp_path, monkeypatch):
+    import simulations.local_only as local_only
+    from shared_model.serialization import save_model_dir
+    from simulations.prepare import build_model, prepare_data
+
+    cfg = local_config(tmp_path / "run", ["privacy=disabled"])
+    data = prepare_data(cfg.data)
+    directory = save_model_dir(build_model(cfg.model, data), data.catalog, tmp_path / "exported")
+    loaded = []
+
+    def spy(model, catalog, path):
+        loaded.append(path)
+        return real(model, catalog, path)
+
+    real = local_only.load_initial_model
+    monkeypatch.setattr(local_only, "load_initial_model", spy)
+    start = f"federation.initial_model={directory}"
+    summary = run_simulate(local_config(tmp_path / "run", ["privacy=disabled", start]))
+    assert loaded == [str(directory)] * 3 and summary["initial_model"] == str(directory)

@@ -1,0 +1,106 @@
+"""Training that starts from an exported model: same catalog, same tensors, the frozen public ones equal up to
+rounding; the ServerApp hands those weights to round 1, records where they came from, and a resume ignores
+them."""
+
+import json
+import re
+
+import pytest
+import torch
+
+import fl_server.server_app as server_app
+from fl_server.config import ServerConfig
+from fl_server.initial_model import InitialModelError, load_initial_model, recorded
+from shared_model import wire
+from shared_model.catalog import CatalogMismatchError, ItemCatalog
+from shared_model.factory import ModelConfig, create_model
+from shared_model.serialization import save_model_dir
+
+CONFIG = ModelConfig(hidden_size=16, max_len=10, item_features=[], position_encoding="sinusoidal",
+                     hidden_dropout_prob=0.5)
+
+
+@pytest.fixture
+def catalog():
+    return ItemCatalog.from_items([f"i{k}" for k in range(30)])
+
+
+def exported(tmp_path, catalog, config=CONFIG, name="exported"):
+    """A model directory whose weights differ from any fresh model's."""
+    torch.manual_seed(7)
+    model = create_model(config, catalog)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.5)
+    return model, save_model_dir(model, catalog, tmp_path / name)
+
+
+def test_the_trainable_weights_come_from_the_exported_model_and_other_settings_are_named(tmp_path, catalog):
+    source, directory = exported(tmp_path, catalog)
+    model = create_model(ModelConfig(**{**CONFIG.__dict__, "hidden_dropout_prob": 0.0}), catalog)
+    info = load_initial_model(model, catalog, directory)
+    theirs = wire.trainable_state(source)
+    assert set(wire.trainable_state(model)) == set(theirs)
+    assert all(torch.equal(t, theirs[k]) for k, t in wire.trainable_state(model).items())
+    assert info["path"] == str(directory) and info["tensors"] == len(theirs)
+    assert info["settings_differing"] == {"hidden_dropout_prob": [0.0, 0.5]}  # (this run's, the exported one's)
+
+
+def test_a_model_of_another_catalog_shape_or_frozen_tensors_is_refused_naming_the_file(tmp_path, catalog):
+    _, directory = exported(tmp_path, catalog)
+    other = ItemCatalog.from_items([f"j{k}" for k in range(30)])  # as many items, other ids
+    with pytest.raises(CatalogMismatchError, match=re.escape(f"initial model {directory}: its catalog.json")):
+        load_initial_model(create_model(CONFIG, other), other, directory)
+    wider = create_model(ModelConfig(**{**CONFIG.__dict__, "hidden_size": 32}), catalog)
+    with pytest.raises(InitialModelError, match=r"model.safetensors does not fit this run's model .*other shapes"):
+        load_initial_model(wider, catalog, directory)
+    learned = create_model(ModelConfig(**{**CONFIG.__dict__, "position_encoding": "learned"}), catalog)
+    with pytest.raises(InitialModelError, match=r"missing \['position_embeddings.weight'\]"):
+        load_initial_model(learned, catalog, directory)
+    source, _ = exported(tmp_path, catalog)
+    source.position_table.mul_(2.0)  # a frozen public tensor this run would build otherwise
+    changed = save_model_dir(source, catalog, tmp_path / "changed")
+    fresh = create_model(CONFIG, catalog)
+    before = {k: t.clone() for k, t in wire.full_state(fresh).items()}
+    with pytest.raises(InitialModelError, match=re.escape("frozen public tensors ['position_table (max |differen")):
+        load_initial_model(fresh, catalog, changed)
+    assert all(torch.equal(t, before[k]) for k, t in wire.full_state(fresh).items())  # refused: nothing loaded
+    # Rounding (a feature SVD on another number of threads) is no difference: the run keeps its own tensor.
+    source.position_table.div_(2.0).add_(1e-8)
+    rounded = save_model_dir(source, catalog, tmp_path / "rounded")
+    load_initial_model(fresh, catalog, rounded)
+    assert torch.equal(fresh.position_table, before["position_table"])
+    assert all(torch.equal(t, wire.trainable_state(source)[k]) for k, t in wire.trainable_state(fresh).items())
+    with pytest.raises(InitialModelError, match="absolute path"):
+        load_initial_model(fresh, catalog, "exported")
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        load_initial_model(fresh, catalog, tmp_path / "missing")
+
+
+def test_the_server_sends_the_exported_weights_in_round_one_and_a_resume_keeps_its_checkpoint(tmp_path, catalog,
+                                                                                              monkeypatch):
+    source, directory = exported(tmp_path, catalog)
+    catalog.save(tmp_path)
+    sent: list[dict[str, torch.Tensor]] = []
+    real = server_app.build_strategy
+
+    def recording_strategy(config):
+        strategy = real(config)
+        strategy.start = lambda **kw: sent.append(kw["initial_arrays"].to_torch_state_dict())
+        return strategy
+
+    monkeypatch.setattr(server_app, "build_strategy", recording_strategy)
+    cfg = ServerConfig(out_dir=str(tmp_path / "run"), catalog_path=str(tmp_path / "catalog.json"), num_rounds=2,
+                       model=CONFIG, initial_model=str(directory))
+    summary = server_app.run_server(grid=None, cfg=cfg)  # type: ignore[arg-type]  # no site is asked anything
+    theirs = wire.trainable_state(source)
+    assert set(sent[0]) == set(theirs) and all(torch.equal(t, theirs[k]) for k, t in sent[0].items())
+    assert recorded(tmp_path / "run")["path"] == str(directory) == summary["initial_model"]["path"]
+    assert f"Round 1 started from the exported model `{directory}`" in (tmp_path / "run" / "report.md").read_text()
+    # After a completed round the checkpoint wins: a restart resumes from it, not from the exported model.
+    store = server_app.RunStore(cfg.out_dir)
+    checkpointed = create_model(CONFIG, catalog)
+    store.save(1, checkpointed.state_dict(), {}, {"round": 1}, 0.1)
+    server_app.run_server(grid=None, cfg=cfg)  # type: ignore[arg-type]
+    assert all(torch.equal(t, wire.trainable_state(checkpointed)[k]) for k, t in sent[1].items())
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["initial_model"]["path"] == str(directory)
