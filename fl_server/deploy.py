@@ -197,6 +197,8 @@ def progress_line(row: dict[str, Any], num_rounds: int) -> str:
     failed = f"{row.get('train_failures', 0)} failed" + (f", {silent} silent (round timeout)" if silent else "")
     scores = (f"HR@10 {evaluation.get('hr@10', float('nan')):.4f} NDCG@10 {evaluation.get('ndcg@10', float('nan')):.4f}"
               if "central_eval" in row or "federated_eval" in row else "not evaluated (eval-every)")
+    if row.get("starting_model"):
+        return f"round 0/{num_rounds} (the starting model, before any training): {scores}"
     return (f"round {row['round']}/{num_rounds}: {row.get('train_replies', 0)} sites answered, "
             f"{row.get('declined', 0)} declined, {failed}; {scores}{eps}")
 

@@ -16,6 +16,7 @@ from shared_model.wire import TRAIN_CE
 
 def privacy_sentence(rows: list[dict[str, Any]]) -> str:
     """The exact privacy claim for the whole run, or why there is none."""
+    rows = [r for r in rows if r["round"] > 0]  # round 0 scores the starting model: nothing trained
     if not rows:
         return "No round completed; nothing was trained."
     last = rows[-1].get("privacy", {})
@@ -72,7 +73,8 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, A
         unusable = r.get("train_failures", 0) + left_out  # replied, but nothing to aggregate
         failed = unusable + r.get("train_no_reply", 0)
         trained = r.get("train_replies", 0) - unusable - r.get("declined", 0)
-        lines.append(f"| {r['round']} | {trained} | {r.get('declined', 0)} | {failed} | "
+        label = f"{r['round']} (start)" if r.get("starting_model") else r["round"]
+        lines.append(f"| {label} | {trained} | {r.get('declined', 0)} | {failed} | "
                      f"{_fmt(r.get('train', {}).get('train-loss'))} | {_fmt(fed.get(TRAIN_CE))} | "
                      f"{_fmt(fed.get('hr@10'))} | "
                      f"{_fmt(fed.get('ndcg@10'))} | {_fmt(central.get('hr@10'))} | {_fmt(priv.get('epsilon_max'))} |")
@@ -89,9 +91,10 @@ def initial_model_note(initial: dict[str, Any] | None) -> list[str]:
     """Where round 1 started when it was not fresh weights, and what the privacy claim does not cover."""
     if not initial:
         return []
-    return ["", f"Round 1 started from the exported model `{initial['path']}`. The ε above is what each site's "
-                "ledger holds (every DP round the site ever trained, this training and any before it); what the "
-                "starting model learned elsewhere is covered only by how that model was trained."]
+    return ["", f"Round 1 started from the exported model `{initial['path']}`, scored as round 0 before any "
+                "training (it is the best model when no round beats it on validation). The ε above is what each "
+                "site's ledger holds (every DP round the site ever trained, this training and any before it); what "
+                "the starting model learned elsewhere is covered only by how that model was trained."]
 
 
 def cost_notes(rows: list[dict[str, Any]]) -> list[str]:
@@ -138,7 +141,9 @@ def final_metrics(rows: list[dict[str, Any]], best_round: int) -> list[str]:
         for section, who in (("federated_eval", "sites"), ("central_eval", "server")):
             metrics = (row or {}).get(section) or {}
             if "hr@10" in metrics:
-                lines.append(f"- {label} ({wanted}), {who}: " + ", ".join(
+                what = f"{wanted}: the starting model, not improved on" if (row or {}).get("starting_model") and \
+                    label == "best round" else wanted
+                lines.append(f"- {label} ({what}), {who}: " + ", ".join(
                     f"{name} {with_error(metrics, key)}" for name, key in (
                         ("HR@10", "hr@10"), ("NDCG@10", "ndcg@10"), ("MRR", "mrr")) if key in metrics) +
                     (f" over {int(metrics['users'])} users" if "users" in metrics else ""))

@@ -82,7 +82,7 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         raise ValueError(f"strategy.item_rows={cfg.strategy.item_rows}, but this model trains no per-item tensor "
                          "(item table frozen, no item bias): use strategy.item_rows=average")
     checkpoint = store.latest() if cfg.resume else None
-    done = 0
+    done, score_start = 0, False
     if checkpoint is not None:
         model.load_state_dict(checkpoint.state)
         strategy.restore_optimiser_state(checkpoint.optimiser_state)
@@ -90,12 +90,16 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         log.info("resuming after round %d of %d (from %s)", done, cfg.num_rounds, store.root)
     elif cfg.initial_model:
         initial_model.record(store.root, initial_model.load_initial_model(model, catalog, cfg.initial_model))
+        score_start = True
     strategy.round_offset = done
     strategy.evaluated_rounds = cfg.evaluates
     evaluate_centrally = central_evaluator(cfg, catalog)
     started = time.time()
+    scored_start: dict[str, Any] = {}  # the starting model's central scores (round 0), computed once
 
     def after_round(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if local_round == 0 and "central_eval" in scored_start:
+            return MetricRecord(scored_start["central_eval"]) if scored_start["central_eval"] else None
         wire.load_state(model, arrays.to_torch_state_dict(), trainable_only=True)
         evaluated = local_round == 0 or cfg.evaluates(local_round + done)
         central: dict[str, Any] = evaluate_centrally(model) if evaluate_centrally and evaluated else {}
@@ -120,10 +124,31 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         frozen = {k: v for k, v in wire.full_state(model).items() if k not in trainable}
         strategy.frozen, strategy.frozen_digest = ArrayRecord(frozen), wire.tensors_digest(frozen) if frozen else ""
         train_config[wire.FROZEN_DIGEST] = strategy.frozen_digest
+        if score_start:
+            scored_start.update(score_starting_model(grid, strategy, store, model, train_config, cfg,
+                                                     evaluate_centrally))
         strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable), num_rounds=cfg.num_rounds - done,
                        timeout=cfg.round_timeout, train_config=train_config,
                        evaluate_config=ConfigRecord(dict(train_config)), evaluate_fn=after_round)
     return export(store, model, catalog)
+
+
+def score_starting_model(grid: Grid, strategy: Any, store: RunStore, model: FedRecModel, config: ConfigRecord,
+                         cfg: ServerConfig, evaluate_centrally: CentralEvaluator | None) -> dict[str, Any]:
+    """Round 0 of a training that starts from an exported model: the sites (and the server, when it evaluates
+    centrally) score that model before anything is trained, and it is checkpointed like a round. So the report
+    shows where training started, and the best model by validation is never worse than the starting one: when
+    no round beats it, best_model is the starting model (DP noise can make fine-tuning a good model worse)."""
+    strategy.last_round = {"round": 0}
+    arrays = wire.trainable_state(model)
+    messages = list(strategy.configure_evaluate(0, ArrayRecord(arrays), ConfigRecord(dict(config)), grid))
+    strategy.aggregate_evaluate(0, list(grid.send_and_receive(messages, timeout=cfg.round_timeout)))
+    central: dict[str, Any] = evaluate_centrally(model) if evaluate_centrally else {}
+    row = {**strategy.last_round, "round": 0, "seconds": 0.0, "starting_model": True, "central_eval": central}
+    score = central.get(wire.VALID_NDCG10, row.get("federated_eval", {}).get(wire.VALID_NDCG10))
+    store.save(0, model.state_dict(), strategy.optimiser_state(), row, score)
+    log.info("round %s", json.dumps(row))
+    return row
 
 
 def export(store: RunStore, model: FedRecModel, catalog: ItemCatalog) -> dict[str, Any]:

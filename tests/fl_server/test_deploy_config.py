@@ -89,3 +89,5 @@ def test_the_progress_line_names_privacy_and_the_sites_cost():
     silent = {**row, "train_replies": 1, "train_no_reply": 2}
     assert progress_line(silent, 5).startswith("round 2/5: 1 sites answered, 0 declined, 0 failed, "
                                                "2 silent (round timeout); HR@10 0.2500")
+    start = {"round": 0, "starting_model": True, "federated_eval": {"hr@10": 0.25, "ndcg@10": 0.125}}
+    assert progress_line(start, 5) == "round 0/5 (the starting model, before any training): HR@10 0.2500 NDCG@10 0.1250"

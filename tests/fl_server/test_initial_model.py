@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 import fl_server.server_app as server_app
 from fl_server.config import ServerConfig
@@ -14,7 +15,7 @@ from fl_server.initial_model import InitialModelError, load_initial_model, recor
 from shared_model import wire
 from shared_model.catalog import CatalogMismatchError, ItemCatalog
 from shared_model.factory import ModelConfig, create_model
-from shared_model.serialization import save_model_dir
+from shared_model.serialization import load_model_dir, save_model_dir
 
 CONFIG = ModelConfig(hidden_size=16, max_len=10, item_features=[], position_encoding="sinusoidal",
                      hidden_dropout_prob=0.5)
@@ -77,19 +78,23 @@ def test_a_model_of_another_catalog_shape_or_frozen_tensors_is_refused_naming_th
         load_initial_model(fresh, catalog, tmp_path / "missing")
 
 
+def no_rounds_strategy(real, sent=None):
+    """build_strategy whose strategies run no round; they record the weights round 1 would start from."""
+    def build(config):
+        strategy = real(config)
+        strategy.start = lambda **kw: (sent if sent is not None else []).append(
+            kw["initial_arrays"].to_torch_state_dict())
+        return strategy
+    return build
+
+
 def test_the_server_sends_the_exported_weights_in_round_one_and_a_resume_keeps_its_checkpoint(tmp_path, catalog,
                                                                                               monkeypatch):
     source, directory = exported(tmp_path, catalog)
     catalog.save(tmp_path)
     sent: list[dict[str, torch.Tensor]] = []
-    real = server_app.build_strategy
-
-    def recording_strategy(config):
-        strategy = real(config)
-        strategy.start = lambda **kw: sent.append(kw["initial_arrays"].to_torch_state_dict())
-        return strategy
-
-    monkeypatch.setattr(server_app, "build_strategy", recording_strategy)
+    monkeypatch.setattr(server_app, "build_strategy", no_rounds_strategy(server_app.build_strategy, sent))
+    monkeypatch.setattr(server_app, "score_starting_model", lambda *args: {})  # (the test below)
     cfg = ServerConfig(out_dir=str(tmp_path / "run"), catalog_path=str(tmp_path / "catalog.json"), num_rounds=2,
                        model=CONFIG, initial_model=str(directory))
     summary = server_app.run_server(grid=None, cfg=cfg)  # type: ignore[arg-type]  # no site is asked anything
@@ -104,3 +109,60 @@ def test_the_server_sends_the_exported_weights_in_round_one_and_a_resume_keeps_i
     server_app.run_server(grid=None, cfg=cfg)  # type: ignore[arg-type]
     assert all(torch.equal(t, wire.trainable_state(checkpointed)[k]) for k, t in sent[1].items())
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["initial_model"]["path"] == str(directory)
+
+
+SCORES = {1: (10, 0.2, 0.3), 2: (30, 0.1, 0.1)}  # node: (users, HR@10, validation NDCG@10)
+
+
+class EvaluatingGrid:
+    """Two sites that answer evaluate messages with fixed scores; keeps every message sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def get_node_ids(self):
+        return list(SCORES)
+
+    def send_and_receive(self, messages, timeout=None):
+        self.sent += list(messages)
+        replies = []
+        for msg in messages:
+            users, hr, valid = SCORES[msg.metadata.dst_node_id]
+            metrics = MetricRecord({wire.NUM_EXAMPLES: users, "hr@10": hr, wire.VALID_NDCG10: valid})
+            notes = ConfigRecord({wire.WIRE_VERSION: wire.VERSION})
+            replies.append(Message(content=RecordDict({wire.METRICS: metrics, wire.NOTES: notes}), reply_to=msg))
+        return replies
+
+
+def test_the_starting_model_is_scored_as_round_zero_and_is_best_until_a_round_beats_it(tmp_path, catalog,
+                                                                                       monkeypatch,
+                                                                                       serverapp_identity):
+    source, directory = exported(tmp_path, catalog)
+    catalog.save(tmp_path)
+    monkeypatch.setattr(server_app, "build_strategy", no_rounds_strategy(server_app.build_strategy))
+    cfg = ServerConfig(out_dir=str(tmp_path / "run"), catalog_path=str(tmp_path / "catalog.json"), num_rounds=2,
+                       model=CONFIG, initial_model=str(directory))
+    grid = EvaluatingGrid()
+    summary = server_app.run_server(grid=grid, cfg=cfg)  # type: ignore[arg-type]
+    theirs = wire.trainable_state(source)
+    assert [m.metadata.message_type for m in grid.sent] == ["evaluate", "evaluate"]  # round 0 trains nothing
+    for msg in grid.sent:
+        assert msg.content.config_records["config"]["server-round"] == 0
+        scored = msg.content.array_records["arrays"].to_torch_state_dict()
+        assert set(scored) == set(theirs) and all(torch.equal(t, theirs[k]) for k, t in scored.items())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["round"] == 0 and rows[0]["starting_model"]
+    assert rows[0]["federated_eval"]["hr@10"] == pytest.approx((10 * 0.2 + 30 * 0.1) / 40)  # user-weighted
+    assert summary["best_round"] == 0 and summary["rounds"] == 0
+    best, _ = load_model_dir(tmp_path / "run" / "best_model")
+    assert all(torch.equal(t, theirs[k]) for k, t in wire.trainable_state(best).items())
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| 0 (start) | 0 |" in report and "best round (0: the starting model, not improved on), sites" in report
+    assert "No round completed; nothing was trained." in report  # no privacy claim from scoring alone
+    # A round that scores lower on validation leaves the starting model best; a resume does not score it again.
+    store = server_app.RunStore(cfg.out_dir)
+    store.save(1, create_model(CONFIG, catalog).state_dict(), {}, {"round": 1}, 0.05)
+    assert server_app.run_server(grid=grid, cfg=cfg)["best_round"] == 0  # type: ignore[arg-type]
+    store.save(2, create_model(CONFIG, catalog).state_dict(), {}, {"round": 2}, 0.5)
+    summary = server_app.run_server(grid=grid, cfg=cfg)  # type: ignore[arg-type]
+    assert len(grid.sent) == 2 and summary["best_round"] == 2 and summary["rounds"] == 2
