@@ -142,7 +142,7 @@ def score_starting_model(grid: Grid, strategy: Any, store: RunStore, model: FedR
     strategy.last_round = {"round": 0}
     arrays = wire.trainable_state(model)
     messages = list(strategy.configure_evaluate(0, ArrayRecord(arrays), ConfigRecord(dict(config)), grid))
-    strategy.aggregate_evaluate(0, list(grid.send_and_receive(messages, timeout=cfg.round_timeout)))
+    strategy.aggregate_evaluate(0, list(grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else [])
     central: dict[str, Any] = evaluate_centrally(model) if evaluate_centrally else {}
     row = {**strategy.last_round, "round": 0, "seconds": 0.0, "starting_model": True, "central_eval": central}
     score = central.get(wire.VALID_NDCG10, row.get("federated_eval", {}).get(wire.VALID_NDCG10))
