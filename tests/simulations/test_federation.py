@@ -1,12 +1,14 @@
 """End to end on Flower's simulation engine: 3 sites with DP, 2 rounds, checkpoints, resume, export (and a
-model that trains only the item rows the sites' DP item counts pick)."""
+model that trains only the item rows the sites' DP item counts pick; a training from an exported model)."""
 
 import json
 
 import pytest
+import torch
 
 from fl_client.site import SiteConfig
 from fl_server.config import ServerConfig, StrategyConfig
+from shared_model import wire
 from shared_model.factory import ModelConfig
 from shared_model.serialization import load_model_dir
 from simulations.config import DataConfig
@@ -128,3 +130,31 @@ def test_rounds_between_evaluations_are_trained_and_checkpointed_but_not_scored(
     assert json.loads((out / "summary.json").read_text())["best_round"] in (2, 3)
     assert "not evaluated (eval-every)" in progress_line(rows[0], 3) and "HR@10 0." in progress_line(rows[1], 3)
     assert "| 1 | 2 | 0 | 0 |" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_training_from_an_exported_model_scores_it_as_round_zero_before_training(tmp_path):
+    data, parts, sites = synthetic_sites(tmp_path, users=120, items=30, seed=6, num_sites=2, dp=False)
+    model = ModelConfig(hidden_size=16, max_len=20, item_features=["text"], feature_dim=8, feature_scoring=True)
+    run_federation(sites, server_config(tmp_path, num_rounds=1, model=model, strategy=StrategyConfig(min_nodes=2)))
+    exported = tmp_path / "server" / "model"
+    out = tmp_path / "fine_tuned"
+    run_federation(sites, server_config(tmp_path, out_dir=str(out), num_rounds=1, model=model,
+                                        initial_model=str(exported), central_eval_path=sites[0].data_path,
+                                        strategy=StrategyConfig(min_nodes=2)))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1] and rows[0]["starting_model"] and "train_replies" not in rows[0]
+    start, scored_before = rows[0], json.loads((tmp_path / "server" / "metrics.jsonl").read_text())
+    # Both sites scored the exported model (the frozen title features went with the evaluate message): the
+    # same figures the first training's last round gave for those weights; the server scored its users too.
+    assert start["evaluate_failures"] == 0 and start["federated_eval"]["users"] == len(data.sequences)
+    assert start["federated_eval"]["hr@10"] == pytest.approx(scored_before["federated_eval"]["hr@10"])
+    assert start["central_eval"]["users"] == len(parts[0])
+    assert rows[1]["train_replies"] == 2 and rows[1]["frozen_sent_to"] == 2  # evaluate replies name no digest
+    valid = [r["central_eval"]["valid-ndcg@10"] for r in rows]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_round"] == valid.index(max(valid)) and summary["rounds"] == 1
+    best, _ = load_model_dir(out / "best_model")  # the starting model itself when round 1 did not beat it
+    expected = wire.trainable_state(load_model_dir(exported if summary["best_round"] == 0 else out / "model")[0])
+    assert all(torch.equal(t, expected[k]) for k, t in wire.trainable_state(best).items())
+    assert (out / "report.md").read_text().count("| 0 (start) | 0 | 0 | 0 |") == 1
