@@ -14,13 +14,21 @@ from shared_model.metrics import with_error
 from shared_model.wire import TRAIN_CE
 
 
+def dp_spent(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last trained round's privacy figures when every site that reported trained with DP, else None
+    (nothing trained, or some site without DP: then nothing may claim DP)."""
+    rows = [r for r in rows if r["round"] > 0]  # round 0 scores the starting model: nothing trained
+    last = rows[-1].get("privacy", {}) if rows else {}
+    return None if last.get("sites_without_dp", 0) or not last.get("sites_with_dp") else last
+
+
 def privacy_sentence(rows: list[dict[str, Any]]) -> str:
     """The exact privacy claim for the whole run, or why there is none."""
-    rows = [r for r in rows if r["round"] > 0]  # round 0 scores the starting model: nothing trained
-    if not rows:
+    last = dp_spent(rows)
+    if not any(r["round"] > 0 for r in rows):
         return "No round completed; nothing was trained."
-    last = rows[-1].get("privacy", {})
-    if last.get("sites_without_dp", 0) or not last.get("sites_with_dp"):
+    if last is None:
+        last = [r for r in rows if r["round"] > 0][-1].get("privacy", {})
         return ("No differential-privacy claim: at least one site trained without DP "
                 f"({last.get('sites_without_dp', 0)} of {last.get('sites', 0)} sites in the last round).")
     return (f"User-level DP at every site that reported (unit: one user of that site). Cumulative over all "

@@ -39,6 +39,15 @@ def test_an_epsilon_sweep_of_the_local_baseline_writes_one_summary_per_job(tmp_p
     for job in jobs:
         summary = json.loads((job / "local" / "summary.json").read_text())
         assert summary["privacy"]["dp"] and summary["users"] == 120 and summary["sites"] == 2
+    # The sweep ends with one table of its jobs: what varied (ε), what each reached and spent.
+    table = (tmp_path / "sweep" / "comparison.md").read_text()
+    assert "| run | privacy.epsilon | mode |" in table and " federation.mode=local" in table.splitlines()[2]
+    compared = json.loads((tmp_path / "sweep" / "comparison.json").read_text())
+    assert [(Path(c["run"]).name, c["mode"]) for c in compared] == [("0", "local"), ("1", "local")]
+    for row, budget in zip(compared, (3.0, 8.0), strict=True):
+        assert f"privacy.epsilon={budget:g}" in row["overrides"] and row["best"]["hr@10"] >= 0
+        assert row["privacy"].startswith("user-level DP at every site: ε ≤ ")
+        assert float(row["privacy"].split("ε ≤ ")[1].split(",")[0]) <= budget * 1.01
 
 
 @pytest.mark.slow
@@ -50,3 +59,8 @@ def test_an_epsilon_sweep_of_the_federation_writes_one_server_summary_per_job(tm
         rows = [json.loads(line) for line in (job / "server" / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rows] == [1] and rows[0]["privacy"]["sites_with_dp"] == 2
         assert (job / "server" / "summary.json").exists()
+    compared = json.loads((tmp_path / "sweep" / "comparison.json").read_text())
+    assert [(c["mode"], c["rounds"], len(c["hr10_by_round"])) for c in compared] == [("federated", 1, 1)] * 2
+    assert all(c["privacy"].startswith("user-level DP at 2 sites: ε ≤ ") for c in compared)
+    assert (tmp_path / "sweep" / "comparison.png").exists()
+    assert "| 1 | 8 | federated | 1 (1) |" in (tmp_path / "sweep" / "comparison.md").read_text()
