@@ -4,8 +4,9 @@ At the end of every multirun, Hydra calls `SweepComparison` (registered in conf/
 `comparison.md`, `comparison.json` and `comparison.png` (HR@10 against rounds) into the sweep directory.
 Runs made one by one compare the same way: `python -m simulations.compare --out DIR RUN_DIR [RUN_DIR ...]`.
 
-Each row is one run directory: a federated run (its `server/summary.json`) or a local-only baseline
-(`local/summary.json`). Scores are the sites' test figures (user-weighted over every site's users; the
+Each row is one run directory: a federated run (its `server/summary.json`), a local-only baseline
+(`local/summary.json`) or a centralized run of `fedrec-centralized` (`metrics.json`, whose multiruns end with
+the same comparison). Scores are the sites' test figures (user-weighted over every site's users; the
 server's central ones when the sites scored nothing), ± one standard error over users, at the best round
 (chosen on validation) and at the last. The privacy column is the run's own claim: a run with DP off at any
 site says so and claims nothing.
@@ -54,7 +55,7 @@ def federated_claim(rows: list[dict[str, Any]]) -> str:
 
 
 def local_claim(privacy: dict[str, Any]) -> str:
-    """A local-only baseline's privacy in one cell: its own claim, or no claim when DP was off."""
+    """A local-only or centralized run's privacy in one cell: its own claim, or no claim when DP was off."""
     return str(privacy["claim"]) if privacy.get("dp") else "no DP claim (DP was off)"
 
 
@@ -70,6 +71,11 @@ def collect(run_dir: Path) -> dict[str, Any]:
                    best=scores(best), last=scores(rows[-1] if rows else None),
                    hr10_by_round=[(r["round"], scores(r)["hr@10"]) for r in rows if "hr@10" in scores(r)],
                    privacy=federated_claim(rows), seconds=rows[-1].get("seconds") if rows else None)
+    elif (run_dir / "metrics.json").exists():  # fedrec-centralized
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        run.update(mode="centralized", rounds=None, best_round=None, best=metrics["test"], last=metrics["test"],
+                   hr10_by_round=[], privacy=local_claim(metrics["privacy"]),
+                   seconds=metrics.get("training", {}).get("seconds"))
     elif local.exists():
         summary = json.loads(local.read_text(encoding="utf-8"))
         run.update(mode="local", rounds=None, best_round=None, best=summary["test"], last=summary["test"],
@@ -118,7 +124,8 @@ def write_comparison(runs: list[dict[str, Any]], out_dir: Path) -> Path:
     lines = ["# Comparison of runs", "",
              f"{len(runs)} run(s)" + (f"; settings every run shares: `{' '.join(common)}`" if common else "") + ".",
              "Scores: test split, the sites' figures (user-weighted over all their users) ± one standard error "
-             "over users; best = the round chosen on validation; a local-only run is its sites' mean.", "",
+             "over users; best = the round chosen on validation; a local-only run is its sites' mean, a "
+             "centralized run its best epoch's model.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         rounds = "" if run.get("rounds") is None else f"{run['rounds']} ({run['best_round']})"

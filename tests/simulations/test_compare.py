@@ -36,13 +36,20 @@ def test_a_comparison_names_what_varied_the_best_and_last_scores_and_each_runs_p
     (local / "local").mkdir(parents=True)
     (local / "local" / "summary.json").write_text(json.dumps({
         "test": {"hr@10": 0.05, "ndcg@10": 0.02}, "seconds": 3.0, "privacy": {"dp": False, "claim": "none"}}))
-    runs = [collect(p) for p in (dp, mixed, local, tmp_path / "3")]
+    central = tmp_path / "4"
+    central.mkdir()
+    (central / "metrics.json").write_text(json.dumps({
+        "test": {"hr@10": 0.5, "ndcg@10": 0.3}, "training": {"seconds": 7.0},
+        "privacy": {"dp": True, "claim": "user-level DP: ε = 8.000, δ = 0.001 (unit: one user)"}}))
+    runs = [collect(p) for p in (dp, mixed, local, tmp_path / "3", central)]
     assert runs[0]["best"]["hr@10"] == 0.3 and runs[0]["last"]["hr@10"] == 0.25  # best: the starting model
     assert runs[0]["hr10_by_round"] == [(0, 0.3), (1, 0.2), (2, 0.25)]
     assert runs[0]["privacy"] == "user-level DP at 2 sites: ε ≤ 3.000 (mean 2.500), δ ≤ 0.01"
     assert runs[1]["privacy"] == "no DP claim (DP off at some site)"  # never a claim for a run with DP off
     assert runs[2]["mode"] == "local" and runs[2]["privacy"] == "no DP claim (DP was off)"
     assert runs[3]["mode"].startswith("no summary")
+    assert runs[4]["mode"] == "centralized" and runs[4]["best"]["hr@10"] == 0.5 and runs[4]["seconds"] == 7.0
+    assert runs[4]["privacy"] == "user-level DP: ε = 8.000, δ = 0.001 (unit: one user)"  # fedrec-centralized's own
     table = write_comparison(runs, tmp_path / "out").read_text()
     assert "settings every run shares" not in table  # run 2 has no overrides: nothing is common
     assert "| run | +experiment | federation.num_rounds | privacy.epsilon | strategy.server_lr | mode |" in table
