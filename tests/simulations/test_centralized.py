@@ -65,3 +65,20 @@ def test_centralized_dp_run_reports_the_spent_budget_per_user(tmp_path):
     assert "before the moving average" in last["note"] and last["users"] == metrics["test"]["users"]
     assert 0 <= last["hr@10"] <= 1 and last["hr@10:se"] > 0
     assert "test_last_iterate" not in run_centralized(typed_config(tmp_path / "plain", ["train.epochs=1"]))
+
+
+def test_a_centralized_multirun_ends_with_a_comparison_of_its_jobs(tmp_path, monkeypatch):
+    import sys
+
+    from simulations.centralized import main
+
+    argv = ["fedrec-centralized", "-m", "train.epochs=1,2", "data.synthetic.num_users=80",
+            "data.synthetic.num_items=30", "model.hidden_size=16", "model.max_len=12", f"hydra.sweep.dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.chdir(tmp_path)
+    main()
+    compared = json.loads((tmp_path / "comparison.json").read_text())
+    assert [(c["mode"], c["overrides"][0]) for c in compared] == [("centralized", "train.epochs=1"),
+                                                                   ("centralized", "train.epochs=2")]
+    assert all(c["privacy"] == "no DP claim (DP was off)" and c["best"]["hr@10"] > 0 for c in compared)
+    assert "| run | train.epochs | mode |" in (tmp_path / "comparison.md").read_text()
