@@ -102,6 +102,15 @@ def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(t
         second = subprocess.run(server_cmd, stdout=(logs / "server2.log").open("w"), stderr=subprocess.STDOUT,
                                 timeout=500, check=False)
         assert second.returncode == 0, (logs / "server2.log").read_text()[-3000:]
+        # A new training from the exported model: the sites score it as round 0 (fresh ClientApp processes, the
+        # frozen tensors with the evaluate message), then decline round 1: their ε = 8 was spent above.
+        started = out.parent / "from_exported"
+        third = subprocess.run([*server_cmd[:server_cmd.index("--out-dir")], "--out-dir", str(started),
+                                "--num-rounds", "1", "--initial-model", str(out / "model"),
+                                *server_cmd[server_cmd.index("--min-sites"):]],
+                               stdout=(logs / "server3.log").open("w"), stderr=subprocess.STDOUT, timeout=500,
+                               check=False)
+        assert third.returncode == 0, (logs / "server3.log").read_text()[-3000:]
     finally:
         for client in clients:
             client.send_signal(signal.SIGTERM)
@@ -120,5 +129,10 @@ def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(t
     model, catalog = load_model_dir(out / "model")
     assert model.config.hidden_size == 16 and catalog.fingerprint == data.catalog.fingerprint
     assert (out / "report.md").exists() and "ε max" in (out / "report.md").read_text()
+    rows = [json.loads(r) for r in (started / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1] and rows[0]["starting_model"]
+    assert rows[0]["evaluate_failures"] == 0 and rows[0]["federated_eval"]["users"] == len(data.sequences)
+    assert rows[1]["declined"] == SITES and all(ledger_rounds(s) == [1, 2] for s in sites)  # scoring spends no ε
+    assert "round 0/1 (the starting model, before any training): HR@10 0." in (logs / "server3.log").read_text()
     for i in range(SITES):  # each SuperNode names the device its rounds train on
         assert f"training device: {device}" in (logs / f"client{i}.log").read_text()
