@@ -49,26 +49,40 @@ class SiteResult:
     delta: float | None
     seconds: float
     peak_memory_mb: float  # the process' peak so far (CPU: resident set), not this site's alone
+    kept_start: bool = False  # the initial model scored higher on the site's validation events than its training
 
 
 def train_site(index: int, data: PreparedData, users: np.ndarray, model_cfg: ModelConfig, train_cfg: TrainConfig,
                privacy: PrivacyConfig, cache_dir: str, initial_model: str = "") -> SiteResult:
     """Train a model on one site's users only (fresh, or from `initial_model`, an exported model directory, as
-    the federation would start) and score it on their test events."""
+    the federation would start) and score it on their test events. From an initial model the site keeps that
+    model when its training scores lower on the site's validation events, as the federation keeps its
+    starting model as the best round (the ε of the training is spent either way)."""
     seqs = data.sequences.subset(users)
+    device = resolve_device(train_cfg.device)
     torch.manual_seed(train_cfg.seed)  # every site starts from the same initial weights, as in the federation
     model = build_model(model_cfg, data, cache_dir=cache_dir)
+    start: tuple[float, dict[str, torch.Tensor]] | None = None
     if initial_model:
         load_initial_model(model, data.catalog, initial_model)
+        start = (evaluate_model(model, seqs, "valid", device=device)["ndcg@10"],
+                 {k: v.detach().clone() for k, v in model.state_dict().items()})
     result = train(model, seqs, replace(train_cfg, seed=site_seed(train_cfg.seed, index)), privacy)
-    test = evaluate_model(model, seqs, "test", device=resolve_device(train_cfg.device))
+    kept_start = False
+    # `not >=`: a training that diverged (NaN scores) counts as scoring below the start.
+    if start is not None and not evaluate_model(model, seqs, "valid", device=device)["ndcg@10"] >= start[0]:
+        model.load_state_dict(start[1])
+        kept_start = True
+        log.info("site %d: training scored below the initial model on validation; the site keeps that model", index)
+    test = evaluate_model(model, seqs, "test", device=device)
     popularity = evaluate_popularity(seqs, seqs, "test", data.catalog.num_rows, model_cfg.max_len)
     spent = result.privacy
     log.info("site %d (%d users) alone: test HR@10 %.4f NDCG@10 %.4f%s (%.0fs)", index, len(seqs), test["hr@10"],
              test["ndcg@10"], f", ε {spent.epsilon:.3f}" if spent else "", result.seconds)
     return SiteResult(site=index, users=len(seqs), test=test, popularity_test=popularity,
                       epsilon=spent.epsilon if spent else None, delta=spent.delta if spent else None,
-                      seconds=round(result.seconds, 1), peak_memory_mb=round(result.peak_memory_mb, 1))
+                      seconds=round(result.seconds, 1), peak_memory_mb=round(result.peak_memory_mb, 1),
+                      kept_start=kept_start)
 
 
 def site_seed(seed: int, index: int) -> int:
@@ -91,8 +105,9 @@ def weighted_mean(rows: Sequence[dict[str, float]], weights: Sequence[int]) -> d
 
 def run_local_only(data: PreparedData, parts: Sequence[np.ndarray], model_cfg: ModelConfig, train_cfg: TrainConfig,
                    privacy: PrivacyConfig, epochs: int, out_dir: Path, initial_model: str = "") -> dict[str, Any]:
-    """Train every site alone for `epochs` (last epoch kept, as in the federation; from `initial_model` when
-    given), write summary.json and report.md under out_dir, and return the summary."""
+    """Train every site alone for `epochs` (the last epoch's model; from `initial_model` when given, which a site
+    keeps when its training scores lower on validation), write summary.json and report.md under out_dir, and
+    return the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     site_cfg = replace(train_cfg, epochs=epochs, patience=0, eval_every=0)
     started = time.perf_counter()
@@ -101,7 +116,8 @@ def run_local_only(data: PreparedData, parts: Sequence[np.ndarray], model_cfg: M
     weights = [s.users for s in sites]
     summary: dict[str, Any] = {
         "mode": "local", "sites": len(sites), "users": sum(weights), "epochs_per_site": epochs,
-        **({"initial_model": initial_model} if initial_model else {}),
+        **({"initial_model": initial_model, "sites_kept_initial_model": sum(s.kept_start for s in sites)}
+           if initial_model else {}),
         "seconds": round(time.perf_counter() - started, 1),
         "test": weighted_mean([s.test for s in sites], weights),
         "popularity_test": weighted_mean([s.popularity_test for s in sites], weights),
@@ -130,7 +146,7 @@ def write_local_report(out_dir: Path, summary: dict[str, Any]) -> Path:
     avg, pop = summary["test"], summary["popularity_test"]
     lines = ["# Local-only baseline (each site trains alone on its own users)", "",
              f"{summary['sites']} sites, {summary['users']} users, {summary['epochs_per_site']} epochs per site. "
-             f"Privacy: {summary['privacy']['claim']}.", "",
+             f"Privacy: {summary['privacy']['claim']}.", *start_note(summary), "",
              "User-weighted averages over sites (each site's own test events):", "",
              "| | HR@5 | HR@10 | NDCG@10 | HR@20 | NDCG@20 | MRR |", "|---|---|---|---|---|---|---|",
              row("local-only model", avg), row("each site's own popularity", pop), "",
@@ -144,6 +160,15 @@ def write_local_report(out_dir: Path, summary: dict[str, Any]) -> Path:
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def start_note(summary: dict[str, Any]) -> list[str]:
+    """Where the sites started, and how many kept that model because their training scored lower."""
+    if "initial_model" not in summary:
+        return []
+    return ["", f"Every site started from the exported model `{summary['initial_model']}`; "
+                f"{summary['sites_kept_initial_model']} of {summary['sites']} kept it because their training scored "
+                "lower on their validation events (their ε above was spent all the same)."]
 
 
 def row(name: str, metrics: dict[str, float]) -> str:

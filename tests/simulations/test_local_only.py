@@ -105,3 +105,27 @@ def test_every_site_alone_starts_from_the_initial_model_when_one_is_given(tmp_pa
     start = f"federation.initial_model={directory}"
     summary = run_simulate(local_config(tmp_path / "run", ["privacy=disabled", start]))
     assert loaded == [str(directory)] * 3 and summary["initial_model"] == str(directory)
+
+
+def test_a_site_keeps_the_initial_model_when_its_training_scores_lower_on_validation(tmp_path):
+    from fl_client.privacy import PrivacyConfig
+    from fl_client.train import TrainConfig, train
+    from shared_model.metrics import evaluate_model
+    from shared_model.serialization import save_model_dir
+    from simulations.partition import partition_users
+    from simulations.prepare import build_model, prepare_data
+
+    cfg = local_config(tmp_path / "run", ["privacy=disabled", "train.lr=50.0"])  # a step size that wrecks a model
+    data = prepare_data(cfg.data)
+    good = build_model(cfg.model, data)
+    train(good, data.sequences, TrainConfig(epochs=3, batch_size=32, lr=0.01, num_threads=1), PrivacyConfig())
+    directory = save_model_dir(good, data.catalog, tmp_path / "exported")
+    cfg.federation.initial_model = str(directory)
+    summary = run_simulate(cfg)
+    assert summary["sites_kept_initial_model"] == 3
+    parts = partition_users(data.sequences, cfg.partition)
+    for site, users in zip(summary["per_site"], parts, strict=True):  # each site's figures are the start's
+        assert site["kept_start"] and site["test"]["hr@10"] == pytest.approx(
+            evaluate_model(good, data.sequences.subset(users), "test")["hr@10"])
+    report = (tmp_path / "run" / "local" / "report.md").read_text()
+    assert "3 of 3 kept it because their training scored lower" in report
