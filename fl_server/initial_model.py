@@ -17,9 +17,9 @@ from shared_model.serialization import load_model_dir
 
 log = logging.getLogger(__name__)
 INITIAL_MODEL_FILE = "initial_model.json"  # in the run directory: where the first round's weights came from
-# Settings that change no tensor but how the model trains or scores; logged when the exported model differs.
 FROZEN_ATOL = 1e-6  # frozen public tensors agreeing this closely are the same tensors, rounded differently
 RUN_CHOSEN = {"item_row_mask"}  # set by the run itself before round 1 (model.trained_item_rows: the sites' counts)
+# config.json bookkeeping, not model settings: never reported as a setting the exported model differs in.
 IGNORED_CONFIG_KEYS = {"_name_or_path", "catalog_fingerprint", "architectures", "transformers_version", "torch_dtype",
                        "dtype"}
 

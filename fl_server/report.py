@@ -14,26 +14,32 @@ from shared_model.metrics import with_error
 from shared_model.wire import TRAIN_CE
 
 
+def trained_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rounds that trained (round 0 only scores a starting model: nothing trained, nothing spent)."""
+    return [r for r in rows if r["round"] > 0]
+
+
 def dp_spent(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The last trained round's privacy figures when every site that reported trained with DP, else None
     (nothing trained, or some site without DP: then nothing may claim DP)."""
-    rows = [r for r in rows if r["round"] > 0]  # round 0 scores the starting model: nothing trained
-    last = rows[-1].get("privacy", {}) if rows else {}
+    trained = trained_rows(rows)
+    last = trained[-1].get("privacy", {}) if trained else {}
     return None if last.get("sites_without_dp", 0) or not last.get("sites_with_dp") else last
 
 
 def privacy_sentence(rows: list[dict[str, Any]]) -> str:
     """The exact privacy claim for the whole run, or why there is none."""
-    last = dp_spent(rows)
-    if not any(r["round"] > 0 for r in rows):
+    trained = trained_rows(rows)
+    if not trained:
         return "No round completed; nothing was trained."
-    if last is None:
-        last = [r for r in rows if r["round"] > 0][-1].get("privacy", {})
+    spent = dp_spent(trained)
+    if spent is None:
+        last = trained[-1].get("privacy", {})
         return ("No differential-privacy claim: at least one site trained without DP "
                 f"({last.get('sites_without_dp', 0)} of {last.get('sites', 0)} sites in the last round).")
     return (f"User-level DP at every site that reported (unit: one user of that site). Cumulative over all "
-            f"rounds: ε max {last['epsilon_max']:.3f}, mean {last['epsilon_mean']:.3f} over "
-            f"{last['sites_with_dp']} sites, δ ≤ {last['delta_max']:.3g}. Each site enforces its own budget.")
+            f"rounds: ε max {spent['epsilon_max']:.3f}, mean {spent['epsilon_mean']:.3f} over "
+            f"{spent['sites_with_dp']} sites, δ ≤ {spent['delta_max']:.3g}. Each site enforces its own budget.")
 
 
 def series(rows: list[dict[str, Any]], section: str, key: str) -> tuple[list[int], list[float]]:

@@ -125,7 +125,7 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         strategy.frozen, strategy.frozen_digest = ArrayRecord(frozen), wire.tensors_digest(frozen) if frozen else ""
         train_config[wire.FROZEN_DIGEST] = strategy.frozen_digest
         if score_start:
-            scored_start.update(score_starting_model(grid, strategy, store, model, train_config, cfg,
+            scored_start.update(score_starting_model(grid, strategy, store, model, trainable, train_config, cfg,
                                                      evaluate_centrally))
         strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable), num_rounds=cfg.num_rounds - done,
                        timeout=cfg.round_timeout, train_config=train_config,
@@ -133,15 +133,15 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
     return export(store, model, catalog)
 
 
-def score_starting_model(grid: Grid, strategy: Any, store: RunStore, model: FedRecModel, config: ConfigRecord,
-                         cfg: ServerConfig, evaluate_centrally: CentralEvaluator | None) -> dict[str, Any]:
+def score_starting_model(grid: Grid, strategy: Any, store: RunStore, model: FedRecModel,
+                         trainable: dict[str, torch.Tensor], config: ConfigRecord, cfg: ServerConfig,
+                         evaluate_centrally: CentralEvaluator | None) -> dict[str, Any]:
     """Round 0 of a training that starts from an exported model: the sites (and the server, when it evaluates
     centrally) score that model before anything is trained, and it is checkpointed like a round. So the report
     shows where training started, and the best model by validation is never worse than the starting one: when
     no round beats it, best_model is the starting model (DP noise can make fine-tuning a good model worse)."""
     strategy.last_round = {"round": 0}
-    arrays = wire.trainable_state(model)
-    messages = list(strategy.configure_evaluate(0, ArrayRecord(arrays), ConfigRecord(dict(config)), grid))
+    messages = list(strategy.configure_evaluate(0, ArrayRecord(trainable), ConfigRecord(dict(config)), grid))
     strategy.aggregate_evaluate(0, list(grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else [])
     central: dict[str, Any] = evaluate_centrally(model) if evaluate_centrally else {}
     row = {**strategy.last_round, "round": 0, "seconds": 0.0, "starting_model": True, "central_eval": central}

@@ -24,7 +24,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from fl_server.report import dp_spent, plot
+from fl_server.report import dp_spent, plot, trained_rows
 from shared_model.metrics import with_error
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def scores(row: dict[str, Any] | None) -> dict[str, Any]:
 
 def federated_claim(rows: list[dict[str, Any]]) -> str:
     """A federated run's privacy in one cell: ε spent (max and mean over sites) and δ, or no claim."""
-    if not any(r["round"] > 0 for r in rows):
+    if not trained_rows(rows):
         return "nothing trained"
     spent = dp_spent(rows)
     if spent is None:
