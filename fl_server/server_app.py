@@ -108,9 +108,7 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         row = {"round": local_round + done, "seconds": round(time.time() - started, 2), **strategy.last_round}
         if evaluated:
             row["central_eval"] = central
-        # The best round is chosen among the evaluated rounds on validation events, never on the test split.
-        score = central.get(wire.VALID_NDCG10, row.get("federated_eval", {}).get(wire.VALID_NDCG10, 0.0)) \
-            if evaluated else None
+        score = (validation_score(row) or 0.0) if evaluated else None
         store.save(local_round + done, model.state_dict(), strategy.optimiser_state(), row, score)
         log.info("round %s", json.dumps(row))
         return MetricRecord(central) if central else None
@@ -133,6 +131,13 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
     return export(store, model, catalog)
 
 
+def validation_score(row: dict[str, Any]) -> float | None:
+    """What picks the best round: validation NDCG@10, the server's when it scored centrally, else the sites'
+    (None when neither scored validation). Never the test split."""
+    central = row.get("central_eval") or {}
+    return central.get(wire.VALID_NDCG10, (row.get("federated_eval") or {}).get(wire.VALID_NDCG10))
+
+
 def score_starting_model(grid: Grid, strategy: Any, store: RunStore, model: FedRecModel,
                          trainable: dict[str, torch.Tensor], config: ConfigRecord, cfg: ServerConfig,
                          evaluate_centrally: CentralEvaluator | None) -> dict[str, Any]:
@@ -145,8 +150,7 @@ def score_starting_model(grid: Grid, strategy: Any, store: RunStore, model: FedR
     strategy.aggregate_evaluate(0, list(grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else [])
     central: dict[str, Any] = evaluate_centrally(model) if evaluate_centrally else {}
     row = {**strategy.last_round, "round": 0, "seconds": 0.0, "starting_model": True, "central_eval": central}
-    score = central.get(wire.VALID_NDCG10, row.get("federated_eval", {}).get(wire.VALID_NDCG10))
-    store.save(0, model.state_dict(), strategy.optimiser_state(), row, score)
+    store.save(0, model.state_dict(), strategy.optimiser_state(), row, validation_score(row))
     log.info("round %s", json.dumps(row))
     return row
 
