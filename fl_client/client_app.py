@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fl_client.frozen import FrozenTensorsError, frozen_tensors
 from fl_client.rounds import RoundConfig, TrainingDivergedError, evaluate_round
@@ -72,9 +73,10 @@ def decode(msg: Message, site: SiteConfig) -> tuple[SiteData, RoundConfig, dict[
     return load_site_data(site), round_cfg, state
 
 
-def build_client_app(resolve_site: SiteResolver) -> ClientApp:
-    """A ClientApp whose handlers find their site through `resolve_site`."""
-    app = ClientApp()
+def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) -> ClientApp:
+    """A ClientApp whose handlers find their site through `resolve_site` (`mods`: Flower mods around every
+    handler; simulations use one to make some sites misbehave)."""
+    app = ClientApp(mods=mods)
 
     @app.train()
     def handle_train(msg: Message, context: Context) -> Message:

@@ -22,6 +22,7 @@ from shared_model.events import (
     canonicalise,
     finish_events,
     load_events,
+    parse_timestamps,
     read_table,
 )
 
@@ -76,14 +77,18 @@ def _read_fields(path: Path, sep: str, names: tuple[str, ...],
 
 
 def _integer_strings(path: Path, frame: pd.DataFrame, column: str, lines: np.ndarray) -> pd.Series:
-    """A column of integers as canonical strings ('007' -> '7'); EventsError names the first bad line."""
+    """A column of integers as canonical strings ('007' -> '7'); EventsError names the first bad line.
+
+    Done on the digits, not through int64, so a 25-digit value stays itself instead of overflowing.
+    """
     values = frame[column].str.strip()
     good = values.map(_is_id).to_numpy(dtype=bool)
     if not good.all():
         first = int(np.flatnonzero(~good)[0])
         raise EventsError(path, f"not an integer: {frame[column].iloc[first]!r}", row=int(lines[first]),
                           column=column)
-    return values.astype(np.int64).astype(str)
+    stripped = values.str.lstrip("0")
+    return stripped.where(stripped != "", "0").astype(str)
 
 
 def _unique_ids(path: Path, frame: pd.DataFrame, column: str, lines: np.ndarray) -> pd.Series:
@@ -138,10 +143,12 @@ def load_movielens(directory: str | Path) -> EventLog:
         raise EventsError(directory, "MovieLens directory does not exist")
     path = directory / "u.data"
     ratings, lines = _read_fields(path, "\t", ("user", "item", "rating", "unix_time"))
+    seconds, _ = parse_timestamps(path, _integer_strings(path, ratings, "unix_time", lines), "unix_time", None,
+                                  lines, unit="s")  # u.data's times are unix seconds by its README
     frame = pd.DataFrame({
         "user_id": _integer_strings(path, ratings, "user", lines),
         "item_id": _integer_strings(path, ratings, "item", lines),
-        "timestamp": _integer_strings(path, ratings, "unix_time", lines).astype(np.int64),
+        "timestamp": seconds,
         "event_type": "purchase",
     })
     report = LoadReport(source=str(path), rows_read=len(frame))
@@ -242,10 +249,11 @@ def load_tianchi(path: str | Path, region_precision: int = 3) -> EventLog:
         raise EventsError(path, f"unknown behavior_type {behaviour.iloc[first]!r} (expected 1, 2, 3 or 4)",
                           row=int(lines[first]), column="behavior_type")
     raw = raw.assign(behavior_type=behaviour.map(TIANCHI_BEHAVIOURS))
-    frame = canonicalise(path, raw, TIANCHI_MAPPING, TIANCHI_TIME_FORMAT, lines)
+    report = LoadReport(source=str(path), rows_read=len(raw))
+    frame = canonicalise(path, raw, TIANCHI_MAPPING, TIANCHI_TIME_FORMAT, lines, report)
     prefix = frame["region"].str[:region_precision]
     frame["region"] = prefix.where(prefix != "", UNKNOWN_REGION)
-    return finish_events(frame, LoadReport(source=str(path), rows_read=len(frame)))
+    return finish_events(frame, report)
 
 
 def load_dataset(name: str, path: str | Path, **options: Any) -> EventLog:

@@ -4,19 +4,109 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from shared_model.atomic import write_text_atomically
+
 CATALOG_FILE = "catalog.json"
 PADDING_ROW = 0  # row 0 of the item table is padding; real items start at row 1
+CATALOG_KEYS: tuple[str, ...] = ("fingerprint", "item_ids", "titles", "attributes")
+_HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class CatalogMismatchError(ValueError):
+class CatalogError(ValueError):
+    """A catalog that cannot be used; the message names the file (when there is one) and the problem."""
+
+
+class CatalogMismatchError(CatalogError):
     """Two parties' catalogs differ, so their item rows (and weights) are not comparable."""
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _read_json(path: Path) -> Any:
+    """The parsed JSON of a catalog file; CatalogError names the file and what is wrong with it."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError as err:
+        raise CatalogError(f"{path}: catalog file does not exist") from err
+    except OSError as err:
+        raise CatalogError(f"{path}: cannot read the catalog: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise CatalogError(f"{path}: not valid UTF-8 at byte {err.start}") from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CatalogError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+    except RecursionError as err:
+        raise CatalogError(f"{path}: invalid catalog: JSON nested too deeply") from err
+
+
+def _item_ids(path: Path, payload: dict[str, Any]) -> list[str]:
+    """The ordered item ids of a parsed catalog: a non-empty array of distinct, non-empty, stripped strings."""
+    if "item_ids" not in payload:
+        raise CatalogError(f"{path}: missing key 'item_ids' (have {sorted(payload)})")
+    ids = payload["item_ids"]
+    if not isinstance(ids, list):
+        raise CatalogError(f"{path}: 'item_ids' must be an array of strings, found {_kind(ids)}")
+    if not ids:
+        raise CatalogError(f"{path}: 'item_ids' is empty; a catalog needs at least one item")
+    seen: dict[str, int] = {}
+    for position, item in enumerate(ids):
+        if not isinstance(item, str):
+            raise CatalogError(f"{path}: item_ids[{position}] must be a string, found {_kind(item)} {item!r:.40}")
+        if not item or item != item.strip():
+            raise CatalogError(f"{path}: item_ids[{position}] {item!r:.40} is empty or has surrounding whitespace")
+        if item in seen:
+            raise CatalogError(f"{path}: item id {item!r:.40} is listed twice (item_ids[{seen[item]}] and "
+                               f"item_ids[{position}])")
+        seen[item] = position
+    return ids
+
+
+def _mapping(path: Path, payload: dict[str, Any], key: str, known: set[str], value_ok: Callable[[Any], bool],
+             expected: str) -> dict[str, Any]:
+    """An optional {item id: value} object of a parsed catalog, every key a catalog item, every value checked."""
+    mapping = payload.get(key, {})
+    if not isinstance(mapping, dict):
+        raise CatalogError(f"{path}: '{key}' must be an object {{item id: {expected}}}, found {_kind(mapping)}")
+    for item, value in mapping.items():
+        if item not in known:
+            raise CatalogError(f"{path}: {key}[{item!r:.40}] names an item that is not in item_ids")
+        if not value_ok(value):
+            raise CatalogError(f"{path}: {key}[{item!r:.40}] must be {expected}, found {_kind(value)} {value!r:.40}")
+    return dict(mapping)
+
+
+def parse_catalog(path: Path, payload: Any) -> ItemCatalog:
+    """An ItemCatalog from a parsed catalog.json, each problem raised as CatalogError naming `path`."""
+    if not isinstance(payload, dict):
+        raise CatalogError(f"{path}: expected a JSON object with 'item_ids', found {_kind(payload)}")
+    unknown = sorted(set(payload) - set(CATALOG_KEYS))
+    if unknown:
+        raise CatalogError(f"{path}: unknown key(s) {unknown}; a catalog holds {', '.join(CATALOG_KEYS)}")
+    ids = _item_ids(path, payload)
+    titles = _mapping(path, payload, "titles", set(ids), lambda v: isinstance(v, str), "a string")
+    attributes = _mapping(path, payload, "attributes", set(ids),
+                          lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v), "an array of strings")
+    catalog = ItemCatalog(list(ids), titles, attributes)
+    stored = payload.get("fingerprint")
+    if stored is not None and not (isinstance(stored, str) and _HEX_SHA256.fullmatch(stored)):
+        raise CatalogError(f"{path}: 'fingerprint' must be 64 lowercase hex digits, found {stored!r:.80}")
+    if stored not in (None, catalog.fingerprint):
+        raise CatalogMismatchError(f"{path}: stored fingerprint does not match its item ids (file altered?)")
+    return catalog
 
 
 @dataclass
@@ -30,7 +120,7 @@ class ItemCatalog:
     def __post_init__(self) -> None:
         self._rows = {item: i + 1 for i, item in enumerate(self.item_ids)}
         if len(self._rows) != len(self.item_ids):
-            raise ValueError("item catalog has duplicate item ids")
+            raise CatalogError("item catalog has duplicate item ids")
 
     @classmethod
     def from_items(cls, item_ids: Iterable[str], titles: dict[str, str] | None = None,
@@ -86,20 +176,15 @@ class ItemCatalog:
     def save(self, directory: str | Path) -> Path:
         """Write catalog.json (ids, titles, fingerprint) into a directory."""
         path = Path(directory) / CATALOG_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"fingerprint": self.fingerprint, "item_ids": self.item_ids, "titles": self.titles,
                    "attributes": self.attributes}
-        path.write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
+        write_text_atomically(path, json.dumps(payload, ensure_ascii=False))  # a crash never leaves half a catalog
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> ItemCatalog:
-        """Read a catalog.json (or the one inside a directory) and verify its stored fingerprint."""
+        """Read a catalog.json (or the one inside a directory) and verify it; CatalogError names file and problem."""
         path = Path(path)
         if path.is_dir():
             path = path / CATALOG_FILE
-        payload = json.loads(path.read_text(encoding="utf-8"))
-        catalog = cls(list(payload["item_ids"]), dict(payload.get("titles", {})), dict(payload.get("attributes", {})))
-        if payload.get("fingerprint") not in (None, catalog.fingerprint):
-            raise CatalogMismatchError(f"{path}: stored fingerprint does not match its item ids (file altered?)")
-        return catalog
+        return parse_catalog(path, _read_json(path))

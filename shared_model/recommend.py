@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from shared_model.catalog import PADDING_ROW, ItemCatalog
-from shared_model.events import EVENT_TYPE_CODES
+from shared_model.console import DEBUG_FLAG, run_command
+from shared_model.events import EVENT_TYPE_CODES, EVENT_TYPES
 from shared_model.modeling_fedrec import FedRecModel
 from shared_model.sequences import gap_buckets
 from shared_model.serialization import load_model_dir
@@ -62,14 +63,21 @@ def recommend(model: FedRecModel, catalog: ItemCatalog, items: Sequence[str], k:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: `fedrec-recommend MODEL_DIR ITEM [ITEM ...] [--k 10] [--json]`."""
+    """Command line: `fedrec-recommend MODEL_DIR ITEM [ITEM ...] [--k 10] [--json] [--debug]`."""
+    return run_command("fedrec-recommend", lambda: _run(argv), argv)
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    """Parse the arguments, load the model directory and print the recommendations."""
     parser = argparse.ArgumentParser(prog="fedrec-recommend", description=__doc__)
     parser.add_argument("model_dir", help="an exported model directory (config + safetensors + catalog)")
     parser.add_argument("items", nargs="+", help="the history's item ids, oldest first")
     parser.add_argument("--k", type=int, default=10, help="how many items to recommend (default 10)")
-    parser.add_argument("--event-types", nargs="+", help="event type per history item (default purchase)")
+    parser.add_argument("--event-types", nargs="+", choices=EVENT_TYPES,
+                        help="event type per history item (default purchase)")
     parser.add_argument("--include-seen", action="store_true", help="allow items already in the history")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(DEBUG_FLAG, action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     if args.event_types and len(args.event_types) != len(args.items):
         parser.error(f"--event-types has {len(args.event_types)} values for {len(args.items)} items")

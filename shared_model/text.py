@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import pickle
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
+from shared_model.atomic import write_atomically
 from shared_model.catalog import ItemCatalog
 
 TEXT_DIM = 384  # all-MiniLM-L6-v2 sentence-embedding width
+# What torch.load raises on a truncated, empty, garbage or non-tensor file (garbage can even give KeyError).
+_DAMAGED = (RuntimeError, EOFError, KeyError, ValueError, OSError, pickle.UnpicklingError)
+
+logger = logging.getLogger(__name__)
 
 
 def encoder_path() -> Path:
@@ -39,19 +47,45 @@ def encode_texts(texts: list[str], batch_size: int = 256) -> torch.Tensor:
     return torch.cat(chunks) if chunks else torch.zeros(0, TEXT_DIM)
 
 
+def text_cache_key(catalog: ItemCatalog) -> str:
+    """Hex digest of the ids and their titles in row order: a retitled catalog gets a new cache entry."""
+    digest = hashlib.sha256(catalog.fingerprint.encode("ascii"))
+    for item in catalog.item_ids:
+        digest.update(catalog.titles.get(item, "").encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def _cached_table(cache: Path, num_rows: int) -> torch.Tensor | None:
+    """The cached table if it loads as plain weights with the expected shape; None when missing or damaged."""
+    if not cache.exists():
+        return None
+    try:
+        table = torch.load(cache, weights_only=True, map_location="cpu")
+    except _DAMAGED as err:
+        logger.warning("%s: damaged item-text cache (%s); rebuilding it", cache, type(err).__name__)
+        return None
+    if not (isinstance(table, torch.Tensor) and table.shape == (num_rows, TEXT_DIM) and table.is_floating_point()
+            and bool(torch.isfinite(table).all())):
+        logger.warning("%s: item-text cache is not a finite (%d, %d) table; rebuilding it", cache, num_rows, TEXT_DIM)
+        return None
+    return table
+
+
 def item_text_table(catalog: ItemCatalog, cache_dir: str | Path | None = None) -> torch.Tensor:
     """(num_rows, 384) title embeddings by catalog row; rows without a title (and padding) are zero.
 
-    Cached by catalog fingerprint, since encoding a large catalog on CPU takes minutes.
+    Cached by a hash of ids and titles, since encoding a large catalog on CPU takes minutes; a damaged cache
+    file is rebuilt (and replaced atomically), never fatal.
     """
-    cache = Path(cache_dir) / f"item_text_{catalog.fingerprint[:16]}.pt" if cache_dir else None
-    if cache is not None and cache.exists():
-        return torch.load(cache)
+    cache = Path(cache_dir) / f"item_text_{text_cache_key(catalog)[:16]}.pt" if cache_dir else None
+    cached = _cached_table(cache, catalog.num_rows) if cache is not None else None
+    if cached is not None:
+        return cached
     rows = [i + 1 for i, item in enumerate(catalog.item_ids) if catalog.titles.get(item)]
     table = torch.zeros(catalog.num_rows, TEXT_DIM)
     if rows:
         table[rows] = encode_texts([catalog.titles[catalog.item_ids[r - 1]] for r in rows])
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(table, cache)
+        write_atomically(cache, lambda out: torch.save(table, out))
     return table

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from fl_client.averaging import weights_swapped_in
 from fl_client.privacy import PrivacyConfig
 from fl_client.train import TrainConfig, TrainResult, train
+from shared_model.console import console_command, exit_on_error
 from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, evaluate_popularity, with_standard_errors
 from shared_model.modeling_fedrec import FedRecModel
@@ -109,7 +110,12 @@ def privacy_summary(result: TrainResult) -> dict[str, Any]:
 
 @hydra.main(config_path="conf", config_name="centralized", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point: parse the config once, run, print the headline numbers."""
+    """Hydra entry point: run and log the headline numbers; a bad input or setting is one paragraph on stderr."""
+    exit_on_error("fedrec-centralized", lambda: run_and_log(cfg))
+
+
+def run_and_log(cfg: DictConfig) -> None:
+    """Parse the config once, run, and log the headline numbers."""
     typed: CentralizedConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     metrics = run_centralized(typed)
     test, pop = metrics["test"], metrics["popularity_test"]
@@ -128,5 +134,7 @@ def main(cfg: DictConfig) -> None:
     log.info("outputs in %s", typed.output_dir)
 
 
+cli = console_command("fedrec-centralized", main)  # the console script: takes --debug out before Hydra parses
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -21,6 +21,7 @@ from fl_client.client_app import build_client_app
 from fl_client.site import SiteConfig
 from fl_server.config import ServerConfig
 from fl_server.server_app import build_server_app
+from simulations.attacks import Mod
 from simulations.prepare import PreparedData
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,15 @@ class Resources:
         return f"{self.num_cpus} CPUs, no GPU; each site gets {self.cpus_per_client} CPU, {at_once} train at once"
 
 
-def run_federation(sites: Sequence[SiteConfig], server: ServerConfig, resources: Resources | None = None) -> None:
-    """Run the ServerApp and ClientApp in Flower's simulation engine; outputs land in server.out_dir."""
+def run_federation(sites: Sequence[SiteConfig], server: ServerConfig, resources: Resources | None = None,
+                   mods: list[Mod] | None = None) -> None:
+    """Run the ServerApp and ClientApp in Flower's simulation engine; outputs land in server.out_dir
+    (`mods`: Flower mods around the sites' handlers, e.g. simulations.attacks)."""
     resources = resources or Resources()
     log.info("simulation engine: %s", resources.describe())
 
     def site_of(context: Context) -> SiteConfig:
         return sites[int(context.node_config["partition-id"])]
 
-    run_simulation(server_app=build_server_app(lambda _context: server), client_app=build_client_app(site_of),
+    run_simulation(server_app=build_server_app(lambda _context: server), client_app=build_client_app(site_of, mods),
                    num_supernodes=len(sites), backend_config=resources.backend_config())

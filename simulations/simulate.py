@@ -25,7 +25,9 @@ from fl_client.train import TrainConfig
 from fl_server.config import ServerConfig, StrategyConfig
 from fl_server.schedule import Decay
 from fl_server.strategy import build_strategy
+from shared_model.console import console_command, exit_on_error
 from shared_model.metrics import evaluate_popularity, with_standard_errors
+from simulations.attacks import AttackConfig, attack_mod, attackers
 from simulations.config import RunConfig, register_schemas
 from simulations.federation import Resources, run_federation, write_sites
 from simulations.local_only import run_local_only
@@ -72,6 +74,7 @@ class SimulateConfig(RunConfig):
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
 
 def register_simulate_schemas() -> None:
@@ -167,7 +170,14 @@ def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.nd
         round_timeout=cfg.federation.round_timeout, eval_every=cfg.federation.eval_every, central_eval_path=central,
         initial_model=absolute(cfg.federation.initial_model) if cfg.federation.initial_model else "",
         has_timestamps=data.events.has_timestamps, model=cfg.model, strategy=cfg.strategy)
-    run_federation(sites, server, resources)
+    mods = None
+    if cfg.attack.kind != "none":
+        bad = attackers(cfg.attack, len(sites))
+        log.warning("attack: sites %s send %s updates (factor %g)", bad, cfg.attack.kind, cfg.attack.factor)
+        (out / "attack.json").write_text(json.dumps({"kind": cfg.attack.kind, "sites": bad,
+                                                     "factor": cfg.attack.factor}), encoding="utf-8")
+        mods = [attack_mod(cfg.attack, bad)]
+    run_federation(sites, server, resources, mods)
     return dict(json.loads((out / "server" / "summary.json").read_text(encoding="utf-8")))
 
 
@@ -176,7 +186,12 @@ register_simulate_schemas()
 
 @hydra.main(config_path="conf", config_name="simulate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point: parse the config once, run, point at the report."""
+    """Hydra entry point: run and point at the report; a bad input or setting is one paragraph on stderr."""
+    exit_on_error("fedrec-simulate", lambda: run_and_log(cfg))
+
+
+def run_and_log(cfg: DictConfig) -> None:
+    """Parse the config once, run, and log where the report is."""
     typed: SimulateConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     summary = run_simulate(typed)
     out = Path(typed.output_dir).resolve()
@@ -187,5 +202,7 @@ def main(cfg: DictConfig) -> None:
         log.info("%d rounds done; report: %s", summary["rounds"], out / "server" / "report.md")
 
 
+cli = console_command("fedrec-simulate", main)  # the console script: takes --debug out before Hydra parses
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,44 @@ def test_movielens_malformed_ratings_name_file_and_line(tmp_path: Path, ratings:
         load_movielens(directory)
     assert caught.value.path == str(directory / "u.data")
     assert (caught.value.row, caught.value.column) == (row, column)
+
+
+@pytest.mark.parametrize(("unix_time", "message"), [
+    ("1234567890123456789012345", "timestamp after 2100 '1234567890123456789012345'"),  # was OverflowError
+    ("5000000000", "timestamp after 2100 '5000000000' (read as seconds)"),
+])
+def test_movielens_unusable_times_name_file_line_and_column(tmp_path: Path, unix_time: str, message: str) -> None:
+    directory = _write_movielens(tmp_path / "ml", f"1\t10\t4\t700\n2\t20\t3\t{unix_time}\n")
+    with pytest.raises(EventsError, match=re.escape(message)) as caught:
+        load_movielens(directory)
+    assert (caught.value.path, caught.value.row, caught.value.column) == (str(directory / "u.data"), 2, "unix_time")
+
+
+def test_movielens_long_integer_ids_stay_exact(tmp_path: Path) -> None:
+    # Before: a 25-digit id overflowed int64 with a bare OverflowError.
+    long_id = "1" * 25
+    users = f"{long_id}|24|M|technician|85711\n"
+    directory = _write_movielens(tmp_path / "ml", f"{long_id}\t10\t4\t700\n00{long_id}\t20\t4\t800\n", users=users)
+    assert load_movielens(directory).frame["user_id"].tolist() == [long_id, long_id]
+
+
+def test_tianchi_date_after_2100_names_file_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "user_behavior.csv"
+    path.write_text(TIANCHI_HEADER + "7,100,1,,1,2014-12-06 02\n7,100,1,,1,2214-12-06 03\n")
+    with pytest.raises(EventsError, match=r"row 3, column 'time': timestamp after 2100 '2214-12-06 03'"):
+        load_tianchi(path)
+
+
+def test_tianchi_report_notes_how_times_were_read(tmp_path: Path) -> None:
+    path = tmp_path / "user_behavior.csv"
+    path.write_text(TIANCHI_HEADER + "7,100,1,,1,2014-12-06 02\n")
+    assert load_tianchi(path).report.notes == ["timestamps as dates (%Y-%m-%d %H)"]
+
+
+def test_events_options_pass_the_timestamp_unit(tmp_path: Path) -> None:
+    (tmp_path / "events.csv").write_text("user_id,item_id,timestamp\na,x,1700000000000\n")
+    log = load_dataset("events", tmp_path / "events.csv", timestamp_unit="ms")
+    assert log.frame["timestamp"].tolist() == [1_700_000_000]
 
 
 def test_movielens_malformed_registry_files(tmp_path: Path) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from shared_model.catalog import CATALOG_FILE, PADDING_ROW, CatalogMismatchError, ItemCatalog
+from shared_model.catalog import CATALOG_FILE, PADDING_ROW, CatalogError, CatalogMismatchError, ItemCatalog
 
 
 @pytest.fixture
@@ -102,3 +103,57 @@ def test_check_matches(catalog: ItemCatalog) -> None:
     with pytest.raises(CatalogMismatchError, match=f"fingerprint {other[:12]}.*ours {catalog.fingerprint[:12]}"):
         catalog.check_matches(other)
     assert issubclass(CatalogMismatchError, ValueError)
+
+
+GOOD_FINGERPRINT = ItemCatalog(["a", "b"]).fingerprint
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"item_ids": ["a", "b"', "invalid JSON at line 1, column 23"),
+    ('{"item_ids": ["a",\n "b",]}', "invalid JSON at line 2, column 6"),
+    ("", "invalid JSON at line 1, column 1"),
+    ("null", "expected a JSON object with 'item_ids', found null"),
+    ('["a", "b"]', "expected a JSON object with 'item_ids', found array"),
+    ('{"titles": {}}', "missing key 'item_ids'"),
+    ('{"item_ids": "ab"}', "'item_ids' must be an array of strings, found string"),
+    ('{"item_ids": []}', "'item_ids' is empty"),
+    ('{"item_ids": ["a", 2]}', r"item_ids\[1\] must be a string, found number 2"),
+    ('{"item_ids": ["a", null]}', r"item_ids\[1\] must be a string, found null"),
+    ('{"item_ids": ["a", ""]}', r"item_ids\[1\] '' is empty or has surrounding whitespace"),
+    ('{"item_ids": ["a", "b", "a"]}', r"item id 'a' is listed twice \(item_ids\[0\] and item_ids\[2\]\)"),
+    ('{"item_ids": ["a"], "titles": ["x"]}', r"'titles' must be an object \{item id: a string\}, found array"),
+    ('{"item_ids": ["a"], "titles": {"a": 5}}', r"titles\['a'\] must be a string, found number 5"),
+    ('{"item_ids": ["a"], "titles": {"z": "Zed"}}', r"titles\['z'\] names an item that is not in item_ids"),
+    ('{"item_ids": ["a"], "attributes": {"a": [1]}}', r"attributes\['a'\] must be an array of strings"),
+    ('{"item_ids": ["a"], "fingerprint": 7}', "'fingerprint' must be 64 lowercase hex digits, found 7"),
+    ('{"item_ids": ["a"], "item_id": ["b"]}', r"unknown key\(s\) \['item_id'\]"),
+])
+def test_broken_catalog_files_name_the_file_and_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    # Before: bare JSONDecodeError / KeyError / TypeError naming no file, or a silently accepted catalog.
+    path = tmp_path / CATALOG_FILE
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(CatalogError, match=message) as caught:
+        ItemCatalog.load(tmp_path)
+    assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_catalog_that_is_not_utf8_or_missing_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / CATALOG_FILE
+    path.write_bytes(b'{"item_ids": ["caf\xe9"]}')
+    with pytest.raises(CatalogError, match=f"{re.escape(str(path))}: not valid UTF-8 at byte 18"):
+        ItemCatalog.load(path)
+    with pytest.raises(CatalogError, match=r"nowhere\.json: catalog file does not exist"):
+        ItemCatalog.load(tmp_path / "nowhere.json")
+
+
+def test_catalog_errors_are_value_errors_and_mismatch_is_a_catalog_error() -> None:
+    assert issubclass(CatalogError, ValueError)
+    assert issubclass(CatalogMismatchError, CatalogError)
+
+
+def test_valid_catalog_with_every_key_loads(tmp_path: Path) -> None:
+    path = tmp_path / CATALOG_FILE
+    path.write_text(json.dumps({"fingerprint": GOOD_FINGERPRINT, "item_ids": ["a", "b"], "titles": {"a": "A"},
+                                "attributes": {"b": ["brand-1"]}}), encoding="utf-8")
+    loaded = ItemCatalog.load(path)
+    assert (loaded.item_ids, loaded.titles, loaded.attributes) == (["a", "b"], {"a": "A"}, {"b": ["brand-1"]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -233,7 +234,8 @@ def test_exact_duplicates_are_dropped_and_counted(tmp_path: Path) -> None:
 
 def test_summary_of_a_loaded_file(tmp_path: Path) -> None:
     path = _write(tmp_path, f"{HEADER}\nu,a,1\nu,a,1\nu,b,2\n")
-    assert load_events(path).report.summary() == f"{path}: 3 rows read, 2 kept, dropped (duplicate event: 1)"
+    assert load_events(path).report.summary() == (f"{path}: 3 rows read, 2 kept, dropped (duplicate event: 1); "
+                                                   "timestamps in seconds (detected from their magnitude)")
 
 
 def test_load_report_counts_and_summary() -> None:
@@ -246,3 +248,136 @@ def test_load_report_counts_and_summary() -> None:
     assert report.dropped == {"unknown item": 5, "duplicate event": 1}
     assert report.rows_kept == 4
     assert report.summary() == "site-a: 10 rows read, 4 kept, dropped (duplicate event: 1, unknown item: 5)"
+
+
+# --- hole 7 of issue 25: timestamps that overflow or hide their unit, ids that are not ids ---------------------
+
+
+@pytest.mark.parametrize(("stamp", "message"), [
+    ("inf", "non-finite timestamp 'inf'"),
+    ("-inf", "non-finite timestamp '-inf'"),
+    ("1e30", "timestamp out of range '1e30'"),
+    ("1234567890123456789012345", "timestamp out of range '1234567890123456789012345'"),
+    ("-5", "timestamp before 1970 '-5'"),
+    ("1900-01-01", "timestamp before 1970 '1900-01-01'"),
+    ("2200-01-01T00:00:00", "timestamp after 2100 '2200-01-01T00:00:00'"),
+])
+def test_unusable_timestamps_name_file_row_and_column(tmp_path: Path, stamp: str, message: str) -> None:
+    # Before: inf, 1e30 and 25 digits became INT64_MIN and moved the event to the front of the user's sequence.
+    path = _write(tmp_path, f"{HEADER}\nu,a,{stamp}\n")
+    with pytest.raises(EventsError, match=re.escape(message)) as caught:
+        load_events(path)
+    assert (caught.value.path, caught.value.row, caught.value.column) == (str(path), 2, "timestamp")
+
+
+@pytest.mark.parametrize(("scale", "unit"), [(1, "seconds"), (1_000, "milliseconds"), (1_000_000, "microseconds"),
+                                             (1_000_000_000, "nanoseconds")])
+def test_timestamp_unit_is_detected_converted_and_reported(tmp_path: Path, scale: int, unit: str) -> None:
+    path = _write(tmp_path, f"{HEADER}\nu,a,{JAN_1_2024 * scale}\nu,b,{(JAN_1_2024 + 90) * scale + scale // 2}\n")
+    log = load_events(path)
+    assert log.frame["timestamp"].tolist() == [JAN_1_2024, JAN_1_2024 + 90]  # floored to whole seconds
+    assert f"timestamps in {unit} (detected from their magnitude)" in log.report.notes
+    assert f"timestamps in {unit}" in log.report.summary()
+
+
+def test_configured_timestamp_unit_is_used(tmp_path: Path) -> None:
+    path = _write(tmp_path, f"{HEADER}\nu,a,{JAN_1_2024 * 1000}\n")
+    log = load_events(path, timestamp_unit="ms")
+    assert log.frame["timestamp"].tolist() == [JAN_1_2024]
+    assert log.report.notes[-1] == "timestamps in milliseconds (as configured)"
+    with pytest.raises(EventsError, match=r"row 2, column 'timestamp': timestamp after 2100 .*read as seconds"):
+        load_events(path, timestamp_unit="s")
+
+
+def test_unknown_timestamp_unit_setting_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="timestamp_unit must be one of auto, s, ms, us, ns, got 'hours'"):
+        load_events(_write(tmp_path, f"{HEADER}\nu,a,1\n"), timestamp_unit="hours")
+
+
+def test_ambiguous_timestamp_asks_for_the_unit(tmp_path: Path) -> None:
+    # 5e10 is year 3554 as seconds and 1971 as milliseconds: no guess.
+    path = _write(tmp_path, f"{HEADER}\nu,a,{JAN_1_2024}\nu,b,50000000000\n")
+    with pytest.raises(EventsError, match=r"row 3, column 'timestamp': ambiguous timestamp .*set timestamp_unit"):
+        load_events(path)
+    assert load_events(path, timestamp_unit="ms").frame["timestamp"].max() == 50_000_000
+
+
+def test_mixed_timestamp_units_are_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, f"{HEADER}\nu,a,{JAN_1_2024 * 1000}\nu,b,{JAN_1_2024}\n")
+    with pytest.raises(EventsError, match=r"row 3, .*looks like seconds while the largest.*milliseconds"):
+        load_events(path)
+
+
+def test_iso_dates_are_reported_as_dates(tmp_path: Path) -> None:
+    assert load_events(_write(tmp_path, f"{HEADER}\nu,a,2024-01-01\n")).report.notes == [
+        "timestamps as dates (ISO 8601)"]
+
+
+@pytest.mark.parametrize("marker", ["NaN", "nan", "None", "null", "NULL", "NA", "N/A", "<NA>", "NaT"])
+@pytest.mark.parametrize("column", ["user_id", "item_id"])
+def test_missing_value_markers_are_not_ids(tmp_path: Path, marker: str, column: str) -> None:
+    # Before: "NaN" became a user (every NaN row one shared user) or an item.
+    row = {"user_id": "u", "item_id": "a", "timestamp": "1"} | {column: marker}
+    path = _write(tmp_path, f"{HEADER}\nu,b,1\n{row['user_id']},{row['item_id']},{row['timestamp']}\n")
+    with pytest.raises(EventsError, match=f"missing-value marker used as an id: {re.escape(repr(marker))}") as caught:
+        load_events(path)
+    assert (caught.value.row, caught.value.column) == (3, column)
+
+
+def test_id_with_a_control_character_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, f'{HEADER}\nu,a,1\n"v\nw",b,2\n')
+    with pytest.raises(EventsError, match=r"row 3, column 'user_id': id contains a control character: 'v\\nw'"):
+        load_events(path)
+
+
+def test_integer_valued_float_ids_equal_integer_ids_and_are_counted(tmp_path: Path) -> None:
+    # Before: "1" and "1.0" were two users, and " 2" kept its space only in the report's eyes.
+    path = _write(tmp_path, f"{HEADER}\n1,10,1\n1.0,20.00,2\n 2 ,10,3\n-3.0,1.5,4\n")
+    log = load_events(path)
+    assert log.frame["user_id"].tolist() == ["-3", "1", "1", "2"]
+    assert log.frame["item_id"].tolist() == ["1.5", "10", "20", "10"]
+    assert log.num_users == 3
+    assert log.report.normalised_ids == {"user_id": 3, "item_id": 1}
+    assert "3 user_id value(s) normalised" in log.report.summary()
+
+
+def test_parquet_float_ids_read_as_integers(tmp_path: Path) -> None:
+    path = tmp_path / "events.parquet"
+    pd.DataFrame({"user_id": [7.0, 7.0], "item_id": [1, 2], "timestamp": [1, 2]}).to_parquet(path)
+    log = load_events(path)
+    assert log.frame["user_id"].tolist() == ["7", "7"]
+    assert log.report.normalised_ids == {"user_id": 2}
+
+
+def test_rows_after_a_quoted_newline_keep_their_file_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, f'{HEADER},item_title\nu,a,1,"two\nlines"\nu,b,soon,x\n')
+    with pytest.raises(EventsError) as caught:
+        load_events(path)
+    assert caught.value.row == 4  # the record starts on line 4 of the file, not on record 3
+
+
+@pytest.mark.parametrize(("text", "row", "message"), [
+    (f"{HEADER}\nu,a,1,extra\n", 2, "more fields than the header's 3"),
+    (f"{HEADER}\nu,a,1\nu,b,2,extra\n", 3, "expected 3 fields like the header, found 4"),
+])
+def test_rows_with_too_many_fields_name_their_line(tmp_path: Path, text: str, row: int, message: str) -> None:
+    # Before: pandas silently used the extra leading field of row 2 as an index and shifted every column.
+    with pytest.raises(EventsError, match=message) as caught:
+        load_events(_write(tmp_path, text))
+    assert caught.value.row == row
+
+
+def test_wrong_separator_is_named_in_the_error(tmp_path: Path) -> None:
+    with pytest.raises(EventsError, match="the header looks separated by ';'"):
+        load_events(_write(tmp_path, "user_id;item_id;timestamp\nu;a;1\n"))
+
+
+def test_header_names_are_stripped(tmp_path: Path) -> None:
+    assert len(load_events(_write(tmp_path, " user_id , item_id ,timestamp\nu,a,1\n"))) == 1
+
+
+def test_nested_parquet_values_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "events.parquet"
+    pd.DataFrame({"user_id": [[1, 2]], "item_id": ["a"], "timestamp": [1]}).to_parquet(path)
+    with pytest.raises(EventsError, match=r"column 'user_id': nested values"):
+        load_events(path)
