@@ -16,8 +16,17 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fl_client.frozen import FrozenTensorsError, frozen_tensors
-from fl_client.rounds import RoundConfig, TrainingDivergedError, evaluate_round
-from fl_client.site import SiteConfig, SiteData, load_site_data
+from fl_client.ledger import LedgerError
+from fl_client.rounds import (
+    ModelMismatchError,
+    ModelTooLargeError,
+    NonFiniteModelError,
+    RoundConfig,
+    RoundConfigError,
+    TrainingDivergedError,
+    evaluate_round,
+)
+from fl_client.site import SiteConfig, SiteData, SiteStartError, load_site_data
 from shared_model import wire
 from shared_model.catalog import CatalogMismatchError
 
@@ -27,10 +36,19 @@ CATALOG_MISMATCH = 4001  # Error code of a refusal: the weights belong to anothe
 TRAINING_DIVERGED = 4002  # Error code of a round whose local training produced NaN/inf weights (nothing is sent)
 FROZEN_TENSORS = 4003  # Error code: the frozen tensors were neither in the message nor intact at the site
 WIRE_VERSION = 4004  # Error code: the server speaks another version of the wire protocol (shared_model.wire)
+# The global model is refused before anything is trained or spent (fl_client.rounds.build_global_model):
+MODEL_NOT_FINITE = 4005  # Error code: NaN or infinite global weights
+MODEL_MISMATCH = 4006  # Error code: global weights of the wrong shape, dtype or names, or a config that cannot be built
+MODEL_TOO_LARGE = 4007  # Error code: a model config over the site's max_model_parameters
+ROUND_CONFIG = 4008  # Error code: a round config with a missing or mistyped key, or an unsafe training id or digest
+LEDGER = 4009  # Error code: the site's ledger is missing, damaged, another site's, or locked too long (no ε = 0)
+SITE_NOT_READY = 4010  # Error code: no trainable users, or too few for DP (SiteConfig.min_users)
 # What a handler answers with an Error reply instead of crashing the client process.
 REFUSALS: dict[type[Exception], int] = {
     CatalogMismatchError: CATALOG_MISMATCH, TrainingDivergedError: TRAINING_DIVERGED,
-    FrozenTensorsError: FROZEN_TENSORS, wire.WireVersionError: WIRE_VERSION}
+    FrozenTensorsError: FROZEN_TENSORS, wire.WireVersionError: WIRE_VERSION, NonFiniteModelError: MODEL_NOT_FINITE,
+    ModelMismatchError: MODEL_MISMATCH, ModelTooLargeError: MODEL_TOO_LARGE, RoundConfigError: ROUND_CONFIG,
+    LedgerError: LEDGER, SiteStartError: SITE_NOT_READY}
 
 
 def site_from_node_config(context: Context) -> SiteConfig:
@@ -58,15 +76,19 @@ def refusal(msg: Message, site: SiteConfig, err: Exception) -> Message:
     return Message(Error(code=code, reason=str(err)), reply_to=msg)
 
 
-def notes(words: Mapping[str, str] | None = None) -> ConfigRecord:
-    """The words every reply carries (wire.NOTES): this site's wire version, and `words`."""
-    return ConfigRecord({wire.WIRE_VERSION: wire.VERSION, **(words or {})})
+def notes(catalog_fingerprint: str, words: Mapping[str, str] | None = None) -> ConfigRecord:
+    """The words every reply carries (wire.NOTES): this site's wire version and catalog fingerprint (the server
+    checks both), and `words`."""
+    return ConfigRecord({wire.WIRE_VERSION: wire.VERSION, wire.CATALOG_FINGERPRINT: catalog_fingerprint,
+                         **(words or {})})
 
 
 def decode(msg: Message, site: SiteConfig) -> tuple[SiteData, RoundConfig, dict[str, torch.Tensor]]:
     """The site's (cached) data, the round's settings and the global weights: the trainable ones the message
     carries, and the frozen ones it carries or the site kept from an earlier message."""
     round_cfg = decode_config(msg)
+    if wire.ARRAYS not in msg.content.array_records:
+        raise ModelMismatchError(f"the server's message carries no global weights ({wire.ARRAYS!r})")
     state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
     sent = msg.content.array_records.get(wire.FROZEN)
     state.update(frozen_tensors(site, round_cfg.frozen_digest, sent.to_torch_state_dict() if sent else None))
@@ -92,8 +114,8 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
         if reply.declined:
             log.warning("site %s declined round %d: %s", site.data_path, round_cfg.server_round, reply.declined)
         content = RecordDict({wire.ARRAYS: ArrayRecord(reply.state), wire.METRICS: metric_record(reply.metrics()),
-                              wire.NOTES: notes({wire.DECLINED_REASON: reply.declined,
-                                                 wire.FROZEN_HELD: round_cfg.frozen_digest})})
+                              wire.NOTES: notes(data.catalog.fingerprint, {wire.DECLINED_REASON: reply.declined,
+                                                                           wire.FROZEN_HELD: round_cfg.frozen_digest})})
         if reply.item_weights is not None:
             content[wire.ITEM_WEIGHTS] = ArrayRecord({wire.ITEM_WEIGHTS: reply.item_weights})
         if reply.moments:
@@ -106,13 +128,14 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
 
         site = resolve_site(context)
         try:
-            reply = count_round(site, load_site_data(site), decode_config(msg))  # settings only, no weights
+            data = load_site_data(site)
+            reply = count_round(site, data, decode_config(msg))  # settings only, no weights
         except tuple(REFUSALS) as err:
             return refusal(msg, site, err)
         if reply.declined:
             log.warning("site %s declined the item count: %s", site.data_path, reply.declined)
         content = RecordDict({wire.METRICS: metric_record(reply.metrics()),
-                              wire.NOTES: notes({wire.DECLINED_REASON: reply.declined})})
+                              wire.NOTES: notes(data.catalog.fingerprint, {wire.DECLINED_REASON: reply.declined})})
         if reply.counts is not None:
             content[wire.ITEM_COUNTS] = ArrayRecord({wire.ITEM_COUNTS: reply.counts})
         return Message(content=content, reply_to=msg)
@@ -121,10 +144,12 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
     def handle_evaluate(msg: Message, context: Context) -> Message:
         site = resolve_site(context)
         try:
-            metrics = evaluate_round(site, *decode(msg, site))
+            data, round_cfg, state = decode(msg, site)
+            metrics = evaluate_round(site, data, round_cfg, state)
         except tuple(REFUSALS) as err:
             return refusal(msg, site, err)
-        return Message(content=RecordDict({wire.METRICS: metric_record(metrics), wire.NOTES: notes()}), reply_to=msg)
+        return Message(content=RecordDict({wire.METRICS: metric_record(metrics),
+                                           wire.NOTES: notes(data.catalog.fingerprint)}), reply_to=msg)
 
     return app
 

@@ -7,17 +7,21 @@ The noise multiplier is the site's own (`selection_noise`), like every other pri
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fl_client.federated import COUNT_ROUND, RoundConfig, safe_name, save_atomically, site_delta
+from fl_client.enrolment import open_site_ledger, site_lock
+from fl_client.federated import COUNT_ROUND, UNREADABLE, RoundConfig, safe_name, save_atomically, site_delta
 from fl_client.item_selection import noisy_item_histogram, selection_release
 from fl_client.ledger import BudgetExceededError, PrivacyLedger
-from fl_client.site import SiteConfig, SiteData
+from fl_client.site import SiteConfig, SiteData, check_users
 from shared_model import wire
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,30 +49,51 @@ def count_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig) -> Cou
     """The site's (noisy under DP) item histogram for the server's choice of trained item rows, within budget.
 
     The query carries settings only (no weights): a histogram needs the catalog, which the fingerprint pins.
+    Under DP the site's lock is held from the budget check to the ledger record.
     """
     data.catalog.check_matches(round_cfg.catalog_fingerprint)
-    delta = site_delta(site, data)
-    ledger = PrivacyLedger(site.ledger_path, delta, site.accountant) if site.dp else None
+    check_users(site, data)
+    if not site.dp:
+        return CountReply(histogram(site, data, 0.0), False, 0.0, site_delta(site, data))
+    with site_lock(site.state_dir):
+        ledger = open_site_ledger(site.state_dir, site.accountant, site.delta, len(data.sequences))
+        return count_private(site, data, round_cfg, ledger)
+
+
+def count_private(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, ledger: PrivacyLedger) -> CountReply:
+    """A DP count against the site's ledger (held under its lock): paid once per training, resent unchanged."""
     cached = count_reply_path(site, round_cfg.training_id)
-    if ledger is not None and ledger.has(round_cfg.training_id, COUNT_ROUND):
-        if cached.exists():
-            return CountReply(**torch.load(cached, weights_only=False))
-        return CountReply(None, True, ledger.spent(), delta, "this training's item count was already released "
-                                                            "here and its reply is lost")
-    release = selection_release(site.privacy(delta))
-    if ledger is not None:
-        try:
-            ledger.check(release, site.epsilon)
-        except BudgetExceededError as err:
-            return CountReply(None, True, ledger.spent(), delta, str(err))
-    sigma = release[0][0] if release else 0.0
-    # Fresh entropy under DP (a seed the server could guess would let it subtract the noise).
-    generator = torch.Generator().manual_seed(secrets.randbits(63))
-    counts = noisy_item_histogram(data.sequences, data.catalog.num_rows, sigma, secure=site.secure_mode,
-                                  generator=generator)
-    if ledger is None:
-        return CountReply(counts, False, 0.0, delta)
+    if ledger.has(round_cfg.training_id, COUNT_ROUND):
+        kept = load_count(cached)
+        return kept or CountReply(None, True, ledger.spent(), ledger.delta, "this training's item count was already "
+                                                                            "released here and its reply is lost")
+    release = selection_release(site.privacy(ledger.delta))
+    try:
+        ledger.check(release, site.epsilon)
+    except BudgetExceededError as err:
+        return CountReply(None, True, ledger.spent(), ledger.delta, str(err))
+    counts = histogram(site, data, release[0][0])
     epsilon = ledger.record(round_cfg.training_id, COUNT_ROUND, release).epsilon_after
-    reply = CountReply(counts, True, epsilon, delta)
+    reply = CountReply(counts, True, float(epsilon), float(ledger.delta))
     save_atomically(reply.__dict__, cached)
     return reply
+
+
+def histogram(site: SiteConfig, data: SiteData, sigma: float) -> torch.Tensor:
+    """The site's user-level item histogram with N(0, σ²) noise on every row (exact for σ = 0)."""
+    # Fresh entropy under DP (a seed the server could guess would let it subtract the noise).
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    return noisy_item_histogram(data.sequences, data.catalog.num_rows, sigma, secure=site.secure_mode,
+                                generator=generator)
+
+
+def load_count(path: Path) -> CountReply | None:
+    """A kept count (None when gone or unreadable: the query is then declined, never paid for again), read with
+    weights_only=True."""
+    if not path.exists():
+        return None
+    try:
+        return CountReply(**torch.load(path, weights_only=True))
+    except UNREADABLE as err:
+        log.warning("%s: kept item count is unreadable (%s); the query is declined, not paid for again", path, err)
+        return None

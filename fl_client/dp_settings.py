@@ -8,6 +8,17 @@ from dataclasses import dataclass
 AccountantHistory = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
+DELTA_CAP = 1e-5  # the δ DP-SGD is usually reported at (Abadi et al. 2016): the default never exceeds it
+
+
+def default_delta(num_users: int) -> float:
+    """A site's δ when it sets none: min(1e-5, 1 / (10 · #users)), strictly below 1/#users for every size.
+
+    (ε, δ)-DP allows a mechanism that reveals one user's data outright with probability δ, so δ · #users is the
+    expected number of users it may expose: 1/(10 n) keeps that below 0.1 however large the site, and small
+    sites get the usual 1e-5 (δ = 1/n, the old default, exposed one user in expectation: 0.5 for 2 users).
+    """
+    return min(DELTA_CAP, 1.0 / (10.0 * max(num_users, 1)))
 
 
 @dataclass
@@ -16,7 +27,7 @@ class PrivacyConfig:
 
     enabled: bool = False  # (bool) train with DP-SGD
     epsilon: float = 8.0  # (float) total ε this training may spend, per user
-    delta: float | None = None  # (float) δ; None means 1 / number of users
+    delta: float | None = None  # (float) δ; None means default_delta(number of users)
     noise_multiplier: float | None = None  # (float) fixed σ; None calibrates σ to reach `epsilon`
     max_grad_norm: float = 1.0  # (float) per-user gradient clipping bound C
     accountant: str = "prv"  # (str) Opacus accountant: prv, rdp or gdp

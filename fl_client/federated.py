@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import secrets
 import zlib
 from collections.abc import Mapping
@@ -17,18 +18,27 @@ from typing import Any
 
 import torch
 
+from fl_client.enrolment import open_site_ledger, site_lock
 from fl_client.item_selection import selection_release
 from fl_client.ledger import BudgetExceededError, PrivacyLedger
 from fl_client.moments import from_named_moments, to_named_moments, trainable_names
-from fl_client.privacy import AccountantHistory, calibrate_noise
-from fl_client.rounds import RoundConfig, TrainingDivergedError, build_global_model, site_delta
-from fl_client.site import SiteConfig, SiteData
-from fl_client.train import TrainConfig, build_optimizer, train
+from fl_client.privacy import AccountantHistory, PrivacyConfig, calibrate_noise
+from fl_client.rounds import (
+    RoundConfig,
+    TrainingDivergedError,
+    build_global_model,
+    check_training_id,
+    site_delta,
+)
+from fl_client.site import SiteConfig, SiteData, check_users
+from fl_client.train import TrainConfig, TrainResult, build_optimizer, train
 from shared_model import wire
 from shared_model.atomic import write_atomically
 from shared_model.modeling_fedrec import FedRecModel
 
 log = logging.getLogger(__name__)
+# What torch.load(weights_only=True) may fail with on a damaged or foreign state file (never code to run).
+UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, TypeError, pickle.UnpicklingError)
 COUNT_ROUND = 0  # the ledger's round of a site's item count (training rounds count from 1)
 
 
@@ -79,71 +89,116 @@ def reply_path(site: SiteConfig, training_id: str, server_round: int) -> Path:
     return Path(site.state_dir) / "replies" / f"{safe_name(training_id)}_round{server_round}.pt"
 
 
-def safe_name(text: str) -> str:
-    """`text` usable as a file name."""
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+def safe_name(training_id: str) -> str:
+    """`training_id` as a file name: refused (RoundConfigError) unless it is lowercase letters, digits and '-',
+    so no id leaves the state dir and no two ids share a file."""
+    return check_training_id(training_id)
 
 
 def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, state: Mapping[str, torch.Tensor],
                 shared_moments: Mapping[str, torch.Tensor] | None = None) -> RoundReply:
     """Train the global model on the site's users for one round, within the site's privacy budget.
 
-    `shared_moments`: the server's average of the sites' optimiser states (`share_optimizer_state`; none in
-    the first round), which this round's optimiser starts from."""
+    Everything that can be refused is refused before the ledger is read (another catalog, no users, a global
+    model that is non-finite, misshapen or too large); under DP the site's lock is then held from the budget
+    check through training to the ledger record. `shared_moments`: the server's average of the sites'
+    optimiser states (`share_optimizer_state`; none in the first round), which this round's optimiser starts from.
+    """
     data.catalog.check_matches(round_cfg.catalog_fingerprint)
-    training_id = round_cfg.training_id
-    delta = site_delta(site, data)
-    ledger = PrivacyLedger(site.ledger_path, delta, site.accountant) if site.dp else None
-    cached = reply_path(site, training_id, round_cfg.server_round)
-    model = build_global_model(round_cfg, state)
-    if ledger is not None and ledger.has(training_id, round_cfg.server_round):
-        if cached.exists():  # the server resent a round we already paid for: same answer, no new spending
-            return RoundReply(**torch.load(cached, weights_only=False))
-        return declined(model, delta, ledger.spent(), "this round was already trained here and its reply is lost")
-    if round_cfg.item_rows != "average" and site.dp:
-        return declined(model, delta, ledger.spent() if ledger else 0.0,
-                        f"the server asks for per-item weights (strategy.item_rows={round_cfg.item_rows}); they "
-                        "tell which items this site's users interacted with, which DP does not cover")
+    check_users(site, data)
+    model = build_global_model(round_cfg, state, site.max_model_parameters)
     if model.config.trained_item_rows and not model.item_rows_selected:  # training would pick (and pay) again
         raise ValueError("the server sent a model that trains only some item rows without choosing them "
                          "(model.trained_item_rows): it must ask the sites for item counts first")
-    counted = ledger is not None and ledger.has(training_id, COUNT_ROUND)
-    sigma, planned = plan_round(site, data, round_cfg, delta, counted) if site.dp else (0.0, [])
-    if ledger is not None:
-        try:
-            ledger.check(planned, site.epsilon)
-        except BudgetExceededError as err:
-            return declined(model, delta, ledger.spent(), str(err))
+    if not site.dp:
+        delta = site_delta(site, data)
+        result = local_training(site, data, round_cfg, model, site.privacy(delta), shared_moments)
+        return trained_reply(site, data, round_cfg, model, result, 0.0, delta)
+    with site_lock(site.state_dir):
+        ledger = open_site_ledger(site.state_dir, site.accountant, site.delta, len(data.sequences))
+        return train_private_round(site, data, round_cfg, model, ledger, shared_moments)
+
+
+def train_private_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, model: FedRecModel,
+                        ledger: PrivacyLedger, shared_moments: Mapping[str, torch.Tensor] | None) -> RoundReply:
+    """A DP round against the site's ledger (held under its lock): a resent round from its kept reply, else
+    check the budget, train, record the steps, keep the reply."""
+    training_id, server_round = round_cfg.training_id, round_cfg.server_round
+    if ledger.has(training_id, server_round):  # the server resent a round we already paid for
+        kept = load_reply(reply_path(site, training_id, server_round))
+        return kept or declined(model, ledger.delta, ledger.spent(),
+                                "this round was already trained here and its reply is lost")
+    if round_cfg.item_rows != "average":
+        return declined(model, ledger.delta, ledger.spent(),
+                        f"the server asks for per-item weights (strategy.item_rows={round_cfg.item_rows}); they "
+                        "tell which items this site's users interacted with, which DP does not cover")
+    sigma, planned = plan_round(site, data, round_cfg, ledger.delta, ledger.has(training_id, COUNT_ROUND))
+    try:
+        ledger.check(planned, site.epsilon)
+    except BudgetExceededError as err:
+        return declined(model, ledger.delta, ledger.spent(), str(err))
+    try:
+        result = local_training(site, data, round_cfg, model, site.privacy(ledger.delta, sigma), shared_moments)
+    except TrainingDivergedError as err:
+        # The failure itself is released, so the round is charged in full (at most the planned steps ran).
+        spent_now = ledger.record(training_id, server_round, planned).epsilon_after
+        raise TrainingDivergedError(f"{err} (this round's planned DP steps were charged to the site's "
+                                    f"ledger: ε = {spent_now:.3f})") from err
+    history = result.privacy.history if result.privacy is not None else planned
+    epsilon = ledger.record(training_id, server_round, history).epsilon_after
+    reply = trained_reply(site, data, round_cfg, model, result, epsilon, ledger.delta)
+    save_atomically(reply_payload(reply), reply_path(site, training_id, server_round))
+    drop_older_replies(site, training_id, server_round)
+    return reply
+
+
+def local_training(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, model: FedRecModel,
+                   privacy: PrivacyConfig, shared_moments: Mapping[str, torch.Tensor] | None) -> TrainResult:
+    """Train `model` in place for the round, from the optimiser state the round asks for (the site's kept
+    one, or the server's shared average), keeping the site's own when asked."""
     keep = round_cfg.keep_optimizer_state and not round_cfg.share_optimizer_state
-    optimizer_path = optimizer_state_path(site, training_id) if keep else None
+    optimizer_path = optimizer_state_path(site, round_cfg.training_id) if keep else None
     local = local_train_config(site, round_cfg)
     start = load_optimizer_state(optimizer_path)
     if round_cfg.share_optimizer_state and shared_moments:
         start = from_named_moments(shared_moments, model, build_optimizer(model, local).state_dict())
-    try:
-        result = train(model, data.sequences, local, site.privacy(delta, sigma), optimizer_state=start)
-    except TrainingDivergedError as err:
-        # The failure itself is released, so the round is charged in full (at most the planned steps ran).
-        if ledger is not None:
-            spent_now = ledger.record(training_id, round_cfg.server_round, planned).epsilon_after
-            raise TrainingDivergedError(f"{err} (this round's planned DP steps were charged to the site's "
-                                        f"ledger: ε = {spent_now:.3f})") from err
-        raise
+    result = train(model, data.sequences, local, privacy, optimizer_state=start)
     if optimizer_path is not None and result.optimizer_state is not None:
         save_atomically(result.optimizer_state, optimizer_path)
-    epsilon = 0.0
-    if ledger is not None and result.privacy is not None:
-        epsilon = ledger.record(training_id, round_cfg.server_round, result.privacy.history).epsilon_after
+    return result
+
+
+def trained_reply(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, model: FedRecModel,
+                  result: TrainResult, epsilon: float, delta: float) -> RoundReply:
+    """The reply of a trained round: the trainable weights, the site's users, what it cost."""
     reply = RoundReply(state=wire.trainable_state(model.cpu()), num_examples=len(data.sequences.trainable_users()),
-                       train_loss=result.epoch_losses[-1], dp=site.dp, epsilon=epsilon, delta=delta,
-                       train_seconds=result.seconds, peak_memory_mb=result.peak_memory_mb,
+                       train_loss=float(result.epoch_losses[-1]), dp=site.dp, epsilon=epsilon, delta=delta,
+                       train_seconds=float(result.seconds), peak_memory_mb=float(result.peak_memory_mb),
                        item_weights=item_row_weights(data, round_cfg.item_rows, model.config.num_item_rows))
     if round_cfg.share_optimizer_state and result.optimizer_state is not None:
         reply.moments = to_named_moments(result.optimizer_state, trainable_names(model))
-    if ledger is not None:
-        save_atomically(reply.__dict__, cached)
-        drop_older_replies(site, training_id, round_cfg.server_round)
     return reply
+
+
+def reply_payload(reply: RoundReply) -> dict[str, Any]:
+    """A reply as tensors and plain types only, so torch.load(weights_only=True) reads it back."""
+    payload = dict(reply.__dict__)
+    for key in ("epsilon", "delta", "train_loss", "train_seconds", "peak_memory_mb"):
+        payload[key] = float(payload[key])
+    payload.update(num_examples=int(reply.num_examples), dp=bool(reply.dp), declined=str(reply.declined))
+    return payload
+
+
+def load_reply(path: Path) -> RoundReply | None:
+    """The kept reply of a round (None when it is gone or unreadable: the round is then declined, never
+    trained and paid for again). Read with weights_only=True: a state file never runs code."""
+    if not path.exists():
+        return None
+    try:
+        return RoundReply(**torch.load(path, weights_only=True))
+    except UNREADABLE as err:
+        log.warning("%s: kept round reply is unreadable (%s); the round is declined, not trained again", path, err)
+        return None
 
 
 def drop_older_replies(site: SiteConfig, training_id: str, server_round: int) -> None:
@@ -189,10 +244,17 @@ def optimizer_state_path(site: SiteConfig, training_id: str) -> Path:
 
 
 def load_optimizer_state(path: Path | None) -> dict[str, Any] | None:
-    """The saved optimiser state, or None on a first round (or when the server does not ask for it)."""
+    """The saved optimiser state, or None on a first round (or when the server does not ask for it). Read with
+    weights_only=True; an unreadable one is removed and the round starts afresh (it is the site's own cache)."""
     if path is None or not path.exists():
         return None
-    return dict(torch.load(path, weights_only=False))
+    try:
+        return dict(torch.load(path, weights_only=True))
+    except UNREADABLE as err:
+        log.warning("%s: optimiser state is unreadable (%s); removed it, this round's optimiser starts afresh",
+                    path, err)
+        path.unlink(missing_ok=True)
+        return None
 
 
 def save_atomically(value: Any, path: Path) -> None:

@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from fl_client.rounds import check_frozen_digest
 from fl_client.site import SiteConfig, keep_latest
 from shared_model import wire
 from shared_model.atomic import write_atomically
@@ -23,8 +24,9 @@ class FrozenTensorsError(RuntimeError):
 
 
 def frozen_path(site: SiteConfig, digest: str) -> Path:
-    """Where the site keeps the frozen tensors with this digest."""
-    return Path(site.state_dir) / "frozen" / f"{digest}.safetensors"
+    """Where the site keeps the frozen tensors with this digest; the digest is checked (64 lowercase hex) before
+    any path is formed, so a server's `../..` never names a file outside the site's frozen/ folder."""
+    return Path(site.state_dir) / "frozen" / f"{check_frozen_digest(digest)}.safetensors"
 
 
 def frozen_tensors(site: SiteConfig, digest: str, sent: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:

@@ -7,13 +7,15 @@ message's process never pays for importing the DP machinery (fl_client.federated
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fl_client.site import SiteConfig, SiteData
+from fl_client.dp_settings import default_delta
+from fl_client.site import MAX_MODEL_PARAMETERS, SiteConfig, SiteData
 from shared_model import wire
 from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.device import resolve_device
@@ -33,6 +35,47 @@ OPTIONAL_ROUND_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "keep_optimizer_state": (wire.KEEP_OPTIMIZER_STATE, bool), "item_rows": (wire.ITEM_ROWS, str),
     "share_optimizer_state": (wire.SHARE_OPTIMIZER_STATE, bool), "frozen_digest": (wire.FROZEN_DIGEST, str),
 }
+
+# A training id names files in the site's state dir: lowercase letters, digits and "-" only (the server sends a
+# uuid4 hex), so it can neither leave the folder nor map two ids to one file (nor differ by case only).
+TRAINING_ID = re.compile(r"[a-z0-9-]{1,64}")
+FROZEN_DIGEST = re.compile(r"[0-9a-f]{64}")  # a SHA-256 hex digest (wire.tensors_digest), also a file name
+
+
+class RoundConfigError(ValueError):
+    """The server's round settings are missing a key, have a value of the wrong type or an unsafe id."""
+
+
+class GlobalModelError(ValueError):
+    """The server's global model is one this site will not train or evaluate (nothing is spent)."""
+
+
+class NonFiniteModelError(GlobalModelError):
+    """Some of the global weights are NaN or infinite."""
+
+
+class ModelMismatchError(GlobalModelError):
+    """The global weights do not fit the model config (keys, shapes, dtypes), or the config cannot be built."""
+
+
+class ModelTooLargeError(GlobalModelError):
+    """The model config is larger than the site allows (SiteConfig.max_model_parameters)."""
+
+
+def check_training_id(training_id: str) -> str:
+    """`training_id` when it is safe as a file name in the state dir; RoundConfigError otherwise."""
+    if not TRAINING_ID.fullmatch(training_id):
+        raise RoundConfigError(f"round config {wire.TRAINING_ID}={training_id[:80]!r}: expected 1-64 lowercase "
+                               "letters, digits or '-' (it names files in the site's state dir)")
+    return training_id
+
+
+def check_frozen_digest(digest: str) -> str:
+    """`digest` when it is 64 lowercase hex characters (a SHA-256); RoundConfigError otherwise."""
+    if not FROZEN_DIGEST.fullmatch(digest):
+        raise RoundConfigError(f"round config {wire.FROZEN_DIGEST}={digest[:80]!r}: expected a SHA-256 digest, 64 "
+                               "lowercase hex characters (it names a file in the site's state dir)")
+    return digest
 
 
 @dataclass
@@ -62,13 +105,21 @@ class RoundConfig:
         """Parse the round's ConfigRecord, naming any missing key (the optional keys have defaults)."""
         missing = [key for key, _ in ROUND_FIELDS.values() if key not in record]
         if missing:
-            raise ValueError(f"round config from the server lacks {missing}")
-        values = {name: cast(record[key]) for name, (key, cast) in ROUND_FIELDS.items()}
-        optional = {name: cast(record[key]) for name, (key, cast) in OPTIONAL_ROUND_FIELDS.items() if key in record}
-        parsed = cls(**values, **optional)
+            raise RoundConfigError(f"round config from the server lacks {missing}")
+        fields = {**ROUND_FIELDS, **{k: v for k, v in OPTIONAL_ROUND_FIELDS.items() if v[0] in record}}
+        values = {}
+        for name, (key, cast) in fields.items():
+            try:
+                values[name] = cast(record[key])
+            except (TypeError, ValueError, OverflowError) as err:
+                raise RoundConfigError(f"round config {key}={str(record[key])[:80]!r}: not a {cast.__name__}") from err
+        parsed = cls(**values)
         if parsed.item_rows not in wire.ITEM_ROW_MODES:
-            raise ValueError(f"round config asks for {wire.ITEM_ROWS}={parsed.item_rows!r}; this site knows "
-                             f"{', '.join(wire.ITEM_ROW_MODES)}")
+            raise RoundConfigError(f"round config asks for {wire.ITEM_ROWS}={parsed.item_rows!r}; this site knows "
+                                   f"{', '.join(wire.ITEM_ROW_MODES)}")
+        check_training_id(parsed.training_id)
+        if parsed.frozen_digest:
+            check_frozen_digest(parsed.frozen_digest)
         return parsed
 
 
@@ -76,16 +127,50 @@ class TrainingDivergedError(ValueError):
     """Training produced non-finite weights (NaN or inf): nothing trained this way should be sent or saved."""
 
 
-def build_global_model(round_cfg: RoundConfig, state: Mapping[str, torch.Tensor]) -> FedRecModel:
-    """The server's model, rebuilt from its config and weights."""
-    model = FedRecModel(FedRecConfig.from_dict(json.loads(round_cfg.model_config)))
-    wire.load_state(model, state)
+def build_global_model(round_cfg: RoundConfig, state: Mapping[str, torch.Tensor],
+                       max_parameters: int = MAX_MODEL_PARAMETERS) -> FedRecModel:
+    """The server's model, rebuilt from its config and weights once both pass the site's checks: the config
+    within `max_parameters` numbers (counted before anything is allocated), every tensor of the right shape
+    and dtype, all finite. Raises a GlobalModelError naming what is wrong."""
+    try:
+        config = FedRecConfig.from_dict(json.loads(round_cfg.model_config))
+        with torch.device("meta"):  # shapes and dtypes only: no memory, whatever size the config asks for
+            skeleton = FedRecModel(config)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, OverflowError) as err:
+        raise ModelMismatchError(f"the server's model config ({wire.MODEL_CONFIG}) cannot be built: {err}") from err
+    size = sum(t.numel() for t in skeleton.parameters()) + sum(t.numel() for t in skeleton.buffers())
+    if size > max_parameters:
+        raise ModelTooLargeError(f"the server's model config asks for {size:,} weights and buffers, over this site's "
+                                 f"max_model_parameters={max_parameters:,} (--max-model-parameters)")
+    check_global_state(skeleton.state_dict(), state)
+    model = FedRecModel(config)
+    try:
+        wire.load_state(model, state)
+    except (ValueError, RuntimeError) as err:
+        raise ModelMismatchError(f"the server's global weights: {err}") from err
     return model
 
 
+def check_global_state(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+    """Every tensor of the global state has the shape and dtype the model config gives it, and is finite
+    (missing and unexpected names are wire.load_state's to refuse)."""
+    wrong = [f"{name}: {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(expected[name].shape)} "
+             f"{expected[name].dtype}" for name, tensor in state.items()
+             if name in expected and (tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype)]
+    if wrong:
+        raise ModelMismatchError(f"the server's global weights do not fit its model config: {'; '.join(wrong[:5])}"
+                                 + (f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""))
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    if bad:
+        raise NonFiniteModelError(f"the server's global model holds NaN or infinite values in {', '.join(bad[:5])}"
+                                  + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+                                  + ": refusing it before training or spending any ε (a server-side problem)")
+
+
 def site_delta(site: SiteConfig, data: SiteData) -> float:
-    """The site's δ: configured, or 1 / its number of users."""
-    return site.delta if site.delta is not None else 1.0 / max(len(data.sequences), 1)
+    """The site's δ: configured, or default_delta of its number of users (a DP site's ledger keeps the δ it
+    started with: fl_client.enrolment)."""
+    return site.delta if site.delta is not None else default_delta(len(data.sequences))
 
 
 def evaluate_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
@@ -95,7 +180,7 @@ def evaluate_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
     well the averaged model fits them: the sites' own training loss is measured on their local models)."""
     data.catalog.check_matches(round_cfg.catalog_fingerprint)
     device = resolve_device(site.device)
-    model = build_global_model(round_cfg, state)
+    model = build_global_model(round_cfg, state, site.max_model_parameters)
     torch.nn.Module.to(model, device)  # scored where the batches go (a GPU site's batches are on its GPU)
     metrics = evaluate_model(model, data.sequences, "test", device=device)
     valid = evaluate_model(model, data.sequences, "valid", device=device)

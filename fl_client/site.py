@@ -1,7 +1,8 @@
 """A data site: its settings (from the SuperNode's node config), and its preprocessed data, cached on disk.
 
 Deployment starts a fresh client process for every message, so parsing and mapping the site's events is done
-once and cached next to the site's state; a changed events file or catalog invalidates the cache.
+once and cached next to the site's state, keyed by the SHA-256 of the data's content (never its name, size or
+time): a changed events file or catalog invalidates the cache, and a damaged cache is rebuilt.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +18,21 @@ from pathlib import Path
 import numpy as np
 
 from fl_client.dp_settings import ACCOUNTANTS, GRAD_SAMPLE_MODES, PrivacyConfig
+from fl_client.enrolment import open_site_ledger, site_lock
 from shared_model.adapters import load_dataset
 from shared_model.atomic import write_atomically
 from shared_model.catalog import ItemCatalog
 from shared_model.sequences import UserSequences, to_user_sequences
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed by the data's content hash
+MIN_USERS = 50  # fewer trainable users than this and a site refuses DP training (SiteConfig.min_users)
+MAX_MODEL_PARAMETERS = 50_000_000  # the largest global model a site builds by default (200 MB of float32)
+START_LOCK_TIMEOUT_S = 60.0  # fedrec-client's start waits this long for a round in progress on the same state dir
+
+
+class SiteStartError(ValueError):
+    """The site cannot take part as configured (no trainable users, too few for DP); it says what to change."""
 
 
 @dataclass
@@ -47,6 +57,8 @@ class SiteConfig:
     micro_batch_tokens: int = 8192  # (int) DP: padded positions per micro-batch (bounds this site's memory)
     micro_batch_users: int = 128  # (int) DP: users per micro-batch (per-user item-table gradients cost memory)
     cache_keep: int = 3  # (int) preprocessing caches and frozen-tensor copies kept, each kind: the latest used
+    min_users: int = MIN_USERS  # (int) fewer trainable users and the site refuses DP training (δ, noise vs signal)
+    max_model_parameters: int = MAX_MODEL_PARAMETERS  # (int) largest global model (weights + buffers) it builds
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:
@@ -56,6 +68,9 @@ class SiteConfig:
                              f"{self.grad_sample_mode!r}")
         if self.cache_keep < 1:
             raise ValueError(f"site cache_keep must be at least 1 (the copy in use), got {self.cache_keep}")
+        if self.min_users < 1 or self.max_model_parameters < 1:
+            raise ValueError(f"site min_users={self.min_users} and max_model_parameters={self.max_model_parameters} "
+                             "must be at least 1")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object]) -> SiteConfig:
@@ -96,22 +111,65 @@ class SiteData:
     sequences: UserSequences  # its `dropped` counts what preprocessing filtered
 
 
+def check_site_start(site: SiteConfig, data: SiteData, lock_timeout_s: float = START_LOCK_TIMEOUT_S) -> str:
+    """Refuse at start what would fail or be unsafe at round 1: no trainable users, fewer than `min_users` under
+    DP, a ledger that does not fit its state dir, a δ not below 1/#users. Enrols a new site. Returns a summary."""
+    check_users(site, data)
+    with site_lock(site.state_dir, lock_timeout_s):
+        ledger = open_site_ledger(site.state_dir, site.accountant, site.delta, len(data.sequences), dp=site.dp)
+    return (f"site {ledger.site_id} (ledger {ledger.path}: {len(ledger.entries)} rounds recorded, δ = "
+            f"{ledger.delta:.3g})")
+
+
+def check_users(site: SiteConfig, data: SiteData) -> None:
+    """SiteStartError for a site with no trainable users, or under DP fewer than `min_users`."""
+    trainable = len(data.sequences.trainable_users())
+    if trainable == 0:
+        raise SiteStartError(f"{site.data_path}: no trainable users: {len(data.sequences)} users after filtering "
+                             f"(dropped: {data.sequences.dropped or 'nothing'}), none with the 4+ events a training "
+                             "row needs; this site cannot take part")
+    if site.dp and trainable < site.min_users:
+        raise SiteStartError(f"{site.data_path}: {trainable} trainable users, below this site's min_users="
+                             f"{site.min_users} (--min-users) for DP training: with so few users the noise that "
+                             "protects each one drowns what they could teach the model, and δ must stay below "
+                             "1/#users. Pool data with another site, or run without DP only if no privacy claim "
+                             "is needed")
+
+
+def data_digest(path: str | Path) -> str:
+    """SHA-256 of the data's content, streamed: a file's bytes, or a folder's files (relative names and bytes)."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    for file in files:
+        digest.update(f"{file.relative_to(root) if root.is_dir() else ''}|{file.stat().st_size}|".encode())
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _cache_key(site: SiteConfig, catalog: ItemCatalog, num_time_buckets: int) -> str:
-    """Changes whenever the events file, the catalog or the preprocessing settings change."""
-    data = Path(site.data_path)
-    stat = data.stat()
-    parts = [str(CACHE_VERSION), str(data.resolve()), str(stat.st_size), str(stat.st_mtime_ns), site.data_format,
-             catalog.fingerprint, str(site.min_events), str(num_time_buckets)]
+    """Changes whenever the data's content, the catalog or the preprocessing settings change."""
+    parts = [str(CACHE_VERSION), data_digest(site.data_path), site.data_format, catalog.fingerprint,
+             str(site.min_events), str(num_time_buckets)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def load_site_data(site: SiteConfig, num_time_buckets: int = 32) -> SiteData:
-    """The site's sequences, from the cache when it is current, else parsed and cached."""
+    """The site's sequences, from the cache when it is current and intact, else parsed and cached."""
     catalog = ItemCatalog.load(site.catalog_path)
     cache = Path(site.state_dir) / f"sequences_{_cache_key(site, catalog, num_time_buckets)}.npz"
     if cache.exists():
-        cache.touch()  # in use: the last to be removed by keep_latest
-        return SiteData(catalog, _read_cache(cache))
+        try:
+            seqs = _read_cache(cache)
+        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
+            log.warning("%s: preprocessing cache is damaged (%s: %s); removed it, rebuilding from %s", cache,
+                        type(err).__name__, err, site.data_path)
+            cache.unlink(missing_ok=True)
+        else:
+            cache.touch()  # in use: the last to be removed by keep_latest
+            return SiteData(catalog, seqs)
     events = load_dataset(site.data_format, site.data_path)
     seqs = to_user_sequences(events, catalog, num_time_buckets=num_time_buckets, min_events=site.min_events)
     log.info("site %s; filtered while building sequences: %s", events.report.summary(), seqs.dropped or "nothing")

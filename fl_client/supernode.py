@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 
 from fl_client.dp_settings import ACCOUNTANTS, GRAD_SAMPLE_MODES
-from fl_client.site import SiteConfig, load_site_data
+from fl_client.lockdown import add_security_args, check_security_args, security_flags, warn_insecure
+from fl_client.site import MAX_MODEL_PARAMETERS, MIN_USERS, SiteConfig, check_site_start, load_site_data
+from shared_model.console import EXPECTED_ERRORS, console_command
 from shared_model.device import describe_device, resolve_device
 from shared_model.launch import (
     TomlValue,
@@ -36,10 +37,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--superlink", default="127.0.0.1:9092", help="the server's address HOST:PORT")
     parser.add_argument("--data", required=True, help="this site's events file (or folder for folder formats)")
     parser.add_argument("--catalog", required=True, help="the public catalog.json every site shares")
-    parser.add_argument("--state-dir", default="", help="privacy ledger, cache, replies (default: next to --data)")
+    parser.add_argument("--state-dir", required=True,
+                        help="this site's identity, privacy ledger, caches and replies (required, and kept for the "
+                             "site's lifetime: a new state dir is a new site whose ε starts from 0)")
     parser.add_argument("--format", default="events", help="events, movielens, s3rec or tianchi")
     parser.add_argument("--epsilon", type=float, default=8.0, help="total ε this site may spend over all rounds")
-    parser.add_argument("--delta", type=float, default=None, help="δ (default 1 / this site's number of users)")
+    parser.add_argument("--delta", type=float, default=None,
+                        help="δ, below 1/#users (default min(1e-5, 1/(10 · #users)) at the site's first start; "
+                             "fixed in its ledger from then on)")
+    parser.add_argument("--min-users", type=int, default=MIN_USERS,
+                        help="fewer trainable users and this site refuses DP training at start")
+    parser.add_argument("--max-model-parameters", type=int, default=MAX_MODEL_PARAMETERS,
+                        help="largest global model (weights + buffers) this site accepts from the server")
     parser.add_argument("--no-dp", action="store_true", help="train without DP (no privacy claim is made)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="per-user clipping bound C")
     parser.add_argument("--noise-multiplier", type=float, default=None,
@@ -59,10 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-events", type=int, default=3, help="users with fewer events are dropped (counted)")
     parser.add_argument("--port", type=int, default=9094, help="local port for this SuperNode's ClientApps")
     parser.add_argument("--rejoin-delay", type=float, default=5.0, help="seconds before rejoining a restarted server")
-    security = parser.add_mutually_exclusive_group(required=True)
-    security.add_argument("--insecure", action="store_true", help="plain HTTP (tests and trusted networks only)")
-    security.add_argument("--root-certificates", help="CA certificate (PEM) that signed the server's certificate")
-    return parser.parse_args(argv)
+    add_security_args(parser)
+    args = parser.parse_args(argv)
+    check_security_args(parser, args)
+    return args
 
 
 def site_config(args: argparse.Namespace) -> SiteConfig:
@@ -70,7 +79,9 @@ def site_config(args: argparse.Namespace) -> SiteConfig:
     data = Path(args.data).resolve()
     if not data.exists():
         raise FileNotFoundError(f"--data {args.data}: no such file or folder")
-    state_dir = Path(args.state_dir).resolve() if args.state_dir else data.parent / f".fedrec-{data.stem}"
+    # Required, never derived from the data file's name or place: the state dir holds the site's identity and
+    # ledger, and a renamed or moved data file must not start a new site with ε = 0.
+    state_dir = Path(args.state_dir).resolve()
     return SiteConfig(data_path=str(data), catalog_path=str(Path(args.catalog).resolve()), state_dir=str(state_dir),
                       data_format=args.format, dp=not args.no_dp, epsilon=args.epsilon, delta=args.delta,
                       max_grad_norm=args.max_grad_norm, noise_multiplier=args.noise_multiplier,
@@ -78,7 +89,8 @@ def site_config(args: argparse.Namespace) -> SiteConfig:
                       grad_sample_mode=args.grad_sample_mode,
                       secure_mode=args.secure_mode, device=args.device, min_events=args.min_events,
                       micro_batch_tokens=args.micro_batch_tokens, micro_batch_users=args.micro_batch_users,
-                      cache_keep=args.cache_keep)
+                      cache_keep=args.cache_keep, min_users=args.min_users,
+                      max_model_parameters=args.max_model_parameters)
 
 
 def node_config(site: SiteConfig) -> dict[str, TomlValue]:
@@ -88,10 +100,11 @@ def node_config(site: SiteConfig) -> dict[str, TomlValue]:
 
 
 def supernode_command(args: argparse.Namespace, config_path: Path) -> list[str]:
-    """The `flower-supernode` command line for this site."""
+    """The `flower-supernode` command line for this site: TLS, its key and the consortium's app-signing key
+    (its --trusted-entities file is written next to `config_path`), or --insecure."""
     command = [flower_command("flower-supernode"), "--superlink", args.superlink, "--port", str(args.port),
                "--node-config", str(config_path)]
-    return command + (["--insecure"] if args.insecure else ["--root-certificates", args.root_certificates])
+    return command + security_flags(args, config_path.parent)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,11 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     # force: importing opacus already configured the root logger (at WARNING), which hid these lines
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     args = parse_args(argv)
+    if args.insecure:
+        warn_insecure()
     site = site_config(args)
     data = load_site_data(site)  # parses, validates and caches now, so bad input fails before connecting
     log.info("site %s: %d users (%d trainable), %d items in the catalog; filtered: %s", site.data_path,
              len(data.sequences), len(data.sequences.trainable_users()), len(data.catalog.item_ids),
              data.sequences.dropped or "nothing")
+    log.info("%s", check_site_start(site, data))  # no users, too few for DP, a ledger that does not fit: refused
     log.info("training device: %s", describe_device(resolve_device(site.device)))  # a missing GPU fails here
     log.info("privacy: %s", f"DP-SGD per user, budget ε = {site.epsilon} over all rounds" if site.dp
              else "DP is OFF: this site's updates carry no privacy guarantee")
@@ -125,5 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         stop(supernode)
         stop_app_processes(args.port)
 
+
+# The console script: bad settings, files or a failed start are one paragraph (the traceback with --debug).
+cli = console_command("fedrec-client", main, expected=(*EXPECTED_ERRORS, RuntimeError))
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -1,8 +1,10 @@
 """`fedrec-server`: the server side of a real deployment in one command.
 
-It starts Flower's SuperLink, submits the fedrec app with `flwr run` (the ServerApp in fl_server.server_app),
-follows the run until it ends and leaves checkpoints, metrics, the report and the exported model in --out-dir.
-Run it again with the same --out-dir after a crash to continue from the last completed round.
+It starts Flower's SuperLink (locked down by default: TLS, only registered sites, only the signed app, Control
+API for this machine only; see fl_server.lockdown), registers the sites, submits the fedrec app with `flwr run`
+(the ServerApp in fl_server.server_app), follows the run until it ends and leaves checkpoints, metrics, the report
+and the exported model in --out-dir. Run it again with the same --out-dir after a crash to continue from the last
+completed round.
 """
 
 from __future__ import annotations
@@ -21,14 +23,23 @@ from typing import Any
 from flwr.common.config import parse_config_args
 
 from fl_server.config import server_config_from_run_config
+from fl_server.control import CONNECTION, flwr, local_host, write_connection
 from fl_server.initial_model import load_initial_model
+from fl_server.lockdown import (
+    add_security_args,
+    check_lockdown_files,
+    check_security_args,
+    security_flags,
+    warn_insecure,
+)
+from fl_server.sites import json_answer, register_all
 from fl_server.strategy import build_strategy
 from shared_model.catalog import ItemCatalog
+from shared_model.console import EXPECTED_ERRORS, console_command
 from shared_model.factory import create_model
-from shared_model.launch import exit_on_sigterm, flower_command, flower_env, start, stop, stop_app_processes, write_toml
+from shared_model.launch import exit_on_sigterm, flower_env, start, stop, stop_app_processes, write_toml
 
 log = logging.getLogger("fedrec-server")
-CONNECTION = "fedrec"  # the connection name in the CLI's config.toml
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,20 +58,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-config", action="append", default=[],
                         help="more settings, e.g. \"local-epochs=2 model.hidden-size=32\" (keys of "
                              "[tool.flwr.app.config] in pyproject.toml)")
-    parser.add_argument("--host", default="0.0.0.0", help="interface the SuperLink listens on")
+    parser.add_argument("--host", default="0.0.0.0",
+                        help="interface the SuperLink listens on (sites reach its Fleet API there; its Control and "
+                             "Runtime APIs answer only this machine)")
     parser.add_argument("--port", type=int, default=9092, help="the SuperLink's port (sites connect here)")
-    security = parser.add_mutually_exclusive_group(required=True)
-    security.add_argument("--insecure", action="store_true", help="plain HTTP (tests and trusted networks only)")
-    security.add_argument("--ssl-certfile", help="server TLS certificate (PEM); needs --ssl-keyfile/--ssl-ca-certfile")
-    parser.add_argument("--ssl-keyfile", help="server TLS private key (PEM)")
-    parser.add_argument("--ssl-ca-certfile", help="CA certificate (PEM) the sites trust")
+    add_security_args(parser)
     parser.add_argument("--stall-timeout", type=float, default=3600.0,
                         help="stop when no round completes for this many seconds (a site died, or too few "
                              "sites connected); completed rounds are kept for a resume")
     parser.add_argument("--app", default=str(PROJECT_ROOT), help="the Flower app directory (fedrec's source tree)")
     args = parser.parse_args(argv)
-    if args.ssl_certfile and not (args.ssl_keyfile and args.ssl_ca_certfile):
-        parser.error("--ssl-certfile needs --ssl-keyfile and --ssl-ca-certfile")
+    check_security_args(parser, args)
     return args
 
 
@@ -116,29 +124,11 @@ def run_overrides(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[st
 
 
 def superlink_command(args: argparse.Namespace) -> list[str]:
-    """`flower-superlink` for this deployment (no `uv sync` of the app's dependencies at run time)."""
-    command = [flower_command("flower-superlink"), "--host", args.host, "--port", str(args.port),
-               "--disable-runtime-dependency-installation"]
-    if args.insecure:
-        return [*command, "--insecure"]
-    return [*command, "--ssl-certfile", args.ssl_certfile, "--ssl-keyfile", args.ssl_keyfile,
-            "--ssl-ca-certfile", args.ssl_ca_certfile]
-
-
-def local_host(host: str) -> str:
-    """Where this machine reaches a SuperLink listening on `host` (a wildcard address is not dialable)."""
-    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
-
-
-def write_connection(flwr_home: Path, args: argparse.Namespace) -> None:
-    """The `flwr` CLI's connection to our SuperLink (Flower 1.41 keeps these in $FLWR_HOME/config.toml)."""
-    host = local_host(args.host)
-    values: dict[str, Any] = {"superlink.default": CONNECTION, f"superlink.{CONNECTION}.address": f"{host}:{args.port}"}
-    if args.insecure:
-        values[f"superlink.{CONNECTION}.insecure"] = True
-    else:
-        values[f"superlink.{CONNECTION}.root-certificates"] = str(Path(args.ssl_ca_certfile).resolve())
-    write_toml(flwr_home / "config.toml", values)
+    """Flower's `flower-superlink` behind fedrec's guards (fl_server.superlink_guard), with this deployment's
+    security options (no `uv sync` of the app's dependencies at run time)."""
+    signature = ["--app-signature", str(Path(args.app_signature).resolve())] if args.app_signature else []
+    return [sys.executable, "-m", "fl_server.superlink_guard", *signature, "--host", args.host, "--port",
+            str(args.port), "--disable-runtime-dependency-installation", *security_flags(args)]
 
 
 def wait_for_port(host: str, port: int, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
@@ -156,13 +146,17 @@ def wait_for_port(host: str, port: int, process: subprocess.Popen, timeout_s: fl
     raise TimeoutError(f"the SuperLink did not open {host}:{port} within {timeout_s:.0f} s")
 
 
-def flwr(args: list[str], env: dict[str, str], timeout_s: float = 120.0) -> str:
-    """Run the `flwr` CLI against our SuperLink and return its stdout (an error names the command)."""
-    done = subprocess.run([flower_command("flwr"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout_s, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"flwr {' '.join(args)} failed ({done.returncode}): {done.stdout}{done.stderr}")
-    return done.stdout
+def wait_for_control(env: dict[str, str], tries: int = 10) -> None:
+    """Block until the Control API answers the operator (the port opens a moment before it does)."""
+    for attempt in range(tries):
+        try:
+            command = ["ls", CONNECTION, "--format", "json"]
+            json_answer(flwr(command, env), command)  # `--format json` exits 0 on errors too: read the answer
+            return
+        except RuntimeError as err:
+            if attempt == tries - 1:
+                raise RuntimeError(f"the SuperLink's Control API did not answer over loopback: {err}") from err
+            time.sleep(2.0)
 
 
 def submit(app_dir: Path, run_config: Path, env: dict[str, str]) -> int:
@@ -170,8 +164,8 @@ def submit(app_dir: Path, run_config: Path, env: dict[str, str]) -> int:
     last_error: Exception | None = None
     for _ in range(5):  # the port can open a moment before the Control API answers
         try:
-            out = flwr(["run", str(app_dir), CONNECTION, "--format", "json", "--run-config", str(run_config)], env)
-            return int(json.loads(out)["run-id"])
+            command = ["run", str(app_dir), CONNECTION, "--format", "json", "--run-config", str(run_config)]
+            return int(json_answer(flwr(command, env), command)["run-id"])  # Flower's errors come as JSON
         except (RuntimeError, ValueError, KeyError) as err:
             last_error = err
             time.sleep(2.0)
@@ -236,10 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     app_dir = Path(args.app).resolve()
     defaults = app_defaults(app_dir)
     overrides = run_overrides(args, defaults)
+    if args.insecure:
+        warn_insecure()
+    else:
+        check_lockdown_files(args, app_dir)
     out_dir = Path(overrides["out-dir"])
     flower_dir = out_dir / "flower"
     env = flower_env({"FLWR_HOME": str(flower_dir / "cli")})
-    write_connection(flower_dir / "cli", args)
+    write_connection(flower_dir / "cli", args.host, args.port, None if args.insecure else args.ssl_ca_certfile)
     run_config = write_toml(flower_dir / "run_config.toml", overrides)
     exit_on_sigterm()
     superlink = start(superlink_command(args), flower_dir / "superlink.log",
@@ -247,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     run_id, status = 0, ""
     try:
         wait_for_port(args.host, args.port, superlink)
+        wait_for_control(env)
+        if args.sites:
+            register_all(Path(args.sites), flower_dir, env)
         log.info("SuperLink listening on %s:%d (log: %s); sites connect with "
                  "fedrec-client --superlink <this host>:%d", args.host, args.port, flower_dir / "superlink.log",
                  args.port)
@@ -279,5 +280,8 @@ def save_serverapp_log(run_id: int, env: dict[str, str], path: Path) -> None:
         log.warning("could not fetch the ServerApp log: %s", err)
 
 
+# The console script: bad settings, files or a failed start are one paragraph (the traceback with --debug).
+cli = console_command("fedrec-server", main, expected=(*EXPECTED_ERRORS, RuntimeError))
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

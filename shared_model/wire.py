@@ -13,7 +13,8 @@ import torch
 # The version of this protocol (the keys below, what each record holds, what the tensors mean). A server and a
 # site of different versions refuse each other with a message naming both, never a misread record. Bump it on
 # any change the other side would misread. 1: the first versioned protocol (frozen tensors sent once).
-VERSION = 1
+# 2: every site reply's NOTES also carries CATALOG_FINGERPRINT (the site's catalog), which the server checks.
+VERSION = 2
 
 # Record keys inside a Message's RecordDict.
 ARRAYS = "arrays"  # ArrayRecord: trainable weights, no Opacus `_module.`

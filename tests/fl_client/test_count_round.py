@@ -55,7 +55,7 @@ def test_a_site_declines_a_count_its_budget_cannot_pay_for(site):
     site = replace(site, epsilon=0.05, selection_noise=1.0)
     data = load_site_data(site)
     reply = count_round(site, data, query(data.catalog)[0])
-    assert reply.counts is None and "budget" in reply.declined and not site.ledger_path.exists()
+    assert reply.counts is None and "budget" in reply.declined and ledger_rounds(site) == []  # enrolled, nothing spent
 
 
 def test_the_count_and_every_planned_round_together_spend_the_budget(site):
@@ -65,7 +65,7 @@ def test_the_count_and_every_planned_round_together_spend_the_budget(site):
     model = build_global_model(cfg, state)
     model.select_most_counted_rows(counts)
     state = model.state_dict()
-    delta = 1.0 / len(data.sequences)
+    delta = PrivacyLedger(site.ledger_path, None).delta  # fixed at the site's enrolment
     assert plan_round(site, data, cfg, delta, counted=True)[0] > plan_round(site, data, cfg, delta)[0]
     for server_round in (1, 2):
         cfg, _ = query(data.catalog, server_round)

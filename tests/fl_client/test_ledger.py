@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fl_client.ledger import BudgetExceededError, PrivacyLedger, epsilon_of
+from fl_client.ledger import BudgetExceededError, LedgerError, PrivacyLedger, epsilon_of
 
 ROUND = [(1.0, 0.05, 40)]  # σ, sample rate, steps of one local training round
 DELTA = 1e-4
@@ -56,5 +56,6 @@ def test_the_same_round_cannot_be_recorded_twice(tmp_path):
 def test_changing_delta_for_an_existing_ledger_is_refused(tmp_path):
     path = tmp_path / "ledger.json"
     PrivacyLedger(path, DELTA).record("run-a", 1, ROUND)
-    with pytest.raises(ValueError, match="δ"):
+    with pytest.raises(LedgerError, match=f"{path}: ledger was kept for δ=0.0001"):
         PrivacyLedger(path, DELTA * 10)
+    assert PrivacyLedger(path, None).delta == DELTA  # None: the δ the ledger was started with

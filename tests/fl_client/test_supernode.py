@@ -1,13 +1,18 @@
 """fedrec-client's command line: the site's settings reach the SuperNode's node config unchanged."""
 
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from fl_client.lockdown import warn_insecure
 from fl_client.site import SiteConfig
 from fl_client.supernode import node_config, parse_args, site_config, supernode_command
+from shared_model.app_signature import trusted_entities
 from shared_model.device import describe_device, resolve_device
+from shared_model.key_files import make_signing_keys, make_site_keys
 from shared_model.launch import toml_text
 
 
@@ -16,9 +21,9 @@ def test_site_settings_round_trip_through_the_node_config_file(tmp_path):
     data.write_text("user_id,item_id\n")
     args = parse_args(["--insecure", "--data", str(data), "--catalog", "catalog.json", "--epsilon", "3",
                        "--superlink", "10.0.0.5:9092", "--port", "9200", "--accountant", "rdp",
-                       "--micro-batch-users", "32", "--cache-keep", "5"])
+                       "--micro-batch-users", "32", "--cache-keep", "5", "--state-dir", str(tmp_path / "my state")])
     site = site_config(args)
-    assert site.state_dir == str(tmp_path / ".fedrec-my events") and site.epsilon == 3.0 and site.delta is None
+    assert site.state_dir == str(tmp_path / "my state") and site.epsilon == 3.0 and site.delta is None
     assert (site.accountant, site.micro_batch_users, site.noise_multiplier, site.cache_keep) == ("rdp", 32, None, 5)
     parsed = tomllib.loads(toml_text(node_config(site)))
     assert SiteConfig.from_node_config(parsed) == site
@@ -26,22 +31,47 @@ def test_site_settings_round_trip_through_the_node_config_file(tmp_path):
     assert command[1:5] == ["--superlink", "10.0.0.5:9092", "--port", "9200"] and command[-1] == "--insecure"
 
 
-def test_no_dp_and_tls_are_passed_on(tmp_path):
+def test_no_dp_and_the_locked_down_options_are_passed_on(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     data = tmp_path / "e.csv"
     data.write_text("")
-    args = parse_args(["--root-certificates", "ca.pem", "--data", str(data), "--catalog", "c.json", "--no-dp",
+    key, _ = make_site_keys(tmp_path / "keys", "acme")
+    _, publisher = make_signing_keys(tmp_path / "keys")
+    args = parse_args(["--root-certificates", "ca.pem", "--auth-key", str(key), "--trusted-publisher",
+                       str(publisher), "--data", str(data), "--catalog", "c.json", "--state-dir", "s", "--no-dp",
                        "--delta", "1e-6", "--noise-multiplier", "1.5", "--grad-sample-mode", "ghost"])
     site = site_config(args)
     assert not site.dp and site.delta == 1e-6
     assert SiteConfig.from_node_config(tomllib.loads(toml_text(node_config(site)))) == site
-    assert supernode_command(args, tmp_path / "n.toml")[-2:] == ["--root-certificates", "ca.pem"]
+    command = supernode_command(args, tmp_path / "state" / "n.toml")
+    assert "--insecure" not in command
+    assert command[command.index("--root-certificates") + 1] == str(tmp_path / "ca.pem")  # absolute
+    assert command[command.index("--auth-supernode-private-key") + 1] == str(key)
+    entities = Path(command[command.index("--trusted-entities") + 1])
+    assert entities.parent == tmp_path / "state"  # next to the node config, in the site's state dir
+    assert yaml.safe_load(entities.read_text()) == trusted_entities(publisher)  # how Flower reads it
+    key.chmod(0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):  # a private key others may read is refused
+        supernode_command(args, tmp_path / "state" / "n.toml")
 
 
-def test_missing_data_and_missing_security_choice_are_refused(tmp_path):
+def test_missing_data_and_a_missing_or_partial_security_choice_are_refused(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match=r"nowhere\.csv"):
-        site_config(parse_args(["--insecure", "--data", str(tmp_path / "nowhere.csv"), "--catalog", "c.json"]))
+        site_config(parse_args(["--insecure", "--data", str(tmp_path / "nowhere.csv"), "--catalog", "c.json",
+                                "--state-dir", "s"]))
     with pytest.raises(SystemExit):  # neither --insecure nor --root-certificates: no silent plain HTTP
         parse_args(["--data", "x", "--catalog", "c.json"])
+    with pytest.raises(SystemExit):  # TLS alone is not the locked-down deployment
+        parse_args(["--root-certificates", "ca.pem", "--data", "x", "--catalog", "c.json", "--state-dir", "s"])
+    assert "needs ['--auth-key', '--trusted-publisher']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --insecure with a key: a contradiction, not a silent downgrade
+        parse_args(["--insecure", "--auth-key", "k", "--data", "x", "--catalog", "c.json", "--state-dir", "s"])
+
+
+def test_insecure_says_loudly_what_it_gives_up(capsys):
+    warn_insecure()
+    err = capsys.readouterr().err
+    assert err.startswith("!" * 100) and "runs ANY app" in err and "TLS" in err and "impostor" in err
 
 
 def test_unknown_accountant_or_gradient_mode_in_a_node_config_is_refused():

@@ -35,14 +35,16 @@ def free_ports(count: int) -> list[int]:
 
 
 def kill_server_side(server: subprocess.Popen, port: int) -> None:
-    """SIGKILL everything on the server side, as a crash would: fedrec-server, SuperLink, SuperExec, ServerApp."""
+    """SIGKILL everything on the server side, as a crash would: fedrec-server, SuperLink (behind fedrec's guard),
+    SuperExec, ServerApp."""
     os.killpg(server.pid, signal.SIGKILL)
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if any(n in text for n in ("flower-superlink", "flower-superexec", "flwr-serverapp")) and str(port) in text:
+        server_side = ("fl_server.superlink_guard", "flower-superlink", "flower-superexec", "flwr-serverapp")
+        if any(n in text for n in server_side) and str(port) in text:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(cmdline.parent.name), signal.SIGKILL)
     server.wait(10)

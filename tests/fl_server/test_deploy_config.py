@@ -6,6 +6,8 @@ import tomllib
 import pytest
 
 from fl_server.deploy import PROJECT_ROOT, app_defaults, parse_args, progress_line, run_overrides, superlink_command
+from fl_server.lockdown import warn_insecure
+from fl_server.superlink_guard import parse_args as guard_args
 from shared_model.catalog import ItemCatalog
 from shared_model.launch import toml_text
 
@@ -70,14 +72,34 @@ def test_an_initial_model_is_made_absolute_and_checked_against_the_run_before_an
         run_overrides(parse_args([*base, "--run-config", "initial-model='missing'"]), app_defaults(PROJECT_ROOT))
 
 
-def test_tls_needs_all_three_files_and_is_passed_to_the_superlink(tmp_path):
-    with pytest.raises(SystemExit):
-        parse_args(["--ssl-certfile", "c.pem", "--catalog", "c.json", "--out-dir", "o"])
+def test_the_locked_down_deployment_needs_all_its_parts_and_is_passed_to_the_superlink(tmp_path, monkeypatch,
+                                                                                        capsys):
+    monkeypatch.chdir(tmp_path)
+    base = ["--catalog", "c.json", "--out-dir", "o", "--port", "9300"]
+    with pytest.raises(SystemExit):  # TLS alone: no site registry, no app signature
+        parse_args(["--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem", "--ssl-ca-certfile", "ca.pem", *base])
+    assert "needs ['--sites', '--app-signature']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --insecure with TLS files: a contradiction, not a silent downgrade
+        parse_args(["--insecure", "--ssl-keyfile", "k.pem", *base])
     args = parse_args(["--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem", "--ssl-ca-certfile", "ca.pem",
-                       "--catalog", "c.json", "--out-dir", "o", "--port", "9300"])
+                       "--sites", "sites", "--app-signature", "app.sig", *base])
     command = superlink_command(args)
-    assert "--insecure" not in command and command[command.index("--ssl-keyfile") + 1] == "k.pem"
+    assert command[1:3] == ["-m", "fl_server.superlink_guard"]  # Flower's SuperLink behind fedrec's guards
+    assert "--insecure" not in command and "--enable-supernode-auth" in command
+    assert command[command.index("--ssl-keyfile") + 1] == str(tmp_path / "k.pem")
+    assert command[command.index("--app-signature") + 1] == str(tmp_path / "app.sig")
     assert "--disable-runtime-dependency-installation" in command  # never `uv sync` a CUDA torch at run time
+    ours, flowers = guard_args(command[3:])  # the guard keeps --app-signature, Flower gets the rest unchanged
+    assert ours.app_signature == str(tmp_path / "app.sig") and ours.host == "0.0.0.0"
+    assert "--app-signature" not in flowers and flowers[flowers.index("--port") + 1] == "9300"
+    insecure = superlink_command(parse_args(["--insecure", *base]))
+    assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure and "--app-signature" not in insecure
+
+
+def test_insecure_says_loudly_what_it_gives_up(capsys):
+    warn_insecure()
+    err = capsys.readouterr().err
+    assert err.startswith("!" * 100) and "ANY SuperNode" in err and "TLS" in err and "whatever app" in err
 
 
 def test_the_progress_line_names_privacy_and_the_sites_cost():

@@ -1,0 +1,137 @@
+"""What a site refuses before it trains or spends anything: a bad global model, unsafe ids and digests, too few
+users; and what it repairs or never trusts on its own disk: a damaged cache, a kept reply that would run code."""
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from fl_client.enrolment import LEDGER_FILE
+from fl_client.federated import load_reply, reply_path, train_round
+from fl_client.rounds import (
+    ModelMismatchError,
+    ModelTooLargeError,
+    NonFiniteModelError,
+    RoundConfig,
+    RoundConfigError,
+)
+from fl_client.site import SiteStartError, check_site_start, load_site_data
+from fl_client.supernode import parse_args
+from shared_model import wire
+from tests.fl_client.server_round import round_record
+
+
+def spent_rounds(site) -> list[int]:
+    path = Path(site.state_dir) / LEDGER_FILE
+    return [e["round"] for e in json.loads(path.read_text())["entries"]] if path.exists() else []
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_global_model_is_refused_before_any_epsilon_is_spent(site, value):
+    data = load_site_data(site)
+    record, state = round_record(data.catalog)
+    state["item_embeddings.weight"][3, 0] = value
+    with pytest.raises(NonFiniteModelError, match="before training or spending any ε"):
+        train_round(site, data, RoundConfig.from_record(record), state)
+    assert spent_rounds(site) == []
+
+
+def test_global_weights_of_the_wrong_shape_or_dtype_are_refused(site):
+    data = load_site_data(site)
+    record, state = round_record(data.catalog)
+    cfg = RoundConfig.from_record(record)
+    wide = {**state, "item_embeddings.weight": torch.zeros(state["item_embeddings.weight"].shape[0], 17)}
+    with pytest.raises(ModelMismatchError, match=r"item_embeddings\.weight"):
+        train_round(site, data, cfg, wide)
+    doubled = {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
+    with pytest.raises(ModelMismatchError, match="float64"):
+        train_round(site, data, cfg, doubled)
+    assert spent_rounds(site) == []
+
+
+def test_a_model_config_over_the_sites_bound_is_refused_before_it_is_built(site):
+    data = load_site_data(site)
+    record, state = round_record(data.catalog)
+    config = json.loads(record[wire.MODEL_CONFIG])
+    record[wire.MODEL_CONFIG] = json.dumps({**config, "hidden_size": 65536, "intermediate_size": 262144})
+    with pytest.raises(ModelTooLargeError, match="max_model_parameters"):  # would be tens of GB if allocated
+        train_round(site, data, RoundConfig.from_record(record), state)
+    small = replace(site, max_model_parameters=1000)
+    record, state = round_record(data.catalog)
+    with pytest.raises(ModelTooLargeError, match="1,000"):
+        train_round(small, data, RoundConfig.from_record(record), state)
+    assert spent_rounds(site) == []
+
+
+@pytest.mark.parametrize("key,value", [(wire.FROZEN_DIGEST, "../../victim"), (wire.FROZEN_DIGEST, "A" * 64),
+                                       (wire.FROZEN_DIGEST, "0" * 63), (wire.TRAINING_ID, "../../victim"),
+                                       (wire.TRAINING_ID, "Train-7"), (wire.TRAINING_ID, "a/b"),
+                                       (wire.SERVER_ROUND, "one")])
+def test_unsafe_ids_and_digests_from_the_server_are_refused_and_touch_no_file(site, tmp_path, key, value):
+    victim = tmp_path / "victim.safetensors"
+    victim.write_bytes(b"keep me")
+    data = load_site_data(site)
+    record, _ = round_record(data.catalog)
+    record[key] = value
+    with pytest.raises(RoundConfigError, match=key):
+        RoundConfig.from_record(record)
+    assert victim.read_bytes() == b"keep me"
+
+
+def test_a_site_without_trainable_users_or_below_the_dp_minimum_is_refused_at_start(site, tmp_path):
+    data = load_site_data(site)
+    with pytest.raises(SiteStartError, match="min_users=500"):
+        check_site_start(replace(site, min_users=500), data)
+    assert "rounds recorded" in check_site_start(replace(site, min_users=500, dp=False), data)  # no DP, no minimum
+    lonely = tmp_path / "lonely.csv"
+    lonely.write_text("user_id,item_id,timestamp\nu1,a,1700000000\nu1,b,1700000060\n")
+    empty = replace(site, data_path=str(lonely), state_dir=str(tmp_path / "lonely-state"), dp=False)
+    with pytest.raises(SiteStartError, match="no trainable users"):
+        check_site_start(empty, load_site_data(empty))
+
+
+def test_fedrec_client_needs_an_explicit_state_dir_so_renaming_the_data_keeps_the_ledger(site, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--insecure", "--data", site.data_path, "--catalog", site.catalog_path])
+    assert "--state-dir" in capsys.readouterr().err
+    data = load_site_data(site)
+    record, state = round_record(data.catalog, 1)
+    first = train_round(site, data, RoundConfig.from_record(record), state)
+    renamed = Path(site.data_path).rename(tmp_path / "renamed.csv")
+    moved = replace(site, data_path=str(renamed))
+    record, _ = round_record(data.catalog, 2)
+    second = train_round(moved, load_site_data(moved), RoundConfig.from_record(record), first.state)
+    assert spent_rounds(site) == [1, 2] and second.epsilon > first.epsilon
+
+
+def test_a_damaged_preprocessing_cache_is_rebuilt(site, caplog):
+    first = load_site_data(site)
+    cache = next(Path(site.state_dir).glob("sequences_*.npz"))
+    cache.write_bytes(cache.read_bytes()[:100])  # truncated, as a full disk or a killed write would leave it
+    with caplog.at_level(logging.WARNING):
+        again = load_site_data(site)
+    assert "damaged" in caplog.text and again.sequences.user_ids == first.sequences.user_ids
+    assert load_site_data(site).sequences.user_ids == first.sequences.user_ids  # and the rebuilt cache is read
+
+
+class Payload:
+    """Stands for code a tampered state file would run when unpickled."""
+
+    ran = False
+
+    def __reduce__(self):
+        return (Payload.mark, ())
+
+    @staticmethod
+    def mark() -> None:
+        Payload.ran = True
+
+
+def test_a_kept_reply_is_read_without_running_code_from_it(site):
+    path = reply_path(site, "train-7", 1)
+    path.parent.mkdir(parents=True)
+    torch.save({"state": {}, "payload": Payload()}, path)
+    assert load_reply(path) is None and not Payload.ran
