@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -28,6 +30,29 @@ class Checkpoint:
     optimiser_state: dict[str, Any]
     best_round: int
     best_score: float
+
+
+def to_tensors(value: Any) -> Any:
+    """NumPy arrays (the strategies' optimiser state) as tensors, in nested dicts and lists: what
+    torch.load(weights_only=True) reads back."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, dict):
+        return {k: to_tensors(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_tensors(v) for v in value]
+    return value
+
+
+def to_numpy(value: Any) -> Any:
+    """The inverse of to_tensors."""
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, dict):
+        return {k: to_numpy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_numpy(v) for v in value]
+    return value
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -63,8 +88,13 @@ class RunStore:
         if meta is None:
             return None
         folder = self.rounds / meta["folder"]
-        return Checkpoint(round=int(meta["round"]), state=load_file(folder / WEIGHTS),
-                          optimiser_state=torch.load(folder / "optimiser.pt", weights_only=False),
+        try:  # weights_only: a checkpoint never runs code (its arrays were saved as tensors)
+            optimiser_state = to_numpy(torch.load(folder / "optimiser.pt", weights_only=True))
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
+            raise ValueError(f"{folder / 'optimiser.pt'}: the server optimiser state cannot be read safely "
+                             f"({err}); a checkpoint of an older fedrec release cannot be resumed: start a new "
+                             "--out-dir") from err
+        return Checkpoint(round=int(meta["round"]), state=load_file(folder / WEIGHTS), optimiser_state=optimiser_state,
                           best_round=int(meta["best_round"]), best_score=float(meta["best_score"]))
 
     def best_state(self) -> dict[str, torch.Tensor] | None:
@@ -76,6 +106,10 @@ class RunStore:
              row: dict[str, Any], score: float | None) -> None:
         """Write round `server_round` atomically (folder rename, then the pointer), and the best model
         (`score`: the round's validation score; None for a round that was not evaluated)."""
+        bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+        if bad:  # a NaN model must never replace the last good checkpoint
+            raise ValueError(f"round {server_round}: the global model holds NaN or infinite values in {bad[:5]}; "
+                             f"not checkpointed (the last good round stays in {self.root})")
         previous = self._pointer()  # metadata only: no need to read the previous weights back
         best_round, best_score = (int(previous["best_round"]), float(previous["best_score"])) if previous \
             else (0, float("-inf"))
@@ -84,7 +118,7 @@ class RunStore:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, tmp / WEIGHTS)
-        torch.save(optimiser_state, tmp / "optimiser.pt")
+        torch.save(to_tensors(optimiser_state), tmp / "optimiser.pt")
         _write_json(tmp / "metrics.json", row)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)

@@ -13,7 +13,8 @@ from shared_model.factory import ModelConfig
 class StrategyConfig:
     """Which Flower strategy aggregates the sites' updates, and its knobs."""
 
-    name: str = "fedavg"  # (str) fedavg, fedprox, fedadam, fedyogi, fedavgm, fedtrimmedavg, fedmedian, krum
+    # (str) fedavg, fedprox, fedadam, fedyogi, fedavgm, fedtrimmedavg, fedmedian, krum, multikrum, bulyan
+    name: str = "fedavg"
     fraction_train: float = 1.0  # (float) share of connected sites asked to train each round
     fraction_evaluate: float = 1.0  # (float) share of connected sites asked to evaluate each round
     min_nodes: int = 2  # (int) sites that must be connected (and answer) before a round starts
@@ -26,6 +27,11 @@ class StrategyConfig:
     trim_beta: float = 0.2  # (float) FedTrimmedAvg: share cut from each end
     num_malicious: int = 0  # (int) Krum: sites assumed malicious
     item_rows: str = "average"  # (str) item-table rows: average, holders or counts (FedAvg family, no DP)
+    num_selected: int = 2  # (int) MultiKrum: updates averaged after Krum's selection
+    norm_bound_factor: float = 10.0  # (float) drop updates longer than this times the round's median norm (0 = off)
+    max_update_norm: float = 0.0  # (float) drop updates longer than this L2 norm (0 = off)
+    max_site_users: int = 10_000_000  # (int) a reply claiming more users (num-examples) is dropped
+    max_failed_rounds: int = 3  # (int) stop after this many rounds in a row with no usable aggregate (0 = never)
 
 
 @dataclass

@@ -189,6 +189,8 @@ def progress_line(row: dict[str, Any], num_rounds: int) -> str:
         eps += f"; slowest site {cost['train_seconds_max']:.1f} s, peak {cost['peak_memory_mb_max']:,.0f} MB"
     silent = row.get("train_no_reply", 0)
     failed = f"{row.get('train_failures', 0)} failed" + (f", {silent} silent (round timeout)" if silent else "")
+    if row.get("dropped"):
+        failed += f", {row['dropped']} dropped ({row['dropped_reasons'][0]})"
     scores = (f"HR@10 {evaluation.get('hr@10', float('nan')):.4f} NDCG@10 {evaluation.get('ndcg@10', float('nan')):.4f}"
               if "central_eval" in row or "federated_eval" in row else "not evaluated (eval-every)")
     if row.get("starting_model"):

@@ -84,7 +84,7 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, A
     for r in rows:
         fed, central, priv = r.get("federated_eval", {}), r.get("central_eval", {}), r.get("privacy", {})
         left_out = len(r.get("item_rows", {}).get("left_out", []))  # trained, but sent unusable item weights
-        unusable = r.get("train_failures", 0) + left_out  # replied, but nothing to aggregate
+        unusable = r.get("train_failures", 0) + left_out + r.get("dropped", 0)  # replied, but nothing to aggregate
         failed = unusable + r.get("train_no_reply", 0)
         trained = r.get("train_replies", 0) - unusable - r.get("declined", 0)
         label = f"{r['round']} (start)" if r.get("starting_model") else r["round"]
@@ -92,7 +92,7 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, A
                      f"{_fmt(r.get('train', {}).get('train-loss'))} | {_fmt(fed.get(TRAIN_CE))} | "
                      f"{_fmt(fed.get('hr@10'))} | "
                      f"{_fmt(fed.get('ndcg@10'))} | {_fmt(central.get('hr@10'))} | {_fmt(priv.get('epsilon_max'))} |")
-    lines += item_rows_notes(rows) + trained_rows_note(summary.get("item_counts"))
+    lines += dropped_notes(rows) + item_rows_notes(rows) + trained_rows_note(summary.get("item_counts"))
     lines += cost_notes(rows)
     lines += ["", *final_metrics(rows, summary.get("best_round", 0)),
               "", "![accuracy](accuracy.png)", "", "![privacy](privacy.png)", ""]
@@ -134,6 +134,16 @@ def trained_rows_note(counts: dict[str, Any] | None) -> list[str]:
                 f"inside each site's ε above; {counts['sites_declined']} declined, {counts['sites_failed']} "
                 f"failed, {counts['sites_no_reply']} did not reply). The other items are scored through their "
                 "public features alone."]
+
+
+def dropped_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Every reply the server's checks dropped (fl_server.reply_checks) and every round left unchanged."""
+    lines = [f"- round {r['round']}: dropped {reason}" for r in rows for reason in r.get("dropped_reasons", [])]
+    lines += [f"- round {r['round']}: global model unchanged ({r['unusable']})" for r in rows if r.get("unusable")]
+    if not lines:
+        return []
+    return ["", "Replies dropped before aggregation (malformed, non-finite, another catalog, more users than "
+                "declared, or an update above the norm bound), counted as failed above:", *lines]
 
 
 def item_rows_notes(rows: list[dict[str, Any]]) -> list[str]:

@@ -76,6 +76,7 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
     model = create_model(cfg.model, catalog, cfg.has_timestamps, cache_dir=str(store.root / "cache"))
     strategy = build_strategy(cfg.strategy)
     strategy.item_row_names = model.item_row_parameters()
+    strategy.catalog_fingerprint = catalog.fingerprint  # a reply naming another catalog is dropped
     strategy.decay = Decay(cfg.decay_from_round, cfg.decay_lr, cfg.decay_server_lr)
     strategy.decay.check(strategy)
     if cfg.strategy.item_rows != "average" and not strategy.item_row_names:

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from statistics import median
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
+    Bulyan,
     FedAdam,
     FedAvg,
     FedAvgM,
@@ -20,6 +22,7 @@ from flwr.serverapp.strategy import (
     FedTrimmedAvg,
     FedYogi,
     Krum,
+    MultiKrum,
     Strategy,
 )
 
@@ -36,13 +39,19 @@ from fl_server.replies import (
     site_cost,
     training_metrics,
 )
+from fl_server.reply_checks import finite, norm_bound, reply_problem, update_norm
 from fl_server.schedule import Decay, learning_rates
 from shared_model import wire
 from shared_model.metrics import with_standard_errors
 
 log = logging.getLogger(__name__)
+
+
+class RoundsFailedError(RuntimeError):
+    """Too many rounds in a row produced no usable global model: the run stops, its checkpoints intact."""
+
 # Server-side optimiser state some strategies keep between rounds; checkpointed so a resume continues it.
-STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "shared_moments")
+STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "shared_moments", "declared_users", "accepted_norms")
 # Strategies that average (before a server step): row-weighted item tables work by pre-scaling their input.
 AVERAGING = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
 
@@ -79,6 +88,15 @@ class RoundHooks:
     round_rates: dict[str, float]  # this round's site lr (and server lr), for the round's log line
     asked: dict[str, int]  # sites sent this round's train / evaluate message (to count the silent ones)
     evaluated_rounds: Callable[[int], bool] | None = None  # which (global) rounds are evaluated; None: all
+    catalog_fingerprint: str = ""  # the run's catalog: a reply naming another is dropped
+    declared_users: dict[int, int]  # node -> the users it declared with its first accepted reply (checkpointed)
+    accepted_norms: list[float]  # medians of the accepted update norms of the last rounds (checkpointed)
+    norm_bound_factor: float = 0.0  # drop updates longer than this times the round's median norm (0 = off)
+    max_update_norm: float = 0.0  # drop updates longer than this (0 = off)
+    max_site_users: int = 10_000_000  # no reply may claim more users
+    max_failed_rounds: int = 3  # stop after this many rounds in a row without a usable aggregate (0 = never)
+    failed_rounds: int = 0
+    min_train_nodes: int  # Flower's: the fewest trained replies a round aggregates
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -130,10 +148,12 @@ class RoundHooks:
         replies = list(replies)
         self.note_frozen_held(replies)
         failures = [reason for m in replies if (reason := failure(m))]
-        answered = [(m, reply_metrics(m)) for m in replies if not failure(m)]
-        trained = [m for m, metrics in answered if metrics.get(wire.DECLINED, 0.0) == 0.0]
+        valid, dropped = self.checked([m for m in replies if not failure(m)])
+        answered = [(m, reply_metrics(m)) for m in valid]
+        trained, over_bound = self.within_norm_bound([m for m, metrics in answered if metrics[wire.DECLINED] == 0.0])
+        dropped += over_bound
         self.last_round = {"round": server_round + self.round_offset, "train_replies": len(replies),
-                           "train_failures": len(failures),
+                           "train_failures": len(failures), "dropped": len(dropped),
                            "declined": len(answered) - len(trained),
                            "bytes_to_each_site": self.bytes_sent, "frozen_sent_to": self.frozen_sent,
                            **getattr(self, "round_rates", {}),
@@ -150,6 +170,13 @@ class RoundHooks:
             self.last_round["declined_reasons"] = reasons
             log.warning("round %d: %d site(s) declined: %s", server_round + self.round_offset, len(reasons),
                         "; ".join(reasons))
+        if dropped:
+            self.last_round["dropped_reasons"] = dropped
+            log.warning("round %d: %d reply(ies) dropped before aggregation: %s", server_round + self.round_offset,
+                        len(dropped), "; ".join(dropped))
+            if len(trained) < self.min_train_nodes:
+                return self.unusable_round(server_round, f"{len(trained)} usable trained replies, fewer than "
+                                                         f"strategy.min_nodes={self.min_train_nodes}")
         if not trained:
             log.warning("round %d: no site trained; the global model is unchanged", server_round + self.round_offset)
             return None, None
@@ -159,8 +186,58 @@ class RoundHooks:
             if not trained:
                 return None, None
         arrays, metrics = super().aggregate_train(server_round + self.round_offset, trained)  # type: ignore[misc]
+        if arrays is not None and not all(finite(a.numpy()) for a in arrays.values()):
+            return self.unusable_round(server_round, "the aggregate holds NaN or infinite values")
+        self.failed_rounds = 0
         self.last_round["train"] = dict(metrics) if metrics is not None else {}
         return with_dtypes_of(arrays, self.round_start), metrics
+
+    def checked(self, replies: list[Message]) -> tuple[list[Message], list[str]]:
+        """The replies that pass fl_server.reply_checks, and the reasons of those that do not."""
+        if self.round_start is None:
+            raise RuntimeError("aggregate_train before configure_train: no round start weights to check against")
+        rows = self.trained_item_rows()[1]
+        valid, dropped = [], []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            problem = reply_problem(msg, self.round_start, self.catalog_fingerprint, self.declared_users.get(node),
+                                    self.max_site_users, rows)
+            if problem:
+                dropped.append(problem)
+            else:
+                valid.append(msg)
+        return valid, dropped
+
+    def within_norm_bound(self, trained: list[Message]) -> tuple[list[Message], list[str]]:
+        """The trained replies whose update norm is within this round's bound (see fl_server.reply_checks), and
+        the reasons of those above it; the accepted sites' user counts are pinned as their declared ones."""
+        assert self.round_start is not None
+        norms = [update_norm(m.content.array_records[wire.ARRAYS], self.round_start) for m in trained]
+        bound = norm_bound(norms, self.accepted_norms, self.norm_bound_factor, self.max_update_norm)
+        kept = [(m, n) for m, n in zip(trained, norms, strict=True) if n <= bound]
+        over = [f"node {m.metadata.src_node_id}: update norm {n:.4g} above this round's bound {bound:.4g}"
+                for m, n in zip(trained, norms, strict=True) if n > bound]
+        if kept:
+            self.accepted_norms = [*self.accepted_norms, median(n for _, n in kept)][-20:]
+        for msg, _ in kept:
+            node = msg.metadata.src_node_id
+            self.declared_users.setdefault(node, int(reply_metrics(msg)[wire.NUM_EXAMPLES]))
+        self.last_round["update_norms"] = {"median": median(norms) if norms else 0.0, "bound": bound,
+                                           "max_accepted": max((n for _, n in kept), default=0.0)}
+        return [m for m, _ in kept], over
+
+    def unusable_round(self, server_round: int, why: str) -> tuple[None, None]:
+        """Leave the global model unchanged; after `max_failed_rounds` such rounds in a row, stop the run (every
+        completed round is checkpointed: a resume continues from the last good one)."""
+        self.failed_rounds += 1
+        self.last_round["unusable"] = why
+        log.warning("round %d: %s; the global model is unchanged (%d such round(s) in a row)",
+                    server_round + self.round_offset, why, self.failed_rounds)
+        if self.max_failed_rounds and self.failed_rounds >= self.max_failed_rounds:
+            raise RoundsFailedError(f"stopping: {self.failed_rounds} rounds in a row produced no usable global model "
+                                    f"(last: {why}; dropped: {'; '.join(self.last_round.get('dropped_reasons', []))}). "
+                                    "The last good round is checkpointed; fix the sites and resume.")
+        return None, None
 
     def trained_item_rows(self) -> tuple[list[str], int]:
         """The per-item tensors this round trains and the item table's number of rows (none: [], 0)."""
@@ -286,9 +363,14 @@ def build_strategy(config: StrategyConfig) -> Any:
             base, extra = FedMedian, {}
         case "krum":
             base, extra = Krum, {"num_malicious_nodes": config.num_malicious}
+        case "multikrum":
+            base, extra = MultiKrum, {"num_malicious_nodes": config.num_malicious,
+                                      "num_nodes_to_select": config.num_selected}
+        case "bulyan":
+            base, extra = Bulyan, {"num_malicious_nodes": config.num_malicious}
         case _:
             raise ValueError(f"strategy.name {config.name!r} is not one of fedavg, fedprox, fedadam, fedyogi, "
-                             "fedavgm, fedtrimmedavg, fedmedian, krum")
+                             "fedavgm, fedtrimmedavg, fedmedian, krum, multikrum, bulyan")
     if config.item_rows not in wire.ITEM_ROW_MODES:
         raise ValueError(f"strategy.item_rows {config.item_rows!r} is not one of {', '.join(wire.ITEM_ROW_MODES)}")
     if config.item_rows != "average" and config.name not in AVERAGING:
@@ -302,4 +384,7 @@ def build_strategy(config: StrategyConfig) -> Any:
     strategy.asked = {}
     strategy.frozen = ArrayRecord()
     strategy.frozen_held = set()
+    strategy.declared_users, strategy.accepted_norms = {}, []
+    strategy.norm_bound_factor, strategy.max_update_norm = config.norm_bound_factor, config.max_update_norm
+    strategy.max_site_users, strategy.max_failed_rounds = config.max_site_users, config.max_failed_rounds
     return strategy

@@ -59,3 +59,11 @@ def test_report_says_which_item_rows_train_and_whose_counts_chose_them(tmp_path)
     assert "trained for 20 item rows only" in text and "item counts of 2 sites" in text and "1 declined" in text
     plain = write_report(tmp_path, ROWS, {"rounds": 2, "best_round": 2, "model_dir": "/m"}).read_text()
     assert "item rows only" not in plain
+
+
+def test_the_report_names_every_dropped_reply_and_unchanged_round(tmp_path):
+    rows = [{"round": 1, "train_replies": 3, "dropped": 1, "dropped_reasons": ["node 7: tensor w holds NaN"],
+             "unusable": "1 usable trained replies, fewer than strategy.min_nodes=2"}]
+    text = write_report(tmp_path, rows, {"rounds": 1}).read_text()
+    assert "round 1: dropped node 7: tensor w holds NaN" in text and "global model unchanged (1 usable" in text
+    assert "| 1 | 2 | 0 | 1 |" in text

@@ -119,9 +119,9 @@ def test_the_server_sends_frozen_tensors_until_a_site_says_it_keeps_them_and_aga
     def reply(node: int, held: str) -> Message:
         request = Message(content=RecordDict(), message_type="train", dst_node_id=node)
         content = RecordDict({wire.ARRAYS: ArrayRecord({"w": torch.zeros(3)}),
-                              wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 5.0, wire.DECLINED: 0.0}),
+                              wire.METRICS: MetricRecord(train_metrics(5)),
                               wire.NOTES: ConfigRecord({wire.WIRE_VERSION: wire.VERSION, wire.DECLINED_REASON: "",
-                                                        wire.FROZEN_HELD: held})})
+                                                        wire.CATALOG_FINGERPRINT: "", wire.FROZEN_HELD: held})})
         return Message(content=content, reply_to=request)  # a reply comes from the request's node
 
     assert ask([1, 2, 3]) == {1: True, 2: True, 3: True}
@@ -150,19 +150,29 @@ def item_rows_strategy(name: str, mode: str, start: dict, **knobs):
     return strategy
 
 
-def site_reply(state: dict, users: int, weights=None, moments=None):
+def train_metrics(users: float, declined: float = 0.0) -> dict[str, float]:
+    """Every metric a site's training reply carries (fl_client.federated.RoundReply.metrics)."""
+    return {wire.NUM_EXAMPLES: float(users), wire.TRAIN_LOSS: 1.0, wire.DP_ENABLED: 0.0, wire.EPSILON: 0.0,
+            wire.DELTA: 0.0, wire.DECLINED: declined, wire.TRAIN_SECONDS: 1.0, wire.PEAK_MEMORY_MB: 100.0}
+
+
+NODES = iter(range(100, 100_000))  # each reply from its own node (the server pins a node's declared users)
+
+
+def site_reply(state: dict, users: int, weights=None, moments=None, node: int | None = None):
     """A trained site's reply as the ClientApp builds it."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-    metrics = MetricRecord({wire.NUM_EXAMPLES: float(users), wire.TRAIN_LOSS: 1.0, wire.DP_ENABLED: 0.0,
-                            wire.EPSILON: 0.0, wire.DELTA: 0.0, wire.DECLINED: 0.0})
-    content = RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in state.items()}), wire.METRICS: metrics,
-                          wire.NOTES: ConfigRecord({wire.WIRE_VERSION: wire.VERSION, wire.DECLINED_REASON: ""})})
+    content = RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in state.items()}),
+                          wire.METRICS: MetricRecord(train_metrics(users)),
+                          wire.NOTES: ConfigRecord({wire.WIRE_VERSION: wire.VERSION, wire.DECLINED_REASON: "",
+                                                    wire.CATALOG_FINGERPRINT: ""})})
     if weights is not None:
         content[wire.ITEM_WEIGHTS] = ArrayRecord({wire.ITEM_WEIGHTS: Array(weights)})
     if moments is not None:
         content[wire.OPTIMIZER_STATE] = ArrayRecord({k: Array(v) for k, v in moments.items()})
-    return Message(content=content, message_type="train", dst_node_id=1)
+    request = Message(content=RecordDict(), message_type="train", dst_node_id=next(NODES) if node is None else node)
+    return Message(content=content, reply_to=request)
 
 
 def three_sites():
@@ -238,8 +248,8 @@ def test_a_site_without_usable_item_weights_is_left_out_and_named(serverapp_iden
                site_reply(local[1], users[1]), site_reply(local[2], users[2], np.ones(5, dtype=np.float32))]
     arrays, _ = strategy.aggregate_train(1, replies)
     report = strategy.last_round["item_rows"]
-    assert report["sites"] == 1 and len(report["left_out"]) == 2
-    assert "sent no item weights" in report["left_out"][0] and "shape (5,)" in report["left_out"][1]
+    assert report["sites"] == 1 and len(report["left_out"]) == 1 and "sent no item weights" in report["left_out"][0]
+    assert "expected one finite vector of 4 rows" in strategy.last_round["dropped_reasons"][0]  # checked first
     np.testing.assert_allclose(arrays["w"].numpy(), local[0]["w"])  # only the usable site is averaged
 
 
