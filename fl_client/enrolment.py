@@ -70,12 +70,16 @@ def site_lock(state_dir: str | Path, timeout_s: float = LOCK_TIMEOUT_S, poll_s: 
 
 
 def earlier_rounds(state_dir: Path) -> list[str]:
-    """What in the state dir shows that this site took part in rounds before (empty for a fresh one)."""
+    """What in the state dir shows that this site took part in DP rounds before (empty for a fresh one).
+
+    Kept replies and σ plans are written by DP rounds only (a σ plan before every DP round's training, so it
+    is there even when the round was killed); optimiser states are not evidence: a site without DP keeps them
+    too, and turning DP on later must not look like a lost ledger."""
     found = []
-    for folder, what in (("replies", "kept round replies"), ("optimizer", "optimizer states")):
-        files = [p for p in (state_dir / folder).glob("*") if p.is_file()] if (state_dir / folder).is_dir() else []
-        if files:
-            found.append(f"{len(files)} {what} in {state_dir / folder}")
+    replies = state_dir / "replies"
+    files = [p for p in replies.glob("*") if p.is_file()] if replies.is_dir() else []
+    if files:
+        found.append(f"{len(files)} kept round replies in {replies}")
     if (state_dir / "sigma_plans.json").exists():
         found.append(f"σ plans in {state_dir / 'sigma_plans.json'}")
     return found

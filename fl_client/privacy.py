@@ -22,7 +22,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
-from fl_client.dp_settings import AccountantHistory, PrivacyConfig
+from fl_client.dp_settings import AccountantHistory, PrivacyConfig, default_delta
 from fl_client.secure_rng import secure_loader, use_secure_noise
 from shared_model.atomic import write_atomically
 
@@ -48,10 +48,10 @@ class PrivacySpent:
 
 
 def resolve_delta(config: PrivacyConfig, num_users: int) -> float:
-    """δ from the config, or 1/#users by default."""
+    """δ from the config, or default_delta(#users): the same rule as a federated site's, strictly below 1/#users."""
     if config.delta is not None:
         return config.delta
-    return 1.0 / max(num_users, 1)
+    return default_delta(num_users)
 
 
 def calibrate_noise(config: PrivacyConfig, sample_rate: float, steps: int, delta: float,

@@ -94,7 +94,7 @@ def site_config(args: argparse.Namespace) -> SiteConfig:
 
 
 def node_config(site: SiteConfig) -> dict[str, TomlValue]:
-    """The SuperNode's --node-config: SiteConfig in kebab case (δ left out when it defaults to 1/#users)."""
+    """The SuperNode's --node-config: SiteConfig in kebab case (δ left out when it takes the site's default)."""
     values = {f.name.replace("_", "-"): getattr(site, f.name) for f in fields(site)}
     return {key: value for key, value in values.items() if value is not None}
 

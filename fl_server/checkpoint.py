@@ -19,6 +19,13 @@ from safetensors.torch import load_file, save_file
 from shared_model.atomic import write_text_atomically
 
 WEIGHTS = "weights.safetensors"
+# What an optimiser.pt of an older fedrec (NumPy arrays, pickled) needs besides tensors: NumPy's array and
+# scalar reconstructors (named by how NumPy pickles them) and numeric dtypes only, so reading one still runs
+# no code (no object arrays, no other classes).
+NUMERIC_DTYPES = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+                  np.float16, np.float32, np.float64)
+NUMPY_GLOBALS: list[Any] = [np.zeros(1).__reduce__()[0], np.float64(0).__reduce__()[0], np.ndarray, np.dtype,
+                            *(type(np.dtype(kind)) for kind in NUMERIC_DTYPES)]
 
 
 @dataclass
@@ -33,10 +40,12 @@ class Checkpoint:
 
 
 def to_tensors(value: Any) -> Any:
-    """NumPy arrays (the strategies' optimiser state) as tensors, in nested dicts and lists: what
-    torch.load(weights_only=True) reads back."""
+    """NumPy arrays (the strategies' optimiser state) as tensors and NumPy scalars as Python numbers, in nested
+    dicts and lists: what torch.load(weights_only=True) reads back without any allow-list."""
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, np.generic):
+        return value.item()
     if isinstance(value, dict):
         return {k: to_tensors(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -53,6 +62,21 @@ def to_numpy(value: Any) -> Any:
     if isinstance(value, list):
         return [to_numpy(v) for v in value]
     return value
+
+
+def read_optimiser_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's server optimiser state, read with weights_only=True (a checkpoint never runs code); the
+    NumPy arrays of an older fedrec's checkpoint are allowed as plain numeric arrays. ValueError naming the
+    file when it holds anything else or is damaged."""
+    try:
+        with torch.serialization.safe_globals(NUMPY_GLOBALS):
+            state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
+        raise ValueError(f"{path}: the server optimiser state cannot be read safely ({err}); resume from another "
+                         "round's checkpoint or start a new out_dir") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: the server optimiser state is a {type(state).__name__}, not a dict")
+    return to_numpy(state)
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -88,13 +112,8 @@ class RunStore:
         if meta is None:
             return None
         folder = self.rounds / meta["folder"]
-        try:  # weights_only: a checkpoint never runs code (its arrays were saved as tensors)
-            optimiser_state = to_numpy(torch.load(folder / "optimiser.pt", weights_only=True))
-        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
-            raise ValueError(f"{folder / 'optimiser.pt'}: the server optimiser state cannot be read safely "
-                             f"({err}); a checkpoint of an older fedrec release cannot be resumed: start a new "
-                             "--out-dir") from err
-        return Checkpoint(round=int(meta["round"]), state=load_file(folder / WEIGHTS), optimiser_state=optimiser_state,
+        return Checkpoint(round=int(meta["round"]), state=load_file(folder / WEIGHTS),
+                          optimiser_state=read_optimiser_state(folder / "optimiser.pt"),
                           best_round=int(meta["best_round"]), best_score=float(meta["best_score"]))
 
     def best_state(self) -> dict[str, torch.Tensor] | None:

@@ -1,43 +1,66 @@
-"""What a site's training reply must be before it may touch the global model.
+"""What a site's training reply must be before it may touch the global model, and the rounds it leaves
+unusable.
 
-A reply is dropped, with a reason naming the node and the field, unless: its records are exactly the ones a
-site sends; its weights have exactly the round's tensor names, shapes and dtypes and are all finite; its
-metrics have exactly the expected keys, all finite; its catalog fingerprint is the run's; and (when it
-trained) its num-examples is a whole number from 1 to the site's declared user count and to
-`max_site_users`. A site declares its user count with the first num-examples the server accepts from it in
-a training (the server keeps that per node, across resumes); a later reply claiming more users is dropped,
-so a site cannot grow its weight in the average after the fact. Then the update norms: a trained reply whose
-update (its weights minus the round's start) is longer than `norm_bound_factor` times the median of the
-round's valid updates (of earlier rounds' medians when fewer than three sites are valid), or than
-`max_update_norm`, is dropped.
+A reply that has no error and speaks this server's wire version (fl_server.replies.failure) is still dropped,
+with a reason naming its node and the field or tensor, unless:
+- its records are exactly the ones a site sends (arrays, metrics, notes; item weights and optimiser moments
+  when present) and its notes name the run's catalog fingerprint (wire.CATALOG_FINGERPRINT);
+- its weights have exactly the round's tensor names, shapes and dtypes, all finite;
+- its metrics have exactly the keys of fl_client.federated.RoundReply.metrics, all finite, `declined` 0 or 1;
+- a declined reply reports 0 examples (it is counted, never averaged in); a trained one a whole number of
+  users from 1 to strategy.max_site_users and to the site's declared user count;
+- its per-item weights are one finite, non-negative vector over the item table's rows, and its optimiser
+  moments finite and shaped like the weights they belong to;
+- its update (its weights minus the round's start, L2 over every trainable tensor) is at most
+  `norm_bound_factor` times the median update of the round's otherwise valid replies (with fewer than
+  MIN_SITES_FOR_MEDIAN of those, the median of earlier rounds' accepted medians, when there are any) and at
+  most `max_update_norm` (each 0 = off).
+
+Declared user count: the first num-examples the server accepts from a node in a training pins that node's
+user count (kept in the strategy's checkpointed state, so a resume keeps it). A later reply claiming more
+users is dropped: a site cannot grow its weight in the average after the fact. The first claim itself is
+bounded only by strategy.max_site_users, so set that near the largest site's real size. A site whose data
+really grew has to start a new training (a new out_dir) to weigh in with the new count.
+
+A round whose replies leave fewer than strategy.min_nodes usable sites (when any was dropped or failed), or
+whose aggregate is not finite, leaves the global model unchanged; `max_failed_rounds` such rounds in a row
+stop the run (RoundsFailedError) once the unchanged model of the last one is checkpointed.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from statistics import median
-from typing import cast
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from fl_server.config import StrategyConfig
+from fl_server.replies import reply_metrics
 from shared_model import wire
 
+log = logging.getLogger(__name__)
 TRAIN_METRICS = frozenset({wire.NUM_EXAMPLES, wire.TRAIN_LOSS, wire.DP_ENABLED, wire.EPSILON, wire.DELTA,
                            wire.DECLINED, wire.TRAIN_SECONDS, wire.PEAK_MEMORY_MB})
 TRAIN_RECORDS = frozenset({wire.ARRAYS, wire.METRICS, wire.NOTES})
 OPTIONAL_RECORDS = frozenset({wire.ITEM_WEIGHTS, wire.OPTIMIZER_STATE})
 MIN_SITES_FOR_MEDIAN = 3  # with fewer valid updates, one attacker moves the median: earlier rounds' is used
+KEPT_NORMS = 20  # earlier rounds' accepted medians kept (checkpointed) for rounds with too few sites
+# Evaluate metrics that are means of per-user values in [0, 1] (shared_model.metrics.RankingMetrics: hr@k,
+# ndcg@k, mrr@k, mrr, and their second moments "<name>:m2"; validation NDCG@10).
+RANKING_PREFIXES = ("hr@", "ndcg@", "mrr", wire.VALID_NDCG10)
+REASONS_SHOWN = 3  # dropped replies named per round in the error that stops a run (metrics.jsonl has all)
+
+
+class RoundsFailedError(RuntimeError):
+    """Too many rounds in a row produced no usable global model: the run stops, its checkpoints intact."""
 
 
 def finite(values: np.ndarray) -> bool:
     """Whether every value is finite (integer arrays always are)."""
     return not np.issubdtype(values.dtype, np.floating) or bool(np.isfinite(values).all())
-
-
-def metric(msg: Message, key: str) -> float:
-    """One metric of a reply whose MetricRecord passed metrics_problem."""
-    return float(cast(float, msg.content.metric_records[wire.METRICS][key]))
 
 
 def metrics_problem(msg: Message) -> str:
@@ -48,11 +71,12 @@ def metrics_problem(msg: Message) -> str:
     keys = set(record)
     if keys != TRAIN_METRICS:
         return f"metric keys: missing {sorted(TRAIN_METRICS - keys)}, unexpected {sorted(keys - TRAIN_METRICS)}"
-    bad = [k for k, v in record.items() if not isinstance(v, int | float) or not math.isfinite(float(v))]
+    numbers = {k: float(v) for k, v in record.items() if isinstance(v, int | float) and math.isfinite(v)}
+    bad = sorted(set(record) - set(numbers))
     if bad:
         return f"metrics {bad} are not finite numbers"
-    if metric(msg, wire.DECLINED) not in (0.0, 1.0):
-        return f"{wire.DECLINED}={record[wire.DECLINED]} is neither 0 nor 1"
+    if numbers[wire.DECLINED] not in (0.0, 1.0):
+        return f"{wire.DECLINED}={numbers[wire.DECLINED]} is neither 0 nor 1"
     return ""
 
 
@@ -83,17 +107,34 @@ def arrays_problem(sent: ArrayRecord | None, start: ArrayRecord) -> str:
     return ""
 
 
-def optional_problem(msg: Message, rows: int) -> str:
+def moments_problem(moments: ArrayRecord, start: ArrayRecord) -> str:
+    """Why shared optimiser moments ("<param>:<moment>" and wire.MOMENTS_STEP) are unusable ("" when fine)."""
+    for key, array in moments.items():
+        values = array.numpy()
+        param = key.split(":", 1)[0]
+        if key == wire.MOMENTS_STEP:
+            expected: tuple[int, ...] | None = (1,)
+        else:
+            expected = tuple(start[param].shape) if ":" in key and param in start else None
+        if expected is None:
+            return f"{wire.OPTIMIZER_STATE}: {key} belongs to no trained tensor"
+        if tuple(values.shape) != expected:
+            return f"{wire.OPTIMIZER_STATE}: {key} has shape {tuple(values.shape)}, expected {expected}"
+        if not finite(values):
+            return f"{wire.OPTIMIZER_STATE}: {key} holds NaN or infinite values"
+    return ""
+
+
+def optional_problem(msg: Message, start: ArrayRecord, rows: int) -> str:
     """Why the per-item weights or optimiser moments a reply carries are unusable ("" when they are fine)."""
     weights = msg.content.array_records.get(wire.ITEM_WEIGHTS)
     if weights is not None:
-        values = [a.numpy() for a in weights.values()]
-        if set(weights) != {wire.ITEM_WEIGHTS} or (rows and values[0].shape != (rows,)) or not finite(values[0]):
-            return f"{wire.ITEM_WEIGHTS}: expected one finite vector of {rows} rows"
+        values = weights[wire.ITEM_WEIGHTS].numpy() if set(weights) == {wire.ITEM_WEIGHTS} else None
+        if values is None or values.ndim != 1 or (rows and values.shape != (rows,)) or not finite(values) \
+                or (values < 0).any():
+            return f"{wire.ITEM_WEIGHTS}: expected one finite, non-negative vector of {rows} rows"
     moments = msg.content.array_records.get(wire.OPTIMIZER_STATE)
-    if moments is not None and not all(finite(a.numpy()) for a in moments.values()):
-        return f"{wire.OPTIMIZER_STATE} holds NaN or infinite values"
-    return ""
+    return moments_problem(moments, start) if moments is not None else ""
 
 
 def reply_problem(msg: Message, start: ArrayRecord, fingerprint: str, declared: int | None, max_site_users: int,
@@ -109,10 +150,40 @@ def reply_problem(msg: Message, start: ArrayRecord, fingerprint: str, declared: 
     if not problem and said != fingerprint:
         problem = f"catalog fingerprint {said!r}, not this run's {fingerprint!r}"
     problem = problem or metrics_problem(msg) or arrays_problem(msg.content.array_records.get(wire.ARRAYS), start)
-    if not problem and metric(msg, wire.DECLINED) == 0.0:
-        examples = metric(msg, wire.NUM_EXAMPLES)
-        problem = examples_problem(examples, declared, max_site_users) or optional_problem(msg, item_rows)
+    if not problem:
+        metrics = reply_metrics(msg)
+        examples = metrics[wire.NUM_EXAMPLES]
+        if metrics[wire.DECLINED] == 1.0:
+            problem = f"declined, but {wire.NUM_EXAMPLES}={examples:g} (a declined reply reports 0)" if examples else ""
+        else:
+            problem = examples_problem(examples, declared, max_site_users) or optional_problem(msg, start, item_rows)
     return f"node {msg.metadata.src_node_id}: {problem}" if problem else ""
+
+
+def evaluation_problem(msg: Message, max_site_users: int) -> str:
+    """Why a (non-error, right-version) evaluate reply must not be pooled, naming its node ("" when it may be).
+    Its scores pick the exported best model, so: only the metrics a site sends (fl_client.rounds.evaluate_round),
+    all finite, users a whole number from 0 to max_site_users, and the ranking metrics (HR, NDCG, MRR and
+    their second moments) within [0, 1]. (A site of another catalog refuses to evaluate: an error reply.)"""
+    record = msg.content.metric_records.get(wire.METRICS)
+    if record is None:
+        return f"node {msg.metadata.src_node_id}: no {wire.METRICS!r} record"
+    numbers = {k: float(v) for k, v in record.items() if isinstance(v, int | float) and math.isfinite(v)}
+    users = numbers.get(wire.NUM_EXAMPLES)
+    ranking = [k for k in numbers if k.split(":", 1)[0].startswith(RANKING_PREFIXES)]
+    unknown = sorted(set(numbers) - set(ranking) - {wire.NUM_EXAMPLES, wire.TRAIN_CE})
+    outside = [k for k in ranking if not 0.0 <= numbers[k] <= 1.0]
+    if len(numbers) < len(record):
+        problem = f"metrics {sorted(set(record) - set(numbers))} are not finite numbers"
+    elif unknown:
+        problem = f"unexpected metrics {unknown}"
+    elif outside:
+        problem = f"metrics {outside} outside [0, 1]"
+    elif users is None or users != int(users) or not 0 <= users <= max_site_users:
+        problem = f"{wire.NUM_EXAMPLES}={users} is not a whole number of users from 0 to {max_site_users}"
+    else:
+        return ""
+    return f"node {msg.metadata.src_node_id}: {problem}"
 
 
 def update_norm(sent: ArrayRecord, start: ArrayRecord) -> float:
@@ -128,3 +199,101 @@ def norm_bound(norms: list[float], earlier: list[float], factor: float, max_norm
     if factor > 0 and reference:  # a zero median (no site moved) bounds nothing
         bound = min(bound, factor * reference)
     return bound
+
+
+def check_reply_settings(config: StrategyConfig) -> None:
+    """ValueError naming a reply-check or robust-aggregation setting that cannot work."""
+    if config.norm_bound_factor and config.norm_bound_factor < 1:
+        raise ValueError(f"strategy.norm_bound_factor={config.norm_bound_factor}: use 0 (off) or a factor >= 1 (below "
+                         "1, honest updates longer than the round's median would be dropped every round)")
+    for name in ("max_update_norm", "max_failed_rounds"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"strategy.{name}={getattr(config, name)} must be >= 0 (0 = off)")
+    for name in ("max_site_users", "num_selected"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"strategy.{name}={getattr(config, name)} must be >= 1")
+
+
+class ReplyGate:
+    """Mixin of the strategies (fl_server.strategy.RoundHooks): the checks above, per round, and the count of
+    rounds in a row that left the global model unchanged."""
+
+    round_start: ArrayRecord | None = None  # the global weights this round's training started from
+    last_round: dict[str, Any]
+    catalog_fingerprint: str = ""  # the run's catalog: a reply naming another is dropped
+    declared_users: dict[int, int]  # node -> the users it declared with its first accepted reply (checkpointed)
+    accepted_norms: list[float]  # medians of the accepted update norms of the last rounds (checkpointed)
+    norm_bound_factor: float = 0.0  # drop updates longer than this times the round's median norm (0 = off)
+    max_update_norm: float = 0.0  # drop updates longer than this (0 = off)
+    max_site_users: int = 10_000_000  # no reply may claim more users
+    max_failed_rounds: int = 3  # stop after this many rounds in a row without a usable aggregate (0 = never)
+    failed_rounds: int = 0  # rounds in a row that left the global model unchanged
+    failed_reasons: list[str]  # why, one line per such round
+
+    def set_reply_checks(self, config: StrategyConfig) -> None:
+        """Take the reply-check settings; no site has declared its users yet, no round has failed."""
+        self.norm_bound_factor, self.max_update_norm = config.norm_bound_factor, config.max_update_norm
+        self.max_site_users, self.max_failed_rounds = config.max_site_users, config.max_failed_rounds
+        self.declared_users, self.accepted_norms, self.failed_reasons = {}, [], []
+
+    def checked(self, replies: list[Message], item_rows: int) -> tuple[list[Message], list[str]]:
+        """The replies that pass reply_problem, and the reasons of those that do not."""
+        if self.round_start is None:
+            raise RuntimeError("aggregate_train before configure_train: no round start weights to check against")
+        valid, dropped = [], []
+        for msg in replies:
+            problem = reply_problem(msg, self.round_start, self.catalog_fingerprint,
+                                    self.declared_users.get(msg.metadata.src_node_id), self.max_site_users, item_rows)
+            if problem:
+                dropped.append(problem)
+            else:
+                valid.append(msg)
+        return valid, dropped
+
+    def within_norm_bound(self, trained: list[Message]) -> tuple[list[Message], list[str]]:
+        """The trained replies whose update norm is within this round's bound (norm_bound), and the reasons of
+        those above it; the norms go into the round's row, and the accepted sites' user counts are pinned as
+        their declared ones (see the module docstring)."""
+        assert self.round_start is not None
+        norms = [update_norm(m.content.array_records[wire.ARRAYS], self.round_start) for m in trained]
+        bound = norm_bound(norms, self.accepted_norms, self.norm_bound_factor, self.max_update_norm)
+        kept = [(m, n) for m, n in zip(trained, norms, strict=True) if n <= bound]
+        over = [f"node {m.metadata.src_node_id}: update norm {n:.4g} above this round's bound {bound:.4g}"
+                for m, n in zip(trained, norms, strict=True) if n > bound]
+        if kept:
+            self.accepted_norms = [*self.accepted_norms, median(n for _, n in kept)][-KEPT_NORMS:]
+        for msg, _ in kept:
+            self.declared_users.setdefault(msg.metadata.src_node_id, int(reply_metrics(msg)[wire.NUM_EXAMPLES]))
+        if norms:  # JSON has no infinity: an unbounded round says null
+            self.last_round["update_norms"] = {"median": median(norms), "max_accepted": max((n for _, n in kept),
+                                               default=0.0), "bound": bound if math.isfinite(bound) else None}
+        return [m for m, _ in kept], over
+
+    def unusable_round(self, global_round: int, why: str) -> tuple[None, None]:
+        """Leave the global model unchanged, say why (log and the round's row), and count the round."""
+        self.failed_rounds += 1
+        self.last_round["unusable"] = why
+        dropped = self.last_round.get("dropped_reasons", [])
+        shown = "; ".join(dropped[:REASONS_SHOWN]) + (f" and {len(dropped) - REASONS_SHOWN} more"
+                                                       if len(dropped) > REASONS_SHOWN else "")
+        self.failed_reasons = [*self.failed_reasons,
+                               f"round {global_round}: {why}" + (f" (dropped {shown})" if dropped else "")]
+        log.warning("round %d: %s; the global model is unchanged (%d such round(s) in a row)", global_round, why,
+                    self.failed_rounds)
+        return None, None
+
+    def round_succeeded(self) -> None:
+        """A round changed the global model: the count of failed rounds in a row starts again."""
+        self.failed_rounds, self.failed_reasons = 0, []
+
+    def raise_if_failing(self) -> None:
+        """Stop the run after `max_failed_rounds` unusable rounds in a row, naming why each failed. Called once
+        the round is checkpointed: the unchanged model of the last good round is on disk, and a resume
+        continues from it."""
+        if self.max_failed_rounds and self.failed_rounds >= self.max_failed_rounds:
+            raise RoundsFailedError(
+                f"stopping: {self.failed_rounds} rounds in a row left the global model unchanged "
+                f"(strategy.max_failed_rounds={self.max_failed_rounds}): {' | '.join(self.failed_reasons)}. The "
+                "model of the last good round is checkpointed and exported, and metrics.jsonl and report.md name "
+                "every dropped reply; fix or remove the sites named, then resume (rounds continue from the "
+                "checkpoint).")

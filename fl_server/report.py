@@ -139,11 +139,14 @@ def trained_rows_note(counts: dict[str, Any] | None) -> list[str]:
 def dropped_notes(rows: list[dict[str, Any]]) -> list[str]:
     """Every reply the server's checks dropped (fl_server.reply_checks) and every round left unchanged."""
     lines = [f"- round {r['round']}: dropped {reason}" for r in rows for reason in r.get("dropped_reasons", [])]
+    lines += [f"- round {r['round']}: evaluation not pooled: {reason}" for r in rows
+              for reason in r.get("evaluate_dropped_reasons", [])]
     lines += [f"- round {r['round']}: global model unchanged ({r['unusable']})" for r in rows if r.get("unusable")]
     if not lines:
         return []
     return ["", "Replies dropped before aggregation (malformed, non-finite, another catalog, more users than "
-                "declared, or an update above the norm bound), counted as failed above:", *lines]
+                "declared, or an update above the norm bound; training replies are counted as failed above), "
+                "and evaluations left out of the sites' scores (malformed, non-finite or out of range):", *lines]
 
 
 def item_rows_notes(rows: list[dict[str, Any]]) -> list[str]:

@@ -20,7 +20,7 @@ from fl_server.config import ServerConfig, server_config_from_run_config
 from fl_server.item_counts import choose_trained_rows
 from fl_server.report import write_report
 from fl_server.schedule import Decay
-from fl_server.strategy import build_strategy
+from fl_server.strategy import RoundsFailedError, build_strategy
 from shared_model import wire
 from shared_model.adapters import load_dataset
 from shared_model.catalog import ItemCatalog
@@ -112,6 +112,7 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         score = (validation_score(row) or 0.0) if evaluated else None
         store.save(local_round + done, model.state_dict(), strategy.optimiser_state(), row, score)
         log.info("round %s", json.dumps(row))
+        strategy.raise_if_failing()  # only now: the unchanged model of the last good round is on disk
         return MetricRecord(central) if central else None
 
     if done < cfg.num_rounds:
@@ -126,9 +127,13 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         if score_start:
             scored_start.update(score_starting_model(grid, strategy, store, model, trainable, train_config, cfg,
                                                      evaluate_centrally))
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable), num_rounds=cfg.num_rounds - done,
-                       timeout=cfg.round_timeout, train_config=train_config,
-                       evaluate_config=ConfigRecord(dict(train_config)), evaluate_fn=after_round)
+        try:
+            strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable), num_rounds=cfg.num_rounds - done,
+                           timeout=cfg.round_timeout, train_config=train_config,
+                           evaluate_config=ConfigRecord(dict(train_config)), evaluate_fn=after_round)
+        except RoundsFailedError as err:
+            export(store, model, catalog)  # the last good model, and a report naming every dropped reply
+            raise RoundsFailedError(f"{err} Run directory: {store.root}") from None
     return export(store, model, catalog)
 
 

@@ -1,12 +1,12 @@
 """Flower strategies for the recommender, with the per-round behaviour every one of them needs here:
-a round offset for resume, sites that declined (budget) or failed kept out of the aggregate, and a record
-of what each round received, including the sites' privacy reports."""
+a round offset for resume, sites that declined (budget), failed, or sent a reply that fails the checks of
+fl_server.reply_checks kept out of the aggregate, and a record of what each round received, including the
+sites' privacy reports and every reply dropped."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from statistics import median
 from typing import Any
 
 import numpy as np
@@ -39,21 +39,25 @@ from fl_server.replies import (
     site_cost,
     training_metrics,
 )
-from fl_server.reply_checks import finite, norm_bound, reply_problem, update_norm
+from fl_server.reply_checks import (
+    ReplyGate,
+    RoundsFailedError,
+    check_reply_settings,
+    evaluation_problem,
+    finite,
+)
 from fl_server.schedule import Decay, learning_rates
 from shared_model import wire
 from shared_model.metrics import with_standard_errors
 
 log = logging.getLogger(__name__)
-
-
-class RoundsFailedError(RuntimeError):
-    """Too many rounds in a row produced no usable global model: the run stops, its checkpoints intact."""
-
+__all__ = ["RoundHooks", "RoundsFailedError", "build_strategy"]
 # Server-side optimiser state some strategies keep between rounds; checkpointed so a resume continues it.
 STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "shared_moments", "declared_users", "accepted_norms")
 # Strategies that average (before a server step): row-weighted item tables work by pre-scaling their input.
 AVERAGING = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
+# What a server step (FedAdam, FedYogi, FedAvgM) or moment sharing changes: put back when its aggregate is unusable.
+STEP_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "current_arrays", "shared_moments")
 
 
 def with_dtypes_of(arrays: ArrayRecord | None, reference: ArrayRecord | None) -> ArrayRecord | None:
@@ -70,7 +74,7 @@ def with_dtypes_of(arrays: ArrayRecord | None, reference: ArrayRecord | None) ->
                         for k, v in arrays.items()})
 
 
-class RoundHooks:
+class RoundHooks(ReplyGate):
     """Mixin over a Flower FedAvg-family strategy (see module docstring)."""
 
     round_offset: int = 0
@@ -82,20 +86,11 @@ class RoundHooks:
     frozen_sent: int = 0  # sites this round's train messages carried the frozen tensors to
     item_rows: str = "average"  # wire.ITEM_ROW_MODES: how the item table's rows are aggregated
     item_row_names: list[str]  # the model's per-item tensors (set by the server from its model)
-    round_start: ArrayRecord | None = None  # the global weights this round's training started from
     shared_moments: dict[str, np.ndarray] | None = None  # the sites' averaged optimiser moments, sent next round
     decay: Decay = Decay()  # from which round the sites' and the server's learning rates change
     round_rates: dict[str, float]  # this round's site lr (and server lr), for the round's log line
     asked: dict[str, int]  # sites sent this round's train / evaluate message (to count the silent ones)
     evaluated_rounds: Callable[[int], bool] | None = None  # which (global) rounds are evaluated; None: all
-    catalog_fingerprint: str = ""  # the run's catalog: a reply naming another is dropped
-    declared_users: dict[int, int]  # node -> the users it declared with its first accepted reply (checkpointed)
-    accepted_norms: list[float]  # medians of the accepted update norms of the last rounds (checkpointed)
-    norm_bound_factor: float = 0.0  # drop updates longer than this times the round's median norm (0 = off)
-    max_update_norm: float = 0.0  # drop updates longer than this (0 = off)
-    max_site_users: int = 10_000_000  # no reply may claim more users
-    max_failed_rounds: int = 3  # stop after this many rounds in a row without a usable aggregate (0 = never)
-    failed_rounds: int = 0
     min_train_nodes: int  # Flower's: the fewest trained replies a round aggregates
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -144,100 +139,69 @@ class RoundHooks:
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the sites that trained; declined and failed sites are counted, not averaged in."""
+        """Aggregate the sites that trained and whose replies pass every check (fl_server.reply_checks);
+        failed, declined and dropped replies are counted and named, never averaged in. With fewer usable
+        replies than min_nodes after a drop or failure, the global model stays unchanged."""
         replies = list(replies)
         self.note_frozen_held(replies)
+        label = server_round + self.round_offset
         failures = [reason for m in replies if (reason := failure(m))]
-        valid, dropped = self.checked([m for m in replies if not failure(m)])
-        answered = [(m, reply_metrics(m)) for m in valid]
-        trained, over_bound = self.within_norm_bound([m for m, metrics in answered if metrics[wire.DECLINED] == 0.0])
-        dropped += over_bound
-        self.last_round = {"round": server_round + self.round_offset, "train_replies": len(replies),
-                           "train_failures": len(failures), "dropped": len(dropped),
-                           "declined": len(answered) - len(trained),
+        self.last_round = {"round": label, "train_replies": len(replies), "train_failures": len(failures),
                            "bytes_to_each_site": self.bytes_sent, "frozen_sent_to": self.frozen_sent,
-                           **getattr(self, "round_rates", {}),
-                           "bytes_from_each_site": max((payload_bytes(m.content) for m, _ in answered), default=0),
-                           "privacy": privacy_report([metrics for _, metrics in answered]),
-                           "site_cost": site_cost([metrics for _, metrics in answered])}
+                           **getattr(self, "round_rates", {})}
         self.count_silent("train", server_round, len(replies))
-        if failures:
-            self.last_round["train_failure_reasons"] = failures
-            log.warning("round %d: %d site(s) failed to train: %s", server_round + self.round_offset, len(failures),
-                        "; ".join(failures))
-        reasons = [declined_reason(m) for m, metrics in answered if metrics.get(wire.DECLINED, 0.0) == 1.0]
-        if reasons:
-            self.last_round["declined_reasons"] = reasons
-            log.warning("round %d: %d site(s) declined: %s", server_round + self.round_offset, len(reasons),
-                        "; ".join(reasons))
-        if dropped:
-            self.last_round["dropped_reasons"] = dropped
-            log.warning("round %d: %d reply(ies) dropped before aggregation: %s", server_round + self.round_offset,
-                        len(dropped), "; ".join(dropped))
-            if len(trained) < self.min_train_nodes:
-                return self.unusable_round(server_round, f"{len(trained)} usable trained replies, fewer than "
-                                                         f"strategy.min_nodes={self.min_train_nodes}")
+        trained, dropped = self.usable_replies([m for m in replies if not failure(m)], failures)
+        if len(trained) < self.min_train_nodes and (dropped or (failures and not trained)):
+            return self.unusable_round(label, f"{len(trained)} usable trained replies ({len(dropped)} dropped, "
+                                              f"{len(failures)} failed), fewer than "
+                                              f"strategy.min_nodes={self.min_train_nodes}")
         if not trained:
-            log.warning("round %d: no site trained; the global model is unchanged", server_round + self.round_offset)
+            log.warning("round %d: no site trained; the global model is unchanged", label)
             return None, None
+        return self.aggregated(label, trained)
+
+    def usable_replies(self, answered: list[Message], failures: list[str]) -> tuple[list[Message], list[str]]:
+        """The replies that trained and pass every check, and the reasons of those dropped; the counts, the
+        privacy and cost reports and every reason go into the round's row, and the reasons into the log."""
+        valid, dropped = self.checked(answered, self.trained_item_rows()[1])
+        metrics = [reply_metrics(m) for m in valid]
+        declined = [m for m, x in zip(valid, metrics, strict=True) if x[wire.DECLINED] == 1.0]
+        trained, over_bound = self.within_norm_bound([m for m, x in zip(valid, metrics, strict=True)
+                                                      if x[wire.DECLINED] == 0.0])
+        dropped += over_bound
+        self.last_round.update({"dropped": len(dropped), "declined": len(declined),
+                                "bytes_from_each_site": max((payload_bytes(m.content) for m in valid), default=0),
+                                "privacy": privacy_report(metrics), "site_cost": site_cost(metrics)})
+        for key, reasons, what in (("train_failure_reasons", failures, "failed to train"),
+                                   ("declined_reasons", [declined_reason(m) for m in declined], "declined"),
+                                   ("dropped_reasons", dropped, "sent a reply dropped before aggregation")):
+            if reasons:
+                self.last_round[key] = reasons
+                log.warning("round %d: %d site(s) %s: %s", self.last_round["round"], len(reasons), what,
+                            "; ".join(reasons))
+        return trained, dropped
+
+    def aggregated(self, label: int, trained: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The base strategy's aggregate of the usable replies. When it has none, or one that is not finite
+        (a server step such as FedAdam's can overflow), the round is unusable: the global model and the
+        server optimiser state stay as they were."""
+        before = {name: getattr(self, name) for name in STEP_ATTRIBUTES if hasattr(self, name)}
         trained = self.with_moments_averaged(trained)
         if self.item_rows != "average":
             trained = self.with_item_rows_weighted(trained)
             if not trained:
-                return None, None
-        arrays, metrics = super().aggregate_train(server_round + self.round_offset, trained)  # type: ignore[misc]
-        if arrays is not None and not all(finite(a.numpy()) for a in arrays.values()):
-            return self.unusable_round(server_round, "the aggregate holds NaN or infinite values")
-        self.failed_rounds = 0
+                return self.unusable_round(label, "no trained site sent usable item weights")
+        arrays, metrics = super().aggregate_train(label, trained)  # type: ignore[misc]
+        problem = "" if arrays is not None and all(finite(a.numpy()) for a in arrays.values()) else \
+            "the aggregate holds NaN or infinite values" if arrays is not None else \
+            f"{type(self).__name__} aggregated nothing from {len(trained)} usable replies (see its log)"
+        if problem:
+            for name, value in before.items():
+                setattr(self, name, value)
+            return self.unusable_round(label, problem)
+        self.round_succeeded()
         self.last_round["train"] = dict(metrics) if metrics is not None else {}
         return with_dtypes_of(arrays, self.round_start), metrics
-
-    def checked(self, replies: list[Message]) -> tuple[list[Message], list[str]]:
-        """The replies that pass fl_server.reply_checks, and the reasons of those that do not."""
-        if self.round_start is None:
-            raise RuntimeError("aggregate_train before configure_train: no round start weights to check against")
-        rows = self.trained_item_rows()[1]
-        valid, dropped = [], []
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            problem = reply_problem(msg, self.round_start, self.catalog_fingerprint, self.declared_users.get(node),
-                                    self.max_site_users, rows)
-            if problem:
-                dropped.append(problem)
-            else:
-                valid.append(msg)
-        return valid, dropped
-
-    def within_norm_bound(self, trained: list[Message]) -> tuple[list[Message], list[str]]:
-        """The trained replies whose update norm is within this round's bound (see fl_server.reply_checks), and
-        the reasons of those above it; the accepted sites' user counts are pinned as their declared ones."""
-        assert self.round_start is not None
-        norms = [update_norm(m.content.array_records[wire.ARRAYS], self.round_start) for m in trained]
-        bound = norm_bound(norms, self.accepted_norms, self.norm_bound_factor, self.max_update_norm)
-        kept = [(m, n) for m, n in zip(trained, norms, strict=True) if n <= bound]
-        over = [f"node {m.metadata.src_node_id}: update norm {n:.4g} above this round's bound {bound:.4g}"
-                for m, n in zip(trained, norms, strict=True) if n > bound]
-        if kept:
-            self.accepted_norms = [*self.accepted_norms, median(n for _, n in kept)][-20:]
-        for msg, _ in kept:
-            node = msg.metadata.src_node_id
-            self.declared_users.setdefault(node, int(reply_metrics(msg)[wire.NUM_EXAMPLES]))
-        self.last_round["update_norms"] = {"median": median(norms) if norms else 0.0, "bound": bound,
-                                           "max_accepted": max((n for _, n in kept), default=0.0)}
-        return [m for m, _ in kept], over
-
-    def unusable_round(self, server_round: int, why: str) -> tuple[None, None]:
-        """Leave the global model unchanged; after `max_failed_rounds` such rounds in a row, stop the run (every
-        completed round is checkpointed: a resume continues from the last good one)."""
-        self.failed_rounds += 1
-        self.last_round["unusable"] = why
-        log.warning("round %d: %s; the global model is unchanged (%d such round(s) in a row)",
-                    server_round + self.round_offset, why, self.failed_rounds)
-        if self.max_failed_rounds and self.failed_rounds >= self.max_failed_rounds:
-            raise RoundsFailedError(f"stopping: {self.failed_rounds} rounds in a row produced no usable global model "
-                                    f"(last: {why}; dropped: {'; '.join(self.last_round.get('dropped_reasons', []))}). "
-                                    "The last good round is checkpointed; fix the sites and resume.")
-        return None, None
 
     def trained_item_rows(self) -> tuple[list[str], int]:
         """The per-item tensors this round trains and the item table's number of rows (none: [], 0)."""
@@ -308,11 +272,16 @@ class RoundHooks:
         replies = list(replies)
         self.note_frozen_held(replies)  # evaluate replies name no digest: only failures count here
         failures = [reason for m in replies if (reason := failure(m))]
-        answered = [m for m in replies if not failure(m)]
-        self.last_round["evaluate_failures"] = len(failures)
-        if failures:
-            log.warning("round %d: %d site(s) failed to evaluate: %s", server_round + self.round_offset,
-                        len(failures), "; ".join(failures))
+        checked = [(m, evaluation_problem(m, self.max_site_users))
+                   for m in replies if not failure(m)]
+        answered, dropped = [m for m, why in checked if not why], [why for _, why in checked if why]
+        self.last_round.update(evaluate_failures=len(failures), evaluate_dropped=len(dropped))
+        for key, reasons, what in (("evaluate_failure_reasons", failures, "failed to evaluate"),
+                                   ("evaluate_dropped_reasons", dropped, "sent an evaluation dropped unpooled")):
+            if reasons:
+                self.last_round[key] = reasons
+                log.warning("round %d: %d site(s) %s: %s", server_round + self.round_offset, len(reasons), what,
+                            "; ".join(reasons))
         self.count_silent("evaluate", server_round, len(replies))
         if not answered:
             return None
@@ -337,6 +306,7 @@ class RoundHooks:
 
 def build_strategy(config: StrategyConfig) -> Any:
     """The configured Flower strategy, with RoundHooks mixed in."""
+    check_reply_settings(config)  # before Flower's own checks: the error names the fedrec setting
     common: dict[str, Any] = {
         "fraction_train": config.fraction_train, "fraction_evaluate": config.fraction_evaluate,
         "min_train_nodes": config.min_nodes, "min_evaluate_nodes": config.min_nodes,
@@ -384,7 +354,5 @@ def build_strategy(config: StrategyConfig) -> Any:
     strategy.asked = {}
     strategy.frozen = ArrayRecord()
     strategy.frozen_held = set()
-    strategy.declared_users, strategy.accepted_norms = {}, []
-    strategy.norm_bound_factor, strategy.max_update_norm = config.norm_bound_factor, config.max_update_norm
-    strategy.max_site_users, strategy.max_failed_rounds = config.max_site_users, config.max_failed_rounds
+    strategy.set_reply_checks(config)
     return strategy

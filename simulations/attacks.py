@@ -37,9 +37,9 @@ class AttackConfig:
     def __post_init__(self) -> None:
         if self.kind not in ATTACKS:
             raise ValueError(f"attack.kind must be one of {', '.join(ATTACKS)}, got {self.kind!r}")
-        if self.num_sites < 0 or (self.kind != "none") != (self.num_sites > 0):
-            raise ValueError(f"attack.kind={self.kind} with attack.num_sites={self.num_sites}: set both "
-                             "(a kind other than none and num_sites > 0) or neither")
+        if self.num_sites < 0 or (self.kind != "none" and self.num_sites == 0):
+            raise ValueError(f"attack.kind={self.kind} with attack.num_sites={self.num_sites}: an attack needs "
+                             "num_sites > 0 (kind=none ignores num_sites, so a sweep can include the clean run)")
 
 
 def attackers(config: AttackConfig, num_sites: int) -> list[int]:

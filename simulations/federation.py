@@ -40,8 +40,15 @@ def write_sites(data: PreparedData, parts: Sequence[np.ndarray], root: Path, tem
         events = frame.loc[frame["user_id"].isin(user_ids)]
         path = site_dir / "events.parquet"
         events.to_parquet(path, index=False)
+        trainable = len(data.sequences.subset(users).trainable_users())
+        # Benchmark partitions are public data and often small (ML-100K by region: 18-170 users a site); a
+        # deployed site this small refuses DP (SiteConfig.min_users), a simulated one trains and says so.
+        min_users = template.min_users if trainable >= template.min_users else 1
+        if template.dp and min_users < template.min_users:
+            log.warning("site %d: %d trainable users, below the %d a deployed site needs for DP training "
+                        "(--min-users); simulated anyway", index, trainable, template.min_users)
         sites.append(replace(template, data_path=str(path), catalog_path=str(catalog_path),
-                             state_dir=str(site_dir / "state"), data_format="events"))
+                             state_dir=str(site_dir / "state"), data_format="events", min_users=min_users))
         log.info("site %d: %d users, %d events", index, len(user_ids), len(events))
     return sites
 

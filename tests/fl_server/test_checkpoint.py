@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,3 +69,55 @@ def test_best_state_is_none_before_the_first_round(tmp_path):
     store.save(1, state(1.0), {}, {"round": 1}, score=0.5)
     best = store.best_state()
     assert best is not None and torch.equal(best["output.weight"], torch.full((3, 2), 1.0))
+
+
+def test_a_non_finite_model_is_never_checkpointed_over_the_last_good_one(tmp_path):
+    store = RunStore(tmp_path)
+    good = {"w": torch.ones(3), "steps": torch.tensor([3])}
+    store.save(1, good, {"m_t": {"w": np.zeros(3, dtype=np.float32)}}, {"round": 1}, 0.5)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ValueError, match=r"round 2: .*NaN or infinite values in \['w'\]; not checkpointed"):
+            store.save(2, {"w": torch.tensor([1.0, bad, 0.0]), "steps": torch.tensor([4])}, {}, {"round": 2}, 0.9)
+    latest = store.latest()
+    assert latest.round == 1 and torch.equal(latest.state["w"], good["w"]) and latest.best_round == 1
+    assert [json.loads(line)["round"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not list((tmp_path / "rounds").glob("*round-0002*"))
+
+
+def test_the_optimiser_state_is_saved_as_tensors_and_read_back_as_numpy_with_weights_only(tmp_path):
+    store = RunStore(tmp_path)
+    state = {"m_t": {"w": np.arange(3, dtype=np.float32)}, "momentum_vector": [np.ones((2, 2))],
+             "declared_users": {7: 10, 2**63 + 5: 20}, "accepted_norms": [0.5, np.float64(0.7)]}
+    store.save(1, {"w": torch.ones(3)}, state, {"round": 1}, 0.5)
+    saved = torch.load(tmp_path / "rounds" / "round-0001" / "optimiser.pt", weights_only=True)  # no allow-list
+    assert isinstance(saved["m_t"]["w"], torch.Tensor)
+    restored = store.latest().optimiser_state
+    assert restored["m_t"]["w"].dtype == np.float32 and np.array_equal(restored["m_t"]["w"], np.arange(3))
+    assert restored["momentum_vector"][0].shape == (2, 2) and restored["declared_users"] == {7: 10, 2**63 + 5: 20}
+    assert restored["accepted_norms"] == [0.5, 0.7]
+
+
+def test_an_older_checkpoints_numpy_state_still_loads_but_a_pickle_that_runs_code_is_refused(tmp_path):
+    store = RunStore(tmp_path)
+    store.save(1, {"w": torch.ones(3)}, {}, {"round": 1}, 0.5)
+    path = tmp_path / "rounds" / "round-0001" / "optimiser.pt"
+    torch.save({"m_t": {"w": np.ones(3, dtype=np.float32)}, "v_t": {"w": np.zeros(3)}}, path)  # the old format
+    assert np.array_equal(store.latest().optimiser_state["m_t"]["w"], np.ones(3, dtype=np.float32))
+    torch.save({"m_t": RunsCode(tmp_path / "ran")}, path)
+    with pytest.raises(ValueError, match=r"optimiser.pt: the server optimiser state cannot be read safely"):
+        store.latest()
+    assert not (tmp_path / "ran").exists()
+    torch.save({"m_t": np.array([RunsCode(tmp_path / "ran")], dtype=object)}, path)  # hidden in an object array
+    with pytest.raises(ValueError, match="cannot be read safely"):
+        store.latest()
+    assert not (tmp_path / "ran").exists()
+
+
+class RunsCode:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))

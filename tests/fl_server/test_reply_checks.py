@@ -21,11 +21,13 @@ USERS = [10, 20, 30, 40]
 
 def strategy_for(name: str = "fedavg", **knobs):
     """A strategy as after configure_train (round start known), expecting the catalog fingerprint "cat"."""
-    strategy = build_strategy(StrategyConfig(name=name, min_nodes=2, **knobs))
+    strategy = build_strategy(StrategyConfig(**{"name": name, "min_nodes": 2, **knobs}))
     strategy.round_start = ArrayRecord({k: Array(v) for k, v in START.items()})
     strategy.catalog_fingerprint = ""
-    if name == "fedadam":
+    if name in ("fedadam", "fedyogi"):
         strategy.current_arrays = dict(START)  # as FedOpt keeps them
+    if name == "fedavgm":
+        strategy.current_arrays = strategy.round_start
     return strategy
 
 
@@ -76,7 +78,23 @@ BAD = {
                      "above this round's bound"),
     "no arrays": (lambda: drop_record(site_reply(GOOD[0], 10), wire.ARRAYS), "missing ['arrays']"),
     "unknown record": (lambda: add_record(site_reply(GOOD[0], 10)), "unexpected ['payload']"),
+    "declined with users": (lambda: with_metric(site_reply(GOOD[0], 10), wire.DECLINED, 1.0),
+                            "declined, but num-examples=10"),
+    "negative item weights": (lambda: site_reply(GOOD[0], 10, weights=np.array([1, -1], dtype=np.float32)),
+                              "non-negative vector"),
+    "misshapen moments": (lambda: site_reply(GOOD[0], 10, moments=moments(**{"w:exp_avg": np.zeros(4)})),
+                          "w:exp_avg has shape (4,), expected (3,)"),
+    "nan moments": (lambda: site_reply(GOOD[0], 10, moments=moments(**{"w:exp_avg": np.full(3, np.nan)})),
+                    "w:exp_avg holds NaN"),
+    "moments of no tensor": (lambda: site_reply(GOOD[0], 10, moments=moments(**{"v:exp_avg": np.zeros(3)})),
+                             "v:exp_avg belongs to no trained tensor"),
 }
+
+
+def moments(**changed):
+    """Optimiser moments of a site as fl_client.moments names them, with some entries replaced."""
+    named = {f"{k}:exp_avg": np.zeros_like(v) for k, v in START.items()}
+    return {**named, wire.MOMENTS_STEP: np.array([3.0], dtype=np.float32), **changed}
 
 
 def drop_record(reply, key):
@@ -104,9 +122,10 @@ def test_each_malformed_reply_is_dropped_with_its_reason_and_the_good_ones_aggre
     np.testing.assert_allclose(arrays["w"].numpy(), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedadam", "fedmedian", "fedtrimmedavg", "multikrum", "bulyan"])
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg",
+                                  "krum", "multikrum", "bulyan"])
 def test_a_nan_reply_never_reaches_any_strategys_global_model(serverapp_identity, name):
-    knobs = {"num_malicious": 1} if name in ("multikrum", "bulyan") else {}
+    knobs = {"num_malicious": 1} if name in ("krum", "multikrum", "bulyan") else {}
     strategy = strategy_for(name, **knobs)
     replies = [*good_replies(), *[site_reply(g, 10) for g in GOOD[:3]], BAD["nan weight"][0]()]
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -129,12 +148,29 @@ def test_too_few_usable_replies_leave_the_model_unchanged_and_repeated_failures_
     nan = BAD["nan weight"][0]
     for round_ in (1, 2):
         assert strategy.aggregate_train(round_, [site_reply(GOOD[0], 10), nan()]) == (None, None)
-        assert "fewer than strategy.min_nodes=2" in strategy.last_round["unusable"]
+        assert "1 usable trained replies (1 dropped, 0 failed), fewer than strategy.min_nodes=2" in \
+            strategy.last_round["unusable"]
+        strategy.raise_if_failing()  # not yet: max_failed_rounds=3
     assert strategy.aggregate_train(3, good_replies())[0] is not None and strategy.failed_rounds == 0
-    for round_ in (4, 5):
+    for round_ in (4, 5, 6):
+        strategy.raise_if_failing()
         strategy.aggregate_train(round_, [site_reply(GOOD[0], 10), nan()])
-    with pytest.raises(RoundsFailedError, match=r"3 rounds in a row .* NaN or infinite"):
-        strategy.aggregate_train(6, [site_reply(GOOD[0], 10), nan()])
+    with pytest.raises(RoundsFailedError, match=r"3 rounds in a row .*round 4: .*round 6: .* NaN or infinite"):
+        strategy.raise_if_failing()
+
+
+def test_a_round_where_every_site_failed_counts_as_failed_but_one_where_sites_declined_does_not(
+        serverapp_identity):
+    from flwr.app import Error, Message, RecordDict
+
+    strategy = strategy_for(max_failed_rounds=1)
+    declined = with_metric(with_metric(site_reply(START, 10), wire.DECLINED, 1.0), wire.NUM_EXAMPLES, 0.0)
+    assert strategy.aggregate_train(1, [declined]) == (None, None) and strategy.failed_rounds == 0
+    assert strategy.last_round["declined"] == 1 and strategy.last_round["dropped"] == 0
+    lost = Message(Error(code=4003, reason="lost"), reply_to=Message(RecordDict(), 3, "train"))
+    assert strategy.aggregate_train(2, [lost]) == (None, None)
+    with pytest.raises(RoundsFailedError, match="0 usable trained replies \\(0 dropped, 1 failed\\)"):
+        strategy.raise_if_failing()
 
 
 def test_a_non_finite_aggregate_is_not_used(serverapp_identity, monkeypatch):
@@ -149,12 +185,156 @@ def test_a_non_finite_aggregate_is_not_used(serverapp_identity, monkeypatch):
     assert "aggregate holds NaN" in strategy.last_round["unusable"]
 
 
-def test_a_non_finite_model_is_never_checkpointed_over_the_last_good_one(tmp_path):
-    store = RunStore(tmp_path)
-    good = {"w": torch.ones(3)}
-    store.save(1, good, {"m_t": {"w": np.zeros(3, dtype=np.float32)}}, {"round": 1}, 0.5)
-    with pytest.raises(ValueError, match="NaN or infinite values in \\['w'\\]"):
-        store.save(2, {"w": torch.tensor([1.0, float("nan"), 0.0])}, {}, {"round": 2}, 0.9)
+def test_each_rounds_update_norms_are_recorded_and_earlier_rounds_bound_a_round_of_few_sites(serverapp_identity):
+    strategy = strategy_for(min_nodes=1)
+    strategy.aggregate_train(1, good_replies())
+    norms = strategy.last_round["update_norms"]
+    honest = sorted(np.sqrt(sum(float(np.sum((g[k] - START[k]) ** 2)) for k in START)) for g in GOOD)
+    assert norms["median"] == pytest.approx((honest[1] + honest[2]) / 2)
+    assert norms["max_accepted"] == pytest.approx(honest[-1]) and norms["bound"] == pytest.approx(10 * norms["median"])
+    boosted = site_reply({k: START[k] + 30 * (GOOD[0][k] - START[k]) for k in START}, 10)
+    arrays, _ = strategy.aggregate_train(2, [site_reply(GOOD[1], 20), boosted])  # two sites: no median of their own
+    assert "above this round's bound" in strategy.last_round["dropped_reasons"][0]
+    np.testing.assert_allclose(arrays["w"].numpy(), GOOD[1]["w"], rtol=1e-6)
+    unbounded = strategy_for(norm_bound_factor=0.0)
+    unbounded.aggregate_train(1, [*good_replies(), boosted])
+    assert unbounded.last_round["update_norms"]["bound"] is None and unbounded.last_round["dropped"] == 0
+
+
+def test_an_absolute_update_norm_bound_drops_every_longer_update(serverapp_identity):
+    strategy = strategy_for(norm_bound_factor=0.0, max_update_norm=1e-6)
+    assert strategy.aggregate_train(1, good_replies()) == (None, None)
+    assert strategy.last_round["dropped"] == 4 and strategy.last_round["declined"] == 0
+    assert all("bound 1e-06" in reason for reason in strategy.last_round["dropped_reasons"])
+
+
+def test_a_strategy_that_aggregates_nothing_leaves_the_round_unusable(serverapp_identity):
+    strategy = strategy_for("bulyan", num_malicious=1)  # Bulyan needs 4 f + 3 = 7 replies
+    assert strategy.aggregate_train(1, good_replies()) == (None, None)
+    assert "aggregated nothing from 4 usable replies" in strategy.last_round["unusable"]
+    assert strategy.failed_rounds == 1
+
+
+def test_a_server_step_that_goes_non_finite_is_rolled_back(serverapp_identity, monkeypatch):
+    from flwr.serverapp.strategy import FedAdam
+
+    strategy = strategy_for("fedadam")
+    strategy.aggregate_train(1, good_replies())
+    moments_before = {k: v.copy() for k, v in strategy.m_t.items()}
+
+    def overflowing(self, server_round, replies):
+        self.m_t = {k: np.full_like(v, np.inf) for k, v in self.m_t.items()}
+        return ArrayRecord({k: Array(np.full_like(v, np.inf)) for k, v in START.items()}), None
+
+    monkeypatch.setattr(FedAdam, "aggregate_train", overflowing)
+    assert strategy.aggregate_train(2, good_replies()) == (None, None)
+    assert "aggregate holds NaN or infinite values" in strategy.last_round["unusable"]
+    assert all(np.array_equal(strategy.m_t[k], v) for k, v in moments_before.items())
+
+
+def test_declared_users_survive_a_checkpoint_and_resume(serverapp_identity, tmp_path):
+    strategy = strategy_for()
+    strategy.aggregate_train(1, [site_reply(g, u, node=50 + i) for i, (g, u) in enumerate(zip(GOOD, USERS,
+                                                                                              strict=True))])
+    RunStore(tmp_path).save(1, {"w": torch.ones(3)}, strategy.optimiser_state(), {"round": 1}, 0.1)
+    resumed = strategy_for()
+    resumed.restore_optimiser_state(RunStore(tmp_path).latest().optimiser_state)
+    assert resumed.declared_users == {50: 10, 51: 20, 52: 30, 53: 40} and len(resumed.accepted_norms) == 1
+    resumed.aggregate_train(2, [site_reply(GOOD[0], 11, node=50), *[site_reply(g, 20, node=51 + i)
+                                                                   for i, g in enumerate(GOOD[1:])]])
+    assert resumed.last_round["dropped_reasons"] == [
+        "node 50: num-examples=11 is above the 10 users this site declared earlier"]
+
+
+class TrainingGrid:
+    """Two sites: node 1 always trains honestly; node 2 honestly in round 1, then sends NaN weights."""
+
+    def __init__(self, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+
+    def get_node_ids(self):
+        return [1, 2]
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Message, MetricRecord, RecordDict
+
+        from tests.fl_server.test_strategy import train_metrics
+
+        replies = []
+        for msg in messages:
+            notes = ConfigRecord({wire.WIRE_VERSION: wire.VERSION, wire.DECLINED_REASON: "",
+                                  wire.CATALOG_FINGERPRINT: self.fingerprint})
+            if msg.metadata.message_type == "evaluate":
+                content = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 5, "hr@10": 0.1,
+                                                                  wire.VALID_NDCG10: 0.1}), wire.NOTES: notes})
+            else:
+                poisoned = msg.metadata.dst_node_id == 2 and msg.content.config_records["config"]["server-round"] > 1
+                sent = {k: a.numpy() + (np.nan if poisoned else 0.01)
+                        for k, a in msg.content.array_records[wire.ARRAYS].items()}
+                content = RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in sent.items()}),
+                                      wire.METRICS: MetricRecord(train_metrics(5)), wire.NOTES: notes})
+            replies.append(Message(content=content, reply_to=msg))
+        return replies
+
+
+def test_a_run_whose_rounds_keep_failing_stops_with_the_last_good_model_checkpointed(tmp_path, serverapp_identity):
+    import json
+
+    import fl_server.server_app as server_app
+    from fl_server.config import ServerConfig
+    from shared_model.catalog import ItemCatalog
+    from shared_model.factory import ModelConfig
+
+    catalog = ItemCatalog.from_items([f"i{k}" for k in range(20)])
+    catalog.save(tmp_path)
+    cfg = ServerConfig(out_dir=str(tmp_path / "run"), catalog_path=str(tmp_path / "catalog.json"), num_rounds=6,
+                       model=ModelConfig(hidden_size=8, max_len=5, item_features=[]),
+                       strategy=StrategyConfig(min_nodes=2, max_failed_rounds=2))
+    with pytest.raises(RoundsFailedError, match=r"2 rounds in a row .*round 2: .*round 3: .*node 2: tensor.*Run direc"):
+        server_app.run_server(TrainingGrid(catalog.fingerprint), cfg)  # type: ignore[arg-type]
+    store = RunStore(tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3] and "unusable" not in rows[0]
+    assert all("fewer than strategy.min_nodes=2" in r["unusable"] and r["dropped"] == 1 for r in rows[1:])
     latest = store.latest()
-    assert latest.round == 1 and torch.equal(latest.state["w"], good["w"])
-    assert isinstance(latest.optimiser_state["m_t"]["w"], np.ndarray)  # read back with weights_only=True
+    assert latest.round == 3 and latest.optimiser_state["declared_users"] == {1: 5, 2: 5}
+    good = json.loads((tmp_path / "run" / "rounds" / "round-0001" / "metrics.json").read_text())
+    assert good["train"] and all(torch.isfinite(t).all() for t in latest.state.values())
+    best = store.best_state()  # round 1 (the later rounds score no better): its weights are still the model's
+    assert latest.best_round == 1 and all(torch.equal(latest.state[k], t) for k, t in best.items())
+    assert "round 3: dropped node 2: tensor" in (tmp_path / "run" / "report.md").read_text()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"] == 3
+
+
+def evaluation(users, **scores):
+    """A site's evaluate reply with every key fl_client.rounds.evaluate_round sends (HR@10 of 0.2)."""
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from shared_model.metrics import RankingMetrics
+
+    ranking = RankingMetrics()
+    ranking.update(torch.tensor([0, 50, 50, 50, 50]))  # one user of five ranks the held-out item first
+    metrics = {**ranking.result(), wire.NUM_EXAMPLES: users, wire.VALID_NDCG10: 0.1, wire.TRAIN_CE: 4.0, **scores}
+    content = RecordDict({wire.METRICS: MetricRecord({k: v for k, v in metrics.items() if v is not None}),
+                          wire.NOTES: ConfigRecord({wire.WIRE_VERSION: wire.VERSION})})
+    return Message(content=content, reply_to=Message(RecordDict(), next(EVALUATORS), "evaluate"))
+
+
+EVALUATORS = iter(range(500, 10_000))
+
+
+def test_evaluations_that_could_pick_the_best_model_unfairly_are_dropped_unpooled(serverapp_identity):
+    strategy = strategy_for()
+    strategy.last_round = {}
+    replies = [evaluation(10), evaluation(30, **{"hr@10": 0.6}), evaluation(10, **{wire.VALID_NDCG10: 50.0}),
+               evaluation(10, **{"hr@10": float("nan")}), evaluation(10, bonus=1.0), evaluation(2.5),
+               evaluation(None), evaluation(int(1e12))]
+    strategy.aggregate_evaluate(1, replies)
+    assert strategy.last_round["evaluate_dropped"] == 6, strategy.last_round["evaluate_dropped_reasons"]
+    pooled = strategy.last_round["federated_eval"]
+    assert pooled["users"] == 40 and pooled["hr@10"] == pytest.approx((10 * 0.2 + 30 * 0.6) / 40)
+    assert strategy.last_round["evaluate_dropped"] == 6
+    reasons = strategy.last_round["evaluate_dropped_reasons"]
+    for says in ["['valid-ndcg@10'] outside [0, 1]", "['hr@10'] are not finite", "unexpected metrics ['bonus']",
+                 "num-examples=2.5 is not a whole number", "num-examples=None", "num-examples=1000000000000.0"]:
+        assert sum(says in reason for reason in reasons) == 1, says

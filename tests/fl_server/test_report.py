@@ -63,7 +63,9 @@ def test_report_says_which_item_rows_train_and_whose_counts_chose_them(tmp_path)
 
 def test_the_report_names_every_dropped_reply_and_unchanged_round(tmp_path):
     rows = [{"round": 1, "train_replies": 3, "dropped": 1, "dropped_reasons": ["node 7: tensor w holds NaN"],
-             "unusable": "1 usable trained replies, fewer than strategy.min_nodes=2"}]
+             "unusable": "1 usable trained replies, fewer than strategy.min_nodes=2",
+             "evaluate_dropped_reasons": ["node 8: metrics ['hr@10'] outside [0, 1]"]}]
     text = write_report(tmp_path, rows, {"rounds": 1}).read_text()
+    assert "round 1: evaluation not pooled: node 8: metrics ['hr@10'] outside [0, 1]" in text
     assert "round 1: dropped node 7: tensor w holds NaN" in text and "global model unchanged (1 usable" in text
     assert "| 1 | 2 | 0 | 1 |" in text

@@ -11,7 +11,7 @@ from shared_model import wire
 @pytest.mark.parametrize("name,base", [("fedavg", "FedAvg"), ("fedprox", "FedProx"), ("fedadam", "FedAdam"),
                                        ("fedyogi", "FedYogi"), ("fedavgm", "FedAvgM"),
                                        ("fedtrimmedavg", "FedTrimmedAvg"), ("fedmedian", "FedMedian"),
-                                       ("krum", "Krum")])
+                                       ("krum", "Krum"), ("multikrum", "MultiKrum"), ("bulyan", "Bulyan")])
 def test_every_strategy_is_built_from_flowers_own_class(name, base):
     strategy = build_strategy(StrategyConfig(name=name, min_nodes=3))
     assert base in [cls.__name__ for cls in type(strategy).__mro__]
@@ -29,8 +29,26 @@ def test_adaptive_server_optimisers_take_every_knob(name):
 
 
 def test_unknown_strategy_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="fedavg, fedprox"):
+    with pytest.raises(ValueError, match=r"fedavg, fedprox.*multikrum, bulyan"):
         build_strategy(StrategyConfig(name="fedsgd"))
+
+
+def test_robust_aggregation_and_reply_check_settings_reach_the_strategy_and_nonsense_is_refused():
+    config = server_config_from_run_config({"out-dir": "/abs/out", "catalog-path": "/abs/c.json",
+                                            "strategy.name": "multikrum", "strategy.num-malicious": 1,
+                                            "strategy.num-selected": 3, "strategy.norm-bound-factor": 4.0,
+                                            "strategy.max-update-norm": 2.5, "strategy.max-site-users": 900,
+                                            "strategy.max-failed-rounds": 5})
+    strategy = build_strategy(config.strategy)
+    assert (strategy.num_malicious_nodes, strategy.num_nodes_to_select) == (1, 3)
+    assert (strategy.norm_bound_factor, strategy.max_update_norm, strategy.max_site_users,
+            strategy.max_failed_rounds) == (4.0, 2.5, 900, 5)
+    for bad, says in [({"norm_bound_factor": 0.5}, "norm_bound_factor=0.5: use 0"),
+                      ({"max_update_norm": -1.0}, "max_update_norm=-1.0 must be >= 0"),
+                      ({"max_failed_rounds": -1}, "max_failed_rounds=-1"), ({"max_site_users": 0}, "max_site_users=0"),
+                      ({"name": "multikrum", "num_selected": 0}, "num_selected=0")]:
+        with pytest.raises(ValueError, match=says):
+            build_strategy(StrategyConfig(**bad))
 
 
 def test_privacy_report_takes_max_and_mean_over_dp_sites_only():
@@ -249,14 +267,14 @@ def test_a_site_without_usable_item_weights_is_left_out_and_named(serverapp_iden
     arrays, _ = strategy.aggregate_train(1, replies)
     report = strategy.last_round["item_rows"]
     assert report["sites"] == 1 and len(report["left_out"]) == 1 and "sent no item weights" in report["left_out"][0]
-    assert "expected one finite vector of 4 rows" in strategy.last_round["dropped_reasons"][0]  # checked first
+    assert "expected one finite, non-negative vector of 4 rows" in strategy.last_round["dropped_reasons"][0]
     np.testing.assert_allclose(arrays["w"].numpy(), local[0]["w"])  # only the usable site is averaged
 
 
 def test_item_rows_need_a_known_mode_and_an_averaging_strategy():
     with pytest.raises(ValueError, match="average, holders, counts"):
         build_strategy(StrategyConfig(item_rows="rows"))
-    for name in ("fedmedian", "fedtrimmedavg", "krum"):
+    for name in ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"):
         with pytest.raises(ValueError, match=f"{name} does not average"):
             build_strategy(StrategyConfig(name=name, item_rows="holders"))
 
