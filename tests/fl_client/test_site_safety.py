@@ -22,6 +22,7 @@ from fl_client.site import SiteStartError, check_site_start, load_site_data
 from fl_client.supernode import parse_args
 from shared_model import wire
 from tests.fl_client.server_round import round_record
+from tests.fl_client.test_site_boundaries import Payload
 
 
 def spent_rounds(site) -> list[int]:
@@ -115,19 +116,6 @@ def test_a_damaged_preprocessing_cache_is_rebuilt(site, caplog):
         again = load_site_data(site)
     assert "damaged" in caplog.text and again.sequences.user_ids == first.sequences.user_ids
     assert load_site_data(site).sequences.user_ids == first.sequences.user_ids  # and the rebuilt cache is read
-
-
-class Payload:
-    """Stands for code a tampered state file would run when unpickled."""
-
-    ran = False
-
-    def __reduce__(self):
-        return (Payload.mark, ())
-
-    @staticmethod
-    def mark() -> None:
-        Payload.ran = True
 
 
 def test_a_kept_reply_is_read_without_running_code_from_it(site):

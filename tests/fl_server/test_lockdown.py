@@ -184,6 +184,10 @@ def test_only_registered_sites_train_and_no_site_runs_a_stranger_app(tmp_path):
         wait_until(lambda: "submitted run" in (logs / "server.log").read_text() or server.poll() is not None, 300,
                    "fedrec-server did not submit its run")
         assert server.poll() is None, (logs / "server.log").read_text()[-3000:]
+        # As if Control were compromised: the operator's own CLI submits the rogue app. Every site refuses its FAB.
+        # (Submitted first, while fedrec's own run still keeps the SuperLink up.)
+        submitted = flwr_cli(tmp_path / "operator", f"127.0.0.1:{link}", ca, "run", str(rogue), "x")
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         # (a) A stranger holding the CA certificate, from another address: Control refuses them, whatever they ask.
         stranger = tmp_path / "stranger"
         for args in (["run", str(rogue), "x"], ["supernode", "register", str(keys[2][1]), "x"], ["ls", "x"]):
@@ -197,9 +201,6 @@ def test_only_registered_sites_train_and_no_site_runs_a_stranger_app(tmp_path):
         assert listed.returncode == 0, listed.stderr
         table = [line.split("\t") for line in listed.stdout.splitlines()]
         assert [row[0] for row in table] == ["site0", "site1"] and all(row[2].startswith("node ") for row in table)
-        # As if Control were compromised: the operator's own CLI submits the rogue app. Every site refuses its FAB.
-        submitted = flwr_cli(tmp_path / "operator", f"127.0.0.1:{link}", ca, "run", str(rogue), "x")
-        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         wait_until(lambda: all("FAB verification failed" in p.read_text() for p in client_log[:2]), 240,
                    "the registered sites never refused the rogue FAB")
         assert server.wait(500) == 0, (logs / "server.log").read_text()[-3000:]

@@ -7,6 +7,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from fl_client.dp_settings import default_delta
 from shared_model.serialization import load_model_dir
 from simulations.centralized import run_centralized
 from simulations.config import CentralizedConfig, register_schemas
@@ -55,7 +56,7 @@ def test_centralized_dp_run_reports_the_spent_budget_per_user(tmp_path):
     privacy = metrics["privacy"]
     assert privacy["dp"] is True and privacy["unit"] == "one user"
     assert privacy["epsilon"] == pytest.approx(3.0, rel=0.02)
-    assert privacy["delta"] == pytest.approx(1 / metrics["data"]["users"])
+    assert privacy["delta"] == pytest.approx(default_delta(metrics["data"]["users"]))
     assert "per user" in privacy["claim"]
     clipping = metrics["clipping"]  # asked for: the norms before clipping, labelled as outside the guarantee
     assert "not covered by the DP guarantee" in clipping["note"] and clipping["max_grad_norm"] == 1.0

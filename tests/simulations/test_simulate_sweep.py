@@ -13,7 +13,8 @@ import yaml
 from simulations.simulate import main
 
 TINY = ["data.synthetic.num_users=120", "data.synthetic.num_items=30", "model.hidden_size=16", "model.max_len=12",
-        "model.num_hidden_layers=1", "train.batch_size=32", "train.num_threads=1", "privacy.noise_multiplier=1.0",
+        "model.num_hidden_layers=1", "train.batch_size=32", "train.num_threads=1", "privacy.noise_multiplier=1.3",
+        "privacy.delta=0.01",  # σ 1.3 spends ε <= 3 at this δ (below 1/60, the sites' 1/#users)
         "federation.num_rounds=1", "partition=iid", "partition.num_partitions=2"]
 
 
