@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
+import socket
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -107,6 +110,72 @@ def supernode_command(args: argparse.Namespace, config_path: Path) -> list[str]:
     return command + security_flags(args, config_path.parent)
 
 
+def leftover_supernodes(config_path: Path) -> list[int]:
+    """Running SuperNodes started with this site's node config (Linux: reads /proc). A fedrec-client that was
+    killed (SIGKILL, the OOM killer) leaves its SuperNode running: it lives in a session of its own."""
+    wanted = [b"--node-config", str(config_path).encode()]
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        named = any(Path(a.decode(errors="replace")).name == "flower-supernode" for a in args[:3])
+        if named and any(args[i:i + 2] == wanted for i in range(len(args))) and process_alive(int(cmdline.parent.name)):
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def parent_command(pid: int) -> tuple[int, str]:
+    """The parent of `pid` and its command line (0 and "" once either is gone)."""
+    try:
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        return parent, Path(f"/proc/{parent}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, IndexError, ValueError):
+        return 0, ""
+
+
+def stop_leftover_supernodes(config_path: Path, port: int, grace_s: float = 10.0) -> None:
+    """Stop the SuperNode (with its SuperExec and ClientApps) an earlier, killed fedrec-client of this site left
+    running: it would serve the site with the old settings, and this one's SuperNode could not take --port.
+    A SuperNode whose fedrec-client still runs is another fedrec-client on this state dir: refused."""
+    for pid in leftover_supernodes(config_path):
+        parent, parent_line = parent_command(pid)
+        if "fedrec-client" in parent_line:
+            raise RuntimeError(f"another fedrec-client (pid {parent}) runs this site (node config {config_path}); "
+                               "stop it first: one state dir is one site, served by one fedrec-client")
+        log.warning("stopping SuperNode %d, left running by an earlier fedrec-client of this site", pid)
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # SIGTERM first: the SuperNode leaves the federation cleanly
+            try:
+                if os.getpgid(pid) == pid:  # started by fedrec-client: its group holds its SuperExec too
+                    os.killpg(pid, sig)
+                else:
+                    os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + grace_s
+            while process_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not process_alive(pid):
+                break
+    stop_app_processes(port)  # a ClientApp of the dead SuperNode that is still training
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the SuperNode binds it
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise RuntimeError(f"--port {port}: this site's SuperNode cannot listen there ({err.strerror}); another "
+                               "program uses it: give this site another --port") from err
+
+
 def main(argv: list[str] | None = None) -> int:
     """Check and cache the site's data, then run the SuperNode until it is stopped."""
     # force: importing opacus already configured the root logger (at WARNING), which hid these lines
@@ -126,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     state = Path(site.state_dir)
     config_path = write_toml(state / "node_config.toml", node_config(site))
     exit_on_sigterm()
+    stop_leftover_supernodes(config_path, args.port)
     command, env = supernode_command(args, config_path), {"FLWR_HOME": str(state / "flower")}
     supernode = start(command, env=env)
     try:

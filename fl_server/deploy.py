@@ -63,9 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "Runtime APIs answer only this machine)")
     parser.add_argument("--port", type=int, default=9092, help="the SuperLink's port (sites connect here)")
     add_security_args(parser)
-    parser.add_argument("--stall-timeout", type=float, default=3600.0,
-                        help="stop when no round completes for this many seconds (a site died, or too few "
-                             "sites connected); completed rounds are kept for a resume")
+    parser.add_argument("--stall-timeout", type=float, default=None,
+                        help="stop when no round completes for this many seconds (fewer sites than --min-sites "
+                             "connected: Flower waits for them without a deadline); at least 2 x round-timeout "
+                             "(default: the larger of 3600 and 3 x round-timeout); completed rounds are kept for "
+                             "a resume")
     parser.add_argument("--app", default=str(PROJECT_ROOT), help="the Flower app directory (fedrec's source tree)")
     args = parser.parse_args(argv)
     check_security_args(parser, args)
@@ -121,6 +123,20 @@ def run_overrides(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[st
     if config.initial_model:  # its catalog, its tensors and its frozen public tensors against this run's
         load_initial_model(model, catalog, config.initial_model)
     return overrides
+
+
+def stall_seconds(args: argparse.Namespace, round_timeout: float) -> float:
+    """Seconds without a completed round before the run is stopped. A site that dies mid-round costs its round
+    up to round-timeout for training and again for evaluation (the round then completes without it), so a
+    shorter stall timeout would stop a run that is only waiting out a dead site."""
+    if args.stall_timeout is None:
+        return max(3600.0, 3 * round_timeout)
+    if args.stall_timeout < 2 * round_timeout:
+        raise ValueError(f"--stall-timeout {args.stall_timeout:g} s is shorter than 2 x round-timeout "
+                         f"({2 * round_timeout:g} s): a round whose site died waits round-timeout for its training "
+                         "reply and again for its evaluation, and would be stopped as stalled; raise "
+                         "--stall-timeout or lower round-timeout")
+    return float(args.stall_timeout)
 
 
 def superlink_command(args: argparse.Namespace) -> list[str]:
@@ -216,9 +232,9 @@ def follow(run_id: int, env: dict[str, str], out_dir: Path, num_rounds: int, sta
             last_progress = time.monotonic()
         seen = max(seen, len(rows))
         if time.monotonic() - last_progress > stall_timeout:
-            log.error("no round completed for %.0f s (a site may have died, or fewer sites than strategy.min-nodes "
-                      "are connected); stopping run %d. Completed rounds are checkpointed: run fedrec-server "
-                      "again with the same --out-dir to resume.", stall_timeout, run_id)
+            log.error("no round completed for %.0f s (fewer sites than strategy.min-nodes are connected: a round "
+                      "waits for them without a deadline); stopping run %d. Completed rounds are checkpointed: run "
+                      "fedrec-server again with the same --out-dir to resume.", stall_timeout, run_id)
             flwr(["stop", str(run_id), CONNECTION], env)
             return "stalled"
     return status
@@ -232,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     app_dir = Path(args.app).resolve()
     defaults = app_defaults(app_dir)
     overrides = run_overrides(args, defaults)
+    stall_s = stall_seconds(args, float(overrides.get("round-timeout", defaults["round-timeout"])))
     if args.insecure:
         warn_insecure()
     else:
@@ -256,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         run_id = submit(app_dir, run_config, env)
         log.info("submitted run %d; outputs go to %s", run_id, out_dir)
         num_rounds = int(overrides.get("num-rounds", defaults["num-rounds"]))
-        status = follow(run_id, env, out_dir, num_rounds, args.stall_timeout)
+        status = follow(run_id, env, out_dir, num_rounds, stall_s)
     finally:
         if run_id:
             save_serverapp_log(run_id, env, flower_dir / "serverapp.log")
