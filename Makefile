@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU build of torch; a GPU user installs their CUDA build into the venv first (see README).
 TORCH ?= torch==2.13.0
+# pytest workers: the deployment tests mostly wait on their processes, so two workers halve the suite on 2 cores.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint
 
@@ -27,4 +29,4 @@ lint: install
 	$(BIN)/lint-imports
 
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS)
