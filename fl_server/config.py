@@ -27,7 +27,8 @@ class StrategyConfig:
     trim_beta: float = 0.2  # (float) FedTrimmedAvg: share cut from each end
     num_malicious: int = 0  # (int) Krum, MultiKrum, Bulyan: sites assumed malicious (Bulyan needs 4x+3 sites)
     item_rows: str = "average"  # (str) item-table rows: average, holders or counts (FedAvg family, no DP)
-    num_selected: int = 2  # (int) MultiKrum: updates averaged after Krum's selection
+    num_selected: int = 0  # (int) MultiKrum: updates averaged after Krum's selection; 0 = the round's usable
+    # replies less num_malicious (a site that drops out lowers it, so an attacker is still left out)
     norm_bound_factor: float = 10.0  # (float) drop updates longer than this times the round's median norm (0 = off)
     max_update_norm: float = 0.0  # (float) drop updates longer than this L2 norm (0 = off)
     max_site_users: int = 10_000_000  # (int) a reply claiming more users (num-examples) is dropped

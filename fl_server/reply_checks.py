@@ -209,9 +209,11 @@ def check_reply_settings(config: StrategyConfig) -> None:
     for name in ("max_update_norm", "max_failed_rounds"):
         if getattr(config, name) < 0:
             raise ValueError(f"strategy.{name}={getattr(config, name)} must be >= 0 (0 = off)")
-    for name in ("max_site_users", "num_selected"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"strategy.{name}={getattr(config, name)} must be >= 1")
+    if config.max_site_users < 1:
+        raise ValueError(f"strategy.max_site_users={config.max_site_users} must be >= 1")
+    if config.num_selected < 0:
+        raise ValueError(f"strategy.num_selected={config.num_selected} must be >= 1, or 0 for the round's usable "
+                         "replies less num_malicious")
 
 
 class ReplyGate:

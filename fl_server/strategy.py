@@ -92,6 +92,9 @@ class RoundHooks(ReplyGate):
     asked: dict[str, int]  # sites sent this round's train / evaluate message (to count the silent ones)
     evaluated_rounds: Callable[[int], bool] | None = None  # which (global) rounds are evaluated; None: all
     min_train_nodes: int  # Flower's: the fewest trained replies a round aggregates
+    select_all_but_malicious: bool = False  # MultiKrum with num_selected=0: keep all but num_malicious each round
+    num_nodes_to_select: int  # MultiKrum's
+    num_malicious_nodes: int  # Krum's, MultiKrum's and Bulyan's
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -191,6 +194,8 @@ class RoundHooks(ReplyGate):
             trained = self.with_item_rows_weighted(trained)
             if not trained:
                 return self.unusable_round(label, "no trained site sent usable item weights")
+        if self.select_all_but_malicious:  # MultiKrum keeps all but the assumed attackers of this round
+            self.num_nodes_to_select = max(1, len(trained) - self.num_malicious_nodes)
         arrays, metrics = super().aggregate_train(label, trained)  # type: ignore[misc]
         problem = "" if arrays is not None and all(finite(a.numpy()) for a in arrays.values()) else \
             "the aggregate holds NaN or infinite values" if arrays is not None else \
@@ -335,7 +340,7 @@ def build_strategy(config: StrategyConfig) -> Any:
             base, extra = Krum, {"num_malicious_nodes": config.num_malicious}
         case "multikrum":
             base, extra = MultiKrum, {"num_malicious_nodes": config.num_malicious,
-                                      "num_nodes_to_select": config.num_selected}
+                                      "num_nodes_to_select": config.num_selected or 1}  # 0: set each round
         case "bulyan":
             base, extra = Bulyan, {"num_malicious_nodes": config.num_malicious}
         case _:
@@ -349,6 +354,7 @@ def build_strategy(config: StrategyConfig) -> Any:
     hooked = type(f"FedRec{base.__name__}", (RoundHooks, base), {})
     strategy = hooked(**common, **extra)
     strategy.item_rows = config.item_rows
+    strategy.select_all_but_malicious = config.name == "multikrum" and config.num_selected == 0
     strategy.item_row_names = []
     strategy.last_round = {}
     strategy.asked = {}

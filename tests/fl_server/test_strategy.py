@@ -46,7 +46,7 @@ def test_robust_aggregation_and_reply_check_settings_reach_the_strategy_and_nons
     for bad, says in [({"norm_bound_factor": 0.5}, "norm_bound_factor=0.5: use 0"),
                       ({"max_update_norm": -1.0}, "max_update_norm=-1.0 must be >= 0"),
                       ({"max_failed_rounds": -1}, "max_failed_rounds=-1"), ({"max_site_users": 0}, "max_site_users=0"),
-                      ({"name": "multikrum", "num_selected": 0}, "num_selected=0")]:
+                      ({"name": "multikrum", "num_selected": -1}, "num_selected=-1")]:
         with pytest.raises(ValueError, match=says):
             build_strategy(StrategyConfig(**bad))
 
@@ -379,3 +379,20 @@ def test_replies_of_another_wire_version_are_failures_never_averaged(serverapp_i
     assert "2 site(s) failed to train" in caplog.text
     for name, value in local[0].items():  # the one site of this server's version alone
         np.testing.assert_allclose(arrays[name].numpy(), value, rtol=1e-6)
+
+
+def test_multikrum_by_default_keeps_all_but_the_assumed_attackers_of_each_round(serverapp_identity):
+    # num_selected=0: MultiKrum averages the round's usable replies less num_malicious, so a site that drops out
+    # does not let an attacker back in (a fixed num_selected of 4 would average the attacker of a 4-reply round).
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    start = {"w": np.zeros(6, dtype=np.float32)}
+    honest = [{"w": (1.0 + 0.01 * rng.normal(size=6)).astype(np.float32)} for _ in range(4)]
+    attacker = {"w": np.full(6, -50.0, dtype=np.float32)}
+    strategy = item_rows_strategy("multikrum", "average", start, num_malicious=1, norm_bound_factor=0.0)
+    assert strategy.select_all_but_malicious and StrategyConfig().num_selected == 0
+    for sites in (honest + [attacker], honest[:3] + [attacker]):  # 5 replies, then one honest site dropped out
+        arrays, _ = strategy.aggregate_train(1, [site_reply(s, 10) for s in sites])
+        assert strategy.num_nodes_to_select == len(sites) - 1
+        np.testing.assert_allclose(arrays["w"].numpy(), np.mean([s["w"] for s in sites[:-1]], axis=0), rtol=1e-5)
