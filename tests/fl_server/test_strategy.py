@@ -392,7 +392,7 @@ def test_multikrum_by_default_keeps_all_but_the_assumed_attackers_of_each_round(
     attacker = {"w": np.full(6, -50.0, dtype=np.float32)}
     strategy = item_rows_strategy("multikrum", "average", start, num_malicious=1, norm_bound_factor=0.0)
     assert strategy.select_all_but_malicious and StrategyConfig().num_selected == 0
-    for sites in (honest + [attacker], honest[:3] + [attacker]):  # 5 replies, then one honest site dropped out
+    for sites in ([*honest, attacker], [*honest[:3], attacker]):  # 5 replies, then one honest site dropped out
         arrays, _ = strategy.aggregate_train(1, [site_reply(s, 10) for s in sites])
         assert strategy.num_nodes_to_select == len(sites) - 1
         np.testing.assert_allclose(arrays["w"].numpy(), np.mean([s["w"] for s in sites[:-1]], axis=0), rtol=1e-5)
