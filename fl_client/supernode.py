@@ -25,6 +25,9 @@ from shared_model.launch import (
     TomlValue,
     exit_on_sigterm,
     flower_command,
+    parent_command,
+    process_alive,
+    running_commands,
     start,
     stop,
     stop_app_processes,
@@ -114,33 +117,9 @@ def leftover_supernodes(config_path: Path) -> list[int]:
     """Running SuperNodes started with this site's node config (Linux: reads /proc). A fedrec-client that was
     killed (SIGKILL, the OOM killer) leaves its SuperNode running: it lives in a session of its own."""
     wanted = [b"--node-config", str(config_path).encode()]
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        named = any(Path(a.decode(errors="replace")).name == "flower-supernode" for a in args[:3])
-        if named and any(args[i:i + 2] == wanted for i in range(len(args))) and process_alive(int(cmdline.parent.name)):
-            found.append(int(cmdline.parent.name))
-    return found
-
-
-def process_alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def parent_command(pid: int) -> tuple[int, str]:
-    """The parent of `pid` and its command line (0 and "" once either is gone)."""
-    try:
-        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        return parent, Path(f"/proc/{parent}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except (OSError, IndexError, ValueError):
-        return 0, ""
+    return [pid for pid, args in running_commands()
+            if any(Path(a.decode(errors="replace")).name == "flower-supernode" for a in args[:3])
+            and any(args[i:i + 2] == wanted for i in range(len(args))) and process_alive(pid)]
 
 
 def stop_leftover_supernodes(config_path: Path, port: int, grace_s: float = 10.0) -> None:

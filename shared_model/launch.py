@@ -11,7 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 TomlValue = str | int | float | bool
@@ -89,6 +89,39 @@ def stop(process: subprocess.Popen, grace_s: float = 10.0) -> None:
         pass
 
 
+def running_commands() -> Iterator[tuple[int, list[bytes]]]:
+    """Every process' pid and command-line arguments (Linux: reads /proc; processes that end meanwhile are
+    skipped)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        yield int(cmdline.parent.name), args
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (state, parent pid, ...); OSError once it is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return _stat_fields(pid)[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def parent_command(pid: int) -> tuple[int, str]:
+    """The parent of `pid` and its command line (0 and "" once either is gone)."""
+    try:
+        parent = int(_stat_fields(pid)[1])
+        return parent, Path(f"/proc/{parent}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, IndexError, ValueError):
+        return 0, ""
+
+
 def stop_app_processes(port: int) -> int:
     """Stop `flwr-serverapp` / `flwr-clientapp` / `flower-superexec` processes that talk to `port` on any host.
 
@@ -96,16 +129,12 @@ def stop_app_processes(port: int) -> int:
     them behind. Linux only (reads /proc); returns how many were signalled.
     """
     stopped = 0
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
+    for pid, args in running_commands():
         text = b" ".join(args).decode(errors="replace")
         flower_app = any(name in text for name in ("flwr-serverapp", "flwr-clientapp", "flower-superexec"))
         if flower_app and f":{port} " in text + " ":
             try:
-                os.kill(int(cmdline.parent.name), signal.SIGTERM)
+                os.kill(pid, signal.SIGTERM)
                 stopped += 1
             except (ProcessLookupError, PermissionError):
                 continue

@@ -19,7 +19,8 @@ from fl_client.federated import train_round
 from fl_client.ledger import PrivacyLedger
 from fl_client.rounds import RoundConfig
 from fl_client.site import SiteConfig, load_site_data
-from fl_client.supernode import process_alive, stop_leftover_supernodes
+from fl_client.supernode import stop_leftover_supernodes
+from shared_model.launch import process_alive
 from tests.fl_client.server_round import round_record
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +32,6 @@ from pathlib import Path
 import fl_client.federated as federated
 from fl_client.rounds import RoundConfig
 from fl_client.site import SiteConfig, load_site_data
-from fl_client.supernode import process_alive, stop_leftover_supernodes
 from tests.fl_client.server_round import round_record
 
 def stuck_in_training(*args, **kwargs):

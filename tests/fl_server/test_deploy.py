@@ -17,6 +17,7 @@ import pytest
 
 from fl_client.site import SiteConfig
 from fl_server.deploy import parse_args, stall_seconds
+from shared_model.launch import running_commands
 from shared_model.serialization import load_model_dir
 from simulations.config import DataConfig
 from simulations.federation import write_sites
@@ -56,12 +57,11 @@ def kill_server_side(server: subprocess.Popen, port: int) -> None:
 def site_processes(port: int) -> list[int]:
     """A site's Flower processes: its SuperNode (`--port`), SuperExec and ClientApps (its Runtime API `:port`)."""
     pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace") + " "
-            flower = any(n in text for n in ("flower-supernode", "flower-superexec", "flwr-clientapp"))
-            if flower and (f"--port {port} " in text or f":{port} " in text):
-                pids.append(int(cmdline.parent.name))
+    for pid, args in running_commands():
+        text = b" ".join(args).decode(errors="replace") + " "
+        flower = any(n in text for n in ("flower-supernode", "flower-superexec", "flwr-clientapp"))
+        if flower and (f"--port {port} " in text or f":{port} " in text):
+            pids.append(pid)
     return pids
 
 
