@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fl_client import secagg
 from fl_client.frozen import FrozenTensorsError, frozen_tensors
 from fl_client.ledger import LedgerError
 from fl_client.rounds import (
@@ -29,9 +33,15 @@ from fl_client.rounds import (
 from fl_client.site import SiteConfig, SiteData, SiteStartError, load_site_data
 from shared_model import wire
 from shared_model.catalog import CatalogMismatchError
+from shared_model.secure_sum import SecureSumError, SecureSumSettings
+
+if TYPE_CHECKING:
+    from fl_client.federated import RoundReply
 
 log = logging.getLogger(__name__)
 SiteResolver = Callable[[Context], SiteConfig]
+SecAggAnswer = tuple[secagg.SecAggState, dict[str, Any]]  # the state to keep, the SECAGG reply's fields
+SecAggStep = Callable[[SiteConfig, dict, bytes, secagg.SecAggState], SecAggAnswer]  # one stage at the site
 CATALOG_MISMATCH = 4001  # Error code of a refusal: the weights belong to another catalog
 TRAINING_DIVERGED = 4002  # Error code of a round whose local training produced NaN/inf weights (nothing is sent)
 FROZEN_TENSORS = 4003  # Error code: the frozen tensors were neither in the message nor intact at the site
@@ -43,12 +53,14 @@ MODEL_TOO_LARGE = 4007  # Error code: a model config over the site's max_model_p
 ROUND_CONFIG = 4008  # Error code: a round config with a missing or mistyped key, or an unsafe training id or digest
 LEDGER = 4009  # Error code: the site's ledger is missing, damaged, another site's, or locked too long (no ε = 0)
 SITE_NOT_READY = 4010  # Error code: no trainable users, or too few for DP (SiteConfig.min_users)
+SECURE_SUM = 4011  # Error code: a secure-aggregation step this site refuses (fl_client.secagg says why)
+SECAGG_STATE = "fedrec.secagg"  # Context.state record: this round's secure-aggregation secrets (never sent)
 # What a handler answers with an Error reply instead of crashing the client process.
 REFUSALS: dict[type[Exception], int] = {
     CatalogMismatchError: CATALOG_MISMATCH, TrainingDivergedError: TRAINING_DIVERGED,
     FrozenTensorsError: FROZEN_TENSORS, wire.WireVersionError: WIRE_VERSION, NonFiniteModelError: MODEL_NOT_FINITE,
     ModelMismatchError: MODEL_MISMATCH, ModelTooLargeError: MODEL_TOO_LARGE, RoundConfigError: ROUND_CONFIG,
-    LedgerError: LEDGER, SiteStartError: SITE_NOT_READY}
+    LedgerError: LEDGER, SiteStartError: SITE_NOT_READY, SecureSumError: SECURE_SUM}
 
 
 def site_from_node_config(context: Context) -> SiteConfig:
@@ -95,6 +107,43 @@ def decode(msg: Message, site: SiteConfig) -> tuple[SiteData, RoundConfig, dict[
     return load_site_data(site), round_cfg, state
 
 
+def secagg_fields(msg: Message) -> tuple[dict, bytes]:
+    """A secure-aggregation message's SECAGG record and its round tag."""
+    record = msg.content.config_records.get(wire.SECAGG)
+    tag = record.get("tag") if record is not None else None
+    if record is None or not isinstance(tag, bytes):
+        raise SecureSumError(f"secure aggregation: the message carries no {wire.SECAGG!r} record with a tag")
+    return dict(record), tag
+
+
+def secagg_state(context: Context) -> secagg.SecAggState:
+    """This round's secure-aggregation state (empty before the keys stage)."""
+    record = context.state.config_records.get(SECAGG_STATE)
+    return secagg.SecAggState.from_record(dict(record)) if record is not None else secagg.SecAggState()
+
+
+def masked_content(reply: RoundReply, record: dict, state: secagg.SecAggState,
+                   start: dict[str, torch.Tensor]) -> RecordDict:
+    """The train reply under secure aggregation: the update only masked (a declined round sends a masked zero
+    of weight 0), metrics and notes as usual."""
+    if reply.item_weights is not None or reply.moments:
+        raise SecureSumError("secure aggregation: per-item weights and shared optimiser moments would leave this "
+                             "site in clear; the server must not ask for them with secure aggregation")
+    if set(reply.state) != set(start):
+        raise SecureSumError("secure aggregation: the trained weights do not have the names of the global weights")
+    update = np.zeros(sum(v.numel() for v in start.values())) if reply.declined else \
+        secagg.flat_update(reply.state, start)
+    weight = 0 if reply.declined else reply.num_examples
+    settings = SecureSumSettings.from_record(record)
+    vector, clipped = secagg.mask_update(state, update, weight, int(record["max-weight"]), settings,
+                                         np.random.default_rng())
+    if clipped:
+        log.warning("secure aggregation clipped %d of %d coordinates of this site's update to ±%g (the server's "
+                    "strategy.secagg_clip)", clipped, len(update), settings.clip)
+    return RecordDict({wire.MASKED: ArrayRecord({wire.MASKED: Array(vector)}),
+                       wire.METRICS: metric_record(reply.metrics())})
+
+
 def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) -> ClientApp:
     """A ClientApp whose handlers find their site through `resolve_site` (`mods`: Flower mods around every
     handler; simulations use one to make some sites misbehave)."""
@@ -105,17 +154,34 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
         from fl_client.federated import train_round  # DP training (Opacus): imported by train messages only
 
         site = resolve_site(context)
+        secure = wire.SECAGG in msg.content.config_records
         try:
             data, round_cfg, state = decode(msg, site)
+            if secure:  # the neighbours' shares are opened before anything is trained or spent
+                record, tag = secagg_fields(msg)
+                secure_state = secagg_state(context)
+                secagg.open_shares(secure_state, tag, secagg.parse_sealed(record))
             shared = msg.content.array_records.get(wire.OPTIMIZER_STATE)
             reply = train_round(site, data, round_cfg, state, shared.to_torch_state_dict() if shared else None)
+            if secure:
+                if secagg.released(site.state_dir, tag):
+                    reply = replace(reply, num_examples=0, declined="this round's update was already sent into a "
+                                    "secure sum: sending it again into another could reveal it")
+                start = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+                content = masked_content(reply, record, secure_state, start)
+                secagg.mark_released(site.state_dir, tag)
         except tuple(REFUSALS) as err:
             return refusal(msg, site, err)
         if reply.declined:
             log.warning("site %s declined round %d: %s", site.data_path, round_cfg.server_round, reply.declined)
+        words = notes(data.catalog.fingerprint, {wire.DECLINED_REASON: reply.declined,
+                                                 wire.FROZEN_HELD: round_cfg.frozen_digest})
+        if secure:
+            context.state[SECAGG_STATE] = ConfigRecord(secure_state.to_record())
+            content[wire.NOTES] = words
+            return Message(content=content, reply_to=msg)
         content = RecordDict({wire.ARRAYS: ArrayRecord(reply.state), wire.METRICS: metric_record(reply.metrics()),
-                              wire.NOTES: notes(data.catalog.fingerprint, {wire.DECLINED_REASON: reply.declined,
-                                                                           wire.FROZEN_HELD: round_cfg.frozen_digest})})
+                              wire.NOTES: words})
         if reply.item_weights is not None:
             content[wire.ITEM_WEIGHTS] = ArrayRecord({wire.ITEM_WEIGHTS: reply.item_weights})
         if reply.moments:
@@ -139,6 +205,44 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
         if reply.counts is not None:
             content[wire.ITEM_COUNTS] = ArrayRecord({wire.ITEM_COUNTS: reply.counts})
         return Message(content=content, reply_to=msg)
+
+    def secagg_stage(msg: Message, context: Context, step: SecAggStep) -> Message:
+        """Run one secure-aggregation stage on the node's kept state; its SECAGG reply, or a refusal."""
+        site = resolve_site(context)
+        try:
+            record, tag = secagg_fields(msg)
+            state, fields = step(site, record, tag, secagg_state(context))
+        except tuple(REFUSALS) as err:
+            return refusal(msg, site, err)
+        context.state[SECAGG_STATE] = ConfigRecord(state.to_record())
+        return Message(RecordDict({wire.SECAGG: ConfigRecord(fields)}), reply_to=msg)
+
+    @app.query(wire.SECAGG_KEYS_QUERY)
+    def handle_secagg_keys(msg: Message, context: Context) -> Message:
+        def keys(site: SiteConfig, record: dict, tag: bytes, _: secagg.SecAggState) -> SecAggAnswer:
+            SecureSumSettings.from_record(record)
+            users = len(load_site_data(site).sequences.trainable_users())
+            state, (enc_key, mask_key) = secagg.make_keys(tag, context.node_id)
+            return state, {"enc-key": enc_key, "mask-key": mask_key, "users": users}
+
+        return secagg_stage(msg, context, keys)
+
+    @app.query(wire.SECAGG_SHARES_QUERY)
+    def handle_secagg_shares(msg: Message, context: Context) -> Message:
+        def shares(_: SiteConfig, record: dict, tag: bytes, state: secagg.SecAggState) -> SecAggAnswer:
+            sealed = secagg.make_shares(state, tag, secagg.parse_roster(record), SecureSumSettings.from_record(record))
+            return state, {"destinations": list(sealed), "sealed": list(sealed.values())}
+
+        return secagg_stage(msg, context, shares)
+
+    @app.query(wire.SECAGG_UNMASK_QUERY)
+    def handle_secagg_unmask(msg: Message, context: Context) -> Message:
+        def unmask(_: SiteConfig, record: dict, tag: bytes, state: secagg.SecAggState) -> SecAggAnswer:
+            survivors, dropped = secagg.parse_nodes(record, "survivors"), secagg.parse_nodes(record, "dropped")
+            given = secagg.unmask_shares(state, tag, survivors, dropped)
+            return state, {"nodes": list(given), "shares": list(given.values())}
+
+        return secagg_stage(msg, context, unmask)
 
     @app.evaluate()
     def handle_evaluate(msg: Message, context: Context) -> Message:

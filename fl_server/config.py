@@ -34,6 +34,14 @@ class StrategyConfig:
     max_update_norm: float = 0.0  # (float) drop updates longer than this L2 norm (0 = off)
     max_site_users: int = 10_000_000  # (int) a reply claiming more users (num-examples) is dropped
     max_failed_rounds: int = 3  # (int) stop after this many rounds in a row with no usable aggregate (0 = never)
+    secure_aggregation: bool = False  # (bool) SecAgg+: the server sees only the sum of the sites' updates
+    secagg_clip: float = 0.5  # (float) secure aggregation: largest |coordinate| of a site's update (weighted by
+    # its users over the round's largest site's); larger ones are clipped
+    secagg_bits: int = 16  # (int) secure aggregation: quantization levels 2^bits over ±secagg_clip
+    secagg_modulus_bits: int = 32  # (int) secure aggregation: the sum is taken mod 2^32 (as float32's bytes) or 2^64
+    secagg_threshold: float = 0.67  # (float) secure aggregation: share of a site's neighbourhood whose shares rebuild
+    # its masks; the rest may drop out
+    secagg_neighbours: int = 0  # (int) secure aggregation: SecAgg+ neighbours per site (even); 0 = every site
 
 
 @dataclass

@@ -42,6 +42,23 @@ def privacy_sentence(rows: list[dict[str, Any]]) -> str:
             f"{spent['sites_with_dp']} sites, δ ≤ {spent['delta_max']:.3g}. Each site enforces its own budget.")
 
 
+def secure_aggregation_sentence(rows: list[dict[str, Any]]) -> list[str]:
+    """What the server saw of the updates when the run used secure aggregation (nothing otherwise)."""
+    secure = [r["secure_aggregation"] for r in trained_rows(rows) if "secure_aggregation" in r]
+    if not secure:
+        return []
+    summed = [s for s in secure if s]
+    text = ("Secure aggregation (SecAgg+): the server saw only the sum of the sites' masked, quantized updates"
+            + (f", at least {min(s['sites_summed'] for s in summed)} sites a round" if summed else "")
+            + "; each site's metrics (loss, ε, users, time) travel in clear.")
+    clipped = sum(s["clipped_coordinates"] for s in summed)
+    if clipped:
+        text += f" {clipped:,} update coordinates were clipped to ±strategy.secagg_clip over all rounds: raise it."
+    if len(summed) < len(secure):
+        text += f" In {len(secure) - len(summed)} rounds the sum could not be recovered (too few sites)."
+    return [text, ""]
+
+
 def series(rows: list[dict[str, Any]], section: str, key: str) -> tuple[list[int], list[float]]:
     """(rounds, values) of one metric, skipping rounds that lack it."""
     points = [(r["round"], r[section][key]) for r in rows if key in r.get(section, {})]
@@ -75,7 +92,7 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, A
     privacy_rows = [{"round": r["round"], "privacy": r.get("privacy", {})} for r in rows]
     plot(privacy_rows, out_dir / "privacy.png", [("privacy", "epsilon_max", "ε max over sites"),
                                                  ("privacy", "epsilon_mean", "ε mean over sites")], "ε spent")
-    lines = ["# Federated training report", "", privacy_sentence(rows), "",
+    lines = ["# Federated training report", "", privacy_sentence(rows), "", *secure_aggregation_sentence(rows),
              f"Rounds completed: {summary.get('rounds', 0)}; best round: {summary.get('best_round', 0)}; "
              f"model: `{summary.get('model_dir', '')}`.", *initial_model_note(summary.get("initial_model")), "",
              "| round | sites trained | declined | failed or silent | train loss (sites' local models) | "

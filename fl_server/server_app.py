@@ -20,6 +20,7 @@ from fl_server.config import ServerConfig, server_config_from_run_config
 from fl_server.item_counts import choose_trained_rows
 from fl_server.report import write_report
 from fl_server.schedule import Decay
+from fl_server.secure_round import SecureAggregationGrid, secure_settings
 from fl_server.strategy import RoundsFailedError, build_strategy
 from shared_model import wire
 from shared_model.adapters import load_dataset
@@ -74,6 +75,7 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
     store = RunStore(cfg.out_dir)
     catalog = ItemCatalog.load(cfg.catalog_path)
     model = create_model(cfg.model, catalog, cfg.has_timestamps, cache_dir=str(store.root / "cache"))
+    secure = secure_settings(cfg)
     strategy = build_strategy(cfg.strategy)
     strategy.item_row_names = model.item_row_parameters()
     strategy.catalog_fingerprint = catalog.fingerprint  # a reply naming another catalog is dropped
@@ -95,6 +97,7 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
     strategy.round_offset = done
     strategy.evaluated_rounds = cfg.evaluates
     evaluate_centrally = central_evaluator(cfg, catalog)
+    train_grid = SecureAggregationGrid(grid, secure) if secure else grid  # only the rounds' training differs
     started = time.time()
     scored_start: dict[str, Any] = {}  # the starting model's central scores (round 0), computed once
 
@@ -107,6 +110,8 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         if local_round == 0:
             return MetricRecord(central) if central else None
         row = {"round": local_round + done, "seconds": round(time.time() - started, 2), **strategy.last_round}
+        if isinstance(train_grid, SecureAggregationGrid):
+            row["secure_aggregation"] = dict(train_grid.last)
         if evaluated:
             row["central_eval"] = central
         score = (validation_score(row) or 0.0) if evaluated else None
@@ -128,7 +133,7 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
             scored_start.update(score_starting_model(grid, strategy, store, model, trainable, train_config, cfg,
                                                      evaluate_centrally))
         try:
-            strategy.start(grid=grid, initial_arrays=ArrayRecord(trainable), num_rounds=cfg.num_rounds - done,
+            strategy.start(grid=train_grid, initial_arrays=ArrayRecord(trainable), num_rounds=cfg.num_rounds - done,
                            timeout=cfg.round_timeout, train_config=train_config,
                            evaluate_config=ConfigRecord(dict(train_config)), evaluate_fn=after_round)
         except RoundsFailedError as err:

@@ -2,6 +2,7 @@
 model that trains only the item rows the sites' DP item counts pick; a training from an exported model)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +159,39 @@ def test_a_training_from_an_exported_model_scores_it_as_round_zero_before_traini
     expected = wire.trainable_state(load_model_dir(exported if summary["best_round"] == 0 else out / "model")[0])
     assert all(torch.equal(t, expected[k]) for k, t in wire.trainable_state(best).items())
     assert (out / "report.md").read_text().count("| 0 (start) | 0 | 0 | 0 |") == 1
+
+
+@pytest.mark.slow
+def test_secure_aggregation_trains_dp_sites_on_the_simulation_engine_and_the_report_says_what_the_server_saw(
+        tmp_path):
+    _, _, sites = synthetic_sites(tmp_path, users=180, items=40, seed=6, num_sites=3, epsilon=8.0)
+    out = tmp_path / "server"
+    server = server_config(tmp_path, num_rounds=2, model=ModelConfig(hidden_size=16, max_len=20, item_features=[]),
+                           strategy=StrategyConfig(min_nodes=3, secure_aggregation=True))
+    run_federation(sites, server)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    secure = [r["secure_aggregation"] for r in rows]
+    assert [{k: v for k, v in s.items() if k != "protocol_bytes_max"} for s in secure] == [
+        {"sites_summed": 3, "dropped_after_sharing": 0, "clipped_coordinates": 0}] * 2
+    # keys, shares and unmask: about 1.4 kB a site with 3 sites, next to the model's (masked) update
+    assert all(0 < s["protocol_bytes_max"] < 5000 < r["bytes_from_each_site"]
+               for s, r in zip(secure, rows, strict=True))
+    assert all(r["train_replies"] == 3 and r["train_failures"] == 0 and r["dropped"] == 0 for r in rows)
+    assert rows[1]["privacy"]["sites_with_dp"] == 3 and rows[1]["federated_eval"]["hr@10"] > 0
+    report = (out / "report.md").read_text()
+    assert "the server saw only the sum of the sites' masked, quantized updates, at least 3 sites a round" in report
+    # every site's ledger holds both rounds, and each site recorded both rounds' updates as sent (never resent)
+    for site in sites:
+        assert len(json.loads(Path(site.state_dir, "secagg_released.json").read_text())) == 2
+
+
+def test_secure_aggregation_with_a_rule_that_needs_each_sites_update_is_refused(tmp_path):
+    from fl_server.secure_round import secure_settings
+
+    for strategy, extra in (("fedmedian", {}), ("multikrum", {}), ("fedavg", {"share_optimizer_state": True})):
+        cfg = server_config(tmp_path, strategy=StrategyConfig(name=strategy, secure_aggregation=True), **extra)
+        with pytest.raises(ValueError, match="secure_aggregation"):
+            secure_settings(cfg)
+    with pytest.raises(ValueError, match="threshold"):
+        secure_settings(server_config(tmp_path, strategy=StrategyConfig(secure_aggregation=True,
+                                                                        secagg_threshold=0.4)))

@@ -1,0 +1,199 @@
+"""Secure aggregation end to end in one process: the server's SecureRound drives real ClientApps through a grid
+that delivers messages by hand (no simulation engine), with local training replaced by known updates."""
+
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+import fl_client.federated
+from fl_client.client_app import SECURE_SUM, build_client_app
+from fl_client.federated import RoundReply
+from fl_client.rounds import RoundConfig, build_global_model
+from fl_client.site import SiteConfig
+from fl_server.secure_round import SECAGG_FAILED, SecureAggregationGrid
+from shared_model import wire
+from shared_model.catalog import ItemCatalog
+from shared_model.secure_sum import SecureSumSettings
+from simulations.synthetic import generate_events, write_events
+from tests.fl_client.server_round import round_record
+
+NODES = [11, 12, 13, 14, 15]
+
+
+class HandGrid:
+    """Delivers each message to its node's ClientApp at once; `silent` maps a message type to nodes that never
+    answer it (a site that dropped), `tamper` rewrites a node's reply."""
+
+    def __init__(self, apps: dict[int, object]) -> None:
+        self.apps = apps
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
+                         for n in apps}
+        self.silent: dict[str, set[int]] = {}
+        self.tamper: dict[tuple[str, int], object] = {}
+        self.seen: list[Message] = []  # every reply the server received
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.apps)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # what a real Grid sets on sending
+            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
+            if node in self.silent.get(kind, set()):
+                continue
+            reply = self.apps[node](msg, self.contexts[node])
+            if (kind, node) in self.tamper:
+                reply = self.tamper[(kind, node)](reply)
+            self.seen.append(reply)
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture
+def federation(tmp_path, monkeypatch, serverapp_identity):
+    """Five sites over one small events file, whose 'training' adds a known update per site."""
+    log = generate_events(num_users=60, num_items=30, seed=5)
+    events = write_events(log, tmp_path / "events.csv")
+    catalog = ItemCatalog.from_events(log.frame)
+    catalog.save(tmp_path)
+    record, initial = round_record(catalog)
+    model = build_global_model(RoundConfig.from_record(record), initial)
+    start = wire.trainable_state(model)
+    updates = {n: {k: torch.randn_like(v) * 0.01 * (i + 1) for k, v in start.items()} for i, n in enumerate(NODES)}
+    users = {n: 10 + 7 * i for i, n in enumerate(NODES)}
+    sites = {n: SiteConfig(data_path=str(events), catalog_path=str(tmp_path / "catalog.json"),
+                           state_dir=str(tmp_path / f"state{n}"), dp=False, device="cpu") for n in NODES}
+    by_dir = {s.state_dir: n for n, s in sites.items()}
+
+    def fake_train(site, data, round_cfg, state, shared=None):
+        node = by_dir[site.state_dir]
+        trained = {k: state[k] + updates[node][k] for k in start}
+        return RoundReply(state=trained, num_examples=users[node], train_loss=1.0, dp=False, epsilon=0.0, delta=0.0)
+
+    def counted_train(site, *args, **kwargs):
+        trained.append(by_dir[site.state_dir])
+        return fake_train(site, *args, **kwargs)
+
+    trained: list[int] = []  # nodes whose training ran, in order
+    monkeypatch.setattr(fl_client.federated, "train_round", counted_train)
+    grid = HandGrid({n: build_client_app(lambda context: sites[context.node_id]) for n in NODES})
+    config = ConfigRecord({**record, wire.SERVER_ROUND: 1})
+    messages = [Message(content=RecordDict({wire.ARRAYS: ArrayRecord(start), wire.CONFIG: config}),
+                        dst_node_id=n, message_type=MessageType.TRAIN) for n in NODES]
+    grid.trained = trained
+    return grid, messages, start, updates, users
+
+
+def fedavg(start, updates, users, nodes):
+    """The plain weighted average of the given nodes' trained weights."""
+    total = sum(users[n] for n in nodes)
+    return {k: start[k] + sum(updates[n][k] * users[n] for n in nodes) / total for k in start}
+
+
+def assert_average(replies, expected, nodes, settings):
+    assert sorted(r.metadata.src_node_id for r in replies if not r.has_error()) == sorted(nodes)
+    for reply in replies:
+        if reply.has_error():
+            continue
+        got = reply.content.array_records[wire.ARRAYS].to_torch_state_dict()
+        for k, v in expected.items():
+            # stochastic rounding: one step per site at most, scaled back by max weight / total weight
+            assert torch.allclose(got[k], v, atol=len(nodes) * settings.step * 2, rtol=0), k
+        metrics = reply.content.metric_records[wire.METRICS]
+        assert metrics[wire.NUM_EXAMPLES] > 0 and wire.NOTES in reply.content.config_records
+
+
+def test_the_secure_average_equals_fedavg_within_quantization_error(federation):
+    grid, messages, start, updates, users = federation
+    settings = SecureSumSettings()
+    replies = list(SecureAggregationGrid(grid, settings).send_and_receive(messages))
+    assert_average(replies, fedavg(start, updates, users, NODES), NODES, settings)
+    # no reply the server received carried a site's own weights, only masked integers
+    trains = [r for r in grid.seen if r.metadata.message_type == MessageType.TRAIN]
+    assert len(trains) == len(NODES)
+    assert all(list(r.content.array_records) == [wire.MASKED] for r in trains)
+
+
+@pytest.mark.parametrize("stage", [f"{MessageType.QUERY}.{wire.SECAGG_KEYS_QUERY}",
+                                   f"{MessageType.QUERY}.{wire.SECAGG_SHARES_QUERY}", MessageType.TRAIN,
+                                   f"{MessageType.QUERY}.{wire.SECAGG_UNMASK_QUERY}"])
+def test_sites_dropping_at_any_stage_leave_the_others_sum_recovered(federation, stage):
+    grid, messages, start, updates, users = federation
+    settings = SecureSumSettings()
+    grid.silent[stage] = {12}
+    replies = list(SecureAggregationGrid(grid, settings).send_and_receive(messages))
+    # 12 dropping after it sent its masked update (unmask stage) is still in the sum; before that, it is not
+    kept = NODES if stage.endswith(wire.SECAGG_UNMASK_QUERY) else [n for n in NODES if n != 12]
+    assert_average(replies, fedavg(start, updates, users, kept), kept, settings)
+
+
+def test_a_site_dropping_after_sharing_keys_is_recovered_on_a_sparse_graph(federation):
+    grid, messages, start, updates, users = federation
+    settings = SecureSumSettings(neighbours=2, threshold=0.6)  # each site shares with 2 of the 4 others
+    grid.silent[MessageType.TRAIN] = {14}
+    replies = list(SecureAggregationGrid(grid, settings).send_and_receive(messages))
+    kept = [11, 12, 13, 15]
+    assert_average(replies, fedavg(start, updates, users, kept), kept, settings)
+    shares = [r for r in grid.seen if r.metadata.message_type.endswith(wire.SECAGG_SHARES_QUERY)]
+    assert all(len(r.content.config_records[wire.SECAGG]["destinations"]) == 2 for r in shares)
+
+
+def test_too_many_dropouts_fail_the_round_with_reasons_and_reveal_nothing(federation):
+    grid, messages, *_ = federation
+    grid.silent[f"{MessageType.QUERY}.{wire.SECAGG_UNMASK_QUERY}"] = {11, 12, 13}
+    replies = list(SecureAggregationGrid(grid, SecureSumSettings()).send_and_receive(messages))
+    assert all(r.has_error() and r.error.code == SECAGG_FAILED for r in replies)
+    assert "shares" in replies[0].error.reason and "needed" in replies[0].error.reason
+
+
+def test_a_site_sending_integers_out_of_range_fails_the_round_not_the_model(federation):
+    grid, messages, *_ = federation
+
+    def garbage(reply):
+        vector = reply.content.array_records[wire.MASKED][wire.MASKED].numpy().copy()
+        vector[:-2] += np.uint32(2 ** 31)  # far outside any quantized update
+        reply.content.array_records[wire.MASKED] = ArrayRecord({wire.MASKED: Array(vector)})
+        return reply
+
+    grid.tamper[(MessageType.TRAIN, 13)] = garbage
+    replies = list(SecureAggregationGrid(grid, SecureSumSettings()).send_and_receive(messages))
+    assert all(r.has_error() and "out of range" in r.error.reason for r in replies)
+
+
+def test_a_round_sent_again_after_its_updates_were_sent_is_declined_by_every_site(federation):
+    grid, messages, start, *_ = federation
+    secure = SecureAggregationGrid(grid, SecureSumSettings())
+    list(secure.send_and_receive(messages))
+    again = [Message(content=m.content, dst_node_id=m.metadata.dst_node_id, message_type=MessageType.TRAIN)
+             for m in messages]  # the server restarted and asks for round 1 again
+    grid.silent[MessageType.TRAIN] = {15}  # a smaller group: the two sums' difference would be 15's update
+    replies = list(secure.send_and_receive(again))
+    assert len(replies) == 4
+    for reply in replies:
+        metrics = reply.content.metric_records[wire.METRICS]
+        assert metrics[wire.DECLINED] == 1.0 and metrics[wire.NUM_EXAMPLES] == 0
+        assert "already sent into a secure sum" in reply.content.config_records[wire.NOTES][wire.DECLINED_REASON]
+        got = reply.content.array_records[wire.ARRAYS].to_torch_state_dict()
+        assert all(torch.equal(got[k], start[k]) for k in start)  # nothing averaged in
+
+
+def test_an_altered_share_is_refused_before_the_site_trains(federation):
+    grid, messages, *_ = federation
+
+    def alter(reply):
+        record = reply.content.config_records[wire.SECAGG]
+        record["sealed"] = [blob[:-1] + bytes([blob[-1] ^ 1]) for blob in record["sealed"]]
+        return reply
+
+    grid.tamper[(f"{MessageType.QUERY}.{wire.SECAGG_SHARES_QUERY}", 12)] = alter
+    replies = list(SecureAggregationGrid(grid, SecureSumSettings()).send_and_receive(messages))
+    refused = [r for r in replies if r.has_error() and r.error.code == SECURE_SUM]
+    assert sorted(r.metadata.src_node_id for r in refused) == [11, 13, 14, 15]
+    assert all("failed authentication" in r.error.reason for r in refused)
+    assert grid.trained == [12]  # the sites that got an altered share never trained (nor spent ε)
+    assert [r.error.reason for r in replies if r.metadata.src_node_id == 12] == [
+        "secure aggregation: only one site sent a masked update"]
