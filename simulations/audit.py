@@ -1,0 +1,163 @@
+"""`fedrec-audit`: check a training's DP claim empirically, in one run (Steinke, Nasr & Jagielski 2023).
+
+m canary users (random item sequences) are made; each joins the training data with probability 1/2, independently.
+The model is trained as usual (the centralized trainer, DP or not), then every canary is scored by the trained
+model's likelihood of its own events (black box: the next-item loss it was trained on). Guessing the highest
+scored canaries "in" and the lowest "out", the count of right guesses gives a lower bound on ε
+(simulations.audit_bound). A DP run whose lower bound exceeds its accountant's ε is a bug, and the command fails;
+a run without DP is the control, whose bound shows the audit can see memorisation at all.
+Writes audit.json to the run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from fl_client.privacy import PrivacyConfig
+from fl_client.train import TrainConfig, train
+from shared_model.catalog import PADDING_ROW
+from shared_model.console import console_command, exit_on_error
+from shared_model.device import resolve_device
+from shared_model.events import EVENT_TYPE_CODES
+from shared_model.modeling_fedrec import FedRecModel, sequence_loss
+from shared_model.sequences import FIRST_EVENT_BUCKET, UserSequences, make_batch
+from simulations.audit_bound import AuditResult, audit_scores
+from simulations.config import RunConfig, register_schemas
+from simulations.prepare import build_model, prepare_data
+
+log = logging.getLogger(__name__)
+CANARY_GAP_BUCKET = 8  # time-gap bucket between a canary's events (a few hours), when the data has timestamps
+
+
+class ClaimRefutedError(RuntimeError):
+    """The audit's lower bound on ε exceeds the accountant's ε: the DP claim (or its pipeline) is wrong."""
+
+
+@dataclass
+class AuditConfig:
+    """How many canaries, how long, and the confidence of the bound."""
+
+    canaries: int = 1000  # (int) m canary users, each in the training data with probability 1/2
+    length: int = 20  # (int) events per canary: random catalog items (length - 3 of them are trained on)
+    seed: int = 0  # (int) which canaries are made and which of them are included
+    significance: float = 0.05  # (float) the bound is wrong with at most this probability
+    delta: float = 1e-5  # (float) δ of the bound for a run without DP (a DP run uses its own δ)
+
+
+@dataclass
+class AuditRunConfig(RunConfig):
+    """Root schema of `fedrec-audit`: the centralized training's groups plus `audit`."""
+
+    audit: AuditConfig = field(default_factory=AuditConfig)
+
+
+def make_canaries(count: int, length: int, num_rows: int, timestamps: bool, rng: np.random.Generator) -> UserSequences:
+    """`count` users of `length` uniformly random catalog items each ("canary-00000", ...): sequences no real
+    user shares, so only training on them can make the model expect them."""
+    if length < 4:
+        raise ValueError(f"audit.length={length}: a canary needs at least 4 events (one is trained on)")
+    items = rng.integers(PADDING_ROW + 1, num_rows, size=count * length)
+    buckets = np.full(count * length, CANARY_GAP_BUCKET if timestamps else 0, dtype=np.int64)
+    if timestamps:
+        buckets[::length] = FIRST_EVENT_BUCKET
+    return UserSequences(user_ids=[f"canary-{i:05d}" for i in range(count)],
+                         offsets=np.arange(count + 1, dtype=np.int64) * length, items=items,
+                         event_types=np.full(count * length, EVENT_TYPE_CODES["view"], dtype=np.int64),
+                         time_buckets=buckets)
+
+
+def joined(data: UserSequences, extra: UserSequences) -> UserSequences:
+    """`data` followed by `extra`'s users (regions and merchants marked "canary" when `data` has them)."""
+    tag = ["canary"] * len(extra)
+    return UserSequences(
+        user_ids=data.user_ids + extra.user_ids,
+        offsets=np.concatenate([data.offsets, data.offsets[-1] + extra.offsets[1:]]),
+        items=np.concatenate([data.items, extra.items]), event_types=np.concatenate([data.event_types,
+                                                                                      extra.event_types]),
+        time_buckets=np.concatenate([data.time_buckets, extra.time_buckets]),
+        regions=data.regions + tag if data.regions else [], merchants=data.merchants + tag if data.merchants else [])
+
+
+@torch.no_grad()
+def canary_scores(model: FedRecModel, canaries: UserSequences, max_len: int, device: torch.device,
+                  batch_size: int = 256) -> np.ndarray:
+    """Each canary's score: minus the trained model's mean next-item loss on its training events."""
+    model.eval()
+    scores = []
+    for start in range(0, len(canaries), batch_size):
+        users = np.arange(start, min(start + batch_size, len(canaries)))
+        batch = {k: v.to(device) for k, v in make_batch(canaries, users, "train", max_len).items()}
+        scores.append(-sequence_loss(model, batch, per_user=True).cpu().numpy())  # (B,)
+    return np.concatenate(scores)
+
+
+def run_audit(cfg: AuditRunConfig) -> dict[str, Any]:
+    """Train with canaries, score them, bound ε; returns (and writes) audit.json's content."""
+    out = Path(cfg.output_dir)
+    data = prepare_data(cfg.data)
+    rng = np.random.default_rng(cfg.audit.seed)
+    canaries = make_canaries(cfg.audit.canaries, cfg.audit.length, data.catalog.num_rows,
+                             data.events.has_timestamps, rng)
+    included = rng.random(len(canaries)) < 0.5  # (m,) each canary in with probability 1/2
+    model = build_model(cfg.model, data, cache_dir=str(out / "cache"))
+    train_cfg, privacy_cfg = TrainConfig(**asdict(cfg.train)), PrivacyConfig(**asdict(cfg.privacy))
+    trained = joined(data.sequences, canaries.subset(np.flatnonzero(included)))
+    result = train(model, trained, train_cfg, privacy_cfg, valid=data.sequences)
+    scores = canary_scores(model, canaries, cfg.model.max_len, resolve_device(train_cfg.device))
+    delta = result.privacy.delta if result.privacy else cfg.audit.delta
+    bound = audit_scores(scores, included, delta, cfg.audit.significance)
+    report = audit_report(cfg, bound, result.privacy, int(included.sum()), delta)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "audit.json").write_text(json.dumps(report, indent=2))
+    if result.privacy is not None and bound.epsilon_lower_bound > result.privacy.epsilon:
+        raise ClaimRefutedError(f"the audit's lower bound ε ≥ {bound.epsilon_lower_bound:.3f} exceeds the claimed "
+                                f"ε = {result.privacy.epsilon:.3f}: the DP claim is wrong (see {out / 'audit.json'})")
+    return report
+
+
+def audit_report(cfg: AuditRunConfig, bound: AuditResult, privacy: Any, included: int, delta: float) -> dict[str, Any]:
+    """audit.json: the claim, the bound and how it was obtained."""
+    claim = privacy.claim() if privacy is not None else "no differential privacy (DP was off): the control"
+    return {"claim": claim, "claimed_epsilon": privacy.epsilon if privacy is not None else None, "delta": delta,
+            "epsilon_lower_bound": bound.epsilon_lower_bound, "significance": cfg.audit.significance,
+            "canaries": cfg.audit.canaries, "canaries_included": included, "canary_length": cfg.audit.length,
+            "guesses": bound.guesses, "correct": bound.correct, "auc": bound.auc,
+            "method": "one-run audit (Steinke, Nasr & Jagielski 2023), black box: canary loss; guesses at "
+                      "k = m/100 ... m/2 from each end, Bonferroni over the k"}
+
+
+register_schemas()
+ConfigStore.instance().store(name="audit_schema", node=AuditRunConfig)
+
+
+@hydra.main(config_path="conf", config_name="audit", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point; a refuted claim or a bad setting is one paragraph on stderr and a non-zero exit."""
+    exit_on_error("fedrec-audit", lambda: run_and_log(cfg))
+
+
+def run_and_log(cfg: DictConfig) -> None:
+    """Parse the config once, audit, log the verdict."""
+    typed: AuditRunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    report = run_audit(typed)
+    log.info("claim: %s", report["claim"])
+    log.info("audit: ε ≥ %.3f with confidence %.0f%% (%d of %d guesses right, AUC %.3f, %d of %d canaries in)",
+             report["epsilon_lower_bound"], 100 * (1 - report["significance"]), report["correct"],
+             report["guesses"], report["auc"], report["canaries_included"], report["canaries"])
+    log.info("outputs in %s", typed.output_dir)
+
+
+cli = console_command("fedrec-audit", main)
+
+if __name__ == "__main__":
+    cli()
