@@ -1,9 +1,11 @@
 """`fedrec-audit`: check a training's DP claim empirically, in one run (Steinke, Nasr & Jagielski 2023).
 
 m canary users (random item sequences) are made; each joins the training data with probability 1/2, independently.
-The model is trained as usual (the centralized trainer, DP or not), then every canary is scored by the trained
-model's likelihood of its own events (black box: the next-item loss it was trained on). Guessing the highest
-scored canaries "in" and the lowest "out", the count of right guesses gives a lower bound on ε
+The model is trained as usual: by the centralized trainer (`audit.mode=central`), or federated on Flower's
+simulation engine with every included canary a user of site 0 (`audit.mode=federated`: the claim audited is
+that site's ε, from its ledger). Then every canary is scored by the trained model's likelihood of its own
+events (black box: the next-item loss it was trained on). Guessing the highest scored canaries "in" and the
+lowest "out", the count of right guesses gives a lower bound on ε
 (simulations.audit_bound). A DP run whose lower bound exceeds its accountant's ε is a bug, and the command fails;
 a run without DP is the control, whose bound shows the audit can see memorisation at all.
 Writes audit.json to the run dir.
@@ -13,16 +15,18 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
+import pandas as pd
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from fl_client.ledger import PrivacyLedger
 from fl_client.privacy import PrivacyConfig
 from fl_client.train import TrainConfig, train
 from shared_model.catalog import PADDING_ROW
@@ -31,12 +35,23 @@ from shared_model.device import resolve_device
 from shared_model.events import EVENT_TYPE_CODES
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
 from shared_model.sequences import FIRST_EVENT_BUCKET, UserSequences, make_batch
+from shared_model.serialization import load_model_dir
 from simulations.audit_bound import AuditResult, audit_scores
-from simulations.config import RunConfig, register_schemas
-from simulations.prepare import build_model, prepare_data
+from simulations.partition import partition_users
+from simulations.prepare import PreparedData, build_model, prepare_data
+from simulations.simulate import SimulateConfig, federation_resources, run_federated
 
 log = logging.getLogger(__name__)
 CANARY_GAP_BUCKET = 8  # time-gap bucket between a canary's events (a few hours), when the data has timestamps
+
+
+@dataclass
+class Claim:
+    """The DP claim an audit checks: what the accountant (or the site's ledger) says."""
+
+    epsilon: float
+    delta: float
+    text: str
 
 
 class ClaimRefutedError(RuntimeError):
@@ -47,6 +62,7 @@ class ClaimRefutedError(RuntimeError):
 class AuditConfig:
     """How many canaries, how long, and the confidence of the bound."""
 
+    mode: str = "central"  # (str) central (the centralized trainer) or federated (canaries at site 0)
     canaries: int = 1000  # (int) m canary users, each in the training data with probability 1/2
     length: int = 20  # (int) events per canary: random catalog items (length - 3 of them are trained on)
     seed: int = 0  # (int) which canaries are made and which of them are included
@@ -55,8 +71,8 @@ class AuditConfig:
 
 
 @dataclass
-class AuditRunConfig(RunConfig):
-    """Root schema of `fedrec-audit`: the centralized training's groups plus `audit`."""
+class AuditRunConfig(SimulateConfig):
+    """Root schema of `fedrec-audit`: fedrec-simulate's groups (train.epochs for the central mode) plus `audit`."""
 
     audit: AuditConfig = field(default_factory=AuditConfig)
 
@@ -103,41 +119,89 @@ def canary_scores(model: FedRecModel, canaries: UserSequences, max_len: int, dev
 
 def run_audit(cfg: AuditRunConfig) -> dict[str, Any]:
     """Train with canaries, score them, bound ε; returns (and writes) audit.json's content."""
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir).resolve()
     data = prepare_data(cfg.data)
     rng = np.random.default_rng(cfg.audit.seed)
     canaries = make_canaries(cfg.audit.canaries, cfg.audit.length, data.catalog.num_rows,
                              data.events.has_timestamps, rng)
     included = rng.random(len(canaries)) < 0.5  # (m,) each canary in with probability 1/2
-    model = build_model(cfg.model, data, cache_dir=str(out / "cache"))
-    train_cfg, privacy_cfg = TrainConfig(**asdict(cfg.train)), PrivacyConfig(**asdict(cfg.privacy))
-    trained = joined(data.sequences, canaries.subset(np.flatnonzero(included)))
-    result = train(model, trained, train_cfg, privacy_cfg, valid=data.sequences)
-    scores = canary_scores(model, canaries, cfg.model.max_len, resolve_device(train_cfg.device))
-    delta = result.privacy.delta if result.privacy else cfg.audit.delta
+    match cfg.audit.mode:
+        case "central":
+            model, privacy = train_central(cfg, data, canaries.subset(np.flatnonzero(included)), out)
+        case "federated":
+            model, privacy = train_federated(cfg, data, canaries.subset(np.flatnonzero(included)), out)
+        case _:
+            raise ValueError(f"audit.mode must be central or federated, got {cfg.audit.mode!r}")
+    scores = canary_scores(model, canaries, cfg.model.max_len, resolve_device(cfg.train.device))
+    delta = privacy.delta if privacy else cfg.audit.delta
     bound = audit_scores(scores, included, delta, cfg.audit.significance)
-    report = audit_report(cfg, bound, result.privacy, int(included.sum()), delta)
+    report = audit_report(cfg, bound, privacy, int(included.sum()), delta)
     out.mkdir(parents=True, exist_ok=True)
     (out / "audit.json").write_text(json.dumps(report, indent=2))
-    if result.privacy is not None and bound.epsilon_lower_bound > result.privacy.epsilon:
+    if privacy is not None and bound.epsilon_lower_bound > privacy.epsilon:
         raise ClaimRefutedError(f"the audit's lower bound ε ≥ {bound.epsilon_lower_bound:.3f} exceeds the claimed "
-                                f"ε = {result.privacy.epsilon:.3f}: the DP claim is wrong (see {out / 'audit.json'})")
+                                f"ε = {privacy.epsilon:.3f}: the DP claim is wrong (see {out / 'audit.json'})")
     return report
 
 
-def audit_report(cfg: AuditRunConfig, bound: AuditResult, privacy: Any, included: int, delta: float) -> dict[str, Any]:
+def train_central(cfg: AuditRunConfig, data: PreparedData, members: UserSequences,
+                  out: Path) -> tuple[FedRecModel, Claim | None]:
+    """The centralized trainer on the data plus the included canaries; the model and its DP claim."""
+    model = build_model(cfg.model, data, cache_dir=str(out / "cache"))
+    train_cfg, privacy_cfg = TrainConfig(**asdict(cfg.train)), PrivacyConfig(**asdict(cfg.privacy))
+    result = train(model, joined(data.sequences, members), train_cfg, privacy_cfg, valid=data.sequences)
+    if result.privacy is None:
+        return model, None
+    return model, Claim(result.privacy.epsilon, result.privacy.delta, result.privacy.claim())
+
+
+def train_federated(cfg: AuditRunConfig, data: PreparedData, members: UserSequences,
+                    out: Path) -> tuple[FedRecModel, Claim | None]:
+    """fedrec-simulate's federation with the included canaries as users of site 0; the final global model and
+    site 0's DP claim (its ledger: every round it trained)."""
+    parts = partition_users(data.sequences, cfg.partition, data.catalog)
+    first = len(data.sequences)
+    parts = [np.concatenate([parts[0], first + np.arange(len(members))]), *parts[1:]]
+    frame = pd.concat([data.events.frame, canary_events(members, data)], ignore_index=True)
+    with_canaries = PreparedData(replace(data.events, frame=frame), data.catalog, joined(data.sequences, members))
+    run_federated(cfg, with_canaries, parts, out, federation_resources(cfg))
+    model, _ = load_model_dir(out / "server" / "model")
+    if not cfg.privacy.enabled:
+        return model, None
+    ledger = PrivacyLedger(out / "sites" / "site-0" / "state" / "privacy_ledger.json", None, cfg.privacy.accountant)
+    epsilon = ledger.spent()
+    return model, Claim(epsilon, ledger.delta, f"(ε = {epsilon:.3f}, δ = {ledger.delta:.3g})-DP per user of site 0, "
+                                               f"over its {len(ledger.entries)} ledger entries")
+
+
+def canary_events(members: UserSequences, data: PreparedData) -> pd.DataFrame:
+    """The included canaries as event rows in the data's columns (an hour apart, from the data's first time)."""
+    frame = data.events.frame
+    titles = dict(zip(frame["item_id"], frame["item_title"], strict=False)) if "item_title" in frame else {}
+    ids = [data.catalog.item_ids[row - 1] for row in members.items]
+    rows = {"user_id": np.repeat(members.user_ids, members.lengths()), "item_id": ids,
+            "timestamp": int(frame["timestamp"].min()) + 3600 * np.arange(len(ids)),
+            "event_type": "view"}
+    extra: dict[str, Any] = {c: "canary" for c in frame.columns if c not in rows}
+    if titles:
+        extra["item_title"] = [titles.get(i, "") for i in ids]
+    return pd.DataFrame({**rows, **extra})[list(frame.columns)]
+
+
+def audit_report(cfg: AuditRunConfig, bound: AuditResult, privacy: Claim | None, included: int,
+                 delta: float) -> dict[str, Any]:
     """audit.json: the claim, the bound and how it was obtained."""
-    claim = privacy.claim() if privacy is not None else "no differential privacy (DP was off): the control"
+    claim = privacy.text if privacy is not None else "no differential privacy (DP was off): the control"
     return {"claim": claim, "claimed_epsilon": privacy.epsilon if privacy is not None else None, "delta": delta,
             "epsilon_lower_bound": bound.epsilon_lower_bound, "significance": cfg.audit.significance,
-            "canaries": cfg.audit.canaries, "canaries_included": included, "canary_length": cfg.audit.length,
+            "mode": cfg.audit.mode, "canaries": cfg.audit.canaries, "canaries_included": included,
+            "canary_length": cfg.audit.length,
             "guesses": bound.guesses, "correct": bound.correct, "auc": bound.auc,
             "method": "one-run audit (Steinke, Nasr & Jagielski 2023), black box: canary loss; guesses at "
                       "k = m/100 ... m/2 from each end, Bonferroni over the k"}
 
 
-register_schemas()
-ConfigStore.instance().store(name="audit_schema", node=AuditRunConfig)
+ConfigStore.instance().store(name="audit_schema", node=AuditRunConfig)  # simulate registered the groups
 
 
 @hydra.main(config_path="conf", config_name="audit", version_base="1.3")

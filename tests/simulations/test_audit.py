@@ -5,6 +5,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
@@ -87,3 +88,16 @@ def test_a_claim_below_the_bound_fails_the_audit(tmp_path, monkeypatch):
     monkeypatch.setattr(simulations.audit, "train", under_reporting)
     with pytest.raises(ClaimRefutedError, match=r"exceeds the claimed ε = 0\.010"):
         run_audit(audit_config(tmp_path, ["privacy=disabled", "train.epochs=20"]))
+
+
+@pytest.mark.slow
+def test_a_federated_audit_puts_the_canaries_at_site_0_and_checks_that_sites_ledger(tmp_path):
+    report = run_audit(audit_config(tmp_path, ["audit.mode=federated", "federation.num_rounds=2",
+                                               "federation.local_epochs=1", "privacy.epsilon=3.0"]))
+    assert report["mode"] == "federated" and "per user of site 0, over its 2 ledger entries" in report["claim"]
+    assert 0 <= report["epsilon_lower_bound"] <= report["claimed_epsilon"] <= 3.0 * 1.01
+    site0 = pd.read_parquet(tmp_path / "sites" / "site-0" / "events.parquet")
+    canaries = site0.loc[site0["user_id"].str.startswith("canary-"), "user_id"].nunique()
+    assert canaries == report["canaries_included"] > 0
+    others = pd.concat(pd.read_parquet(p) for p in (tmp_path / "sites").glob("site-[1-9]*/events.parquet"))
+    assert not others["user_id"].str.startswith("canary-").any()
