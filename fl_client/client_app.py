@@ -161,8 +161,14 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
                 record, tag = secagg_fields(msg)
                 secure_state = secagg_state(context)
                 secagg.open_shares(secure_state, tag, secagg.parse_sealed(record))
-            shared = msg.content.array_records.get(wire.OPTIMIZER_STATE)
-            reply = train_round(site, data, round_cfg, state, shared.to_torch_state_dict() if shared else None)
+            if round_cfg.ddp_sample_rate:  # distributed DP: one DP-SGD step, with this site's share of the noise
+                from fl_client.distributed_dp import dp_step_round, noise_share
+
+                share = noise_share(round_cfg, secure_state.needed if secure else None)
+                reply = dp_step_round(site, data, round_cfg, state, share)
+            else:
+                shared = msg.content.array_records.get(wire.OPTIMIZER_STATE)
+                reply = train_round(site, data, round_cfg, state, shared.to_torch_state_dict() if shared else None)
             if secure:
                 if secagg.released(site.state_dir, tag):
                     reply = replace(reply, num_examples=0, declined="this round's update was already sent into a "

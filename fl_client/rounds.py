@@ -34,6 +34,8 @@ OPTIONAL_ROUND_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "num_negatives": (wire.NUM_NEGATIVES, int), "seed": (wire.SEED, int),
     "keep_optimizer_state": (wire.KEEP_OPTIMIZER_STATE, bool), "item_rows": (wire.ITEM_ROWS, str),
     "share_optimizer_state": (wire.SHARE_OPTIMIZER_STATE, bool), "frozen_digest": (wire.FROZEN_DIGEST, str),
+    "ddp_sample_rate": (wire.DDP_SAMPLE_RATE, float), "ddp_noise_multiplier": (wire.DDP_NOISE, float),
+    "ddp_max_grad_norm": (wire.DDP_CLIP, float), "ddp_colluders": (wire.DDP_COLLUDERS, int),
 }
 
 # A training id names files in the site's state dir: lowercase letters, digits and "-" only (the server sends a
@@ -99,6 +101,10 @@ class RoundConfig:
     item_rows: str = "average"  # wire.ITEM_ROW_MODES: holders/counts ask the site for per-item weights
     share_optimizer_state: bool = False  # start from the server's average of the sites' moments; send ours back
     frozen_digest: str = ""  # names the run's frozen tensors, which the site keeps once sent (fl_client.frozen)
+    ddp_sample_rate: float = 0.0  # > 0: a distributed-DP round, one DP-SGD step (fl_client.distributed_dp)
+    ddp_noise_multiplier: float = 0.0  # σ of the sum over the sites
+    ddp_max_grad_norm: float = 0.0  # C
+    ddp_colluders: int = 0  # sites assumed to collude with the server
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RoundConfig:
@@ -120,6 +126,11 @@ class RoundConfig:
         check_training_id(parsed.training_id)
         if parsed.frozen_digest:
             check_frozen_digest(parsed.frozen_digest)
+        if parsed.ddp_sample_rate and not (parsed.ddp_sample_rate <= 1 and parsed.ddp_noise_multiplier > 0
+                                           and parsed.ddp_max_grad_norm > 0 and parsed.ddp_colluders >= 0):
+            raise RoundConfigError(f"round config asks for distributed DP with q = {parsed.ddp_sample_rate}, "
+                                   f"σ = {parsed.ddp_noise_multiplier}, C = {parsed.ddp_max_grad_norm}, "
+                                   f"{parsed.ddp_colluders} colluders: needs 0 < q <= 1, σ > 0, C > 0, colluders >= 0")
         return parsed
 
 

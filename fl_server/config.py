@@ -42,6 +42,12 @@ class StrategyConfig:
     secagg_threshold: float = 0.67  # (float) secure aggregation: share of a site's neighbourhood whose shares rebuild
     # its masks; the rest may drop out
     secagg_neighbours: int = 0  # (int) secure aggregation: SecAgg+ neighbours per site (even); 0 = every site
+    distributed_dp: bool = False  # (bool) each round is one DP-SGD step over the union of the sites' users: each
+    # site sends its clipped, noised gradient sum and adds only its share of the noise (with secure aggregation)
+    dp_sample_rate: float = 0.01  # (float) distributed DP: the rate q at which every site samples its users
+    dp_noise_multiplier: float = 1.0  # (float) distributed DP: σ of the summed gradient (units of dp_max_grad_norm)
+    dp_max_grad_norm: float = 1.0  # (float) distributed DP: per-user clipping bound C
+    dp_colluders: int = 0  # (int) distributed DP: sites assumed to collude with the server (their noise not counted)
 
 
 @dataclass

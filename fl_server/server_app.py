@@ -59,7 +59,8 @@ def central_evaluator(cfg: ServerConfig, catalog: ItemCatalog,
 
 
 def round_config(cfg: ServerConfig, model: FedRecModel, catalog: ItemCatalog, training_id: str) -> ConfigRecord:
-    """What every site is told each round (hyperparameters, architecture, catalog; never noise or budget)."""
+    """What every site is told each round (hyperparameters, architecture, catalog; never a site's budget, and
+    noise only under distributed DP: the σ of the sum, which each site checks against its own budget)."""
     return ConfigRecord({
         wire.WIRE_VERSION: wire.VERSION,
         wire.TRAINING_ID: training_id, wire.NUM_ROUNDS: cfg.num_rounds, wire.LOCAL_EPOCHS: cfg.local_epochs,
@@ -67,7 +68,21 @@ def round_config(cfg: ServerConfig, model: FedRecModel, catalog: ItemCatalog, tr
         wire.WEIGHT_DECAY: cfg.weight_decay, wire.NUM_NEGATIVES: cfg.num_negatives, wire.SEED: cfg.seed,
         wire.KEEP_OPTIMIZER_STATE: cfg.keep_optimizer_state, wire.ITEM_ROWS: cfg.strategy.item_rows,
         wire.SHARE_OPTIMIZER_STATE: cfg.share_optimizer_state,
-        wire.MODEL_CONFIG: model.config.to_json_string(), wire.CATALOG_FINGERPRINT: catalog.fingerprint})
+        wire.MODEL_CONFIG: model.config.to_json_string(), wire.CATALOG_FINGERPRINT: catalog.fingerprint,
+        **distributed_dp_config(cfg)})
+
+
+def distributed_dp_config(cfg: ServerConfig) -> dict[str, float | int]:
+    """The round keys that make every site take one DP-SGD step of the union (none when distributed DP is off)."""
+    strategy = cfg.strategy
+    if not strategy.distributed_dp:
+        return {}
+    if not (0 < strategy.dp_sample_rate <= 1 and strategy.dp_noise_multiplier > 0 and strategy.dp_max_grad_norm > 0
+            and strategy.dp_colluders >= 0):
+        raise ValueError("strategy.distributed_dp needs 0 < dp_sample_rate <= 1, dp_noise_multiplier > 0, "
+                         "dp_max_grad_norm > 0 and dp_colluders >= 0")
+    return {wire.DDP_SAMPLE_RATE: strategy.dp_sample_rate, wire.DDP_NOISE: strategy.dp_noise_multiplier,
+            wire.DDP_CLIP: strategy.dp_max_grad_norm, wire.DDP_COLLUDERS: strategy.dp_colluders}
 
 
 def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:

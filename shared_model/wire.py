@@ -57,6 +57,11 @@ KEEP_OPTIMIZER_STATE = "keep-optimizer-state"  # sites carry their optimiser sta
 SHARE_OPTIMIZER_STATE = "share-optimizer-state"  # sites start from the average of the sites' optimiser states
 ITEM_ROWS = "item-rows"  # how the item table's rows are aggregated (one of ITEM_ROW_MODES)
 FROZEN_DIGEST = "frozen-digest"  # tensors_digest of the run's frozen tensors ("" when there are none)
+# Distributed DP (fl_client.distributed_dp): a round is one DP-SGD step over the union of the sites' users.
+DDP_SAMPLE_RATE = "ddp-sample-rate"  # q: every site Poisson-samples its users at this rate (present = a DDP round)
+DDP_NOISE = "ddp-noise-multiplier"  # σ of the summed update, in units of DDP_CLIP
+DDP_CLIP = "ddp-max-grad-norm"  # C: every site clips each user's gradient to this L2 norm
+DDP_COLLUDERS = "ddp-colluders"  # t: sites assumed to collude with the server (their noise shares do not count)
 
 # How the server aggregates the rows of the item table (item embeddings, output layer):
 #   average  every row like any other weight: weighted by the sites' users (Flower's FedAvg);

@@ -102,6 +102,9 @@ def run_simulate(cfg: SimulateConfig) -> dict[str, Any]:
             if cfg.strategy.min_nodes > len(parts):  # Flower would wait for the missing sites for ever
                 raise ValueError(f"strategy.min_nodes={cfg.strategy.min_nodes}, but the partition has only "
                                  f"{len(parts)} site(s): set strategy.min_nodes={len(parts)} or more partitions")
+            if cfg.strategy.distributed_dp and not cfg.privacy.enabled:  # every site would refuse
+                raise ValueError("strategy.distributed_dp needs DP at the sites (privacy=dp): each adds a share "
+                                 "of the noise")
             if cfg.privacy.enabled and cfg.strategy.item_rows != "average":  # every site would decline
                 raise ValueError(f"strategy.item_rows={cfg.strategy.item_rows} needs per-item weights from the "
                                  "sites, which DP does not cover: use strategy.item_rows=average with DP")

@@ -195,3 +195,21 @@ def test_secure_aggregation_with_a_rule_that_needs_each_sites_update_is_refused(
     with pytest.raises(ValueError, match="threshold"):
         secure_settings(server_config(tmp_path, strategy=StrategyConfig(secure_aggregation=True,
                                                                         secagg_threshold=0.4)))
+
+
+@pytest.mark.slow
+def test_distributed_dp_rounds_are_one_dp_sgd_step_of_the_union_under_secure_aggregation(tmp_path):
+    _, _, sites = synthetic_sites(tmp_path, users=180, items=40, seed=8, num_sites=3, epsilon=8.0)
+    out = tmp_path / "server"
+    server = server_config(tmp_path, num_rounds=3, model=ModelConfig(hidden_size=16, max_len=20, item_features=[]),
+                           strategy=StrategyConfig(name="fedadam", server_lr=0.01, server_tau=1e-8, min_nodes=3,
+                                                   secure_aggregation=True, distributed_dp=True, dp_sample_rate=0.1,
+                                                   dp_noise_multiplier=1.0))
+    run_federation(sites, server)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train_replies"] == 3 and r["secure_aggregation"]["sites_summed"] == 3 for r in rows)
+    for site in sites:  # every site charged the sum's (σ, q) for one step a round
+        entries = json.loads(Path(site.ledger_path).read_text())["entries"]
+        assert [e["history"] for e in entries] == [[[1.0, 0.1, 1]]] * 3
+    eps = [e["epsilon_after"] for e in entries]
+    assert eps[0] < eps[1] < eps[2] == pytest.approx(rows[-1]["privacy"]["epsilon_max"], rel=1e-6)

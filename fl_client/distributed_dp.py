@@ -1,0 +1,116 @@
+"""Distributed DP: a federated round that is one DP-SGD step over the union of the sites' users.
+
+Every site Poisson-samples its users at the round's rate q, clips each sampled user's gradient to C, sums, adds
+Gaussian noise, and sends minus that sum over its expected batch (q × its users) as its update; the server's
+users-weighted average of the updates is then minus (Σ clipped gradients + Σ noise) over the union's expected
+batch, the gradient central DP-SGD would take, and a server optimiser (FedAdam, FedAvgM) steps with it.
+
+The noise of the sum has standard deviation σ·C when at least n − t sites add their share σ·C / √(n − t), where
+n is the fewest sites a secure sum is unmasked over (the site's SecAgg threshold) and t the sites assumed to
+collude with the server (their noise known to it). Without secure aggregation the server sees each site's
+update, so each site adds all of σ·C itself. Under either assumption the run is DP-SGD with sampling rate q and
+noise multiplier σ for every user of the union, and each site's ledger records (σ, q, 1 step) a round.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping
+from dataclasses import replace
+
+import numpy as np
+import torch
+from opacus.optimizers.optimizer import _generate_noise
+
+from fl_client.dp_step import private_step
+from fl_client.enrolment import open_site_ledger, site_lock
+from fl_client.federated import (
+    RoundReply,
+    declined,
+    drop_older_replies,
+    load_reply,
+    reply_path,
+    reply_payload,
+    save_atomically,
+)
+from fl_client.ledger import BudgetExceededError
+from fl_client.privacy import make_private
+from fl_client.rounds import RoundConfig, build_global_model
+from fl_client.secure_rng import secure_gaussian
+from fl_client.site import SiteConfig, SiteData, SiteStartError, check_users
+from fl_client.train import TrainConfig, peak_memory_mb, user_loader
+from shared_model import wire
+from shared_model.device import resolve_device
+from shared_model.modeling_fedrec import FedRecModel
+
+
+def noise_share(round_cfg: RoundConfig, summed_sites: int | None) -> float:
+    """This site's noise multiplier: σ / √(n − t) when its update is summed with at least n - 1 others under
+    secure aggregation (`summed_sites` = n), the whole σ without it (None)."""
+    if summed_sites is None:
+        return round_cfg.ddp_noise_multiplier
+    honest = summed_sites - round_cfg.ddp_colluders
+    if honest < 1:
+        raise SiteStartError(f"distributed DP: {round_cfg.ddp_colluders} colluding sites assumed, but a sum is "
+                             f"unmasked over as few as {summed_sites} sites: no site's noise would be left")
+    return round_cfg.ddp_noise_multiplier / math.sqrt(honest)
+
+
+def dp_step_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, state: Mapping[str, torch.Tensor],
+                  share: float) -> RoundReply:
+    """One distributed-DP round at the site against its ledger (held under its lock): a resent round from its
+    kept reply, else check (σ, q, 1 step) against the budget, take the step, record it, keep the reply."""
+    data.catalog.check_matches(round_cfg.catalog_fingerprint)
+    check_users(site, data)
+    if not site.dp:
+        raise SiteStartError("distributed DP: this site runs without DP, so it would add no noise while the "
+                             "other sites count on its share; start it with a privacy budget")
+    model = build_global_model(round_cfg, state, site.max_model_parameters)
+    planned = [(round_cfg.ddp_noise_multiplier, round_cfg.ddp_sample_rate, 1)]
+    with site_lock(site.state_dir):
+        ledger = open_site_ledger(site.state_dir, site.accountant, site.delta, len(data.sequences))
+        if ledger.has(round_cfg.training_id, round_cfg.server_round):
+            kept = load_reply(reply_path(site, round_cfg.training_id, round_cfg.server_round))
+            return kept or declined(model, ledger.delta, ledger.spent(), "this round was already taken here "
+                                                                        "and its reply is lost")
+        try:
+            ledger.check(planned, site.epsilon)
+        except BudgetExceededError as err:
+            return declined(model, ledger.delta, ledger.spent(), str(err))
+        reply = gradient_step(site, data, round_cfg, model, share)
+        reply.epsilon = ledger.record(round_cfg.training_id, round_cfg.server_round, planned).epsilon_after
+        reply.delta = ledger.delta
+        save_atomically(reply_payload(reply), reply_path(site, round_cfg.training_id, round_cfg.server_round))
+        drop_older_replies(site, round_cfg.training_id, round_cfg.server_round)
+    return reply
+
+
+def gradient_step(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, model: FedRecModel,
+                  share: float) -> RoundReply:
+    """Minus (Σ clipped per-user gradients + N(0, (share·C)²)) / (q × users) as the model's new weights minus
+    the old, from one Poisson sample at rate q (Opacus clips and noises; plain SGD at rate 1 applies it)."""
+    users = data.sequences.trainable_users()
+    expected = max(1, int(len(users) * round_cfg.ddp_sample_rate))  # Opacus' expected batch: what it divides by
+    config = TrainConfig(batch_size=expected, lr=1.0, optimizer="sgd", epochs=1, device=site.device,
+                         micro_batch_tokens=site.micro_batch_tokens, micro_batch_users=site.micro_batch_users)
+    privacy = replace(site.privacy(0.0, share), max_grad_norm=round_cfg.ddp_max_grad_norm)
+    device = resolve_device(site.device)
+    torch.nn.Module.to(model, device).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    generator = torch.Generator().manual_seed(secrets.randbits(63))  # fresh entropy: the server cannot derive it
+    _, step_model, dp_optimizer, _ = make_private(model, optimizer, user_loader(users, expected, generator),
+                                                  privacy, share)
+    dp_optimizer.expected_batch_size = expected
+    sampled = users[np.random.default_rng(secrets.randbits(128)).random(len(users)) < round_cfg.ddp_sample_rate]
+    if len(sampled) == 0:  # no user sampled: the step is noise alone, as in central DP-SGD
+        with torch.no_grad():
+            for p in dp_optimizer.params:
+                std = share * privacy.max_grad_norm
+                p -= (secure_gaussian(p, std) if privacy.secure_mode else _generate_noise(std, p)) / expected
+        loss = 0.0
+    else:
+        loss = private_step(step_model, model, data.sequences, [int(u) for u in sampled], dp_optimizer, privacy,
+                            config, device)
+    return RoundReply(state=wire.trainable_state(model.cpu()), num_examples=expected, train_loss=loss, dp=True,
+                      epsilon=0.0, delta=0.0, peak_memory_mb=peak_memory_mb(device))

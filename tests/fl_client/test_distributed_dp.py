@@ -1,0 +1,113 @@
+"""A distributed-DP round at a site: one DP-SGD step over a Poisson sample, with this site's share of the noise,
+charged to the site's ledger as (σ of the sum, q, 1 step)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fl_client.distributed_dp import dp_step_round, gradient_step, noise_share
+from fl_client.rounds import RoundConfig, build_global_model
+from fl_client.site import SiteStartError, load_site_data
+from shared_model import wire
+from shared_model.catalog import ItemCatalog
+from shared_model.configuration_fedrec import FedRecConfig
+from shared_model.modeling_fedrec import FedRecModel, sequence_loss
+from shared_model.sequences import make_batch
+from tests.fl_client.server_round import round_record
+
+
+def ddp_round(catalog: ItemCatalog, server_round: int = 1, q: float = 0.2, sigma: float = 1.0,
+              colluders: int = 0, dropout: float = 0.0) -> tuple[RoundConfig, dict]:
+    record, _ = round_record(catalog, server_round)
+    config = FedRecConfig(num_items=len(catalog.item_ids), hidden_size=16, max_len=10,
+                          catalog_fingerprint=catalog.fingerprint, hidden_dropout_prob=dropout,
+                          attention_probs_dropout_prob=dropout)
+    torch.manual_seed(0)
+    state = FedRecModel(config).state_dict()
+    record.update({wire.MODEL_CONFIG: config.to_json_string(), wire.DDP_SAMPLE_RATE: q, wire.DDP_NOISE: sigma,
+                   wire.DDP_CLIP: 1.0, wire.DDP_COLLUDERS: colluders})
+    return RoundConfig.from_record(record), state
+
+
+def test_each_site_adds_sigma_over_root_of_the_honest_sites_it_is_summed_with():
+    catalog = ItemCatalog.from_items(["a", "b", "c"])
+    cfg, _ = ddp_round(catalog, sigma=2.0, colluders=1)
+    assert noise_share(cfg, None) == 2.0  # no secure sum: the server sees this update, so all the noise
+    assert noise_share(cfg, 5) == pytest.approx(2.0 / math.sqrt(4))
+    with pytest.raises(SiteStartError, match="no site's noise would be left"):
+        noise_share(cfg, 1)
+
+
+def test_without_noise_the_update_is_minus_the_clipped_gradient_sum_over_the_expected_batch(site):
+    data = load_site_data(site)
+    catalog = data.catalog
+    cfg, state = ddp_round(catalog, q=1.0)  # every user sampled
+    model = build_global_model(cfg, state)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    reply = gradient_step(site, data, cfg, model, share=0.0)
+    users = data.sequences.trainable_users()
+    assert reply.num_examples == len(users)
+    expected = {k: torch.zeros_like(v) for k, v in reply.state.items()}
+    reference = build_global_model(cfg, state)
+    for user in users:  # each user's own gradient, clipped to C = 1, summed
+        reference.zero_grad()
+        batch = make_batch(data.sequences, [int(user)], "train", reference.config.max_len)
+        sequence_loss(reference, batch, per_user=True).sum().backward()
+        grads = {n: p.grad.clone() for n, p in reference.named_parameters() if n in expected}
+        norm = torch.sqrt(sum(g.square().sum() for g in grads.values()))
+        for n, g in grads.items():
+            expected[n] += g * min(1.0, 1.0 / float(norm))
+    for name, trained in reply.state.items():
+        assert torch.allclose((start[name] - trained) * len(users), expected[name], atol=1e-4), name
+
+
+def test_an_empty_sample_is_a_step_of_noise_alone_with_this_sites_share(site):
+    data = load_site_data(site)
+    cfg, state = ddp_round(data.catalog, q=1e-9)  # no user sampled; expected batch 1
+    model = build_global_model(cfg, state)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    reply = gradient_step(site, data, cfg, model, share=0.5)
+    steps = torch.cat([(start[k] - v).reshape(-1) for k, v in reply.state.items()])
+    assert reply.num_examples == 1 and float(steps.std()) == pytest.approx(0.5, rel=0.05)
+
+
+def test_each_round_is_charged_as_one_step_of_the_sum_and_a_resend_is_not_charged_again(site):
+    data = load_site_data(site)
+    cfg, state = ddp_round(data.catalog, q=0.2, sigma=1.0)
+    first = dp_step_round(site, data, cfg, state, share=0.5)
+    again = dp_step_round(site, data, cfg, state, share=0.5)
+    ledger = json.loads(site.ledger_path.read_text())
+    assert [e["history"] for e in ledger["entries"]] == [[[1.0, 0.2, 1]]]  # σ of the sum, not the share
+    assert first.epsilon == again.epsilon > 0 and not first.declined
+    assert all(torch.equal(first.state[k], again.state[k]) for k in first.state)
+
+
+def test_a_round_over_the_budget_is_declined_before_any_step(site):
+    data = load_site_data(site)
+    cfg, state = ddp_round(data.catalog, q=1.0, sigma=0.3)  # far over ε = 4 in one step
+    reply = dp_step_round(site, data, cfg, state, share=0.3)
+    assert reply.declined and "over its budget" in reply.declined and reply.num_examples == 0
+    assert json.loads(site.ledger_path.read_text())["entries"] == []
+
+
+def test_a_site_without_dp_refuses_distributed_dp(site):
+    from dataclasses import replace
+
+    data = load_site_data(site)
+    cfg, state = ddp_round(data.catalog)
+    with pytest.raises(SiteStartError, match="without DP"):
+        dp_step_round(replace(site, dp=False), data, cfg, state, share=1.0)
+
+
+def test_a_malformed_distributed_dp_round_is_refused():
+    from fl_client.rounds import RoundConfigError
+
+    catalog = ItemCatalog.from_items(["a", "b"])
+    record, _ = round_record(catalog)
+    record.update({wire.DDP_SAMPLE_RATE: 2.0, wire.DDP_NOISE: 1.0, wire.DDP_CLIP: 1.0, wire.DDP_COLLUDERS: 0})
+    with pytest.raises(RoundConfigError, match="distributed DP"):
+        RoundConfig.from_record(record)
+    np.testing.assert_equal(RoundConfig.from_record(round_record(catalog)[0]).ddp_sample_rate, 0.0)
