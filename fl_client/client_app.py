@@ -173,6 +173,9 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
                 if secagg.released(site.state_dir, tag):
                     reply = replace(reply, num_examples=0, declined="this round's update was already sent into a "
                                     "secure sum: sending it again into another could reveal it")
+                if reply.declined and round_cfg.ddp_sample_rate:
+                    raise SecureSumError(f"distributed DP: declined ({reply.declined}); a site that takes no step "
+                                         "sends nothing, so the others count noise only from sites that add it")
                 start = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
                 content = masked_content(reply, record, secure_state, start)
                 secagg.mark_released(site.state_dir, tag)

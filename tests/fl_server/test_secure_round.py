@@ -197,3 +197,31 @@ def test_an_altered_share_is_refused_before_the_site_trains(federation):
     assert grid.trained == [12]  # the sites that got an altered share never trained (nor spent ε)
     assert [r.error.reason for r in replies if r.metadata.src_node_id == 12] == [
         "secure aggregation: only one site sent a masked update"]
+
+
+def test_under_distributed_dp_a_declining_site_sends_nothing_so_no_survivor_lacks_its_noise(federation, monkeypatch):
+    import fl_client.distributed_dp
+
+    grid, messages, start, updates, users = federation
+    ddp = {wire.DDP_SAMPLE_RATE: 0.1, wire.DDP_NOISE: 1.0, wire.DDP_CLIP: 1.0, wire.DDP_COLLUDERS: 0}
+    for msg in messages:
+        msg.content.config_records[wire.CONFIG].update(ddp)
+    shares: list[float] = []
+
+    def step(site, data, round_cfg, state, share):
+        shares.append(share)
+        node = int(site.state_dir.rsplit("state", 1)[1])
+        if node == 13:  # over its budget
+            return RoundReply(state=dict(state), num_examples=0, train_loss=0.0, dp=True, epsilon=8.0, delta=1e-5,
+                              declined="over its budget")
+        trained = {k: state[k] + updates[node][k] for k in start}
+        return RoundReply(state=trained, num_examples=users[node], train_loss=1.0, dp=True, epsilon=1.0, delta=1e-5)
+
+    monkeypatch.setattr(fl_client.distributed_dp, "dp_step_round", step)
+    replies = list(SecureAggregationGrid(grid, SecureSumSettings()).send_and_receive(messages))
+    refused = [r for r in replies if r.has_error()]
+    assert [r.metadata.src_node_id for r in refused] == [13] and "distributed DP: declined" in refused[0].error.reason
+    kept = [n for n in NODES if n != 13]
+    assert_average(replies, fedavg(start, updates, users, kept), kept, SecureSumSettings())
+    # 5 sites, threshold 0.67: a sum is unmasked over at least 4, so each adds σ / √4
+    assert shares == [pytest.approx(0.5)] * 5
