@@ -161,30 +161,6 @@ def test_a_training_from_an_exported_model_scores_it_as_round_zero_before_traini
     assert (out / "report.md").read_text().count("| 0 (start) | 0 | 0 | 0 |") == 1
 
 
-@pytest.mark.slow
-def test_secure_aggregation_trains_dp_sites_on_the_simulation_engine_and_the_report_says_what_the_server_saw(
-        tmp_path):
-    _, _, sites = synthetic_sites(tmp_path, users=180, items=40, seed=6, num_sites=3, epsilon=8.0)
-    out = tmp_path / "server"
-    server = server_config(tmp_path, num_rounds=2, model=ModelConfig(hidden_size=16, max_len=20, item_features=[]),
-                           strategy=StrategyConfig(min_nodes=3, secure_aggregation=True))
-    run_federation(sites, server)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    secure = [r["secure_aggregation"] for r in rows]
-    assert [{k: v for k, v in s.items() if k != "protocol_bytes_max"} for s in secure] == [
-        {"sites_summed": 3, "dropped_after_sharing": 0, "clipped_coordinates": 0}] * 2
-    # keys, shares and unmask: about 1.4 kB a site with 3 sites, next to the model's (masked) update
-    assert all(0 < s["protocol_bytes_max"] < 5000 < r["bytes_from_each_site"]
-               for s, r in zip(secure, rows, strict=True))
-    assert all(r["train_replies"] == 3 and r["train_failures"] == 0 and r["dropped"] == 0 for r in rows)
-    assert rows[1]["privacy"]["sites_with_dp"] == 3 and rows[1]["federated_eval"]["hr@10"] > 0
-    report = (out / "report.md").read_text()
-    assert "the server saw only the sum of the sites' masked, quantized updates, at least 3 sites a round" in report
-    # every site's ledger holds both rounds, and each site recorded both rounds' updates as sent (never resent)
-    for site in sites:
-        assert len(json.loads(Path(site.state_dir, "secagg_released.json").read_text())) == 2
-
-
 def test_secure_aggregation_with_a_rule_that_needs_each_sites_update_is_refused(tmp_path):
     from fl_server.secure_round import secure_settings
 
@@ -199,6 +175,7 @@ def test_secure_aggregation_with_a_rule_that_needs_each_sites_update_is_refused(
 
 @pytest.mark.slow
 def test_distributed_dp_rounds_are_one_dp_sgd_step_of_the_union_under_secure_aggregation(tmp_path):
+    """Secure aggregation on the simulation engine (with DP sites), and distributed DP on top."""
     _, _, sites = synthetic_sites(tmp_path, users=180, items=40, seed=8, num_sites=3, epsilon=8.0)
     out = tmp_path / "server"
     server = server_config(tmp_path, num_rounds=3, model=ModelConfig(hidden_size=16, max_len=20, item_features=[]),
@@ -207,9 +184,18 @@ def test_distributed_dp_rounds_are_one_dp_sgd_step_of_the_union_under_secure_agg
                                                    dp_noise_multiplier=1.0))
     run_federation(sites, server)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["train_replies"] == 3 and r["secure_aggregation"]["sites_summed"] == 3 for r in rows)
-    for site in sites:  # every site charged the sum's (σ, q) for one step a round
+    assert all(r["train_replies"] == 3 and r["train_failures"] == 0 and r["dropped"] == 0 for r in rows)
+    secure = [r["secure_aggregation"] for r in rows]
+    assert [{k: v for k, v in s.items() if k != "protocol_bytes_max"} for s in secure] == [
+        {"sites_summed": 3, "dropped_after_sharing": 0, "clipped_coordinates": 0}] * 3
+    # keys, shares and unmask: about 1.4 kB a site with 3 sites, next to the model's (masked) update
+    assert all(0 < s["protocol_bytes_max"] < 5000 < r["bytes_from_each_site"]
+               for s, r in zip(secure, rows, strict=True))
+    report = (out / "report.md").read_text()
+    assert "the server saw only the sum of the sites' masked, quantized updates, at least 3 sites a round" in report
+    for site in sites:  # every site charged the sum's (σ, q) for one step a round, and sent each round once
         entries = json.loads(Path(site.ledger_path).read_text())["entries"]
         assert [e["history"] for e in entries] == [[[1.0, 0.1, 1]]] * 3
+        assert len(json.loads(Path(site.state_dir, "secagg_released.json").read_text())) == 3
     eps = [e["epsilon_after"] for e in entries]
     assert eps[0] < eps[1] < eps[2] == pytest.approx(rows[-1]["privacy"]["epsilon_max"], rel=1e-6)
