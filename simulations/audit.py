@@ -3,16 +3,18 @@
 m canary users (random item sequences) are made; each joins the training data with probability 1/2, independently.
 The model is trained as usual: by the centralized trainer (`audit.mode=central`), or federated on Flower's
 simulation engine with every included canary a user of site 0 (`audit.mode=federated`: the claim audited is
-that site's ε, from its ledger). Then every canary is scored by the trained model's likelihood of its own
-events (black box: the next-item loss it was trained on). Guessing the highest scored canaries "in" and the
-lowest "out", the count of right guesses gives a lower bound on ε
-(simulations.audit_bound). A DP run whose lower bound exceeds its accountant's ε is a bug, and the command fails;
+that site's ε, from its ledger). Then every canary is scored: black box (`audit.score=loss`), by the trained
+model's next-item loss on its own events; white box (`audit.score=gradient`), by how far training moved the
+weights along the canary's own loss gradient at the starting weights. Guessing the highest scored canaries "in"
+and the lowest "out", the count of right guesses gives a lower bound on ε (simulations.audit_bound). A DP run
+whose lower bound exceeds its accountant's ε is a bug, and the command fails;
 a run without DP is the control, whose bound shows the audit can see memorisation at all.
 Writes audit.json to the run dir.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
@@ -35,7 +37,7 @@ from shared_model.device import resolve_device
 from shared_model.events import EVENT_TYPE_CODES
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
 from shared_model.sequences import FIRST_EVENT_BUCKET, UserSequences, make_batch
-from shared_model.serialization import load_model_dir
+from shared_model.serialization import load_model_dir, save_model_dir
 from simulations.audit_bound import AuditResult, audit_scores
 from simulations.partition import partition_users
 from simulations.prepare import PreparedData, build_model, prepare_data
@@ -63,6 +65,8 @@ class AuditConfig:
     """How many canaries, how long, and the confidence of the bound."""
 
     mode: str = "central"  # (str) central (the centralized trainer) or federated (canaries at site 0)
+    score: str = "loss"  # (str) loss (black box: the model's loss on the canary) or gradient (white box: the
+    # update's projection on the canary's loss gradient at the starting weights)
     canaries: int = 1000  # (int) m canary users, each in the training data with probability 1/2
     length: int = 20  # (int) events per canary: random catalog items (length - 3 of them are trained on)
     seed: int = 0  # (int) which canaries are made and which of them are included
@@ -117,6 +121,26 @@ def canary_scores(model: FedRecModel, canaries: UserSequences, max_len: int, dev
     return np.concatenate(scores)
 
 
+def gradient_scores(model: FedRecModel, start: dict[str, torch.Tensor], canaries: UserSequences, max_len: int,
+                    device: torch.device) -> np.ndarray:
+    """White box: how far training moved the weights along each canary's own descent direction at the starting
+    weights: minus the update's projection on the canary's normalised loss gradient there."""
+    model.eval()
+    update = {n: p.detach() - start[n].to(p.device) for n, p in model.named_parameters() if p.requires_grad}
+    initial = copy.deepcopy(model)
+    initial.load_state_dict(start)
+    params = [p for n, p in initial.named_parameters() if n in update]
+    names = [n for n, _ in initial.named_parameters() if n in update]
+    scores = np.zeros(len(canaries))
+    for user in range(len(canaries)):
+        batch = {k: v.to(device) for k, v in make_batch(canaries, [user], "train", max_len).items()}
+        grads = torch.autograd.grad(sequence_loss(initial, batch, per_user=True).sum(), params, allow_unused=True)
+        pairs = [(update[n], g) for n, g in zip(names, grads, strict=True) if g is not None]
+        norm = sum(float(g.square().sum()) for _, g in pairs) ** 0.5
+        scores[user] = -sum(float((u * g).sum()) for u, g in pairs) / max(norm, 1e-12)
+    return scores
+
+
 def run_audit(cfg: AuditRunConfig) -> dict[str, Any]:
     """Train with canaries, score them, bound ε; returns (and writes) audit.json's content."""
     out = Path(cfg.output_dir).resolve()
@@ -125,14 +149,23 @@ def run_audit(cfg: AuditRunConfig) -> dict[str, Any]:
     canaries = make_canaries(cfg.audit.canaries, cfg.audit.length, data.catalog.num_rows,
                              data.events.has_timestamps, rng)
     included = rng.random(len(canaries)) < 0.5  # (m,) each canary in with probability 1/2
+    initial = build_model(cfg.model, data, cache_dir=str(out / "cache"))
+    start = {k: v.detach().clone() for k, v in initial.state_dict().items()}
     match cfg.audit.mode:
         case "central":
-            model, privacy = train_central(cfg, data, canaries.subset(np.flatnonzero(included)), out)
+            model, privacy = train_central(cfg, data, canaries.subset(np.flatnonzero(included)), initial)
         case "federated":
-            model, privacy = train_federated(cfg, data, canaries.subset(np.flatnonzero(included)), out)
+            model, privacy = train_federated(cfg, data, canaries.subset(np.flatnonzero(included)), initial, out)
         case _:
             raise ValueError(f"audit.mode must be central or federated, got {cfg.audit.mode!r}")
-    scores = canary_scores(model, canaries, cfg.model.max_len, resolve_device(cfg.train.device))
+    device = resolve_device(cfg.train.device)
+    match cfg.audit.score:
+        case "loss":
+            scores = canary_scores(model, canaries, cfg.model.max_len, device)
+        case "gradient":
+            scores = gradient_scores(model, start, canaries, cfg.model.max_len, device)
+        case _:
+            raise ValueError(f"audit.score must be loss (black box) or gradient (white box), got {cfg.audit.score!r}")
     delta = privacy.delta if privacy else cfg.audit.delta
     bound = audit_scores(scores, included, delta, cfg.audit.significance)
     report = audit_report(cfg, bound, privacy, int(included.sum()), delta)
@@ -145,9 +178,8 @@ def run_audit(cfg: AuditRunConfig) -> dict[str, Any]:
 
 
 def train_central(cfg: AuditRunConfig, data: PreparedData, members: UserSequences,
-                  out: Path) -> tuple[FedRecModel, Claim | None]:
-    """The centralized trainer on the data plus the included canaries; the model and its DP claim."""
-    model = build_model(cfg.model, data, cache_dir=str(out / "cache"))
+                  model: FedRecModel) -> tuple[FedRecModel, Claim | None]:
+    """The centralized trainer on the data plus the included canaries, from `model`; the model and its claim."""
     train_cfg, privacy_cfg = TrainConfig(**asdict(cfg.train)), PrivacyConfig(**asdict(cfg.privacy))
     result = train(model, joined(data.sequences, members), train_cfg, privacy_cfg, valid=data.sequences)
     if result.privacy is None:
@@ -155,15 +187,17 @@ def train_central(cfg: AuditRunConfig, data: PreparedData, members: UserSequence
     return model, Claim(result.privacy.epsilon, result.privacy.delta, result.privacy.claim())
 
 
-def train_federated(cfg: AuditRunConfig, data: PreparedData, members: UserSequences,
+def train_federated(cfg: AuditRunConfig, data: PreparedData, members: UserSequences, initial: FedRecModel,
                     out: Path) -> tuple[FedRecModel, Claim | None]:
-    """fedrec-simulate's federation with the included canaries as users of site 0; the final global model and
-    site 0's DP claim (its ledger: every round it trained)."""
+    """fedrec-simulate's federation from `initial` with the included canaries as users of site 0; the final
+    global model and site 0's DP claim (its ledger: every round it trained)."""
     parts = partition_users(data.sequences, cfg.partition, data.catalog)
     first = len(data.sequences)
     parts = [np.concatenate([parts[0], first + np.arange(len(members))]), *parts[1:]]
     frame = pd.concat([data.events.frame, canary_events(members, data)], ignore_index=True)
     with_canaries = PreparedData(replace(data.events, frame=frame), data.catalog, joined(data.sequences, members))
+    start = save_model_dir(initial, data.catalog, out / "initial_model")
+    cfg = replace(cfg, federation=replace(cfg.federation, initial_model=str(start)))
     run_federated(cfg, with_canaries, parts, out, federation_resources(cfg))
     model, _ = load_model_dir(out / "server" / "model")
     if not cfg.privacy.enabled:
@@ -197,7 +231,9 @@ def audit_report(cfg: AuditRunConfig, bound: AuditResult, privacy: Claim | None,
             "mode": cfg.audit.mode, "canaries": cfg.audit.canaries, "canaries_included": included,
             "canary_length": cfg.audit.length,
             "guesses": bound.guesses, "correct": bound.correct, "auc": bound.auc,
-            "method": "one-run audit (Steinke, Nasr & Jagielski 2023), black box: canary loss; guesses at "
+            "score": cfg.audit.score,
+            "method": "one-run audit (Steinke, Nasr & Jagielski 2023), canaries scored by their loss (black box) "
+                      "or by the update's projection on their loss gradient (white box); guesses at "
                       "k = m/100 ... m/2 from each end, Bonferroni over the k"}
 
 

@@ -70,6 +70,8 @@ def test_canaries_are_random_sequences_of_real_catalog_rows():
 def test_the_control_without_dp_is_caught_memorising_and_a_dp_run_stays_below_its_claim(tmp_path):
     control = run_audit(audit_config(tmp_path / "control", ["privacy=disabled", "train.epochs=20"]))
     assert control["claimed_epsilon"] is None and control["epsilon_lower_bound"] > 0.5
+    white = run_audit(audit_config(tmp_path / "white", ["privacy=disabled", "train.epochs=20", "audit.score=gradient"]))
+    assert white["score"] == "gradient" and white["epsilon_lower_bound"] > 0.2 and white["auc"] > 0.55
     private = run_audit(audit_config(tmp_path / "dp", ["privacy.epsilon=2.0", "train.epochs=10"]))
     assert 0 <= private["epsilon_lower_bound"] <= private["claimed_epsilon"] == pytest.approx(2.0, rel=0.01)
     assert json.loads((tmp_path / "dp" / "audit.json").read_text()) == private
