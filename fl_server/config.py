@@ -32,6 +32,8 @@ class StrategyConfig:
     norm_bound_factor: float = 3.0  # (float) drop updates longer than this times the round's median norm (0 = off);
     # honest sites measured at most 1.9x the median (BENCHMARKS.md, Robust aggregation), 10x attacks caught
     max_update_norm: float = 0.0  # (float) drop updates longer than this L2 norm (0 = off)
+    min_cosine: float = -1.0  # (float) drop updates whose cosine with the round's coordinate-wise median update
+    # is below this (-1 = off; 0 drops sign-flipped updates, which the norm bound cannot see)
     max_site_users: int = 10_000_000  # (int) a reply claiming more users (num-examples) is dropped
     max_failed_rounds: int = 3  # (int) stop after this many rounds in a row with no usable aggregate (0 = never)
     secure_aggregation: bool = False  # (bool) SecAgg+: the server sees only the sum of the sites' updates

@@ -14,7 +14,9 @@ with a reason naming its node and the field or tensor, unless:
 - its update (its weights minus the round's start, L2 over every trainable tensor) is at most
   `norm_bound_factor` times the median update of the round's otherwise valid replies (with fewer than
   MIN_SITES_FOR_MEDIAN of those, the median of earlier rounds' accepted medians, when there are any) and at
-  most `max_update_norm` (each 0 = off).
+  most `max_update_norm` (each 0 = off);
+- with `min_cosine` above -1, its update's cosine with the round's coordinate-wise median update is at least
+  that (fl_server.direction: 0 drops a sign-flipped update, which has an honest length).
 
 Declared user count: the first num-examples the server accepts from a node in a training pins that node's
 user count (kept in the strategy's checkpointed state, so a resume keeps it). A later reply claiming more
@@ -38,6 +40,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from fl_server.config import StrategyConfig
+from fl_server.direction import flat_update, median_cosines
 from fl_server.replies import reply_metrics
 from shared_model import wire
 
@@ -209,6 +212,8 @@ def check_reply_settings(config: StrategyConfig) -> None:
     for name in ("max_update_norm", "max_failed_rounds"):
         if getattr(config, name) < 0:
             raise ValueError(f"strategy.{name}={getattr(config, name)} must be >= 0 (0 = off)")
+    if not -1 <= config.min_cosine <= 1:
+        raise ValueError(f"strategy.min_cosine={config.min_cosine} must be in [-1, 1] (-1 = off)")
     if config.max_site_users < 1:
         raise ValueError(f"strategy.max_site_users={config.max_site_users} must be >= 1")
     if config.num_selected < 0:
@@ -227,6 +232,7 @@ class ReplyGate:
     accepted_norms: list[float]  # medians of the accepted update norms of the last rounds (checkpointed)
     norm_bound_factor: float = 0.0  # drop updates longer than this times the round's median norm (0 = off)
     max_update_norm: float = 0.0  # drop updates longer than this (0 = off)
+    min_cosine: float = -1.0  # drop updates whose cosine with the round's median update is below this (-1 = off)
     max_site_users: int = 10_000_000  # no reply may claim more users
     max_failed_rounds: int = 3  # stop after this many rounds in a row without a usable aggregate (0 = never)
     failed_rounds: int = 0  # rounds in a row that left the global model unchanged
@@ -235,6 +241,7 @@ class ReplyGate:
     def set_reply_checks(self, config: StrategyConfig) -> None:
         """Take the reply-check settings; no site has declared its users yet, no round has failed."""
         self.norm_bound_factor, self.max_update_norm = config.norm_bound_factor, config.max_update_norm
+        self.min_cosine = config.min_cosine
         self.max_site_users, self.max_failed_rounds = config.max_site_users, config.max_failed_rounds
         self.declared_users, self.accepted_norms, self.failed_reasons = {}, [], []
 
@@ -262,6 +269,12 @@ class ReplyGate:
         kept = [(m, n) for m, n in zip(trained, norms, strict=True) if n <= bound]
         over = [f"node {m.metadata.src_node_id}: update norm {n:.4g} above this round's bound {bound:.4g}"
                 for m, n in zip(trained, norms, strict=True) if n > bound]
+        if self.min_cosine > -1 and kept:
+            cosines = median_cosines([flat_update(m.content.array_records[wire.ARRAYS], self.round_start)
+                                      for m, _ in kept])
+            over += [f"node {m.metadata.src_node_id}: update at cosine {c:.3f} to the round's median update, below "
+                     f"{self.min_cosine:g}" for (m, _), c in zip(kept, cosines, strict=True) if c < self.min_cosine]
+            kept = [pair for pair, c in zip(kept, cosines, strict=True) if c >= self.min_cosine]
         if kept:
             self.accepted_norms = [*self.accepted_norms, median(n for _, n in kept)][-KEPT_NORMS:]
         for msg, _ in kept:

@@ -222,6 +222,27 @@ def test_each_rounds_update_norms_are_recorded_and_earlier_rounds_bound_a_round_
     assert unbounded.last_round["update_norms"]["bound"] is None and unbounded.last_round["dropped"] == 0
 
 
+def test_the_direction_check_drops_a_sign_flipped_update_the_norm_bound_lets_through(serverapp_identity):
+    rng = np.random.default_rng(8)
+    common = {k: rng.normal(size=v.shape) for k, v in START.items()}  # what every honest site descends along
+    honest = [{k: (START[k] + common[k] + 0.5 * rng.normal(size=v.shape)).astype(np.float32)
+               for k, v in START.items()} for _ in range(5)]
+    flipped = {k: (START[k] - (honest[0][k] - START[k])).astype(np.float32) for k in START}  # same length
+    replies = lambda: [*(site_reply(h, 10) for h in honest), site_reply(flipped, 10)]  # noqa: E731
+    plain = strategy_for()
+    plain.aggregate_train(1, replies())
+    assert plain.last_round["dropped"] == 0  # the norm bound cannot see a sign flip
+    checked = strategy_for(min_cosine=0.0)
+    arrays, _ = checked.aggregate_train(1, replies())
+    assert checked.last_round["dropped"] == 1
+    reason = checked.last_round["dropped_reasons"][0]
+    assert "cosine" in reason and "below 0" in reason
+    mean = np.mean([h["w"] for h in honest], axis=0)
+    np.testing.assert_allclose(arrays["w"].numpy(), mean, rtol=1e-5)  # the honest sites alone
+    with pytest.raises(ValueError, match="min_cosine"):
+        strategy_for(min_cosine=1.5)
+
+
 def test_an_absolute_update_norm_bound_drops_every_longer_update(serverapp_identity):
     strategy = strategy_for(norm_bound_factor=0.0, max_update_norm=1e-6)
     assert strategy.aggregate_train(1, good_replies()) == (None, None)
