@@ -141,7 +141,7 @@ def flwr_cli(home: Path, address: str, ca: Path, *args: str) -> subprocess.Compl
 
 
 @pytest.mark.slow
-def test_only_registered_sites_train_under_secure_aggregation_and_no_site_runs_a_stranger_app(tmp_path):
+def test_only_registered_sites_train_with_secure_aggregation_and_distributed_dp_and_no_stranger_app_runs(tmp_path):
     public = non_loopback_address()
     if public is None:
         pytest.skip("this machine has no non-loopback address to play the stranger from")
@@ -177,7 +177,8 @@ def test_only_registered_sites_train_under_secure_aggregation_and_no_site_runs_a
          str(app), "--port", str(link), "--catalog", sites[0].catalog_path, "--out-dir", str(out),
          "--num-rounds", "2", "--min-sites", "2", "--stall-timeout", "240", "--run-config",
          "batch-size=32 model.hidden-size=16 model.max-len=20 round-timeout=120.0 model.item-features='' "
-         "model.feature-scoring=false strategy.secure-aggregation=true"],
+         "model.feature-scoring=false strategy.secure-aggregation=true strategy.distributed-dp=true "
+         'strategy.name="fedadam" strategy.server-lr=0.003 strategy.dp-sample-rate=0.5'],
         stdout=(logs / "server.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     client_log = [logs / f"client{i}.log" for i in range(3)]
     try:
@@ -217,11 +218,15 @@ def test_only_registered_sites_train_under_secure_aggregation_and_no_site_runs_a
     ledger = sites[2].ledger_path  # it may be enrolled at start, but it never paid for a round
     assert not ledger.exists() or json.loads(ledger.read_text())["entries"] == []
     # (c) The registered sites trained both rounds over TLS, under secure aggregation (each stage a fresh
-    # ClientApp process: the round's secrets live in the SuperNode's context); only they were asked.
+    # ClientApp process: the round's secrets live in the SuperNode's context) and distributed DP; only they
+    # were asked.
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["train_replies"] == 2 and r["train_failures"] == 0 for r in rows)
     assert all(r["secure_aggregation"]["sites_summed"] == 2 for r in rows)
+    # ... and with distributed DP: each round one DP-SGD step, charged as (σ of the sum, q, 1 step)
+    for site in sites[:2]:
+        assert [e["history"] for e in json.loads(site.ledger_path.read_text())["entries"]] == [[[1.0, 0.5, 1]]] * 2
     assert json.loads((out / "flower" / "registered_sites.json").read_text()).keys() == {"site0", "site1"}
 
 
