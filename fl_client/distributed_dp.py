@@ -25,15 +25,7 @@ from opacus.optimizers.optimizer import _generate_noise
 
 from fl_client.dp_step import private_step
 from fl_client.enrolment import open_site_ledger, site_lock
-from fl_client.federated import (
-    RoundReply,
-    declined,
-    drop_older_replies,
-    load_reply,
-    reply_path,
-    reply_payload,
-    save_atomically,
-)
+from fl_client.federated import RoundReply, declined, keep_reply, resent_reply
 from fl_client.ledger import BudgetExceededError
 from fl_client.privacy import make_private
 from fl_client.rounds import RoundConfig, build_global_model
@@ -70,10 +62,9 @@ def dp_step_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, stat
     planned = [(round_cfg.ddp_noise_multiplier, round_cfg.ddp_sample_rate, 1)]
     with site_lock(site.state_dir):
         ledger = open_site_ledger(site.state_dir, site.accountant, site.delta, len(data.sequences))
-        if ledger.has(round_cfg.training_id, round_cfg.server_round):
-            kept = load_reply(reply_path(site, round_cfg.training_id, round_cfg.server_round))
-            return kept or declined(model, ledger.delta, ledger.spent(), "this round was already taken here "
-                                                                        "and its reply is lost")
+        resent = resent_reply(site, round_cfg, model, ledger)
+        if resent is not None:
+            return resent
         try:
             ledger.check(planned, site.epsilon)
         except BudgetExceededError as err:
@@ -81,9 +72,7 @@ def dp_step_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, stat
         reply = gradient_step(site, data, round_cfg, model, share)
         reply.epsilon = ledger.record(round_cfg.training_id, round_cfg.server_round, planned).epsilon_after
         reply.delta = ledger.delta
-        save_atomically(reply_payload(reply), reply_path(site, round_cfg.training_id, round_cfg.server_round))
-        drop_older_replies(site, round_cfg.training_id, round_cfg.server_round)
-    return reply
+        return keep_reply(site, round_cfg, reply)
 
 
 def gradient_step(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, model: FedRecModel,

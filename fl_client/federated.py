@@ -124,10 +124,9 @@ def train_private_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig
     """A DP round against the site's ledger (held under its lock): a resent round from its kept reply, else
     check the budget, train, record the steps, keep the reply."""
     training_id, server_round = round_cfg.training_id, round_cfg.server_round
-    if ledger.has(training_id, server_round):  # the server resent a round we already paid for
-        kept = load_reply(reply_path(site, training_id, server_round))
-        return kept or declined(model, ledger.delta, ledger.spent(),
-                                "this round was already trained here and its reply is lost")
+    resent = resent_reply(site, round_cfg, model, ledger)
+    if resent is not None:
+        return resent
     if round_cfg.item_rows != "average":
         return declined(model, ledger.delta, ledger.spent(),
                         f"the server asks for per-item weights (strategy.item_rows={round_cfg.item_rows}); they "
@@ -146,9 +145,24 @@ def train_private_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig
                                     f"ledger: ε = {spent_now:.3f})") from err
     history = result.privacy.history if result.privacy is not None else planned
     epsilon = ledger.record(training_id, server_round, history).epsilon_after
-    reply = trained_reply(site, data, round_cfg, model, result, epsilon, ledger.delta)
-    save_atomically(reply_payload(reply), reply_path(site, training_id, server_round))
-    drop_older_replies(site, training_id, server_round)
+    return keep_reply(site, round_cfg, trained_reply(site, data, round_cfg, model, result, epsilon, ledger.delta))
+
+
+def resent_reply(site: SiteConfig, round_cfg: RoundConfig, model: FedRecModel,
+                 ledger: PrivacyLedger) -> RoundReply | None:
+    """A round the site already paid for (the server resent it): its kept reply, or a decline when that is
+    lost; None for a round not yet charged."""
+    if not ledger.has(round_cfg.training_id, round_cfg.server_round):
+        return None
+    kept = load_reply(reply_path(site, round_cfg.training_id, round_cfg.server_round))
+    return kept or declined(model, ledger.delta, ledger.spent(), "this round was already trained here and its "
+                                                                "reply is lost")
+
+
+def keep_reply(site: SiteConfig, round_cfg: RoundConfig, reply: RoundReply) -> RoundReply:
+    """Keep a charged round's reply (so a resend is answered without spending ε again) in place of older ones."""
+    save_atomically(reply_payload(reply), reply_path(site, round_cfg.training_id, round_cfg.server_round))
+    drop_older_replies(site, round_cfg.training_id, round_cfg.server_round)
     return reply
 
 

@@ -11,8 +11,8 @@ each neighbourhood keeps its threshold of shares, the sum of the others is still
 `SecureAggregationGrid` wraps the Grid a Flower strategy drives: it answers the strategy's train messages with the
 sites' own replies (metrics and notes as sent) whose weights are all the one secure average, so the strategy's
 weighted averaging, server steps, reply checks and bookkeeping run unchanged. Rules that need each site's own
-update (median, trimmed mean, Krum, Bulyan, per-item row weights, shared moments) cannot run on it (refused in
-fl_server.config)."""
+update (median, trimmed mean, Krum, Bulyan, per-item row weights, shared moments) cannot run on it (refused by
+`secure_settings`)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 
 from fl_server.config import ServerConfig
 from fl_server.replies import payload_bytes
+from fl_server.strategy import AVERAGING
 from shared_model import secure_sum, wire
 from shared_model.secure_sum import SecureSumError, SecureSumSettings
 
@@ -34,9 +35,6 @@ log = logging.getLogger(__name__)
 SECAGG_FAILED = 4101  # Error code standing for a site's reply the secure sum could not use (reason attached)
 KEY_BYTES = 32  # X25519 public keys
 Roster = dict[int, tuple[bytes, bytes, int]]  # node -> (enc-key, mask-key, trainable users)
-
-
-AVERAGING = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")  # rules that need only the sum
 
 
 def secure_settings(cfg: ServerConfig) -> SecureSumSettings | None:
@@ -144,13 +142,14 @@ class SecureRound:
             total = self.unmask(tag, common, masked, sorted(set(shares) - set(masked)), graph, roster)
         except SecureSumError as err:
             return self.failed + [self.refused(r, str(err)) for r in replies]
-        problem = sum_problem(total, len(replies), max_weight, self.settings)
+        summed, weight, clipped = secure_sum.decode(total[:-2], self.settings), int(total[-2]), int(total[-1])
+        problem = sum_problem(summed, weight, clipped, len(replies), max_weight, self.settings)
         if problem:
             return self.failed + [self.refused(r, problem) for r in replies]
         self.stats.update(sites_summed=len(masked), dropped_after_sharing=len(shares) - len(masked),
-                          clipped_coordinates=int(total[-1]), protocol_bytes_max=max(self.traffic.values()))
-        return self.failed + with_average(replies, total, max_weight, self.sent,
-                                          messages[0].content.array_records[wire.ARRAYS], self.settings)
+                          clipped_coordinates=clipped, protocol_bytes_max=max(self.traffic.values()))
+        return self.failed + with_average(replies, summed, weight, max_weight, self.sent,
+                                          messages[0].content.array_records[wire.ARRAYS])
 
     def collect_masked(self, train: list[Message]) -> tuple[dict[int, np.ndarray], list[Message]]:
         """Stage 3: the train replies carrying a masked vector of the round's length, by node."""
@@ -215,23 +214,23 @@ def with_secagg(msg: Message, record: dict[str, Any]) -> Message:
     return Message(content=content, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
 
 
-def sum_problem(total: np.ndarray, sites: int, max_weight: int, settings: SecureSumSettings) -> str:
-    """Why an unmasked sum cannot be the sum of `sites` honest sites' vectors ("" when it can be): a site that
-    sends integers outside its quantization range shows only here."""
-    weight, clipped = (int(v) for v in total[-2:])
+def sum_problem(summed: np.ndarray, weight: int, clipped: int, sites: int, max_weight: int,
+                settings: SecureSumSettings) -> str:
+    """Why an unmasked sum (the decoded updates, the weights', the clipped counts') cannot be the sum of `sites`
+    honest sites' vectors ("" when it can be): a site that sends integers outside its quantization range shows
+    only here."""
     limit = sites * 2 ** (settings.bits - 1)
-    levels = np.abs(secure_sum.decode(total[:-2], settings) / settings.step)
+    levels = np.abs(summed / settings.step)
     if not 0 <= weight <= sites * max_weight or not 0 <= clipped <= sites * len(levels) or \
             levels.max(initial=0.0) > limit:
         return "the unmasked sum lies outside what honest sites can send (a site sent integers out of range)"
     return ""
 
 
-def with_average(replies: list[Message], total: np.ndarray, max_weight: int, sent: dict[int, Message],
-                 start: ArrayRecord, settings: SecureSumSettings) -> list[Message]:
-    """Each survivor's reply (its metrics and notes) carrying the secure weighted average as its weights."""
-    weight = int(total[-2])
-    summed = secure_sum.decode(total[:-2], settings)  # (D,)
+def with_average(replies: list[Message], summed: np.ndarray, weight: int, max_weight: int,
+                 sent: dict[int, Message], start: ArrayRecord) -> list[Message]:
+    """Each survivor's reply (its metrics and notes) carrying the secure weighted average as its weights: the
+    decoded sum (D,) of the updates, each × its users / max_weight, over the summed users `weight`."""
     # every survivor declined (weight 0): their replies say so, and carry the unchanged start
     average = ArrayRecord(unflatten(summed * max_weight / weight if weight else np.zeros_like(summed), start))
     return [Message(RecordDict({**r.content.metric_records, **r.content.config_records, wire.ARRAYS: average}),
