@@ -31,7 +31,7 @@ from fl_client.rounds import (
     evaluate_round,
 )
 from fl_client.site import SiteConfig, SiteData, SiteStartError, load_site_data
-from shared_model import wire
+from shared_model import secure_sum, wire
 from shared_model.catalog import CatalogMismatchError
 from shared_model.secure_sum import SecureSumError, SecureSumSettings
 
@@ -142,6 +142,20 @@ def masked_content(reply: RoundReply, record: dict, state: secagg.SecAggState,
                     "strategy.secagg_clip)", clipped, len(update), settings.clip)
     return RecordDict({wire.MASKED: ArrayRecord({wire.MASKED: Array(vector)}),
                        wire.METRICS: metric_record(reply.metrics())})
+
+
+def masked_evaluation(metrics: Mapping[str, float], record: dict, state: secagg.SecAggState) -> RecordDict:
+    """The evaluate reply under secure aggregation: each metric's sum over the site's users and the user count,
+    only masked (the server learns the sums over the sites); the metrics' names in clear."""
+    settings = SecureSumSettings.from_record(record)
+    if settings.modulus_bits != 64:  # masks mod 2^32 would leave the upper half of each 64-bit sum in clear
+        raise SecureSumError(f"secure aggregation: evaluation sums need secagg modulus-bits 64, not "
+                             f"{settings.modulus_bits}")
+    names = sorted(k for k in metrics if k != wire.NUM_EXAMPLES)
+    values = secure_sum.encode_sums([metrics[k] for k in names], int(metrics.get(wire.NUM_EXAMPLES, 0)))
+    vector = secagg.add_masks(state, values, settings)
+    return RecordDict({wire.MASKED: ArrayRecord({wire.MASKED: Array(vector)}),
+                       wire.SECAGG: ConfigRecord({"names": names})})
 
 
 def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) -> ClientApp:
@@ -256,13 +270,27 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
     @app.evaluate()
     def handle_evaluate(msg: Message, context: Context) -> Message:
         site = resolve_site(context)
+        secure = wire.SECAGG in msg.content.config_records
         try:
             data, round_cfg, state = decode(msg, site)
+            if secure:
+                record, tag = secagg_fields(msg)
+                secure_state = secagg_state(context)
+                secagg.open_shares(secure_state, tag, secagg.parse_sealed(record))
             metrics = evaluate_round(site, data, round_cfg, state)
+            if secure:
+                if secagg.released(site.state_dir, tag):
+                    raise SecureSumError("secure aggregation: this round's evaluation was already sent into a "
+                                         "secure sum: sending it again into another could reveal it")
+                content = masked_evaluation(metrics, record, secure_state)
+                secagg.mark_released(site.state_dir, tag)
+                context.state[SECAGG_STATE] = ConfigRecord(secure_state.to_record())
+            else:
+                content = RecordDict({wire.METRICS: metric_record(metrics)})
         except tuple(REFUSALS) as err:
             return refusal(msg, site, err)
-        return Message(content=RecordDict({wire.METRICS: metric_record(metrics),
-                                           wire.NOTES: notes(data.catalog.fingerprint)}), reply_to=msg)
+        content[wire.NOTES] = notes(data.catalog.fingerprint)
+        return Message(content=content, reply_to=msg)
 
     return app
 

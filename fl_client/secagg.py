@@ -173,13 +173,19 @@ def mask_update(state: SecAggState, update: np.ndarray, weight: int, max_weight:
     levels, clipped = secure_sum.encode(update, weight / max_weight, settings, rng)
     dtype = secure_sum.MODULUS_BITS[settings.modulus_bits]
     vector = np.concatenate([levels, np.array([weight, clipped], dtype=dtype)])  # (D + 2,)
-    vector += secure_sum.mask(state.seed, len(vector), settings)
+    return add_masks(state, vector, settings), clipped
+
+
+def add_masks(state: SecAggState, vector: np.ndarray, settings: SecureSumSettings) -> np.ndarray:
+    """Stage 3: `vector` (integers mod 2^modulus_bits) under the private mask and one pairwise mask per live
+    neighbour: what the site sends in place of its values."""
+    vector = vector + secure_sum.mask(state.seed, len(vector), settings)
     for other in state.alive:
         pair = secure_sum.pair_mask(state.mask_private, state.roster[other][1], state.tag, state.node, other,
                                     len(vector), settings)
         vector = vector + pair if secure_sum.pair_sign(state.node, other) > 0 else vector - pair
     state.stage = 3
-    return vector, clipped
+    return vector
 
 
 def unmask_shares(state: SecAggState, tag: bytes, survivors: list[int],

@@ -50,7 +50,8 @@ def secure_aggregation_sentence(rows: list[dict[str, Any]]) -> list[str]:
     summed = [s for s in secure if s]
     text = ("Secure aggregation (SecAgg+): the server saw only the sum of the sites' masked, quantized updates"
             + (f", at least {min(s['sites_summed'] for s in summed)} sites a round" if summed else "")
-            + "; each site's metrics (loss, ε, users, time) travel in clear.")
+            + (", and the sum of their evaluation figures too" if any(r.get("secure_evaluation") for r in rows)
+               else "") + "; each site's training metrics (loss, ε, users, time) travel in clear.")
     clipped = sum(s["clipped_coordinates"] for s in summed)
     if clipped:
         text += f" {clipped:,} update coordinates were clipped to ±strategy.secagg_clip over all rounds: raise it."

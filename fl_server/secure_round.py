@@ -17,12 +17,13 @@ update (median, trimmed mean, Krum, Bulyan, per-item row weights, shared moments
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fl_server.config import ServerConfig
@@ -48,6 +49,9 @@ def secure_settings(cfg: ServerConfig) -> SecureSumSettings | None:
     if strategy.item_rows != "average" or cfg.share_optimizer_state:
         raise ValueError("strategy.secure_aggregation sums only the weights: use strategy.item_rows=average and "
                          "share_optimizer_state=false (per-item weights and moments would travel in clear)")
+    if cfg.model.trained_item_rows:
+        raise ValueError("strategy.secure_aggregation with model.trained_item_rows: the sites' item counts that "
+                         "pick the rows would travel in clear (DP-noised); use model.trained_item_rows=0")
     settings = SecureSumSettings(clip=strategy.secagg_clip, bits=strategy.secagg_bits,
                                  modulus_bits=strategy.secagg_modulus_bits, threshold=strategy.secagg_threshold,
                                  neighbours=strategy.secagg_neighbours)
@@ -56,23 +60,30 @@ def secure_settings(cfg: ServerConfig) -> SecureSumSettings | None:
 
 
 class SecureAggregationGrid:
-    """The Grid a strategy drives, with each training round secure-aggregated (see module docstring)."""
+    """The Grid a strategy drives, with each training and evaluation round secure-aggregated (see module
+    docstring)."""
 
     def __init__(self, grid: Grid, settings: SecureSumSettings) -> None:
         self.grid = grid
         self.settings = settings
         self.last: dict[str, int] = {}  # the last training round's SecureRound.stats
+        self.last_evaluation: dict[str, int] = {}  # the last evaluation round's
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Train messages: the secure round's replies; anything else: passed on."""
+        """Train and evaluate messages: the secure round's replies; anything else: passed on."""
         messages = list(messages)
-        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+        kind = messages[0].metadata.message_type if messages else ""
+        if kind == MessageType.TRAIN:
+            secure = SecureRound(self.grid, self.settings, timeout)
+            self.last = secure.stats  # filled once the sum is recovered: empty for a round that failed
+        elif kind == MessageType.EVALUATE:  # sums of per-user metrics: integers mod 2^64 (encode_sums)
+            secure = SecureRound(self.grid, replace(self.settings, modulus_bits=64), timeout, evaluation=True)
+            self.last_evaluation = secure.stats
+        else:
             return self.grid.send_and_receive(messages, timeout=timeout)
-        secure = SecureRound(self.grid, self.settings, timeout)
-        self.last = secure.stats  # filled once the sum is recovered: empty for a round that failed
         return secure.run(messages)
 
 
@@ -83,6 +94,7 @@ class SecureRound:
     grid: Grid
     settings: SecureSumSettings
     timeout: float | None
+    evaluation: bool = False  # the round's evaluation (sums of the sites' metrics), not its training
     failed: list[Message] = field(default_factory=list)  # error replies, passed on to the strategy's bookkeeping
     sent: dict[int, Message] = field(default_factory=dict)  # this round's train message to each node
     stats: dict[str, int] = field(default_factory=dict)  # what the round's log row says of the secure sum
@@ -116,7 +128,8 @@ class SecureRound:
     def run(self, messages: list[Message]) -> list[Message]:
         """The four exchanges; the strategy's train replies (see module docstring)."""
         config = messages[0].content.config_records[wire.CONFIG]
-        tag = secure_sum.round_tag(str(config[wire.TRAINING_ID]), int(str(config[wire.SERVER_ROUND])))
+        tag = secure_sum.round_tag(str(config[wire.TRAINING_ID]), int(str(config[wire.SERVER_ROUND])),
+                                   self.evaluation)
         common = {"tag": tag, **self.settings.to_record()}
         keys = self.ask(wire.SECAGG_KEYS_QUERY, {m.metadata.dst_node_id: common for m in messages})
         roster: Roster = {n: (k["enc-key"], k["mask-key"], int(k["users"])) for n, k in keys.items()
@@ -134,40 +147,58 @@ class SecureRound:
         train = [with_secagg(m, {**common, "max-weight": max_weight, "sources": sorted(inbox.get(n, {})),
                                  "sealed": [inbox[n][s] for s in sorted(inbox.get(n, {}))]})
                  for m in messages if (n := m.metadata.dst_node_id) in shares]
-        masked, replies = self.collect_masked(train)
+        masked, replies, names = self.collect_masked(train)
         if len(masked) < 2:  # the sum of one would be that site's update: not unmasked
             return self.failed + [self.refused(r, "only one site sent a masked update") for r in replies]
         graph = secure_sum.neighbourhoods(listed, self.settings.neighbours, tag)
         try:
             total = self.unmask(tag, common, masked, sorted(set(shares) - set(masked)), graph, roster)
+            if self.evaluation:
+                means, users = secure_sum.decode_sums(total, len(replies))
         except SecureSumError as err:
             return self.failed + [self.refused(r, str(err)) for r in replies]
+        outcome = {"sites_summed": len(masked), "dropped_after_sharing": len(shares) - len(masked),
+                   "protocol_bytes_max": max(self.traffic.values())}
+        if self.evaluation:
+            self.stats.update(outcome)
+            return self.failed + with_pooled_metrics(replies, dict(zip(names, means, strict=True)), users,
+                                                     self.sent)
         summed, weight, clipped = secure_sum.decode(total[:-2], self.settings), int(total[-2]), int(total[-1])
         problem = sum_problem(summed, weight, clipped, len(replies), max_weight, self.settings)
         if problem:
             return self.failed + [self.refused(r, problem) for r in replies]
-        self.stats.update(sites_summed=len(masked), dropped_after_sharing=len(shares) - len(masked),
-                          clipped_coordinates=clipped, protocol_bytes_max=max(self.traffic.values()))
+        self.stats.update(outcome, clipped_coordinates=clipped)
         return self.failed + with_average(replies, summed, weight, max_weight, self.sent,
                                           messages[0].content.array_records[wire.ARRAYS])
 
-    def collect_masked(self, train: list[Message]) -> tuple[dict[int, np.ndarray], list[Message]]:
-        """Stage 3: the train replies carrying a masked vector of the round's length, by node."""
-        start = train[0].content.array_records[wire.ARRAYS] if train else ArrayRecord({})
-        length = sum(int(np.prod(a.shape)) for a in start.values()) + 2  # levels, weight, clipped count
+    def collect_masked(self, stage3: list[Message]) -> tuple[dict[int, np.ndarray], list[Message], list[str]]:
+        """Stage 3: the replies carrying a masked vector of the round's length, by node; and for an evaluation,
+        the metrics' names (the ones most sites sent: a site that names others is refused)."""
         dtype = secure_sum.MODULUS_BITS[self.settings.modulus_bits]
-        self.sent = {m.metadata.dst_node_id: m for m in train}
-        masked, kept = {}, []
-        for reply in self.grid.send_and_receive(train, timeout=self.timeout):
+        self.sent = {m.metadata.dst_node_id: m for m in stage3}
+        got = []
+        for reply in self.grid.send_and_receive(stage3, timeout=self.timeout):
             record = None if reply.has_error() else reply.content.array_records.get(wire.MASKED)
             vector = record[wire.MASKED].numpy() if record is not None and wire.MASKED in record else None
-            if vector is None or vector.shape != (length,) or vector.dtype != dtype:
-                self.failed.append(reply if reply.has_error() else self.refused(
-                    reply, f"no masked update of {length} {np.dtype(dtype).name} values"))
+            if vector is None:
+                self.failed.append(reply if reply.has_error() else self.refused(reply, "no masked vector"))
+            else:
+                got.append((reply, vector, metric_names(reply) if self.evaluation else []))
+        if self.evaluation:  # one value per metric, then the user count
+            common = Counter(tuple(n) for _, _, n in got if n).most_common(1)
+            names = common[0][0] if common else ()
+            length, what = len(names) + 1, f"sums of the metrics {list(names)} and the users,"
+        else:  # levels, weight, clipped count
+            start = stage3[0].content.array_records[wire.ARRAYS] if stage3 else ArrayRecord({})
+            names, length, what = (), sum(int(np.prod(a.shape)) for a in start.values()) + 2, "update of"
+        masked, kept = {}, []
+        for reply, vector, sent_names in got:
+            if vector.shape != (length,) or vector.dtype != dtype or tuple(sent_names) != names:
+                self.failed.append(self.refused(reply, f"no masked {what} {length} {np.dtype(dtype).name} values"))
                 continue
             masked[reply.metadata.src_node_id] = vector
             kept.append(reply)
-        return masked, kept
+        return masked, kept, list(names)
 
     def unmask(self, tag: bytes, common: dict[str, Any], masked: dict[int, np.ndarray], dropped: list[int],
                graph: dict[int, list[int]], roster: Roster) -> np.ndarray:
@@ -235,6 +266,28 @@ def with_average(replies: list[Message], summed: np.ndarray, weight: int, max_we
     average = ArrayRecord(unflatten(summed * max_weight / weight if weight else np.zeros_like(summed), start))
     return [Message(RecordDict({**r.content.metric_records, **r.content.config_records, wire.ARRAYS: average}),
                     reply_to=sent[r.metadata.src_node_id]) for r in replies]
+
+
+def metric_names(reply: Message) -> list[str]:
+    """The metric names an evaluate reply lists for its masked sums ([] when it lists none properly)."""
+    record = reply.content.config_records.get(wire.SECAGG)
+    names = record.get("names") if record is not None else None
+    return [str(n) for n in names] if isinstance(names, list) and all(isinstance(n, str) for n in names) else []
+
+
+def with_pooled_metrics(replies: list[Message], means: dict[str, float], users: int,
+                        sent: dict[int, Message]) -> list[Message]:
+    """Each survivor's evaluate reply (its notes) carrying the pooled per-user means of every survivor's users,
+    and a share of their count (whole numbers that add up to it): the strategy's user-weighted average of the
+    replies is then the pooled means, and no site's own figures are ever known."""
+    share, extra = divmod(users, len(replies))
+    out = []
+    for i, reply in enumerate(replies):
+        metrics = MetricRecord({**means, wire.NUM_EXAMPLES: share + (1 if i < extra else 0)})
+        notes = reply.content.config_records.get(wire.NOTES, ConfigRecord())
+        out.append(Message(RecordDict({wire.METRICS: metrics, wire.NOTES: notes}),
+                           reply_to=sent[reply.metadata.src_node_id]))
+    return out
 
 
 def unflatten(update: np.ndarray, start: ArrayRecord) -> dict[str, Array]:

@@ -112,7 +112,7 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
     strategy.round_offset = done
     strategy.evaluated_rounds = cfg.evaluates
     evaluate_centrally = central_evaluator(cfg, catalog)
-    train_grid = SecureAggregationGrid(grid, secure) if secure else grid  # only the rounds' training differs
+    train_grid = SecureAggregationGrid(grid, secure) if secure else grid  # the rounds' training and evaluation
     started = time.time()
     scored_start: dict[str, Any] = {}  # the starting model's central scores (round 0), computed once
 
@@ -127,6 +127,8 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         row = {"round": local_round + done, "seconds": round(time.time() - started, 2), **strategy.last_round}
         if isinstance(train_grid, SecureAggregationGrid):
             row["secure_aggregation"] = dict(train_grid.last)
+            if evaluated and strategy.asked.get("evaluate"):
+                row["secure_evaluation"] = dict(train_grid.last_evaluation)
         if evaluated:
             row["central_eval"] = central
         score = (validation_score(row) or 0.0) if evaluated else None
@@ -145,7 +147,7 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         strategy.frozen, strategy.frozen_digest = ArrayRecord(frozen), wire.tensors_digest(frozen) if frozen else ""
         train_config[wire.FROZEN_DIGEST] = strategy.frozen_digest
         if score_start:
-            scored_start.update(score_starting_model(grid, strategy, store, model, trainable, train_config, cfg,
+            scored_start.update(score_starting_model(train_grid, strategy, store, model, trainable, train_config, cfg,
                                                      evaluate_centrally))
         try:
             strategy.start(grid=train_grid, initial_arrays=ArrayRecord(trainable), num_rounds=cfg.num_rounds - done,
@@ -164,7 +166,7 @@ def validation_score(row: dict[str, Any]) -> float | None:
     return central.get(wire.VALID_NDCG10, (row.get("federated_eval") or {}).get(wire.VALID_NDCG10))
 
 
-def score_starting_model(grid: Grid, strategy: Any, store: RunStore, model: FedRecModel,
+def score_starting_model(grid: Grid | SecureAggregationGrid, strategy: Any, store: RunStore, model: FedRecModel,
                          trainable: dict[str, torch.Tensor], config: ConfigRecord, cfg: ServerConfig,
                          evaluate_centrally: CentralEvaluator | None) -> dict[str, Any]:
     """Round 0 of a training that starts from an exported model: the sites (and the server, when it evaluates

@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 SECRET_BYTES = 32  # private mask seeds and X25519 private keys: two 16-byte Shamir chunks
 MODULUS_BITS = {32: np.uint32, 64: np.uint64}  # unsigned wrap-around arithmetic is the modular sum
 RAW = serialization.Encoding.Raw
+SUM_FRACTION_BITS = 16  # evaluation sums (encode_sums) are fixed point: 2^-16 a unit
+SUM_LIMIT = 2 ** 47  # the largest value one site may put in an evaluation sum: 2^16 sites stay below 2^63
 
 
 class SecureSumError(ValueError):
@@ -98,6 +100,30 @@ def encode(update: np.ndarray, scale: float, settings: SecureSumSettings,
     floor = np.floor(scaled)
     levels = (floor + (rng.random(scaled.shape) < scaled - floor)).astype(np.int64)
     return levels.astype(MODULUS_BITS[settings.modulus_bits]), clipped
+
+
+def encode_sums(means: list[float], count: int) -> np.ndarray:
+    """A site's evaluation for a secure sum: each per-user mean × `count` (its sum over the site's users) in
+    fixed point (2^-SUM_FRACTION_BITS a unit), then `count`, as uint64 (a 64-bit modulus: the sums are summed,
+    never averaged, so they need the range). Means must be finite and non-negative (HR, NDCG, MRR, their second
+    moments, a cross-entropy); a SecureSumError otherwise or when a value reaches SUM_LIMIT."""
+    values = np.array([*(float(m) * count for m in means), 0.0]) * 2.0 ** SUM_FRACTION_BITS
+    values[-1] = count
+    if not (np.all(np.isfinite(values)) and np.all(values >= 0) and np.all(values < SUM_LIMIT)):
+        raise SecureSumError(f"an evaluation of {count} users with means {means} cannot be summed securely "
+                             f"(each mean × users must be finite, non-negative and below {SUM_LIMIT:.3g} units)")
+    return np.rint(values).astype(np.uint64)
+
+
+def decode_sums(total: np.ndarray, sites: int) -> tuple[np.ndarray, int]:
+    """The per-user means of `sites` sites' `encode_sums` vectors summed (mod 2^64), and their users; a
+    SecureSumError when the sum lies outside what `sites` honest sites can send."""
+    if np.any(total >= np.uint64(min(sites * SUM_LIMIT, 2 ** 64 - 1))):
+        raise SecureSumError("the unmasked evaluation sum lies outside what honest sites can send (a site sent "
+                             "integers out of range)")
+    users = int(total[-1])
+    means = total[:-1].astype(np.float64) / 2.0 ** SUM_FRACTION_BITS / max(users, 1)
+    return means, users
 
 
 def decode(total: np.ndarray, settings: SecureSumSettings) -> np.ndarray:
@@ -185,9 +211,10 @@ def pair_sign(me: int, other: int) -> int:
     return 1 if me < other else -1
 
 
-def round_tag(training_id: str, server_round: int) -> bytes:
-    """What binds every key, share and mask to one round of one training."""
-    return f"fedrec-secagg|{training_id}|{server_round}".encode()
+def round_tag(training_id: str, server_round: int, evaluation: bool = False) -> bytes:
+    """What binds every key, share and mask to one round of one training (its training sum, or its evaluation
+    sum: two secure sums, never mixed)."""
+    return f"fedrec-secagg|{training_id}|{server_round}{'|evaluate' if evaluation else ''}".encode()
 
 
 def pair_context(tag: bytes, a: int, b: int, what: bytes) -> bytes:

@@ -15,7 +15,8 @@ import torch
 # any change the other side would misread. 1: the first versioned protocol (frozen tensors sent once).
 # 2: every site reply's NOTES also carries CATALOG_FINGERPRINT (the site's catalog), which the server checks.
 # 3: secure aggregation (the SECAGG records and queries below).
-VERSION = 3
+# 4: under secure aggregation the evaluation is a secure sum too (its MASKED reply and the metrics' names).
+VERSION = 4
 
 # Record keys inside a Message's RecordDict.
 ARRAYS = "arrays"  # ArrayRecord: trainable weights, no Opacus `_module.`
@@ -28,12 +29,12 @@ OPTIMIZER_STATE = "optimizer-state"  # ArrayRecord of optimiser moments "<param>
 ITEM_COUNTS = "item-counts"  # ArrayRecord {ITEM_COUNTS: a site's (noisy under DP) item histogram} (site -> server)
 COUNT_QUERY = "item_counts"  # the query action that asks the sites for ITEM_COUNTS (message type query.item_counts)
 # Secure aggregation (shared_model.secure_sum; the server's fl_server.secure_round, the site's fl_client.secagg):
-# three query actions around the train message, each carrying a SECAGG ConfigRecord both ways.
+# three query actions around the train (or evaluate) message, each carrying a SECAGG ConfigRecord both ways.
 SECAGG = "secagg"  # ConfigRecord of the protocol's fields (keys, rosters, sealed shares, the settings)
 SECAGG_KEYS_QUERY = "secagg_keys"  # stage 1: a site makes this round's key pairs and sends the public halves
 SECAGG_SHARES_QUERY = "secagg_shares"  # stage 2: a site seals Shamir shares of its secrets for its neighbours
 SECAGG_UNMASK_QUERY = "secagg_unmask"  # stage 4: a survivor sends the shares that remove the masks
-MASKED = "masked"  # ArrayRecord {MASKED: the site's masked, quantized weighted update} (stage 3, the train reply)
+MASKED = "masked"  # ArrayRecord {MASKED: a site's masked vector} (stage 3: the train or the evaluate reply)
 MOMENTS_STEP = "step"  # its key of the optimiser's step count (the sites' mean)
 
 # ConfigRecord key, both ways (the server's CONFIG, every site reply's NOTES).

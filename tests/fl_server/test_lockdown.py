@@ -224,6 +224,7 @@ def test_only_registered_sites_train_with_secure_aggregation_and_distributed_dp_
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["train_replies"] == 2 and r["train_failures"] == 0 for r in rows)
     assert all(r["secure_aggregation"]["sites_summed"] == 2 for r in rows)
+    assert all(r["secure_evaluation"]["sites_summed"] == 2 and r["federated_eval"]["users"] > 0 for r in rows)
     # ... and with distributed DP: each round one DP-SGD step, charged as (σ of the sum, q, 1 step)
     for site in sites[:2]:
         assert [e["history"] for e in json.loads(site.ledger_path.read_text())["entries"]] == [[[1.0, 0.5, 1]]] * 2

@@ -2,18 +2,20 @@
 that delivers messages by hand (no simulation engine), with local training replaced by known updates."""
 
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
+import fl_client.client_app
 import fl_client.federated
 from fl_client.client_app import SECURE_SUM, build_client_app
 from fl_client.federated import RoundReply
 from fl_client.rounds import RoundConfig, build_global_model
 from fl_client.site import SiteConfig
-from fl_server.secure_round import SECAGG_FAILED, SecureAggregationGrid
+from fl_server.secure_round import SECAGG_FAILED, SecureAggregationGrid, SecureRound
 from shared_model import wire
 from shared_model.catalog import ItemCatalog
 from shared_model.secure_sum import SecureSumSettings
@@ -225,3 +227,92 @@ def test_under_distributed_dp_a_declining_site_sends_nothing_so_no_survivor_lack
     assert_average(replies, fedavg(start, updates, users, kept), kept, SecureSumSettings())
     # 5 sites, threshold 0.67: a sum is unmasked over at least 4, so each adds σ / √4
     assert shares == [pytest.approx(0.5)] * 5
+
+
+@pytest.fixture
+def evaluation(federation, monkeypatch):
+    """The five sites' evaluate messages, each site's evaluation replaced by known, different per-user means."""
+    grid, messages, _, _, users = federation
+    metrics = {n: {"hr@10": 0.1 * (i + 1), "hr@10:m2": 0.1 * (i + 1), "ndcg@10": 0.03 * (i + 1) + 0.001,
+                   wire.VALID_NDCG10: 0.05 / (i + 1), wire.TRAIN_CE: 3.0 + i / 7,
+                   wire.NUM_EXAMPLES: float(users[n] - i)}
+               for i, n in enumerate(NODES)}
+    monkeypatch.setattr(fl_client.client_app, "evaluate_round",
+                        lambda site, *_: dict(metrics[int(Path(site.state_dir).name.removeprefix("state"))]))
+    evaluate = [Message(content=m.content, dst_node_id=m.metadata.dst_node_id, message_type=MessageType.EVALUATE)
+                for m in messages]
+    return grid, evaluate, metrics
+
+
+def assert_pooled(replies, metrics, nodes):
+    """Every reply carries the user-weighted means over `nodes` (fixed point: 2^-16 a user), and the users add up."""
+    assert sorted(r.metadata.src_node_id for r in replies if not r.has_error()) == sorted(nodes)
+    users = sum(metrics[n][wire.NUM_EXAMPLES] for n in nodes)
+    for reply in (r for r in replies if not r.has_error()):
+        got = dict(reply.content.metric_records[wire.METRICS])
+        for key in metrics[nodes[0]]:
+            if key != wire.NUM_EXAMPLES:
+                expected = sum(metrics[n][key] * metrics[n][wire.NUM_EXAMPLES] for n in nodes) / users
+                assert got[key] == pytest.approx(expected, abs=1e-5), key
+    assert sum(r.content.metric_records[wire.METRICS][wire.NUM_EXAMPLES] for r in replies if not r.has_error()) \
+        == users
+
+
+def test_the_secure_evaluation_gives_the_server_the_pooled_metrics_never_a_sites_own(evaluation):
+    grid, messages, metrics = evaluation
+    secure = SecureAggregationGrid(grid, SecureSumSettings())
+    replies = list(secure.send_and_receive(messages))
+    assert_pooled(replies, metrics, NODES)
+    evaluations = [r for r in grid.seen if r.metadata.message_type == MessageType.EVALUATE]
+    assert len(evaluations) == len(NODES)
+    assert all(list(r.content.array_records) == [wire.MASKED] and not r.content.metric_records
+               for r in evaluations)  # no site's own metric or user count crossed the wire in clear
+    assert secure.last_evaluation["sites_summed"] == len(NODES)
+
+
+def test_a_site_dropping_from_the_secure_evaluation_leaves_the_others_pooled(evaluation):
+    grid, messages, metrics = evaluation
+    grid.silent[MessageType.EVALUATE] = {12}
+    assert_pooled(list(SecureAggregationGrid(grid, SecureSumSettings()).send_and_receive(messages)), metrics,
+                  [11, 13, 14, 15])
+
+
+def test_a_site_naming_other_metrics_is_left_out_of_the_evaluation_sum(evaluation):
+    grid, messages, metrics = evaluation
+
+    def rename(reply):
+        reply.content.config_records[wire.SECAGG] = ConfigRecord({"names": ["hr@10", "x", "y", "z", "w"]})
+        return reply
+
+    grid.tamper[(MessageType.EVALUATE, 13)] = rename
+    replies = list(SecureAggregationGrid(grid, SecureSumSettings()).send_and_receive(messages))
+    assert [r.metadata.src_node_id for r in replies if r.has_error()] == [13]
+    assert_pooled(replies, metrics, [11, 12, 14, 15])
+
+
+def test_an_evaluation_sum_out_of_range_is_refused(evaluation):
+    grid, messages, _ = evaluation
+
+    def garbage(reply):
+        vector = reply.content.array_records[wire.MASKED][wire.MASKED].numpy().copy()
+        vector[:1] += np.uint64(2 ** 62)
+        reply.content.array_records[wire.MASKED] = ArrayRecord({wire.MASKED: Array(vector)})
+        return reply
+
+    grid.tamper[(MessageType.EVALUATE, 14)] = garbage
+    replies = list(SecureAggregationGrid(grid, SecureSumSettings()).send_and_receive(messages))
+    assert all(r.has_error() and "out of range" in r.error.reason for r in replies)
+
+
+def test_sites_refuse_an_evaluation_sum_masked_mod_2_32_and_a_second_evaluation_of_a_round(evaluation):
+    grid, messages, metrics = evaluation
+    # a server asking for 32-bit masks on 64-bit sums would see each sum's upper half in clear
+    weak = SecureRound(grid, SecureSumSettings(modulus_bits=32), None, evaluation=True).run(messages)
+    assert len(weak) == len(NODES) and all(r.has_error() for r in weak)
+    assert all("modulus-bits 64" in r.error.reason for r in weak if r.error.code == SECURE_SUM)
+    secure = SecureAggregationGrid(grid, SecureSumSettings())
+    assert_pooled(list(secure.send_and_receive(messages)), metrics, NODES)
+    grid.silent[MessageType.EVALUATE] = {15}  # asked again over a smaller group: the difference would be 15's
+    again = list(secure.send_and_receive(messages))
+    refused = [r for r in again if r.has_error() and r.error.code == SECURE_SUM]
+    assert len(refused) == 4 and all("already sent into a secure sum" in r.error.reason for r in refused)

@@ -99,3 +99,17 @@ def test_a_sealed_share_opens_only_with_its_key_and_context():
             secure_sum.unseal(bad_key, blob, context)
     with pytest.raises(SecureSumError, match="bad public key"):
         secure_sum.agree(secure_sum.new_key_pair()[0], bytes(32), b"ctx")  # the all-zero point
+
+
+def test_evaluation_sums_pool_per_user_means_and_refuse_what_cannot_be_summed():
+    sites = [([0.25, 0.0625, 3.5], 40), ([0.5, 0.3, 2.0], 10), ([0.0, 0.0, 9.25], 1)]
+    total = sum(secure_sum.encode_sums(means, users) for means, users in sites)
+    means, users = secure_sum.decode_sums(total, len(sites))
+    assert users == 51
+    expected = [sum(m[i] * u for m, u in sites) / 51 for i in range(3)]
+    assert means == pytest.approx(expected, abs=2.0 ** -16)
+    for bad in ([float("nan")], [-0.1], [float("inf")], [2.0 ** 40]):
+        with pytest.raises(SecureSumError, match="cannot be summed securely"):
+            secure_sum.encode_sums(bad, 10)
+    with pytest.raises(SecureSumError, match="out of range"):  # more than two honest sites could send
+        secure_sum.decode_sums(np.array([2 * secure_sum.SUM_LIMIT, 3], dtype=np.uint64), 2)

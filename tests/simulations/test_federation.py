@@ -164,7 +164,8 @@ def test_a_training_from_an_exported_model_scores_it_as_round_zero_before_traini
 def test_secure_aggregation_with_a_rule_that_needs_each_sites_update_is_refused(tmp_path):
     from fl_server.secure_round import secure_settings
 
-    for strategy, extra in (("fedmedian", {}), ("multikrum", {}), ("fedavg", {"share_optimizer_state": True})):
+    for strategy, extra in (("fedmedian", {}), ("multikrum", {}), ("fedavg", {"share_optimizer_state": True}),
+                            ("fedavg", {"model": ModelConfig(trained_item_rows=5)})):
         cfg = server_config(tmp_path, strategy=StrategyConfig(name=strategy, secure_aggregation=True), **extra)
         with pytest.raises(ValueError, match="secure_aggregation"):
             secure_settings(cfg)
@@ -191,11 +192,15 @@ def test_distributed_dp_rounds_are_one_dp_sgd_step_of_the_union_under_secure_agg
     # keys, shares and unmask: about 1.4 kB a site with 3 sites, next to the model's (masked) update
     assert all(0 < s["protocol_bytes_max"] < 5000 < r["bytes_from_each_site"]
                for s, r in zip(secure, rows, strict=True))
+    # the evaluation too is a secure sum: the server pools the sites' metrics without seeing one site's
+    assert all(r["secure_evaluation"]["sites_summed"] == 3 for r in rows)
+    assert all(r["federated_eval"]["users"] == 180 and 0 < r["federated_eval"]["hr@10:se"] < 0.1 for r in rows)
     report = (out / "report.md").read_text()
     assert "the server saw only the sum of the sites' masked, quantized updates, at least 3 sites a round" in report
+    assert "evaluation figures too" in report
     for site in sites:  # every site charged the sum's (σ, q) for one step a round, and sent each round once
         entries = json.loads(Path(site.ledger_path).read_text())["entries"]
         assert [e["history"] for e in entries] == [[[1.0, 0.1, 1]]] * 3
-        assert len(json.loads(Path(site.state_dir, "secagg_released.json").read_text())) == 3
+        assert len(json.loads(Path(site.state_dir, "secagg_released.json").read_text())) == 3 + 3  # + evaluations
     eps = [e["epsilon_after"] for e in entries]
     assert eps[0] < eps[1] < eps[2] == pytest.approx(rows[-1]["privacy"]["epsilon_max"], rel=1e-6)
