@@ -33,6 +33,20 @@ def test_perfect_guesses_without_delta_give_the_closed_form_bound():
         assert epsilon_lower_bound(1000, guesses, guesses, 0.0, 0.05) == pytest.approx(expected, abs=1e-5)
 
 
+# (m canaries, guesses, right guesses, δ) -> the bound at significance 0.05 of the reference implementation,
+# jax-privacy's auditing._epsilon_one_run (google-deepmind/jax_privacy commit 8967688), computed 2026-12-05.
+JAX_PRIVACY = [((1000, 100, 91, 1e-5), 1.715576), ((1000, 200, 150, 1e-5), 0.819973),
+               ((1000, 1000, 1000, 0.0), 5.809068), ((1000, 20, 20, 1e-5), 1.791284),
+               ((10000, 1000, 700, 1e-5), 0.729253), ((1000, 400, 246, 1e-5), 0.294277),
+               ((100, 100, 90, 1e-3), 1.58056), ((1000, 2000, 1200, 1e-6), 0.329462)]
+
+
+@pytest.mark.parametrize(("case", "reference"), JAX_PRIVACY)
+def test_the_bound_agrees_with_the_reference_implementation(case, reference):
+    m, guesses, correct, delta = case
+    assert epsilon_lower_bound(m, guesses, correct, delta, 0.05) == pytest.approx(reference, abs=2e-6)
+
+
 def test_delta_only_loosens_the_bound_and_half_right_is_no_evidence():
     assert p_value(1000, 200, 150, 1.0, 1e-5) >= p_value(1000, 200, 150, 1.0, 0.0)
     assert epsilon_lower_bound(1000, 200, 150, 1e-3, 0.05) < epsilon_lower_bound(1000, 200, 150, 0.0, 0.05)
