@@ -173,6 +173,7 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
             data, round_cfg, state = decode(msg, site)
             if secure:  # the neighbours' shares are opened before anything is trained or spent
                 record, tag = secagg_fields(msg)
+                secagg.check_tag(tag, round_cfg.training_id, round_cfg.server_round, evaluation=False)
                 secure_state = secagg_state(context)
                 secagg.open_shares(secure_state, tag, secagg.parse_sealed(record))
             if round_cfg.ddp_sample_rate:  # distributed DP: one DP-SGD step, with this site's share of the noise
@@ -275,6 +276,7 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
             data, round_cfg, state = decode(msg, site)
             if secure:
                 record, tag = secagg_fields(msg)
+                secagg.check_tag(tag, round_cfg.training_id, round_cfg.server_round, evaluation=True)
                 secure_state = secagg_state(context)
                 secagg.open_shares(secure_state, tag, secagg.parse_sealed(record))
             metrics = evaluate_round(site, data, round_cfg, state)

@@ -75,6 +75,14 @@ class SecAggState:
                                  "runs once a round, in order)")
 
 
+def check_tag(tag: bytes, training_id: str, server_round: int, evaluation: bool) -> None:
+    """Refuse a train or evaluate message whose secure-sum tag names another training, round or purpose: each
+    (training, round, purpose) gets one secure sum from this site (`released`), never one under a borrowed tag."""
+    if tag != secure_sum.round_tag(training_id, server_round, evaluation):
+        raise SecureSumError(f"secure aggregation: the round's tag does not name this message's training, round "
+                             f"{server_round} and purpose ({'evaluate' if evaluation else 'train'})")
+
+
 def make_keys(tag: bytes, node: int) -> tuple[SecAggState, tuple[bytes, bytes]]:
     """Stage 1: this round's key pairs (for sealing shares, for pairwise masks); the public halves to send."""
     enc_private, enc_public = secure_sum.new_key_pair()

@@ -316,3 +316,12 @@ def test_sites_refuse_an_evaluation_sum_masked_mod_2_32_and_a_second_evaluation_
     again = list(secure.send_and_receive(messages))
     refused = [r for r in again if r.has_error() and r.error.code == SECURE_SUM]
     assert len(refused) == 4 and all("already sent into a secure sum" in r.error.reason for r in refused)
+
+
+def test_an_evaluation_under_the_training_sums_tag_is_refused(evaluation):
+    """A site sends one secure sum per training, round and purpose: an evaluation asked under the round's
+    training tag (or any tag its message's round does not name) is refused before anything is evaluated."""
+    grid, messages, _ = evaluation
+    replies = SecureRound(grid, SecureSumSettings(modulus_bits=64), None).run(messages)  # the train tag
+    refused = [r for r in replies if r.has_error() and r.error.code == SECURE_SUM]
+    assert len(refused) == len(NODES) and all("tag does not name" in r.error.reason for r in refused)
