@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Distributed DP against central DP-SGD on the same protocol: the same user-level (ε, δ), sampling rate q, number
+# of steps T, noise multiplier σ, clipping bound C = 1, model and learning rate (Adam on one side, FedAdam with
+# τ = 1e-8 on the other). Distributed DP runs each round as one DP-SGD step over the union of the sites' users,
+# under secure aggregation (README, Privacy); each site's ledger must then show the same ε as the central run.
+# Usage: benchmarks/distributed_dp.sh beauty|movielens|synthetic OUT_DIR EPSILON [SEEDS...]   (default seed 0)
+# Then:  python benchmarks/distributed_dp_table.py OUT_DIR
+# Run from the repository root with fedrec installed; the data sets are read from ../shared/data. Meant for a GPU
+# (Beauty: 60 steps of about 4,000 users each, about an hour a run on the 2-core CPU box).
+set -u
+DATA=${1:?data set: beauty, movielens or synthetic}
+OUT=$(realpath -m "${2:?output folder}")
+EPS=${3:?target epsilon}
+shift 3
+SEEDS=("$@")
+[ ${#SEEDS[@]} -eq 0 ] && SEEDS=(0)
+case $DATA in
+  # the centralized DP recipe of BENCHMARKS.md (batch 4,096 of 22,363 users: 6 steps an epoch, q = 1/6,
+  # 10 epochs = 60 steps, dropout 0, no event types, public attributes + feature scoring + item bias, lr 0.008);
+  # federated: the fed_beauty_dp preset's 10 Dirichlet merchants and model, 60 rounds.
+  beauty) USERS=22363; Q=0.16666666666666666; T=60; LR=0.008
+    CENTRAL="+experiment=beauty train.batch_size=4096 train.epochs=10 model.use_event_types=false
+      model.hidden_dropout_prob=0.0 model.attention_probs_dropout_prob=0.0 model.item_features=[attributes]
+      model.feature_scoring=true model.item_bias=true"
+    FEDERATED="+experiment=fed_beauty_dp" ;;
+  # the centralized DP recipe with title features (batch 256 of 943 users: q = 1/4, 30 epochs = 120 steps,
+  # lr 0.003); federated: fed_movielens_dp's 11 regions and model, 120 rounds.
+  movielens) USERS=943; Q=0.25; T=120; LR=0.003
+    CENTRAL="+experiment=movielens train.batch_size=256 train.epochs=30 model.item_features=[text]
+      model.feature_scoring=true model.item_bias=true"
+    FEDERATED="+experiment=fed_movielens_dp" ;;
+  # the embedded synthetic data (2,000 users, 4 regions): batch 200, q = 1/10, 5 epochs = 50 steps (a smoke run).
+  synthetic) USERS=2000; Q=0.1; T=50; LR=0.003
+    CENTRAL="train.batch_size=200 train.epochs=5 model.item_features=[text] model.feature_scoring=true
+      model.item_bias=true"
+    FEDERATED="federation.eval_every=1000" ;;
+  *) echo "unknown data set $DATA" >&2; exit 2 ;;
+esac
+# δ: the union's default, min(1e-5, 1 / (10 × users)), for both runs (each site is told it explicitly)
+DELTA=$(python -c "print(min(1e-5, 1 / (10 * $USERS)))")
+# σ spending at most ε over T steps at q (Opacus' PRV accountant, the one both sides account with)
+SIGMA=$(python -c "from opacus.accountants.utils import get_noise_multiplier as g
+print(g(target_epsilon=$EPS, target_delta=$DELTA, sample_rate=$Q, steps=$T, accountant='prv'))")
+mkdir -p "$OUT"
+echo "ε $EPS, δ $DELTA, q $Q, T $T, σ $SIGMA" | tee "$OUT/plan.txt"
+PRIVACY="privacy=dp privacy.epsilon=$EPS privacy.delta=$DELTA"  # the sites' budget; σ comes from the server
+for seed in "${SEEDS[@]}"; do
+  echo "== central, seed $seed  $(date -u +%FT%TZ)"
+  # shellcheck disable=SC2086
+  fedrec-centralized $CENTRAL $PRIVACY privacy.noise_multiplier=$SIGMA train.lr=$LR train.patience=0 train.seed=$seed \
+    hydra.run.dir="$OUT/central-$seed" > "$OUT/central-$seed.log" 2>&1
+  echo "   rc=$?  $(date -u +%FT%TZ)"
+  echo "== distributed, seed $seed  $(date -u +%FT%TZ)"
+  # shellcheck disable=SC2086
+  fedrec-simulate $FEDERATED $PRIVACY train.seed=$seed federation.num_rounds=$T federation.eval_every=1000 \
+    strategy.name=fedadam strategy.server_lr=$LR strategy.server_tau=1e-8 strategy.server_beta_2=0.999 \
+    strategy.secure_aggregation=true strategy.distributed_dp=true strategy.dp_sample_rate=$Q \
+    strategy.dp_noise_multiplier=$SIGMA hydra.run.dir="$OUT/distributed-$seed" > "$OUT/distributed-$seed.log" 2>&1
+  echo "   rc=$?  $(date -u +%FT%TZ)"
+done
