@@ -152,16 +152,20 @@ def test_too_many_dropouts_fail_the_round_with_reasons_and_reveal_nothing(federa
     assert "shares" in replies[0].error.reason and "needed" in replies[0].error.reason
 
 
-def test_a_site_sending_integers_out_of_range_fails_the_round_not_the_model(federation):
-    grid, messages, *_ = federation
-
-    def garbage(reply):
+def shifted(part: slice, amount):
+    """A tamper that adds `amount` to `part` of a reply's masked vector (integers no honest site sends)."""
+    def tamper(reply):
         vector = reply.content.array_records[wire.MASKED][wire.MASKED].numpy().copy()
-        vector[:-2] += np.uint32(2 ** 31)  # far outside any quantized update
+        vector[part] += amount
         reply.content.array_records[wire.MASKED] = ArrayRecord({wire.MASKED: Array(vector)})
         return reply
 
-    grid.tamper[(MessageType.TRAIN, 13)] = garbage
+    return tamper
+
+
+def test_a_site_sending_integers_out_of_range_fails_the_round_not_the_model(federation):
+    grid, messages, *_ = federation
+    grid.tamper[(MessageType.TRAIN, 13)] = shifted(slice(None, -2), np.uint32(2 ** 31))  # far outside any update
     replies = list(SecureAggregationGrid(grid, SecureSumSettings()).send_and_receive(messages))
     assert all(r.has_error() and "out of range" in r.error.reason for r in replies)
 
@@ -292,14 +296,7 @@ def test_a_site_naming_other_metrics_is_left_out_of_the_evaluation_sum(evaluatio
 
 def test_an_evaluation_sum_out_of_range_is_refused(evaluation):
     grid, messages, _ = evaluation
-
-    def garbage(reply):
-        vector = reply.content.array_records[wire.MASKED][wire.MASKED].numpy().copy()
-        vector[:1] += np.uint64(2 ** 62)
-        reply.content.array_records[wire.MASKED] = ArrayRecord({wire.MASKED: Array(vector)})
-        return reply
-
-    grid.tamper[(MessageType.EVALUATE, 14)] = garbage
+    grid.tamper[(MessageType.EVALUATE, 14)] = shifted(slice(None, 1), np.uint64(2 ** 62))
     replies = list(SecureAggregationGrid(grid, SecureSumSettings()).send_and_receive(messages))
     assert all(r.has_error() and "out of range" in r.error.reason for r in replies)
 
