@@ -70,11 +70,20 @@ def plan_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, delta: 
                counted: bool = False) -> tuple[float, AccountantHistory]:
     """σ that spreads the site's whole budget over all planned rounds (beside the item count of a model that
     trains only some item rows, when the site paid for one: `counted`), and this round's planned steps."""
-    steps_per_epoch = math.ceil(len(data.sequences.trainable_users()) / round_cfg.batch_size)
-    round_steps = round_cfg.local_epochs * steps_per_epoch
+    return planned_sigma(site, data, round_cfg.num_rounds, round_cfg.local_epochs, round_cfg.batch_size, delta,
+                         counted)
+
+
+def planned_sigma(site: SiteConfig, data: SiteData, num_rounds: int, local_epochs: int, batch_size: int,
+                  delta: float, counted: bool = False, cache: bool = True) -> tuple[float, AccountantHistory]:
+    """`plan_round` for a plan of `num_rounds` x `local_epochs` at `batch_size` (`cache`: keep the σ search in
+    the site's state dir)."""
+    steps_per_epoch = math.ceil(len(data.sequences.trainable_users()) / batch_size)
+    round_steps = local_epochs * steps_per_epoch
     privacy = site.privacy(delta)
-    sigma = calibrate_noise(privacy, 1.0 / steps_per_epoch, round_cfg.num_rounds * round_steps, delta,
-                            cache_path=sigma_plans_path(site), extra=selection_release(privacy) if counted else None)
+    sigma = calibrate_noise(privacy, 1.0 / steps_per_epoch, num_rounds * round_steps, delta,
+                            cache_path=sigma_plans_path(site) if cache else None,
+                            extra=selection_release(privacy) if counted else None)
     return sigma, [(sigma, 1.0 / steps_per_epoch, round_steps)]
 
 

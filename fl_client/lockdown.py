@@ -30,7 +30,7 @@ Use --insecure for tests on one machine or on a network you fully trust; see doc
 
 def add_security_args(parser: argparse.ArgumentParser) -> None:
     """The site's security options: locked down (CA, own key, trusted publisher) or --insecure."""
-    security = parser.add_mutually_exclusive_group(required=True)
+    security = parser.add_mutually_exclusive_group()  # one of them is required to connect (check_security_args)
     security.add_argument("--insecure", action="store_true",
                           help="no TLS, no site key, runs any app (tests only; prints what it gives up)")
     security.add_argument("--root-certificates", help="the consortium CA certificate (PEM) that signed the server's")
@@ -42,6 +42,10 @@ def add_security_args(parser: argparse.ArgumentParser) -> None:
 
 def check_security_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse a half-configured locked-down site (argparse error naming what is missing)."""
+    if not args.insecure and not args.root_certificates:
+        if getattr(args, "check", None):  # fedrec-client --check connects to nothing
+            return
+        parser.error("one of the arguments --insecure --root-certificates is required")
     flags = {"--auth-key": args.auth_key, "--trusted-publisher": args.trusted_publisher}
     if args.insecure and any(flags.values()):
         parser.error(f"--insecure turns TLS, the site key and the app check off; drop "

@@ -16,6 +16,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from fl_client.check import DEFAULT_PLAN, Plan, check_site
 from fl_client.dp_settings import ACCOUNTANTS, GRAD_SAMPLE_MODES
 from fl_client.lockdown import add_security_args, check_security_args, security_flags, warn_insecure
 from fl_client.site import MAX_MODEL_PARAMETERS, MIN_USERS, SiteConfig, check_site_start, load_site_data
@@ -74,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-events", type=int, default=3, help="users with fewer events are dropped (counted)")
     parser.add_argument("--port", type=int, default=9094, help="local port for this SuperNode's ClientApps")
     parser.add_argument("--rejoin-delay", type=float, default=5.0, help="seconds before rejoining a restarted server")
+    parser.add_argument("--check", nargs="?", const=DEFAULT_PLAN, metavar="ROUNDSxEPOCHSxBATCH",
+                        help="check the data against the catalog and print what this site would use (users, "
+                             "events, dropped rows, δ, σ for the server's plan, default %(const)s), then exit "
+                             "without connecting or enrolling")
     add_security_args(parser)
     args = parser.parse_args(argv)
     check_security_args(parser, args)
@@ -160,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     # force: importing opacus already configured the root logger (at WARNING), which hid these lines
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     args = parse_args(argv)
+    if args.check:
+        for line in check_site(site_config(args), Plan.parse(args.check)):
+            print(line)
+        return 0
     if args.insecure:
         warn_insecure()
     site = site_config(args)

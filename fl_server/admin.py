@@ -18,6 +18,7 @@ from fl_server.control import cli_env, cli_home, flwr
 from fl_server.sites import add_site, json_answer, list_command, register, registered, registry, remove_site, unregister
 from shared_model.app_signature import sign_fab
 from shared_model.console import EXPECTED_ERRORS, run_command
+from shared_model.items_file import catalog_from_items_file
 from shared_model.key_files import make_signing_keys, make_site_keys
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sign.add_argument("--public-key", default="", help="its public key (default: the .pub next to --key)")
     sign.add_argument("--app", default=str(PROJECT_ROOT), help="the app directory (fedrec's source tree)")
     sign.add_argument("--out", required=True, help="the signature file (give it to fedrec-server --app-signature)")
+    catalog = commands.add_parser("catalog", help="build the shared catalog.json from the consortium's items file")
+    catalog.add_argument("--items", required=True,
+                         help="CSV, TSV or Parquet: an item_id column, optional title, other columns public "
+                              "attributes ('|' between several values)")
+    catalog.add_argument("--out", required=True, help="directory for catalog.json (give it to every site)")
     for name, text in (("site-add", "register a site's public key"), ("site-remove", "unregister a site"),
                        ("site-list", "list the registered sites")):
         sub = commands.add_parser(name, help=text)
@@ -101,6 +107,14 @@ def run_sign_app(args: argparse.Namespace) -> None:
     print(f"signed FAB sha256 {hashlib.sha256(fab).hexdigest()} with {signature.key_id}: {args.out}")
 
 
+def run_catalog(args: argparse.Namespace) -> None:
+    """Build the shared catalog and print its fingerprint (each site's reply names it; the server checks it)."""
+    catalog, report = catalog_from_items_file(args.items)
+    path = catalog.save(Path(args.out))
+    print(f"{args.items}: {report.summary()}")
+    print(f"{path}: {len(catalog.item_ids):,} items, fingerprint {catalog.fingerprint}")
+
+
 def run_site_add(args: argparse.Namespace) -> None:
     """Add a site to the registry (and to a running SuperLink)."""
     path = add_site(Path(args.sites), args.name, Path(args.public_key))
@@ -134,7 +148,8 @@ def run_site_list(args: argparse.Namespace) -> None:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "ca": run_ca, "server-cert": run_server_cert, "site-keys": run_site_keys, "signing-key": run_signing_key,
-    "sign-app": run_sign_app, "site-add": run_site_add, "site-remove": run_site_remove, "site-list": run_site_list}
+    "sign-app": run_sign_app, "catalog": run_catalog, "site-add": run_site_add, "site-remove": run_site_remove,
+    "site-list": run_site_list}
 
 
 def dispatch(argv: list[str]) -> None:

@@ -15,7 +15,7 @@ import torch
 from shared_model.catalog import PADDING_ROW, ItemCatalog
 from shared_model.events import EVENT_TYPE_CODES, EventLog, LoadReport
 
-Split = Literal["train", "valid", "test"]
+Split = Literal["train", "valid", "test", "next"]  # next: the whole history, for the item after it (no target)
 MIN_EVENTS = 3  # leave-one-out needs one training target, one validation and one test event
 FIRST_EVENT_BUCKET = 1  # time bucket of a user's first event; 0 is padding / no timestamps
 
@@ -60,6 +60,8 @@ class UserSequences:
             return slice(start, end - 3), None
         if split == "valid":
             return slice(start, end - 2), int(self.items[end - 2])
+        if split == "next":
+            return slice(start, end), None
         return slice(start, end - 1), int(self.items[end - 1])
 
     def trainable_users(self) -> np.ndarray:
@@ -128,7 +130,7 @@ def make_batch(seqs: UserSequences, users: np.ndarray | list[int], split: Split,
     """Left-padded tensors for a batch of users, padded to the longest input in the batch.
 
     Train batches carry `labels` (B, T): the next item at every position (0 = ignore).
-    Eval batches carry `labels` (B,): the held-out item.
+    Eval batches carry `labels` (B,): the held-out item. "next" batches (whole histories) carry none.
     """
     windows = [seqs.window(int(u), split) for u in users]
     lengths = [min(max_len, w.stop - w.start) for w, _ in windows]
@@ -143,10 +145,11 @@ def make_batch(seqs: UserSequences, users: np.ndarray | list[int], split: Split,
         batch["item_ids"][b, -length:] = seqs.items[src]
         batch["event_types"][b, -length:] = seqs.event_types[src]
         batch["time_buckets"][b, -length:] = seqs.time_buckets[src]
-        train_labels[b, -length:] = seqs.items[src.start + 1:src.stop + 1]
+        if split == "train":
+            train_labels[b, -length:] = seqs.items[src.start + 1:src.stop + 1]
     tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
     if split == "train":
         tensors["labels"] = torch.from_numpy(train_labels)
-    else:
+    elif split != "next":
         tensors["labels"] = torch.tensor([t for _, t in windows], dtype=torch.int64)
     return tensors

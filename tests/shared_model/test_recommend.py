@@ -47,3 +47,25 @@ def test_command_line_prints_json_with_titles(model_dir, capsys):
     assert len(out) == 18  # 20 items minus the 2 in the history
     titled = [r for r in out if r["item_id"] == "i05"]
     assert titled and titled[0]["title"] == "Red lipstick"
+
+
+def test_every_user_of_an_events_file_gets_the_top_k_of_their_whole_history(model_dir, tmp_path, capsys):
+    path, model, catalog = model_dir
+    events = tmp_path / "events.csv"
+    events.write_text("user_id,item_id,timestamp\n"
+                      "a,i01,1700000000\na,i02,1700000100\nb,i07,1700000000\nb,nope,1700000200\nc,nope,1700000000\n")
+    out = tmp_path / "recs.csv"
+    assert main([str(path), "--events", str(events), "--out", str(out), "--k", "3"]) == 0
+    said = capsys.readouterr().out
+    assert "top 3 for 2 users (6 rows)" in said and "'unknown item': 2" in said  # c had only an unknown item
+    rows = [line.split(",") for line in out.read_text().splitlines()]
+    assert rows[0] == ["user_id", "rank", "item_id", "score", "title"]
+    by_user = {u: [r[2] for r in rows[1:] if r[0] == u] for u in ("a", "b")}
+    # each user's list is the single-history recommendation of their whole history, seen items excluded
+    single = recommend(model, catalog, ["i01", "i02"], k=3, timestamps=[1700000000, 1700000100])[0]
+    assert by_user["a"] == [r.item_id for r in single]
+    single = recommend(model, catalog, ["i07"], k=3, timestamps=[1700000000])[0]
+    assert by_user["b"] == [r.item_id for r in single] and "i07" not in by_user["b"]
+    assert [r[1] for r in rows[1:4]] == ["1", "2", "3"]
+    with pytest.raises(SystemExit):  # a history and --events, or --events without --out
+        main([str(path), "i01", "--events", str(events), "--out", str(out)])
