@@ -33,6 +33,7 @@ from fl_client.rounds import (
 from fl_client.site import SiteConfig, SiteData, SiteStartError, load_site_data
 from shared_model import secure_sum, wire
 from shared_model.catalog import CatalogMismatchError
+from shared_model.console import quiet_library_warnings
 from shared_model.secure_sum import SecureSumError, SecureSumSettings
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ ROUND_CONFIG = 4008  # Error code: a round config with a missing or mistyped key
 LEDGER = 4009  # Error code: the site's ledger is missing, damaged, another site's, or locked too long (no ε = 0)
 SITE_NOT_READY = 4010  # Error code: no trainable users, or too few for DP (SiteConfig.min_users)
 SECURE_SUM = 4011  # Error code: a secure-aggregation step this site refuses (fl_client.secagg says why)
+quiet_library_warnings()  # Opacus' and torch's notices a site cannot act on (shared_model.console)
 SECAGG_STATE = "fedrec.secagg"  # Context.state record: this round's secure-aggregation secrets (never sent)
 # What a handler answers with an Error reply instead of crashing the client process.
 REFUSALS: dict[type[Exception], int] = {

@@ -20,7 +20,7 @@ from fl_client.check import DEFAULT_PLAN, Plan, check_site
 from fl_client.dp_settings import ACCOUNTANTS, GRAD_SAMPLE_MODES
 from fl_client.lockdown import add_security_args, check_security_args, security_flags, warn_insecure
 from fl_client.site import MAX_MODEL_PARAMETERS, MIN_USERS, SiteConfig, check_site_start, load_site_data
-from shared_model.console import EXPECTED_ERRORS, console_command
+from shared_model.console import EXPECTED_ERRORS, console_command, quiet_library_warnings, rng_note
 from shared_model.device import describe_device, resolve_device
 from shared_model.launch import (
     TomlValue,
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     # force: importing opacus already configured the root logger (at WARNING), which hid these lines
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     args = parse_args(argv)
+    quiet_library_warnings()
     if args.check:
         for line in check_site(site_config(args), Plan.parse(args.check)):
             print(line)
@@ -178,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
              data.sequences.dropped or "nothing")
     log.info("%s", check_site_start(site, data))  # no users, too few for DP, a ledger that does not fit: refused
     log.info("training device: %s", describe_device(resolve_device(site.device)))  # a missing GPU fails here
-    log.info("privacy: %s", f"DP-SGD per user, budget ε = {site.epsilon} over all rounds" if site.dp
-             else "DP is OFF: this site's updates carry no privacy guarantee")
+    off = "DP is OFF: this site's updates carry no privacy guarantee"
+    log.info("privacy: %s", f"DP-SGD per user, budget ε = {site.epsilon} over all rounds; "
+             f"{rng_note(site.secure_mode)}" if site.dp else off)
     state = Path(site.state_dir)
     config_path = write_toml(state / "node_config.toml", node_config(site))
     exit_on_sigterm()

@@ -42,6 +42,28 @@ def privacy_sentence(rows: list[dict[str, Any]]) -> str:
             f"{spent['sites_with_dp']} sites, δ ≤ {spent['delta_max']:.3g}. Each site enforces its own budget.")
 
 
+def progress_line(row: dict[str, Any], num_rounds: int) -> str:
+    """One line per completed round, from the ServerApp's metrics.jsonl."""
+    evaluation = row.get("central_eval") or row.get("federated_eval") or {}
+    privacy = row.get("privacy", {})
+    eps = f", ε max {privacy['epsilon_max']:.3f}" if "epsilon_max" in privacy else ""
+    if row.get("declined_reasons"):
+        eps += f" (declined: {row['declined_reasons'][0]})"
+    cost = row.get("site_cost") or {}
+    if cost:
+        eps += f"; slowest site {cost['train_seconds_max']:.1f} s, peak {cost['peak_memory_mb_max']:,.0f} MB"
+    silent = row.get("train_no_reply", 0)
+    failed = f"{row.get('train_failures', 0)} failed" + (f", {silent} silent (round timeout)" if silent else "")
+    if row.get("dropped"):
+        failed += f", {row['dropped']} dropped ({row['dropped_reasons'][0]})"
+    scores = (f"HR@10 {evaluation.get('hr@10', float('nan')):.4f} NDCG@10 {evaluation.get('ndcg@10', float('nan')):.4f}"
+              if "central_eval" in row or "federated_eval" in row else "not evaluated (eval-every)")
+    if row.get("starting_model"):
+        return f"round 0/{num_rounds} (the starting model, before any training): {scores}"
+    return (f"round {row['round']}/{num_rounds}: {row.get('train_replies', 0)} sites answered, "
+            f"{row.get('declined', 0)} declined, {failed}; {scores}{eps}")
+
+
 def secure_aggregation_sentence(rows: list[dict[str, Any]]) -> list[str]:
     """What the server saw of the updates when the run used secure aggregation (nothing otherwise)."""
     secure = [r["secure_aggregation"] for r in trained_rows(rows) if "secure_aggregation" in r]

@@ -18,7 +18,7 @@ from fl_server import initial_model
 from fl_server.checkpoint import RunStore
 from fl_server.config import ServerConfig, server_config_from_run_config
 from fl_server.item_counts import choose_trained_rows
-from fl_server.report import write_report
+from fl_server.report import progress_line, write_report
 from fl_server.schedule import Decay
 from fl_server.secure_round import SecureAggregationGrid, secure_settings
 from fl_server.strategy import RoundsFailedError, build_strategy
@@ -33,6 +33,7 @@ from shared_model.sequences import to_user_sequences
 from shared_model.serialization import save_model_dir
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger("fedrec.progress")  # one short line per round (the full row: `log`, metrics.jsonl)
 ITEM_COUNTS_FILE = "item_counts.json"  # how the trained item rows were chosen (model.trained_item_rows)
 CentralEvaluator = Callable[[FedRecModel], dict[str, float]]
 
@@ -134,6 +135,7 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         score = (validation_score(row) or 0.0) if evaluated else None
         store.save(local_round + done, model.state_dict(), strategy.optimiser_state(), row, score)
         log.info("round %s", json.dumps(row))
+        progress.info(progress_line(row, cfg.num_rounds))
         strategy.raise_if_failing()  # only now: the unchanged model of the last good round is on disk
         return MetricRecord(central) if central else None
 
@@ -180,6 +182,7 @@ def score_starting_model(grid: Grid | SecureAggregationGrid, strategy: Any, stor
     row = {**strategy.last_round, "round": 0, "seconds": 0.0, "starting_model": True, "central_eval": central}
     store.save(0, model.state_dict(), strategy.optimiser_state(), row, validation_score(row))
     log.info("round %s", json.dumps(row))
+    progress.info(progress_line(row, cfg.num_rounds))
     return row
 
 

@@ -9,10 +9,23 @@ Hydra catches errors inside its task function, so that body also runs through `e
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 
+# Library warnings a fedrec user cannot act on, silenced by their message (quiet_library_warnings), with why.
+LIBRARY_NOISE: tuple[tuple[str, str], ...] = (
+    ("Optimal order is the largest alpha", "Opacus' PRV accountant bounds its search domain with RDP orders; the "
+                                           "ε it reports does not depend on them"),
+    ("Full backward hook is firing when gradients are computed with respect to module outputs",
+     "Opacus' hooks on a model whose inputs (item ids) need no gradient: per-user gradients are unaffected"),
+    ("Secure RNG turned off", "Opacus' own secure RNG; fedrec's is privacy.secure_mode / --secure-mode "
+                              "(fl_client.secure_rng), stated in fedrec's own log lines"),
+    ("Tip: In future versions of Ray, Ray will no longer override accelerator", "a coming Ray default that "
+                                                                                "fedrec does not rely on"),
+)
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "FEDREC_DEBUG"
 EXIT_ERROR = 2  # argparse's code for a usage error: the user can fix the input and rerun
@@ -84,3 +97,21 @@ def console_command(prog: str, main: Callable[[], int | None],
 
     entry.__doc__ = f"`{prog}` with one-paragraph errors (see shared_model.console)."
     return entry
+
+
+def quiet_library_warnings() -> None:
+    """Silence LIBRARY_NOISE and the transformers progress bars (loading and saving a small model) in this
+    process: each command's console keeps only what its user can act on."""
+    for message, _why in LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=re.escape(message))
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
+def rng_note(secure_mode: bool) -> str:
+    """What DP's randomness comes from, in fedrec's words (Opacus' own notice about its secure RNG is silenced)."""
+    if secure_mode:
+        return "DP sampling and noise from the OS CSPRNG (secure mode)"
+    return ("DP sampling and noise from torch's fast generator: fine for experiments; use secure mode "
+            "(privacy.secure_mode=true, fedrec-client --secure-mode) in production")

@@ -39,6 +39,7 @@ from shared_model.modeling_fedrec import FedRecModel, sequence_loss
 from shared_model.sequences import FIRST_EVENT_BUCKET, UserSequences, make_batch
 from shared_model.serialization import load_model_dir, save_model_dir
 from simulations.audit_bound import AuditResult, audit_scores
+from simulations.console import quiet_console
 from simulations.partition import partition_users
 from simulations.prepare import PreparedData, build_model, prepare_data
 from simulations.simulate import SimulateConfig, federation_resources, run_federated
@@ -243,6 +244,7 @@ ConfigStore.instance().store(name="audit_schema", node=AuditRunConfig)  # simula
 @hydra.main(config_path="conf", config_name="audit", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; a refuted claim or a bad setting is one paragraph on stderr and a non-zero exit."""
+    quiet_console()
     exit_on_error("fedrec-audit", lambda: run_and_log(cfg))
 
 

@@ -20,12 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from fl_client.averaging import weights_swapped_in
 from fl_client.privacy import PrivacyConfig
 from fl_client.train import TrainConfig, TrainResult, train
-from shared_model.console import console_command, exit_on_error
+from shared_model.console import console_command, exit_on_error, rng_note
 from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, evaluate_popularity, with_standard_errors
 from shared_model.modeling_fedrec import FedRecModel
 from shared_model.serialization import save_model_dir
 from simulations.config import CentralizedConfig, register_schemas
+from simulations.console import quiet_console
 from simulations.prepare import PreparedData, build_model, prepare_data
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ def privacy_summary(result: TrainResult) -> dict[str, Any]:
 @hydra.main(config_path="conf", config_name="centralized", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: run and log the headline numbers; a bad input or setting is one paragraph on stderr."""
+    quiet_console()
     exit_on_error("fedrec-centralized", lambda: run_and_log(cfg))
 
 
@@ -125,7 +127,8 @@ def run_and_log(cfg: DictConfig) -> None:
         last = metrics["test_last_iterate"]
         log.info("test of the last iterate (before averaging) HR@10 %.4f NDCG@10 %.4f", last["hr@10"],
                  last["ndcg@10"])
-    log.info("privacy: %s", metrics["privacy"]["claim"])
+    log.info("privacy: %s%s", metrics["privacy"]["claim"],
+             f"; {rng_note(typed.privacy.secure_mode)}" if metrics["privacy"]["dp"] else "")
     if "clipping" in metrics:
         clip = metrics["clipping"]
         log.info("clipping: %.0f%% of per-user gradients above C = %g (norms: p10 %.3g, median %.3g, p90 %.3g)",

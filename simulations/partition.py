@@ -6,6 +6,8 @@ unit is preserved. flwr-datasets' partitioners do the assignment on a small tabl
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections import Counter
 from dataclasses import dataclass
 
@@ -75,8 +77,9 @@ def partition_users(seqs: UserSequences, config: PartitionConfig,
         table = table.shuffle(seed=config.seed)
     partitioner = build_partitioner(config)
     partitioner.dataset = table
-    parts = [np.sort(np.asarray(partitioner.load_partition(i)["user"], dtype=np.int64))
-             for i in range(partitioner.num_partitions)]
+    with contextlib.redirect_stderr(io.StringIO()):  # the natural partitioner's progress bar (tqdm, not optional)
+        parts = [np.sort(np.asarray(partitioner.load_partition(i)["user"], dtype=np.int64))
+                 for i in range(partitioner.num_partitions)]
     assigned = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     if len(assigned) != len(seqs) or len(np.unique(assigned)) != len(seqs):
         raise RuntimeError(f"partitioning assigned {len(assigned)} rows for {len(seqs)} users")

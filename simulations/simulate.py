@@ -25,10 +25,11 @@ from fl_client.train import TrainConfig
 from fl_server.config import ServerConfig, StrategyConfig
 from fl_server.schedule import Decay
 from fl_server.strategy import build_strategy
-from shared_model.console import console_command, exit_on_error
+from shared_model.console import console_command, exit_on_error, rng_note
 from shared_model.metrics import evaluate_popularity, with_standard_errors
 from simulations.attacks import AttackConfig, attack_mod, attackers
 from simulations.config import RunConfig, register_schemas
+from simulations.console import quiet_console
 from simulations.federation import Resources, run_federation, write_sites
 from simulations.local_only import run_local_only
 from simulations.partition import PartitionConfig, partition_users
@@ -173,6 +174,9 @@ def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.nd
         round_timeout=cfg.federation.round_timeout, eval_every=cfg.federation.eval_every, central_eval_path=central,
         initial_model=absolute(cfg.federation.initial_model) if cfg.federation.initial_model else "",
         has_timestamps=data.events.has_timestamps, model=cfg.model, strategy=cfg.strategy)
+    if cfg.privacy.enabled:
+        log.info("privacy: DP-SGD per user at every site, budget ε = %g each over all rounds; %s",
+                 cfg.privacy.epsilon, rng_note(cfg.privacy.secure_mode))
     mods = None
     if cfg.attack.kind != "none":
         bad = attackers(cfg.attack, len(sites))
@@ -190,6 +194,7 @@ register_simulate_schemas()
 @hydra.main(config_path="conf", config_name="simulate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: run and point at the report; a bad input or setting is one paragraph on stderr."""
+    quiet_console()
     exit_on_error("fedrec-simulate", lambda: run_and_log(cfg))
 
 

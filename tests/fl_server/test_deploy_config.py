@@ -5,8 +5,9 @@ import tomllib
 
 import pytest
 
-from fl_server.deploy import PROJECT_ROOT, app_defaults, parse_args, progress_line, run_overrides, superlink_command
+from fl_server.deploy import PROJECT_ROOT, app_defaults, parse_args, run_overrides, superlink_command
 from fl_server.lockdown import warn_insecure
+from fl_server.report import progress_line
 from fl_server.superlink_guard import parse_args as guard_args
 from shared_model.catalog import ItemCatalog
 from shared_model.launch import toml_text

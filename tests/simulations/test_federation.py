@@ -116,7 +116,7 @@ def test_sites_send_which_items_they_hold_and_share_their_optimiser_moments_when
 
 @pytest.mark.slow
 def test_rounds_between_evaluations_are_trained_and_checkpointed_but_not_scored(tmp_path):
-    from fl_server.deploy import progress_line
+    from fl_server.report import progress_line
 
     _, _, sites = synthetic_sites(tmp_path, users=120, items=30, seed=5, num_sites=2, dp=False)
     out = tmp_path / "server"
