@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from shared_model.metrics import with_error
 from shared_model.wire import TRAIN_CE
@@ -88,13 +89,18 @@ def series(rows: list[dict[str, Any]], section: str, key: str) -> tuple[list[int
     return [p[0] for p in points], [float(p[1]) for p in points]
 
 
-def plot(rows: list[dict[str, Any]], path: Path, panels: list[tuple[str, str, str]], title: str) -> Path:
-    """One line per (section, key, label) against rounds."""
+def plot(rows: list[dict[str, Any]], path: Path, panels: list[tuple[str, str, str]], title: str,
+         baselines: dict[str, float] | None = None) -> Path:
+    """One line per (section, key, label) against rounds (whole rounds on the axis); each baseline (label ->
+    value) a dashed horizontal line."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for section, key, label in panels:
         x, y = series(rows, section, key)
         if x:
             ax.plot(x, y, marker="o", label=label)
+    for label, value in (baselines or {}).items():
+        ax.axhline(value, linestyle="--", color="grey", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -111,7 +117,8 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, A
     plot(rows, out_dir / "accuracy.png", [("federated_eval", "hr@10", "HR@10 (sites)"),
                                           ("federated_eval", "ndcg@10", "NDCG@10 (sites)"),
                                           ("central_eval", "hr@10", "HR@10 (server)"),
-                                          ("central_eval", "ndcg@10", "NDCG@10 (server)")], "accuracy")
+                                          ("central_eval", "ndcg@10", "NDCG@10 (server)")], "accuracy",
+         {"popularity HR@10 (server)": summary["popularity"]["hr@10"]} if "popularity" in summary else None)
     privacy_rows = [{"round": r["round"], "privacy": r.get("privacy", {})} for r in rows]
     plot(privacy_rows, out_dir / "privacy.png", [("privacy", "epsilon_max", "ε max over sites"),
                                                  ("privacy", "epsilon_mean", "ε mean over sites")], "ε spent")
@@ -134,7 +141,11 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, A
                      f"{_fmt(fed.get('ndcg@10'))} | {_fmt(central.get('hr@10'))} | {_fmt(priv.get('epsilon_max'))} |")
     lines += dropped_notes(rows) + item_rows_notes(rows) + trained_rows_note(summary.get("item_counts"))
     lines += cost_notes(rows)
-    lines += ["", *final_metrics(rows, summary.get("best_round", 0)),
+    popularity = summary.get("popularity")
+    baseline = [f"- popularity (the most frequent items of the server's own events; no model, no privacy cost): "
+                f"HR@10 {with_error(popularity, 'hr@10')}, NDCG@10 {with_error(popularity, 'ndcg@10')}"] \
+        if popularity else []
+    lines += ["", *final_metrics(rows, summary.get("best_round", 0)), *baseline,
               "", "![accuracy](accuracy.png)", "", "![privacy](privacy.png)", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,9 +28,9 @@ from shared_model.adapters import load_dataset
 from shared_model.catalog import ItemCatalog
 from shared_model.device import resolve_device
 from shared_model.factory import create_model
-from shared_model.metrics import evaluate_model, with_standard_errors
+from shared_model.metrics import evaluate_model, evaluate_popularity, with_standard_errors
 from shared_model.modeling_fedrec import FedRecModel
-from shared_model.sequences import to_user_sequences
+from shared_model.sequences import UserSequences, to_user_sequences
 from shared_model.serialization import save_model_dir
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ CentralEvaluator = Callable[[FedRecModel], dict[str, float]]
 
 
 def central_evaluator(cfg: ServerConfig, catalog: ItemCatalog,
-                      device: torch.device | None = None) -> CentralEvaluator | None:
+                      device: torch.device | None = None) -> CentralEvaluation | None:
     """Full-ranking test metrics (+ validation NDCG@10) on events the server holds (None when it holds none),
     scored on the server's GPU when it has one (a copy of the model goes there; the global model stays put)."""
     if not cfg.central_eval_path:
@@ -47,16 +48,28 @@ def central_evaluator(cfg: ServerConfig, catalog: ItemCatalog,
     sequences = to_user_sequences(load_dataset(cfg.central_eval_format, cfg.central_eval_path), catalog)
     device = device or resolve_device("auto")
     log.info("central evaluation of %d users on %s", len(sequences), device)
+    popularity = with_standard_errors(evaluate_popularity(sequences, sequences, "test", catalog.num_rows,
+                                                          cfg.model.max_len))
+    return CentralEvaluation(sequences, device, popularity)
 
-    def evaluate(model: FedRecModel) -> dict[str, float]:
+
+@dataclass
+class CentralEvaluation:
+    """Scores a global model on the server's own events; `popularity`: the most-popular baseline on them (the
+    report draws it)."""
+
+    sequences: UserSequences
+    device: torch.device
+    popularity: dict[str, float]
+
+    def __call__(self, model: FedRecModel) -> dict[str, float]:
         scored = model
-        if device.type != "cpu":
+        if self.device.type != "cpu":
             scored = copy.deepcopy(model)
-            torch.nn.Module.to(scored, device)
-        test = with_standard_errors(evaluate_model(scored, sequences, "test", device=device))
-        return {**test, wire.VALID_NDCG10: evaluate_model(scored, sequences, "valid", device=device)["ndcg@10"]}
-
-    return evaluate
+            torch.nn.Module.to(scored, self.device)
+        test = with_standard_errors(evaluate_model(scored, self.sequences, "test", device=self.device))
+        valid = evaluate_model(scored, self.sequences, "valid", device=self.device)
+        return {**test, wire.VALID_NDCG10: valid["ndcg@10"]}
 
 
 def round_config(cfg: ServerConfig, model: FedRecModel, catalog: ItemCatalog, training_id: str) -> ConfigRecord:
@@ -113,6 +126,7 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
     strategy.round_offset = done
     strategy.evaluated_rounds = cfg.evaluates
     evaluate_centrally = central_evaluator(cfg, catalog)
+    baseline = evaluate_centrally.popularity if evaluate_centrally else None
     train_grid = SecureAggregationGrid(grid, secure) if secure else grid  # the rounds' training and evaluation
     started = time.time()
     scored_start: dict[str, Any] = {}  # the starting model's central scores (round 0), computed once
@@ -156,9 +170,9 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
                            timeout=cfg.round_timeout, train_config=train_config,
                            evaluate_config=ConfigRecord(dict(train_config)), evaluate_fn=after_round)
         except RoundsFailedError as err:
-            export(store, model, catalog)  # the last good model, and a report naming every dropped reply
+            export(store, model, catalog, baseline)  # the last good model, and a report naming every dropped reply
             raise RoundsFailedError(f"{err} Run directory: {store.root}") from None
-    return export(store, model, catalog)
+    return export(store, model, catalog, baseline)
 
 
 def validation_score(row: dict[str, Any]) -> float | None:
@@ -186,7 +200,8 @@ def score_starting_model(grid: Grid | SecureAggregationGrid, strategy: Any, stor
     return row
 
 
-def export(store: RunStore, model: FedRecModel, catalog: ItemCatalog) -> dict[str, Any]:
+def export(store: RunStore, model: FedRecModel, catalog: ItemCatalog,
+           popularity: dict[str, float] | None = None) -> dict[str, Any]:
     """Write the final and the best global model as model directories; return the run summary."""
     final = store.latest()
     if final is not None:
@@ -202,6 +217,8 @@ def export(store: RunStore, model: FedRecModel, catalog: ItemCatalog) -> dict[st
     started_from = initial_model.recorded(store.root)
     if started_from is not None:
         summary["initial_model"] = started_from
+    if popularity:
+        summary["popularity"] = popularity  # on the server's own test events: the baseline the report draws
     if (store.root / ITEM_COUNTS_FILE).exists():
         summary["item_counts"] = json.loads((store.root / ITEM_COUNTS_FILE).read_text(encoding="utf-8"))
     (store.root / "summary.json").write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")

@@ -69,3 +69,13 @@ def test_the_report_names_every_dropped_reply_and_unchanged_round(tmp_path):
     assert "round 1: evaluation not pooled: node 8: metrics ['hr@10'] outside [0, 1]" in text
     assert "round 1: dropped node 7: tensor w holds NaN" in text and "global model unchanged (1 usable" in text
     assert "| 1 | 2 | 0 | 1 |" in text
+
+
+def test_the_popularity_baseline_is_reported_and_drawn_when_the_server_scored_it(tmp_path):
+    popularity = {"hr@10": 0.0120, "hr@10:se": 0.0007, "ndcg@10": 0.0055, "ndcg@10:se": 0.0004}
+    text = write_report(tmp_path, ROWS, {"rounds": 2, "best_round": 2, "model_dir": "/m",
+                                         "popularity": popularity}).read_text()
+    assert "- popularity (the most frequent items of the server's own events" in text
+    assert "HR@10 0.0120 ± 0.0007, NDCG@10 0.0055 ± 0.0004" in text
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+    assert "- popularity" not in write_report(tmp_path, ROWS, {"rounds": 2}).read_text()

@@ -56,6 +56,7 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
     assert central["users"] == len(parts[0]) and central["hr@10:se"] > fed["hr@10:se"]  # one site's users only
     # The best round is picked on validation events, not on the test split the report shows.
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["popularity"]["users"] == len(parts[0]) > 0  # the baseline on the server's events, drawn
     valid = [r["central_eval"]["valid-ndcg@10"] for r in rows]
     assert summary["best_round"] == 1 + valid.index(max(valid))
     # Public title features travel to the sites but never back, and to each site once: the sites keep them
