@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from collections.abc import Callable, Iterable
@@ -14,7 +13,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fl_client.averaging import WeightAverage
 from fl_client.dp_step import ClippingStats, private_step
 from fl_client.item_selection import select_trained_rows
 from fl_client.privacy import PrivacyConfig, PrivacySpent, calibrate_noise, make_private, resolve_delta, spent
@@ -45,7 +43,6 @@ class TrainConfig:
     micro_batch_users: int = 128  # (int) DP: users per micro-batch (per-user item-table gradients: memory)
     proximal_mu: float = 0.0  # (float) FedProx: pull towards the weights training started from; 0 = off
     clip_stats: bool = False  # (bool) DP: record per-user gradient norms before clipping (local diagnostic)
-    ema_decay: float = 0.0  # (float) keep, validate and return an EMA of the weights (per step); 0 = off
 
 
 @dataclass
@@ -61,7 +58,6 @@ class TrainResult:
     privacy: PrivacySpent | None = None
     optimizer_state: dict[str, Any] | None = None  # the optimiser's state_dict at the end (Adam moments)
     clipping: ClippingStats | None = None  # DP with clip_stats (hooks mode): per-user norms before clipping
-    last_iterate: dict[str, torch.Tensor] | None = None  # with ema_decay: the trained weights before averaging
 
 
 Progress = Callable[[int, float, dict[str, float] | None], None]
@@ -129,8 +125,7 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
           progress_bar: bool = False, optimizer_state: dict[str, Any] | None = None) -> TrainResult:
     """Train in place; with `privacy.enabled`, DP-SGD per user whose ε covers every step taken here.
 
-    With `ema_decay`, validation and the returned model use the weights' moving average (the last iterate is
-    kept in the result). With `valid` and `patience`, the best-validating weights are restored at the end.
+    With `valid` and `patience`, the best-validating weights are restored at the end.
     `optimizer_state` continues an earlier training's optimiser (a federated site's Adam moments); the final
     one is returned.
     """
@@ -164,26 +159,24 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
         if config.clip_stats and privacy.grad_sample_mode == "hooks":  # ghost mode has no per-user gradients
             result.clipping = ClippingStats(privacy.max_grad_norm)
     anchor = wire.trainable_state(model) if config.proximal_mu else None  # FedProx' global model
-    average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     best_score, best_state, stale = -1.0, None, 0
     started, samples = time.perf_counter(), 0
     for epoch in range(1, config.epochs + 1):
         batches = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress_bar, unit="batch")
         loss, seen = run_epoch(step_model, model, seqs, batches, optimizer, privacy, config, device, anchor,
-                               result.clipping, average)
+                               result.clipping)
         check_finite(model, epoch, config)
         result.epoch_losses.append(loss)
         samples += seen
         metrics = None
         if valid is not None and config.eval_every and epoch % config.eval_every == 0:
-            with average.applied(model) if average else contextlib.nullcontext():  # validate what is kept
-                metrics = evaluate_model(model, valid, "valid", device=device)
-                result.valid_history.append({"epoch": float(epoch), **without_moments(metrics)})
-                if metrics["ndcg@10"] > best_score:
-                    best_score, best_state, stale, result.best_epoch = metrics["ndcg@10"], copy.deepcopy(
-                        model.state_dict()), 0, epoch
-                else:
-                    stale += 1
+            metrics = evaluate_model(model, valid, "valid", device=device)
+            result.valid_history.append({"epoch": float(epoch), **without_moments(metrics)})
+            if metrics["ndcg@10"] > best_score:
+                best_score, best_state, stale, result.best_epoch = metrics["ndcg@10"], copy.deepcopy(
+                    model.state_dict()), 0, epoch
+            else:
+                stale += 1
         if progress is not None:
             progress(epoch, loss, metrics)
         if config.patience and stale >= config.patience:
@@ -191,9 +184,6 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
     result.seconds = time.perf_counter() - started
     result.samples_per_second = samples / max(result.seconds, 1e-9)
     result.peak_memory_mb = peak_memory_mb(device)
-    if average is not None:
-        result.last_iterate = wire.trainable_state(model)
-        average.copy_to(model)
     if best_state is not None and config.patience:
         model.load_state_dict(best_state)
     model.zero_untrained_item_rows()  # post-processing: rows outside the mask hold only noise
@@ -219,7 +209,7 @@ def run_epoch(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequenc
               loader: Iterable[dict[str, torch.Tensor]],
               optimizer: torch.optim.Optimizer, privacy: PrivacyConfig, config: TrainConfig,
               device: torch.device, anchor: dict[str, torch.Tensor] | None = None,
-              clipping: ClippingStats | None = None, average: WeightAverage | None = None) -> tuple[float, int]:
+              clipping: ClippingStats | None = None) -> tuple[float, int]:
     """One pass over the loader; returns the mean training loss and the number of user rows seen."""
     total, steps, seen = 0.0, 0, 0
     for batch in loader:
@@ -235,7 +225,5 @@ def run_epoch(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequenc
             value = float(loss.item())
         if anchor is not None:
             proximal_step(model, anchor, config.lr * config.proximal_mu)
-        if average is not None:
-            average.update(model)
         total, steps, seen = total + value, steps + 1, seen + len(users)
     return total / max(steps, 1), seen

@@ -14,20 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fl_client.averaging import weights_swapped_in
 from fl_client.privacy import PrivacyConfig
 from fl_client.train import TrainConfig, TrainResult, train
 from shared_model.console import console_command, exit_on_error, rng_note
 from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, evaluate_popularity, with_standard_errors
-from shared_model.modeling_fedrec import FedRecModel
 from shared_model.serialization import save_model_dir
 from simulations.config import CentralizedConfig, register_schemas
 from simulations.console import quiet_console
-from simulations.prepare import PreparedData, build_model, prepare_data
+from simulations.prepare import build_model, prepare_data
 
 log = logging.getLogger(__name__)
 register_schemas()
@@ -73,25 +70,12 @@ def run_centralized(cfg: CentralizedConfig) -> dict[str, Any]:
         "training": training_summary(result, str(device)),
         "privacy": privacy_summary(result),
     }
-    if result.last_iterate is not None:  # the paired comparison: same run, weights before averaging
-        metrics["test_last_iterate"] = last_iterate_test(model, result.last_iterate, data, cfg)
     if result.clipping is not None:
         metrics["clipping"] = {"note": "per-user gradient norms before clipping, over every DP step: a local "
                                        "diagnostic, not covered by the DP guarantee", **result.clipping.summary()}
     save_model_dir(model.cpu(), data.catalog, out / "model")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
-
-
-def last_iterate_test(model: FedRecModel, last_iterate: dict[str, torch.Tensor], data: PreparedData,
-                      cfg: CentralizedConfig) -> dict[str, Any]:
-    """Test metrics of the final trained weights of a run that keeps their moving average (train.ema_decay);
-    the model holds the average again afterwards."""
-    with weights_swapped_in(model, last_iterate):
-        metrics = evaluate_model(model, data.sequences, "test", cfg.eval.batch_size, cfg.eval.mask_history,
-                                 resolve_device(cfg.train.device))
-    return {"note": f"the last iterate, before the moving average (ema_decay {cfg.train.ema_decay})",
-            **with_standard_errors(metrics)}
 
 
 def training_summary(result: TrainResult, device: str) -> dict[str, Any]:
@@ -123,10 +107,6 @@ def run_and_log(cfg: DictConfig) -> None:
     test, pop = metrics["test"], metrics["popularity_test"]
     log.info("test HR@10 %.4f NDCG@10 %.4f MRR %.4f | popularity HR@10 %.4f NDCG@10 %.4f", test["hr@10"],
              test["ndcg@10"], test["mrr"], pop["hr@10"], pop["ndcg@10"])
-    if "test_last_iterate" in metrics:
-        last = metrics["test_last_iterate"]
-        log.info("test of the last iterate (before averaging) HR@10 %.4f NDCG@10 %.4f", last["hr@10"],
-                 last["ndcg@10"])
     log.info("privacy: %s%s", metrics["privacy"]["claim"],
              f"; {rng_note(typed.privacy.secure_mode)}" if metrics["privacy"]["dp"] else "")
     if "clipping" in metrics:
