@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -29,7 +30,7 @@ from fl_client.federated import RoundReply, declined, keep_reply, resent_reply
 from fl_client.ledger import BudgetExceededError
 from fl_client.privacy import make_private
 from fl_client.rounds import RoundConfig, build_global_model
-from fl_client.secure_rng import secure_gaussian
+from fl_client.secure_rng import secure_gaussian, secure_uniform
 from fl_client.site import SiteConfig, SiteData, SiteStartError, check_users
 from fl_client.train import TrainConfig, peak_memory_mb, user_loader
 from shared_model import wire
@@ -91,7 +92,11 @@ def gradient_step(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, mode
     _, step_model, dp_optimizer, _ = make_private(model, optimizer, user_loader(users, expected, generator),
                                                   privacy, share)
     dp_optimizer.expected_batch_size = expected
-    sampled = users[np.random.default_rng(secrets.randbits(128)).random(len(users)) < round_cfg.ddp_sample_rate]
+    started = time.perf_counter()
+    # Poisson sampling: from the OS CSPRNG in secure mode (as fl_client.secure_rng samples a DP step's users)
+    draws = secure_uniform(len(users)) if privacy.secure_mode else \
+        np.random.default_rng(secrets.randbits(128)).random(len(users))
+    sampled = users[draws < round_cfg.ddp_sample_rate]
     if len(sampled) == 0:  # no user sampled: the step is noise alone, as in central DP-SGD
         with torch.no_grad():
             for p in dp_optimizer.params:
@@ -102,4 +107,5 @@ def gradient_step(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, mode
         loss = private_step(step_model, model, data.sequences, [int(u) for u in sampled], dp_optimizer, privacy,
                             config, device)
     return RoundReply(state=wire.trainable_state(model.cpu()), num_examples=expected, train_loss=loss, dp=True,
-                      epsilon=0.0, delta=0.0, peak_memory_mb=peak_memory_mb(device))
+                      epsilon=0.0, delta=0.0, train_seconds=time.perf_counter() - started,
+                      peak_memory_mb=peak_memory_mb(device))

@@ -111,3 +111,23 @@ def test_a_malformed_distributed_dp_round_is_refused():
     with pytest.raises(RoundConfigError, match="distributed DP"):
         RoundConfig.from_record(record)
     np.testing.assert_equal(RoundConfig.from_record(round_record(catalog)[0]).ddp_sample_rate, 0.0)
+
+
+def test_in_secure_mode_the_sample_comes_from_the_os_csprng(site, monkeypatch):
+    import dataclasses
+
+    import fl_client.distributed_dp
+
+    drawn = []
+
+    def from_the_csprng(count):  # stands in for fl_client.secure_rng.secure_uniform: nobody sampled
+        drawn.append(count)
+        return np.ones(count)
+
+    monkeypatch.setattr(fl_client.distributed_dp, "secure_uniform", from_the_csprng)
+    monkeypatch.setattr(np.random, "default_rng", lambda *_: pytest.fail("numpy's generator drew the sample"))
+    data = load_site_data(site)
+    cfg, state = ddp_round(data.catalog, q=0.5)
+    reply = gradient_step(dataclasses.replace(site, secure_mode=True), data, cfg, build_global_model(cfg, state),
+                          share=0.5)
+    assert drawn == [len(data.sequences.trainable_users())] and reply.train_loss == 0.0 and reply.train_seconds > 0
