@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU build of torch; a GPU user installs their CUDA build into the venv first (see README).
+# CPU build of torch; a GPU user installs their CUDA build into the venv first (see docs/operations.md).
 TORCH ?= torch==2.13.0
 # pytest workers: the deployment tests mostly wait on their processes, so two workers halve the suite on 2 cores.
 TEST_WORKERS ?= 2

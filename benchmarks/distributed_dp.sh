@@ -2,7 +2,7 @@
 # Distributed DP against central DP-SGD on the same protocol: the same user-level (ε, δ), sampling rate q, number
 # of steps T, noise multiplier σ, clipping bound C = 1, model and learning rate (Adam on one side, FedAdam with
 # τ = 1e-8 on the other). Distributed DP runs each round as one DP-SGD step over the union of the sites' users,
-# under secure aggregation (README, Privacy); each site's ledger must then show the same ε as the central run.
+# under secure aggregation (docs/privacy.md); each site's ledger must then show the same ε as the central run.
 # Usage: benchmarks/distributed_dp.sh beauty|movielens|synthetic OUT_DIR EPSILON [SEEDS...]   (default seed 0)
 # Then:  python benchmarks/distributed_dp_table.py OUT_DIR
 # Run from the repository root with fedrec installed; the data sets are read from ../shared/data. Meant for a GPU
