@@ -238,14 +238,11 @@ def drop_older_replies(site: SiteConfig, training_id: str, server_round: int) ->
 
 
 def item_row_weights(data: SiteData, mode: str, rows: int) -> torch.Tensor | None:
-    """What the server weighs this site's rows of the item table by (None for plain averaging): its users
-    for every item its training events hold (holders), or its count of each item there (counts)."""
+    """What the server weighs this site's rows of the item table by (None for plain averaging): its count of
+    each item in its training events (counts)."""
     if mode == "average":
         return None
-    counts = torch.from_numpy(data.sequences.item_counts(rows)).to(torch.float32)
-    if mode == "counts":
-        return counts
-    return (counts > 0).to(torch.float32) * len(data.sequences.trainable_users())
+    return torch.from_numpy(data.sequences.item_counts(rows)).to(torch.float32)
 
 
 def local_train_config(site: SiteConfig, round_cfg: RoundConfig) -> TrainConfig:

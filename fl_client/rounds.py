@@ -98,7 +98,7 @@ class RoundConfig:
     num_negatives: int = 0
     seed: int = 0  # seeds sampling and dropout without DP (a DP site draws fresh entropy every round)
     keep_optimizer_state: bool = False  # the site carries its optimiser state (Adam moments) across rounds
-    item_rows: str = "average"  # wire.ITEM_ROW_MODES: holders/counts ask the site for per-item weights
+    item_rows: str = "average"  # wire.ITEM_ROW_MODES: counts asks the site for per-item weights
     share_optimizer_state: bool = False  # start from the server's average of the sites' moments; send ours back
     frozen_digest: str = ""  # names the run's frozen tensors, which the site keeps once sent (fl_client.frozen)
     ddp_sample_rate: float = 0.0  # > 0: a distributed-DP round, one DP-SGD step (fl_client.distributed_dp)

@@ -26,7 +26,7 @@ class StrategyConfig:
     server_tau: float = 1e-3  # (float) FedAdam/FedYogi adaptivity floor (added to the root of the second moment)
     trim_beta: float = 0.2  # (float) FedTrimmedAvg: share cut from each end
     num_malicious: int = 0  # (int) Krum, MultiKrum, Bulyan: sites assumed malicious (Bulyan needs 4x+3 sites)
-    item_rows: str = "average"  # (str) item-table rows: average, holders or counts (FedAvg family, no DP)
+    item_rows: str = "average"  # (str) item-table rows: average or counts (FedAvg family, no DP)
     num_selected: int = 0  # (int) MultiKrum: updates averaged after Krum's selection; 0 = the round's usable
     # replies less num_malicious (a site that drops out lowers it, so an attacker is still left out)
     norm_bound_factor: float = 3.0  # (float) drop updates longer than this times the round's median norm (0 = off);

@@ -66,10 +66,9 @@ DDP_COLLUDERS = "ddp-colluders"  # t: sites assumed to collude with the server (
 
 # How the server aggregates the rows of the item table (item embeddings, output layer):
 #   average  every row like any other weight: weighted by the sites' users (Flower's FedAvg);
-#   holders  row r over the sites whose training events hold item r, weighted by their users;
 #   counts   row r weighted by each site's count of item r in its training events.
-# holders/counts need each site to send per-item weights; sites training with DP refuse (see fl_client).
-ITEM_ROW_MODES = ("average", "holders", "counts")
+# counts needs each site to send per-item weights; sites training with DP refuse (see fl_client).
+ITEM_ROW_MODES = ("average", "counts")
 
 # MetricRecord keys (site -> server).
 NUM_EXAMPLES = "num-examples"  # users trained on / evaluated (FedAvg's weighting key)

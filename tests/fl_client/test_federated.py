@@ -217,24 +217,20 @@ def test_a_site_sends_per_item_weights_only_when_the_server_asks(site):
     assert train_round(plain, data, RoundConfig.from_record(record), state).item_weights is None
     rows = FedRecModel(FedRecConfig.from_dict(json.loads(record[wire.MODEL_CONFIG]))).config.num_item_rows
     counts = torch.from_numpy(data.sequences.item_counts(rows)).float()
-    users = len(data.sequences.trainable_users())
-    replies = {}
-    for mode in ("holders", "counts"):
-        record[wire.ITEM_ROWS] = mode
-        replies[mode] = train_round(plain, data, RoundConfig.from_record(record), state)
-        assert replies[mode].item_weights.shape == (rows,)
-    assert torch.equal(replies["counts"].item_weights, counts)
-    assert torch.equal(replies["holders"].item_weights, (counts > 0).float() * users)
-    assert replies["holders"].item_weights[0] == 0  # the padding row is never held
-    record[wire.ITEM_ROWS] = "rows"
-    with pytest.raises(ValueError, match=r"item-rows='rows'.*average, holders, counts"):
-        RoundConfig.from_record(record)
+    record[wire.ITEM_ROWS] = "counts"
+    reply = train_round(plain, data, RoundConfig.from_record(record), state)
+    assert reply.item_weights.shape == (rows,) and torch.equal(reply.item_weights, counts)
+    assert reply.item_weights[0] == 0  # the padding row is never counted
+    for removed in ("rows", "holders"):  # holders was removed (docs/tried.md): refused by name
+        record[wire.ITEM_ROWS] = removed
+        with pytest.raises(ValueError, match=rf"item-rows='{removed}'.*average, counts"):
+            RoundConfig.from_record(record)
 
 
 def test_a_dp_site_declines_to_send_per_item_weights_and_spends_nothing(site):
     data = load_site_data(site)
     record, state = round_record(data.catalog)
-    record[wire.ITEM_ROWS] = "holders"
+    record[wire.ITEM_ROWS] = "counts"
     reply = train_round(site, data, RoundConfig.from_record(record), state)
     assert reply.num_examples == 0 and reply.item_weights is None
     assert "which items this site's users interacted with" in reply.declined

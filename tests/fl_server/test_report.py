@@ -33,10 +33,10 @@ def test_no_dp_claim_when_a_site_trained_without_dp():
 
 
 def test_report_names_the_item_row_weighting_and_counts_sites_left_out_as_failed(tmp_path):
-    rows = [{**r, "item_rows": {"mode": "holders", "sites": 3 - r["round"] + 1,
+    rows = [{**r, "item_rows": {"mode": "counts", "sites": 3 - r["round"] + 1,
                                 "left_out": ["node 9: it sent no item weights"] * (r["round"] - 1)}} for r in ROWS]
     text = write_report(tmp_path, rows, {"rounds": 2, "best_round": 2, "model_dir": "/m"}).read_text()
-    assert "`strategy.item_rows=holders`" in text and "not covered by DP" in text
+    assert "`strategy.item_rows=counts`" in text and "not covered by DP" in text
     assert "| 1 | 3 | 0 | 0 |" in text and "| 2 | 2 | 0 | 1 |" in text
     assert "- round 2: left out node 9: it sent no item weights" in text
     assert "item_rows" not in write_report(tmp_path, ROWS, {"rounds": 2}).read_text()

@@ -97,10 +97,10 @@ def test_sites_send_which_items_they_hold_and_share_their_optimiser_moments_when
     server = server_config(tmp_path, num_rounds=2, share_optimizer_state=True,
                            model=ModelConfig(hidden_size=16, max_len=20, item_features=[], item_bias=False),
                            strategy=StrategyConfig(name="fedavgm", server_lr=1.5, server_momentum=0.0, min_nodes=3,
-                                                   item_rows="holders"))
+                                                   item_rows="counts"))
     run_federation(sites, server)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["item_rows"] for r in rows] == [{"mode": "holders", "sites": 3, "left_out": []}] * 2
+    assert [r["item_rows"] for r in rows] == [{"mode": "counts", "sites": 3, "left_out": []}] * 2
     assert all(r["train_replies"] == 3 and r["declined"] == 0 and r["train_failures"] == 0 for r in rows)
     # The per-item weights (one float per catalog row) and Adam's two moments travel up beside the trained
     # weights; the averaged moments travel down from the second round on.

@@ -73,9 +73,9 @@ def test_an_unknown_mode_is_refused(tmp_path):
         run_simulate(local_config(tmp_path, ["federation.mode=solo", "privacy=disabled"]))
 
 
-def test_item_rows_weighted_by_holders_are_refused_with_dp(tmp_path):
-    overrides = ["federation.mode=federated", "privacy=dp", "strategy.item_rows=holders"]
-    with pytest.raises(ValueError, match=r"strategy\.item_rows=holders needs per-item weights.*DP"):
+def test_item_rows_weighted_by_counts_are_refused_with_dp(tmp_path):
+    overrides = ["federation.mode=federated", "privacy=dp", "strategy.item_rows=counts"]
+    with pytest.raises(ValueError, match=r"strategy\.item_rows=counts needs per-item weights.*DP"):
         run_simulate(local_config(tmp_path, overrides))
 
 
