@@ -21,7 +21,6 @@ class FedRecConfig(PretrainedConfig):
         num_items: int = 99,
         max_len: int = 50,
         hidden_size: int = 64,
-        item_embedding_size: int | None = None,
         num_hidden_layers: int = 2,
         num_attention_heads: int = 2,
         intermediate_size: int | None = None,
@@ -44,13 +43,14 @@ class FedRecConfig(PretrainedConfig):
         catalog_fingerprint: str = "",
         **kwargs: Any,
     ) -> None:
+        factorized = kwargs.pop("item_embedding_size", None)  # removed (docs/tried.md): r < d no longer built
+        if factorized not in (None, hidden_size):
+            raise ValueError(f"model config field item_embedding_size={factorized}: a factorized item table (r < d) "
+                             "is no longer supported (docs/tried.md); this model was saved by an older fedrec")
         super().__init__(**kwargs)
         self.num_items = num_items  # (int) catalog size without the padding row
         self.max_len = max_len  # (int) most recent events the model reads per user
         self.hidden_size = hidden_size  # (int) width d of every embedding and layer
-        # (int) width r of the per-item vectors; r < d factorizes the item table (V x r, then r -> d) as
-        # ALBERT does for words: fewer per-item parameters to noise under DP and to send each round
-        self.item_embedding_size = item_embedding_size or hidden_size
         self.num_hidden_layers = num_hidden_layers  # (int) transformer blocks
         self.num_attention_heads = num_attention_heads  # (int) heads per block
         self.intermediate_size = intermediate_size or 4 * hidden_size  # (int) feed-forward width
@@ -85,11 +85,6 @@ class FedRecConfig(PretrainedConfig):
         self.tie_item_embeddings = tie_item_embeddings  # (bool) score with the input item table
         self.tie_word_embeddings = tie_item_embeddings  # HF's name for the same switch (save/load ties)
         self.catalog_fingerprint = catalog_fingerprint  # (str) the catalog the item rows refer to
-
-    @property
-    def factorized_items(self) -> bool:
-        """Whether the per-item vectors are narrower than d (with projections r -> d and d -> r)."""
-        return self.item_embedding_size != self.hidden_size
 
     @property
     def num_item_rows(self) -> int:

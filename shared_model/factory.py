@@ -16,7 +16,6 @@ class ModelConfig:
 
     max_len: int = 50  # (int) most recent events read per user
     hidden_size: int = 64  # (int) width d
-    item_embedding_size: int = 0  # (int) width r of the per-item vectors; 0 = d; r < d factorizes the table
     num_hidden_layers: int = 2  # (int) transformer blocks
     num_attention_heads: int = 2  # (int) heads per block
     hidden_dropout_prob: float = 0.2  # (float) dropout on embeddings and block outputs
@@ -39,7 +38,6 @@ def create_model(config: ModelConfig, catalog: ItemCatalog, has_timestamps: bool
     feature_dim = config.feature_dim if config.item_features else 0
     model = FedRecModel(FedRecConfig(
         num_items=len(catalog.item_ids), max_len=config.max_len, hidden_size=config.hidden_size,
-        item_embedding_size=config.item_embedding_size or None,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         hidden_dropout_prob=config.hidden_dropout_prob,
         attention_probs_dropout_prob=config.attention_probs_dropout_prob,

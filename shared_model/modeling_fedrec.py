@@ -50,11 +50,8 @@ class FedRecModel(FedRecPreTrainedModel):
 
     def __init__(self, config: FedRecConfig) -> None:
         super().__init__(config)
-        d, r = config.hidden_size, config.item_embedding_size
-        self.item_embeddings = nn.Embedding(config.num_item_rows, r, padding_idx=0)
-        if config.factorized_items:
-            self.item_up = nn.Linear(r, d, bias=False)  # item vector r -> model width d
-            self.item_down = nn.Linear(d, r, bias=False)  # hidden state d -> r, scored against the table
+        d = config.hidden_size
+        self.item_embeddings = nn.Embedding(config.num_item_rows, d, padding_idx=0)
         if config.position_encoding == "sinusoidal":
             # Fixed and public (no parameters): under DP no part of a user's clipped gradient goes to positions.
             # Scaled to the learned embeddings' init (std initializer_range): at amplitude 1 they would drown
@@ -79,7 +76,7 @@ class FedRecModel(FedRecPreTrainedModel):
         bert = config.to_bert_config()
         self.layers = nn.ModuleList([BertLayer(bert, layer_idx=i) for i in range(config.num_hidden_layers)])
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.output = nn.Linear(r, config.num_item_rows, bias=config.item_bias)
+        self.output = nn.Linear(d, config.num_item_rows, bias=config.item_bias)
         if config.trained_item_rows:
             # All zero until `select_item_rows`: a model whose rows were never chosen scores by features alone.
             self.register_buffer("item_row_mask", torch.zeros(config.num_item_rows))
@@ -90,9 +87,6 @@ class FedRecModel(FedRecPreTrainedModel):
             for table in (self.item_embeddings, self.output):
                 table.weight.data.zero_()
                 table.weight.requires_grad_(False)
-            for projection in ("item_up", "item_down"):  # would only feed the zero table
-                if hasattr(self, projection):
-                    getattr(self, projection).weight.requires_grad_(False)
 
     def set_item_features(self, features: torch.Tensor) -> None:
         """Install the frozen (num_item_rows, feature_dim) public item-feature table."""
@@ -153,11 +147,9 @@ class FedRecModel(FedRecPreTrainedModel):
         # expanded to the batch because broadcast ids break per-sample gradients.
         positions = torch.arange(T - 1, -1, -1, device=item_ids.device).clamp(max=self.config.max_len - 1)
         positions = positions.unsqueeze(0).expand(B, T).contiguous()  # (B, T)
-        items = self.item_embeddings(item_ids)  # (B, T, r)
+        items = self.item_embeddings(item_ids)  # (B, T, d)
         if self.config.trained_item_rows:  # rows outside the mask get no gradient from any user
             items = items * self.item_row_mask[item_ids].unsqueeze(-1)
-        if self.config.factorized_items:
-            items = self.item_up(items)  # (B, T, r) -> (B, T, d)
         if self.config.position_encoding == "sinusoidal":
             x = items + self.position_table[positions]  # (B, T, d)
         else:
@@ -192,17 +184,13 @@ class FedRecModel(FedRecPreTrainedModel):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores of every catalog row; row 0 (padding) can never be recommended.  # (..., d) -> (..., V)"""
-        scores = self.output(self.item_query(hidden))  # (..., r) -> (..., V)
+        scores = self.output(hidden)  # (..., d) -> (..., V)
         if self.config.trained_item_rows:
             scores = scores * self.item_row_mask  # untrained rows: no vector, no bias (and no gradient)
         if self.config.feature_scoring:
             # A parameter-free product with the frozen table: Opacus only needs feature_output's gradient.
             scores = scores + self.feature_output(hidden) @ self.item_features.T  # (..., F) @ (F, V)
         return scores.index_fill(-1, torch.zeros(1, dtype=torch.long, device=scores.device), float("-inf"))
-
-    def item_query(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The hidden state in item-vector space, scored against the item rows.  # (..., d) -> (..., r)"""
-        return self.item_down(hidden) if self.config.factorized_items else hidden
 
     def score_next(self, item_ids: torch.Tensor, event_types: torch.Tensor,
                    time_buckets: torch.Tensor) -> torch.Tensor:
@@ -218,9 +206,8 @@ class FedRecModel(FedRecPreTrainedModel):
         negatives = torch.randint(1, self.config.num_item_rows, (num_negatives,), generator=generator,
                                   device=hidden.device)  # (K,)
         weight, bias = self.output.weight, self.output.bias
-        query = self.item_query(hidden)  # (B, T, r)
-        positive = (query * weight[labels]).sum(-1, keepdim=True)  # (B, T, 1)
-        negative = query @ weight[negatives].T  # (B, T, K)
+        positive = (hidden * weight[labels]).sum(-1, keepdim=True)  # (B, T, 1)
+        negative = hidden @ weight[negatives].T  # (B, T, K)
         if bias is not None:
             positive, negative = positive + bias[labels].unsqueeze(-1), negative + bias[negatives]
         if self.config.trained_item_rows:

@@ -126,31 +126,10 @@ def test_sampled_logits_agree_with_full_logits_on_the_positive():
     assert torch.allclose(sampled[..., :1], full, atol=1e-5)
 
 
-def test_a_factorized_item_table_is_narrow_tied_and_round_trips(tmp_path):
-    wide, narrow = tiny(), tiny(item_embedding_size=8)
-    assert narrow.item_embeddings.weight.shape == (100, 8)  # V x r instead of V x d
-    assert narrow.output.weight is narrow.item_embeddings.weight  # still tied: scored in r dimensions
-    per_item = sum(p.numel() for n, p in narrow.named_parameters() if n in narrow.item_row_parameters())
-    assert per_item == 100 * 8 and per_item * 4 == sum(
-        p.numel() for n, p in wide.named_parameters() if n in wide.item_row_parameters())
-    assert ModuleValidator.validate(narrow.train(), strict=False) == []
-    narrow.eval()
-    ids = torch.randint(1, 100, (2, 4))
-    assert narrow.score_next(*inputs(ids)).shape == (2, 100)
-    narrow.save_pretrained(tmp_path)
-    loaded = FedRecModel.from_pretrained(tmp_path).eval()
-    assert loaded.config.item_embedding_size == 8 and loaded.output.weight is loaded.item_embeddings.weight
-    assert torch.allclose(narrow.score_next(*inputs(ids)), loaded.score_next(*inputs(ids)))
-    assert tiny(item_embedding_size=32).config.factorized_items is False  # r = d is the plain table
-
-
-def test_a_factorized_table_trains_with_sampled_softmax():
-    model = tiny(item_embedding_size=8).train()
-    ids = torch.randint(1, 100, (2, 5))
-    batch = dict(zip(("item_ids", "event_types", "time_buckets"), inputs(ids), strict=True),
-                 labels=torch.randint(1, 100, (2, 5)))
-    sequence_loss(model, batch, num_negatives=10).backward()
-    assert model.item_up.weight.grad is not None and model.item_down.weight.grad is not None
+def test_a_saved_factorized_item_table_is_refused_by_name_and_the_plain_width_still_loads():
+    with pytest.raises(ValueError, match=r"item_embedding_size=8: a factorized item table .*docs/tried.md"):
+        FedRecConfig(hidden_size=32, item_embedding_size=8)  # what an older fedrec wrote for r < d
+    assert not hasattr(FedRecConfig(hidden_size=32, item_embedding_size=32), "item_embedding_size")
 
 
 def test_without_event_types_the_model_ignores_them_and_round_trips(tmp_path):
