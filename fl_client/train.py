@@ -34,7 +34,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # (float) decoupled weight decay (AdamW)
     optimizer: str = "adam"  # (str) adam or sgd
     num_negatives: int = 0  # (int) sampled-softmax negatives; 0 = full-catalog cross-entropy
-    patience: int = 0  # (int) stop after this many epochs without a better valid NDCG@10; 0 = never
+    patience: int = 5  # (int) stop after this many epochs without a better valid NDCG@10; 0 = never
     eval_every: int = 1  # (int) validate every N epochs (0 = only at the end)
     device: str = "auto"  # (str) auto, cpu or cuda
     seed: int = 0  # (int) seed for sampling and dropout

@@ -58,10 +58,10 @@ class ServerConfig:
 
     out_dir: str  # (str) ABSOLUTE directory for checkpoints, metrics and the exported model
     catalog_path: str  # (str) the public catalog.json every site uses
-    num_rounds: int = 3  # (int) rounds of training
-    local_epochs: int = 1  # (int) local passes over each site's users per round
-    batch_size: int = 256  # (int) users per local step
-    lr: float = 1e-3  # (float) local learning rate
+    num_rounds: int = 5  # (int) rounds of training
+    local_epochs: int = 2  # (int) local passes over each site's users per round
+    batch_size: int = 128  # (int) users per local step
+    lr: float = 0.003  # (float) local learning rate
     optimizer: str = "adam"  # (str) local optimizer: adam or sgd
     weight_decay: float = 0.0  # (float) local decoupled weight decay (AdamW)
     num_negatives: int = 0  # (int) local sampled-softmax negatives; 0 = full-catalog cross-entropy (DP: 0 only)
@@ -71,7 +71,7 @@ class ServerConfig:
     decay_from_round: int = 0  # (int) from this round on, decay_lr / decay_server_lr replace lr / server_lr (0 = never)
     decay_lr: float = 0.0  # (float) the sites' learning rate from decay_from_round (0 = unchanged)
     decay_server_lr: float = 0.0  # (float) FedAvgM/FedAdam/FedYogi server lr from decay_from_round (0 = unchanged)
-    round_timeout: float = 3600.0  # (float) seconds to wait for the sites in each phase of a round
+    round_timeout: float = 600.0  # (float) seconds to wait for the sites in each phase of a round
     eval_every: int = 1  # (int) evaluate (sites and server) every k-th round and the last round; 1 = every round
     resume: bool = True  # (bool) continue from the last completed round found in out_dir
     initial_model: str = ""  # (str) ABSOLUTE exported model directory the first round starts from ("" = fresh)

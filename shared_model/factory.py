@@ -18,8 +18,8 @@ class ModelConfig:
     hidden_size: int = 64  # (int) width d
     num_hidden_layers: int = 2  # (int) transformer blocks
     num_attention_heads: int = 2  # (int) heads per block
-    hidden_dropout_prob: float = 0.2  # (float) dropout on embeddings and block outputs
-    attention_probs_dropout_prob: float = 0.2  # (float) dropout on attention weights
+    hidden_dropout_prob: float = 0.5  # (float) dropout on embeddings and block outputs
+    attention_probs_dropout_prob: float = 0.5  # (float) dropout on attention weights
     use_time_gaps: bool = True  # (bool) time-gap embedding (ignored when the data has no timestamps)
     use_event_types: bool = True  # (bool) event-type embedding (false: for data with one event type)
     position_encoding: str = "learned"  # (str) learned (trained table) or sinusoidal (fixed, nothing noised)
