@@ -3,7 +3,6 @@ connecting, enrolling or spending anything: what was read and dropped, its users
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +64,10 @@ def check_site(site: SiteConfig, plan: Plan) -> list[str]:
         spent = f"a new site (not enrolled yet), budget ε = {site.epsilon}"
     from fl_client.federated import planned_sigma  # Opacus: only once the data has passed its checks
 
-    sigma, steps = planned_sigma(site, data, plan.num_rounds, plan.local_epochs, plan.batch_size, delta,
-                                 cache=False)
-    per_epoch = math.ceil(trainable / plan.batch_size)
+    sigma, [(_, sample_rate, round_steps)] = planned_sigma(site, data, plan.num_rounds, plan.local_epochs,
+                                                         plan.batch_size, delta, cache=False)
     return [*lines, f"privacy: DP-SGD per user, {spent}; δ = {delta:.3g} (below 1/{len(sequences):,} users)",
             f"noise: σ = {sigma:.3f} for the plan {plan.num_rounds} rounds x {plan.local_epochs} local epochs at "
-            f"batch {plan.batch_size} ({steps[0][2]} steps a round, sampling rate {1 / per_epoch:.4g}; C = "
+            f"batch {plan.batch_size} ({round_steps} steps a round, sampling rate {sample_rate:.4g}; C = "
             f"{site.max_grad_norm})",
             "ready: this site can join"]

@@ -124,6 +124,17 @@ def secagg_state(context: Context) -> secagg.SecAggState:
     return secagg.SecAggState.from_record(dict(record)) if record is not None else secagg.SecAggState()
 
 
+def opened_round(msg: Message, context: Context, round_cfg: RoundConfig,
+                 evaluation: bool) -> tuple[dict, bytes, secagg.SecAggState]:
+    """Stage 3 of a secure train or evaluate message: its SECAGG record, its tag (refused when it names another
+    training, round or purpose) and this node's state with the neighbours' shares opened."""
+    record, tag = secagg_fields(msg)
+    secagg.check_tag(tag, round_cfg.training_id, round_cfg.server_round, evaluation)
+    state = secagg_state(context)
+    secagg.open_shares(state, tag, secagg.parse_sealed(record))
+    return record, tag, state
+
+
 def masked_content(reply: RoundReply, record: dict, state: secagg.SecAggState,
                    start: dict[str, torch.Tensor]) -> RecordDict:
     """The train reply under secure aggregation: the update only masked (a declined round sends a masked zero
@@ -174,10 +185,7 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
         try:
             data, round_cfg, state = decode(msg, site)
             if secure:  # the neighbours' shares are opened before anything is trained or spent
-                record, tag = secagg_fields(msg)
-                secagg.check_tag(tag, round_cfg.training_id, round_cfg.server_round, evaluation=False)
-                secure_state = secagg_state(context)
-                secagg.open_shares(secure_state, tag, secagg.parse_sealed(record))
+                record, tag, secure_state = opened_round(msg, context, round_cfg, evaluation=False)
             if round_cfg.ddp_sample_rate:  # distributed DP: one DP-SGD step, with this site's share of the noise
                 from fl_client.distributed_dp import dp_step_round, noise_share
 
@@ -277,10 +285,7 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
         try:
             data, round_cfg, state = decode(msg, site)
             if secure:
-                record, tag = secagg_fields(msg)
-                secagg.check_tag(tag, round_cfg.training_id, round_cfg.server_round, evaluation=True)
-                secure_state = secagg_state(context)
-                secagg.open_shares(secure_state, tag, secagg.parse_sealed(record))
+                record, tag, secure_state = opened_round(msg, context, round_cfg, evaluation=True)
             metrics = evaluate_round(site, data, round_cfg, state)
             if secure:
                 if secagg.released(site.state_dir, tag):
