@@ -5,6 +5,7 @@
 # under secure aggregation (docs/privacy.md); each site's ledger must then show the same ε as the central run.
 # Usage: benchmarks/distributed_dp.sh beauty|movielens|synthetic OUT_DIR EPSILON [SEEDS...]   (default seed 0)
 # Then:  python benchmarks/distributed_dp_table.py OUT_DIR
+# RUNS=distributed runs only the distributed side (RUNS=central only the central one); both by default.
 # Run from the repository root with fedrec installed; the data sets are read from ../shared/data. Meant for a GPU
 # (Beauty: 60 steps of about 4,000 users each, about an hour a run on the 2-core CPU box).
 set -u
@@ -44,12 +45,16 @@ print(g(target_epsilon=$EPS, target_delta=$DELTA, sample_rate=$Q, steps=$T, acco
 mkdir -p "$OUT"
 echo "ε $EPS, δ $DELTA, q $Q, T $T, σ $SIGMA" | tee "$OUT/plan.txt"
 PRIVACY="privacy=dp privacy.epsilon=$EPS privacy.delta=$DELTA"  # the sites' budget; σ comes from the server
+RUNS=${RUNS:-central distributed}
 for seed in "${SEEDS[@]}"; do
+  if [[ " $RUNS " == *" central "* ]]; then
   echo "== central, seed $seed  $(date -u +%FT%TZ)"
   # shellcheck disable=SC2086
   fedrec-centralized $CENTRAL $PRIVACY privacy.noise_multiplier=$SIGMA train.lr=$LR train.patience=0 train.seed=$seed \
     hydra.run.dir="$OUT/central-$seed" > "$OUT/central-$seed.log" 2>&1
   echo "   rc=$?  $(date -u +%FT%TZ)"
+  fi
+  [[ " $RUNS " == *" distributed "* ]] || continue
   echo "== distributed, seed $seed  $(date -u +%FT%TZ)"
   # shellcheck disable=SC2086
   fedrec-simulate $FEDERATED $PRIVACY train.seed=$seed federation.num_rounds=$T federation.eval_every=1000 \
