@@ -222,24 +222,6 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
             content[wire.OPTIMIZER_STATE] = ArrayRecord(reply.moments)
         return Message(content=content, reply_to=msg)
 
-    @app.query(wire.COUNT_QUERY)
-    def handle_item_counts(msg: Message, context: Context) -> Message:
-        from fl_client.count_round import count_round  # a DP release: imported by count queries only
-
-        site = resolve_site(context)
-        try:
-            data = load_site_data(site)
-            reply = count_round(site, data, decode_config(msg))  # settings only, no weights
-        except tuple(REFUSALS) as err:
-            return refusal(msg, site, err)
-        if reply.declined:
-            log.warning("site %s declined the item count: %s", site.data_path, reply.declined)
-        content = RecordDict({wire.METRICS: metric_record(reply.metrics()),
-                              wire.NOTES: notes(data.catalog.fingerprint, {wire.DECLINED_REASON: reply.declined})})
-        if reply.counts is not None:
-            content[wire.ITEM_COUNTS] = ArrayRecord({wire.ITEM_COUNTS: reply.counts})
-        return Message(content=content, reply_to=msg)
-
     def secagg_stage(msg: Message, context: Context, step: SecAggStep) -> Message:
         """Run one secure-aggregation stage on the node's kept state; its SECAGG reply, or a refusal."""
         site = resolve_site(context)

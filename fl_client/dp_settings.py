@@ -33,6 +33,3 @@ class PrivacyConfig:
     accountant: str = "prv"  # (str) Opacus accountant: prv, rdp or gdp
     secure_mode: bool = False  # (bool) sampling and noise from the OS CSPRNG (production; slower)
     grad_sample_mode: str = "hooks"  # (str) hooks (supports tied item tables) or ghost (untied only)
-    # (float) σ of the user-level Gaussian item count that picks model.trained_item_rows (one release, each
-    # user's count vector has norm 1; its ε is part of `epsilon`)
-    selection_noise: float = 5.0

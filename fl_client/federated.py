@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from fl_client.enrolment import open_site_ledger, site_lock
-from fl_client.item_selection import selection_release
 from fl_client.ledger import BudgetExceededError, PrivacyLedger
 from fl_client.moments import from_named_moments, to_named_moments, trainable_names
 from fl_client.privacy import AccountantHistory, PrivacyConfig, calibrate_noise
@@ -39,7 +38,6 @@ from shared_model.modeling_fedrec import FedRecModel
 log = logging.getLogger(__name__)
 # What torch.load(weights_only=True) may fail with on a damaged or foreign state file (never code to run).
 UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, TypeError, pickle.UnpicklingError)
-COUNT_ROUND = 0  # the ledger's round of a site's item count (training rounds count from 1)
 
 
 @dataclass
@@ -66,24 +64,21 @@ class RoundReply:
                 wire.PEAK_MEMORY_MB: self.peak_memory_mb}
 
 
-def plan_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, delta: float,
-               counted: bool = False) -> tuple[float, AccountantHistory]:
-    """σ that spreads the site's whole budget over all planned rounds (beside the item count of a model that
-    trains only some item rows, when the site paid for one: `counted`), and this round's planned steps."""
-    return planned_sigma(site, data, round_cfg.num_rounds, round_cfg.local_epochs, round_cfg.batch_size, delta,
-                         counted)
+def plan_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, delta: float
+               ) -> tuple[float, AccountantHistory]:
+    """σ that spreads the site's whole budget over all planned rounds, and this round's planned steps."""
+    return planned_sigma(site, data, round_cfg.num_rounds, round_cfg.local_epochs, round_cfg.batch_size, delta)
 
 
 def planned_sigma(site: SiteConfig, data: SiteData, num_rounds: int, local_epochs: int, batch_size: int,
-                  delta: float, counted: bool = False, cache: bool = True) -> tuple[float, AccountantHistory]:
+                  delta: float, cache: bool = True) -> tuple[float, AccountantHistory]:
     """`plan_round` for a plan of `num_rounds` x `local_epochs` at `batch_size` (`cache`: keep the σ search in
     the site's state dir)."""
     steps_per_epoch = math.ceil(len(data.sequences.trainable_users()) / batch_size)
     round_steps = local_epochs * steps_per_epoch
     privacy = site.privacy(delta)
     sigma = calibrate_noise(privacy, 1.0 / steps_per_epoch, num_rounds * round_steps, delta,
-                            cache_path=sigma_plans_path(site) if cache else None,
-                            extra=selection_release(privacy) if counted else None)
+                            cache_path=sigma_plans_path(site) if cache else None)
     return sigma, [(sigma, 1.0 / steps_per_epoch, round_steps)]
 
 
@@ -116,9 +111,6 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, state:
     data.catalog.check_matches(round_cfg.catalog_fingerprint)
     check_users(site, data)
     model = build_global_model(round_cfg, state, site.max_model_parameters)
-    if model.config.trained_item_rows and not model.item_rows_selected:  # training would pick (and pay) again
-        raise ValueError("the server sent a model that trains only some item rows without choosing them "
-                         "(model.trained_item_rows): it must ask the sites for item counts first")
     if not site.dp:
         delta = site_delta(site, data)
         result = local_training(site, data, round_cfg, model, site.privacy(delta), shared_moments)
@@ -140,7 +132,7 @@ def train_private_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig
         return declined(model, ledger.delta, ledger.spent(),
                         f"the server asks for per-item weights (strategy.item_rows={round_cfg.item_rows}); they "
                         "tell which items this site's users interacted with, which DP does not cover")
-    sigma, planned = plan_round(site, data, round_cfg, ledger.delta, ledger.has(training_id, COUNT_ROUND))
+    sigma, planned = plan_round(site, data, round_cfg, ledger.delta)
     try:
         ledger.check(planned, site.epsilon)
     except BudgetExceededError as err:

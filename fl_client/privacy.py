@@ -36,15 +36,12 @@ class PrivacySpent:
     noise_multiplier: float
     max_grad_norm: float
     history: AccountantHistory
-    selection_noise: float | None = None  # σ of the noisy item count in `history` (model.trained_item_rows)
 
     def claim(self) -> str:
         """The exact sentence a report prints."""
-        steps = sum(h[2] for h in self.history) - (1 if self.selection_noise is not None else 0)
-        counted = ("" if self.selection_noise is None
-                   else f" and one Gaussian item count choosing the trained item rows (σ = {self.selection_noise:g})")
+        steps = sum(h[2] for h in self.history)
         return (f"(ε = {self.epsilon:.3f}, δ = {self.delta:.3g})-DP per user, over {steps}"
-                f" DP-SGD steps (σ = {self.noise_multiplier:.3f}, C = {self.max_grad_norm}){counted}")
+                f" DP-SGD steps (σ = {self.noise_multiplier:.3f}, C = {self.max_grad_norm})")
 
 
 def resolve_delta(config: PrivacyConfig, num_users: int) -> float:
@@ -55,25 +52,20 @@ def resolve_delta(config: PrivacyConfig, num_users: int) -> float:
 
 
 def calibrate_noise(config: PrivacyConfig, sample_rate: float, steps: int, delta: float,
-                    cache_path: Path | None = None, extra: AccountantHistory | None = None) -> float:
-    """σ that spends exactly the configured ε over `steps` Poisson-sampled steps (or the fixed σ), together
-    with the `extra` releases already planned (the item-count release of `trained_item_rows`).
+                    cache_path: Path | None = None) -> float:
+    """σ that spends exactly the configured ε over `steps` Poisson-sampled steps (or the fixed σ).
 
     `cache_path`: a JSON file of σ plans already searched (a site's state dir), for processes that plan the
     same σ again: a deployed site starts a fresh process for every round."""
     if config.noise_multiplier is not None:
         return config.noise_multiplier
     args = (config.epsilon, delta, sample_rate, steps, config.accountant)
-    beside = tuple((float(s), float(q), int(n)) for s, q, n in extra or [])
-    def search() -> float:
-        return _calibrated_sigma_beside(*args, beside) if beside else _calibrated_sigma(*args)
-
     if cache_path is None:
-        return search()
-    key = json.dumps([*args, opacus.__version__, *([[list(e) for e in beside]] if beside else [])])
+        return _calibrated_sigma(*args)
+    key = json.dumps([*args, opacus.__version__])
     plans = _read_plans(cache_path)
     if key not in plans:
-        plans[key] = search()
+        plans[key] = _calibrated_sigma(*args)
         write_atomically(cache_path, lambda out: out.write(json.dumps(plans, indent=1).encode()))
     return plans[key]
 
@@ -103,28 +95,6 @@ def _calibrated_sigma(epsilon: float, delta: float, sample_rate: float, steps: i
                                       steps=steps, accountant=accountant))
 
 
-def _calibrated_sigma_beside(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
-                             extra: tuple[tuple[float, float, int], ...], tolerance: float = 0.01) -> float:
-    """The smallest σ (to within `tolerance` in ε, as Opacus' own search) whose steps composed with `extra`
-    spend at most `epsilon`; bisection on the composed ε, starting from the σ that would spend it alone."""
-    def spend(sigma: float) -> float:
-        return composed_epsilon(((sigma, sample_rate, steps), *extra), delta, accountant)
-
-    if composed_epsilon(extra, delta, accountant) >= epsilon:
-        raise ValueError(f"the item-count release alone (σ = {extra[0][0]:g}) spends the whole privacy.epsilon="
-                         f"{epsilon}: raise privacy.selection_noise")
-    low = _calibrated_sigma(epsilon, delta, sample_rate, steps, accountant)  # too small beside `extra`
-    high = low * 1.25
-    while spend(high) > epsilon:
-        low, high = high, high * 1.5
-    for _ in range(60):  # the interval halves each time: far below any σ that matters long before 60
-        if epsilon - spend(high) <= tolerance:
-            break
-        middle = (low + high) / 2
-        low, high = (middle, high) if spend(middle) > epsilon else (low, middle)
-    return high
-
-
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                  config: PrivacyConfig, noise_multiplier: float
                  ) -> tuple[PrivacyEngine, GradSampleModule, DPOptimizer, DataLoader]:
@@ -151,13 +121,12 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
     return engine, private_model, private_optimizer, private_loader
 
 
-def spent(engine: PrivacyEngine, config: PrivacyConfig, delta: float, noise_multiplier: float,
-          selection_noise: float | None = None) -> PrivacySpent:
-    """The (ε, δ) the engine's accountant has recorded so far (with the item-count release, when there was one)."""
+def spent(engine: PrivacyEngine, config: PrivacyConfig, delta: float, noise_multiplier: float) -> PrivacySpent:
+    """The (ε, δ) the engine's accountant has recorded so far."""
     history = [(float(s), float(q), int(n)) for s, q, n in getattr(engine.accountant, "history", [])]
     return PrivacySpent(epsilon=composed_epsilon(tuple(history), delta, engine.accountant.mechanism()),
                         delta=delta, noise_multiplier=noise_multiplier, max_grad_norm=config.max_grad_norm,
-                        history=history, selection_noise=selection_noise)
+                        history=history)
 
 
 @lru_cache(maxsize=256)

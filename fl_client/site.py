@@ -49,7 +49,6 @@ class SiteConfig:
     max_grad_norm: float = 1.0  # (float) per-user clipping bound C
     noise_multiplier: float | None = None  # (float) fixed σ; None = calibrated so ε lasts all planned rounds
     accountant: str = "prv"  # (str) Opacus accountant for σ and the ledger: prv, rdp or gdp (fixed for life)
-    selection_noise: float = 5.0  # (float) σ of the site's item count when the model trains only some item rows
     grad_sample_mode: str = "hooks"  # (str) Opacus per-user gradients: hooks (tied item table ok) or ghost
     secure_mode: bool = False  # (bool) sampling and noise from the OS CSPRNG (production; slower)
     device: str = "auto"  # (str) auto (CUDA when present), cpu or cuda
@@ -94,8 +93,7 @@ class SiteConfig:
         sigma = noise_multiplier if noise_multiplier is not None else self.noise_multiplier
         return PrivacyConfig(enabled=self.dp, epsilon=self.epsilon, delta=delta, noise_multiplier=sigma,
                              max_grad_norm=self.max_grad_norm, accountant=self.accountant,
-                             secure_mode=self.secure_mode, grad_sample_mode=self.grad_sample_mode,
-                             selection_noise=self.selection_noise)
+                             secure_mode=self.secure_mode, grad_sample_mode=self.grad_sample_mode)
 
     @property
     def ledger_path(self) -> Path:

@@ -62,8 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fixed σ (default: calibrated so the budget lasts all the rounds the server plans)")
     parser.add_argument("--accountant", default="prv", choices=ACCOUNTANTS,
                         help="Opacus accountant for σ and the ledger (keep it for the site's lifetime)")
-    parser.add_argument("--selection-noise", type=float, default=5.0,
-                        help="σ of this site's item count, when the model trains only some item rows")
     parser.add_argument("--grad-sample-mode", default="hooks", choices=GRAD_SAMPLE_MODES,
                         help="Opacus per-user gradients: hooks (tied item table ok) or ghost")
     parser.add_argument("--micro-batch-tokens", type=int, default=8192, help="DP: padded positions per micro-batch")
@@ -96,7 +94,7 @@ def site_config(args: argparse.Namespace) -> SiteConfig:
     return SiteConfig(data_path=str(data), catalog_path=str(Path(args.catalog).resolve()), state_dir=str(state_dir),
                       data_format=args.format, dp=not args.no_dp, epsilon=args.epsilon, delta=args.delta,
                       max_grad_norm=args.max_grad_norm, noise_multiplier=args.noise_multiplier,
-                      accountant=args.accountant, selection_noise=args.selection_noise,
+                      accountant=args.accountant,
                       grad_sample_mode=args.grad_sample_mode,
                       secure_mode=args.secure_mode, device=args.device, min_events=args.min_events,
                       micro_batch_tokens=args.micro_batch_tokens, micro_batch_users=args.micro_batch_users,

@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fl_client.dp_step import ClippingStats, private_step
-from fl_client.item_selection import select_trained_rows
 from fl_client.privacy import PrivacyConfig, PrivacySpent, calibrate_noise, make_private, resolve_delta, spent
 from fl_client.rounds import TrainingDivergedError
 from shared_model import wire
@@ -139,7 +138,6 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
     users = seqs.trainable_users()
     if len(users) == 0:
         raise ValueError("no user has enough events to train on (need 4+ per user for leave-one-out)")
-    selection = select_trained_rows(model, seqs, privacy)  # model.trained_item_rows: before the first step
     generator = torch.Generator().manual_seed(config.seed)
     loader = user_loader(users, config.batch_size, generator)
     optimizer = build_optimizer(model, config, optimizer_state)
@@ -152,10 +150,8 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
         delta = resolve_delta(privacy, len(seqs))
         # Opacus' Poisson loader samples each user with rate 1/len(loader), len(loader) steps per epoch.
         steps_per_epoch = len(loader)
-        sigma = calibrate_noise(privacy, 1.0 / steps_per_epoch, config.epochs * steps_per_epoch, delta,
-                                extra=selection)
+        sigma = calibrate_noise(privacy, 1.0 / steps_per_epoch, config.epochs * steps_per_epoch, delta)
         engine, step_model, optimizer, loader = make_private(model, optimizer, loader, privacy, sigma)
-        engine.accountant.history.extend(selection)  # the item count composes with every DP-SGD step
         if config.clip_stats and privacy.grad_sample_mode == "hooks":  # ghost mode has no per-user gradients
             result.clipping = ClippingStats(privacy.max_grad_norm)
     anchor = wire.trainable_state(model) if config.proximal_mu else None  # FedProx' global model
@@ -186,9 +182,8 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
     result.peak_memory_mb = peak_memory_mb(device)
     if best_state is not None and config.patience:
         model.load_state_dict(best_state)
-    model.zero_untrained_item_rows()  # post-processing: rows outside the mask hold only noise
     if engine is not None:
-        result.privacy = spent(engine, privacy, delta, sigma, selection[0][0] if selection else None)
+        result.privacy = spent(engine, privacy, delta, sigma)
     result.optimizer_state = optimizer.state_dict()  # Opacus' DPOptimizer hands over the wrapped one's
     return result
 

@@ -18,7 +18,6 @@ from shared_model.serialization import load_model_dir
 log = logging.getLogger(__name__)
 INITIAL_MODEL_FILE = "initial_model.json"  # in the run directory: where the first round's weights came from
 FROZEN_ATOL = 1e-6  # frozen public tensors agreeing this closely are the same tensors, rounded differently
-RUN_CHOSEN = {"item_row_mask"}  # set by the run itself before round 1 (model.trained_item_rows: the sites' counts)
 # config.json bookkeeping, not model settings: never reported as a setting the exported model differs in.
 IGNORED_CONFIG_KEYS = {"_name_or_path", "catalog_fingerprint", "architectures", "transformers_version", "torch_dtype",
                        "dtype"}
@@ -60,7 +59,7 @@ def load_initial_model(model: FedRecModel, catalog: ItemCatalog, directory: str 
     # The run keeps the frozen public tensors it built; the exported ones must agree up to float rounding (an
     # SVD of the item attributes differs in the 9th decimal with the number of threads).
     changed_frozen = sorted(f"{k} (max |difference| {float((ours[k].double() - theirs[k].double()).abs().max()):.3g})"
-                            for k in ours if k not in trainable and k not in RUN_CHOSEN
+                            for k in ours if k not in trainable
                             and not torch.allclose(ours[k].double(), theirs[k].double(), rtol=0.0, atol=FROZEN_ATOL))
     if changed_frozen:
         raise InitialModelError(

@@ -139,7 +139,7 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, A
                      f"{_fmt(r.get('train', {}).get('train-loss'))} | {_fmt(fed.get(TRAIN_CE))} | "
                      f"{_fmt(fed.get('hr@10'))} | "
                      f"{_fmt(fed.get('ndcg@10'))} | {_fmt(central.get('hr@10'))} | {_fmt(priv.get('epsilon_max'))} |")
-    lines += dropped_notes(rows) + item_rows_notes(rows) + trained_rows_note(summary.get("item_counts"))
+    lines += dropped_notes(rows) + item_rows_notes(rows)
     lines += cost_notes(rows)
     popularity = summary.get("popularity")
     baseline = [f"- popularity (the most frequent items of the server's own events; no model, no privacy cost): "
@@ -174,17 +174,6 @@ def cost_notes(rows: list[dict[str, Any]]) -> list[str]:
                 f"{max(c['peak_memory_mb_max'] for _, c in costs):,.0f} MB over all rounds (GPU allocator on a "
                 f"GPU site, resident set on a CPU site); {row.get('bytes_to_each_site', 0):,} bytes went to "
                 f"and {row.get('bytes_from_each_site', 0):,} came from each site."]
-
-
-def trained_rows_note(counts: dict[str, Any] | None) -> list[str]:
-    """Which item rows the model trains (`model.trained_item_rows`) and whose counts chose them."""
-    if not counts:
-        return []
-    return ["", f"Item vectors and biases are trained for {counts['trained_item_rows']} item rows only: those "
-                f"with the largest sum of the item counts of {counts['sites_counted']} sites (noisy under DP, and "
-                f"inside each site's ε above; {counts['sites_declined']} declined, {counts['sites_failed']} "
-                f"failed, {counts['sites_no_reply']} did not reply). The other items are scored through their "
-                "public features alone."]
 
 
 def dropped_notes(rows: list[dict[str, Any]]) -> list[str]:

@@ -49,9 +49,6 @@ def secure_settings(cfg: ServerConfig) -> SecureSumSettings | None:
     if strategy.item_rows != "average" or cfg.share_optimizer_state:
         raise ValueError("strategy.secure_aggregation sums only the weights: use strategy.item_rows=average and "
                          "share_optimizer_state=false (per-item weights and moments would travel in clear)")
-    if cfg.model.trained_item_rows:
-        raise ValueError("strategy.secure_aggregation with model.trained_item_rows: the sites' item counts that "
-                         "pick the rows would travel in clear (DP-noised); use model.trained_item_rows=0")
     settings = SecureSumSettings(clip=strategy.secagg_clip, bits=strategy.secagg_bits,
                                  modulus_bits=strategy.secagg_modulus_bits, threshold=strategy.secagg_threshold,
                                  neighbours=strategy.secagg_neighbours)

@@ -18,7 +18,6 @@ from flwr.serverapp import Grid, ServerApp
 from fl_server import initial_model
 from fl_server.checkpoint import RunStore
 from fl_server.config import ServerConfig, server_config_from_run_config
-from fl_server.item_counts import choose_trained_rows
 from fl_server.report import progress_line, write_report
 from fl_server.schedule import Decay
 from fl_server.secure_round import SecureAggregationGrid, secure_settings
@@ -35,7 +34,6 @@ from shared_model.serialization import save_model_dir
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("fedrec.progress")  # one short line per round (the full row: `log`, metrics.jsonl)
-ITEM_COUNTS_FILE = "item_counts.json"  # how the trained item rows were chosen (model.trained_item_rows)
 CentralEvaluator = Callable[[FedRecModel], dict[str, float]]
 
 
@@ -155,9 +153,6 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
 
     if done < cfg.num_rounds:
         train_config = round_config(cfg, model, catalog, store.training_id())
-        counts = choose_trained_rows(grid, model, train_config, cfg.strategy.min_nodes, cfg.round_timeout)
-        if counts is not None:
-            (store.root / ITEM_COUNTS_FILE).write_text(json.dumps(counts, indent=1), encoding="utf-8")
         trainable = wire.trainable_state(model)
         frozen = {k: v for k, v in wire.full_state(model).items() if k not in trainable}
         strategy.frozen, strategy.frozen_digest = ArrayRecord(frozen), wire.tensors_digest(frozen) if frozen else ""
@@ -219,8 +214,6 @@ def export(store: RunStore, model: FedRecModel, catalog: ItemCatalog,
         summary["initial_model"] = started_from
     if popularity:
         summary["popularity"] = popularity  # on the server's own test events: the baseline the report draws
-    if (store.root / ITEM_COUNTS_FILE).exists():
-        summary["item_counts"] = json.loads((store.root / ITEM_COUNTS_FILE).read_text(encoding="utf-8"))
     (store.root / "summary.json").write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
     write_report(store.root, history, summary)
     return summary

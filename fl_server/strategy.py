@@ -166,7 +166,7 @@ class RoundHooks(ReplyGate):
     def usable_replies(self, answered: list[Message], failures: list[str]) -> tuple[list[Message], list[str]]:
         """The replies that trained and pass every check, and the reasons of those dropped; the counts, the
         privacy and cost reports and every reason go into the round's row, and the reasons into the log."""
-        valid, dropped = self.checked(answered, self.trained_item_rows()[1])
+        valid, dropped = self.checked(answered, self.per_item_tensors()[1])
         metrics = [reply_metrics(m) for m in valid]
         declined = [m for m, x in zip(valid, metrics, strict=True) if x[wire.DECLINED] == 1.0]
         trained, over_bound = self.within_norm_bound([m for m, x in zip(valid, metrics, strict=True)
@@ -208,7 +208,7 @@ class RoundHooks(ReplyGate):
         self.last_round["train"] = dict(metrics) if metrics is not None else {}
         return with_dtypes_of(arrays, self.round_start), metrics
 
-    def trained_item_rows(self) -> tuple[list[str], int]:
+    def per_item_tensors(self) -> tuple[list[str], int]:
         """The per-item tensors this round trains and the item table's number of rows (none: [], 0)."""
         if self.round_start is None:
             return [], 0
@@ -221,7 +221,7 @@ class RoundHooks(ReplyGate):
         sent = [m for m in trained if wire.OPTIMIZER_STATE in m.content.array_records]
         if not sent:
             return trained
-        names, rows = self.trained_item_rows()
+        names, rows = self.per_item_tensors()
         replies = []
         for msg in sent:
             moments = {k: v.numpy() for k, v in msg.content.array_records[wire.OPTIMIZER_STATE].items()}
@@ -245,7 +245,7 @@ class RoundHooks(ReplyGate):
         if self.round_start is None:
             raise RuntimeError("aggregate_train before configure_train: no round start weights to rescale from")
         # Only the per-item tensors change: the others stay the sites' own Arrays, never decoded or re-encoded.
-        names, rows = self.trained_item_rows()
+        names, rows = self.per_item_tensors()
         if not names:
             raise RuntimeError(f"strategy.item_rows={self.item_rows}, but no per-item tensor is trained")
         start = {name: self.round_start[name].numpy() for name in names}

@@ -8,8 +8,6 @@ from transformers import BertConfig, PretrainedConfig
 
 from shared_model.events import EVENT_TYPES
 
-POSITION_ENCODINGS = ("learned", "sinusoidal")
-
 
 class FedRecConfig(PretrainedConfig):
     """Configuration of FedRecModel; tiny test configs use hidden_size=32, num_hidden_layers=2, num_items=99."""
@@ -33,20 +31,22 @@ class FedRecConfig(PretrainedConfig):
         num_time_buckets: int = 32,
         use_time_gaps: bool = True,
         use_event_types: bool = True,
-        position_encoding: str = "learned",
         feature_dim: int = 0,
         feature_scoring: bool = False,
         item_bias: bool = False,
         train_item_embeddings: bool = True,
-        trained_item_rows: int = 0,
         tie_item_embeddings: bool = True,
         catalog_fingerprint: str = "",
         **kwargs: Any,
     ) -> None:
-        factorized = kwargs.pop("item_embedding_size", None)  # removed (docs/tried.md): r < d no longer built
-        if factorized not in (None, hidden_size):
-            raise ValueError(f"model config field item_embedding_size={factorized}: a factorized item table (r < d) "
-                             "is no longer supported (docs/tried.md); this model was saved by an older fedrec")
+        # Fields an older fedrec saved, now removed (docs/tried.md), and the values that mean today's model.
+        removed = {"item_embedding_size": (None, hidden_size), "position_encoding": (None, "learned"),
+                   "trained_item_rows": (None, 0)}
+        for name, same in removed.items():
+            value = kwargs.pop(name, None)
+            if value not in same:
+                raise ValueError(f"model config field {name}={value!r} is no longer supported (docs/tried.md): "
+                                 "this model was saved by an older fedrec")
         super().__init__(**kwargs)
         self.num_items = num_items  # (int) catalog size without the padding row
         self.max_len = max_len  # (int) most recent events the model reads per user
@@ -65,23 +65,10 @@ class FedRecConfig(PretrainedConfig):
         # (bool) add the event-type embedding; with one type in the data it is a constant input vector
         # that still takes its share of every user's clipped gradient under DP
         self.use_event_types = use_event_types
-        if position_encoding not in POSITION_ENCODINGS:
-            raise ValueError(f"model config field position_encoding={position_encoding!r}: "
-                             f"expected one of {', '.join(POSITION_ENCODINGS)}")
-        # (str) "learned": a trained max_len x d table; "sinusoidal": fixed (Transformer) encodings, nothing
-        # to train, so under DP no share of any user's clipped gradient goes to positions
-        self.position_encoding = position_encoding
         self.feature_dim = feature_dim  # (int) width of frozen public item features (text/attributes); 0 = none
         self.feature_scoring = feature_scoring  # (bool) also score items through their public features
         self.item_bias = item_bias  # (bool) a learned per-item score offset (popularity)
         self.train_item_embeddings = train_item_embeddings  # (bool) False: item table fixed at 0, no noise on it
-        if not 0 <= trained_item_rows <= num_items:
-            raise ValueError(f"model config field trained_item_rows={trained_item_rows}: expected 0 (every row) "
-                             f"up to the {num_items} catalog items")
-        # (int) K > 0: only K item rows (chosen from training counts, noisy under DP) carry item vectors and a
-        # bias; the other items are scored through public features alone, so no clipped gradient and no
-        # noise ever reaches their rows (DP-FEST-style sparsity); 0 = every row
-        self.trained_item_rows = trained_item_rows
         self.tie_item_embeddings = tie_item_embeddings  # (bool) score with the input item table
         self.tie_word_embeddings = tie_item_embeddings  # HF's name for the same switch (save/load ties)
         self.catalog_fingerprint = catalog_fingerprint  # (str) the catalog the item rows refer to

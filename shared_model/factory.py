@@ -22,14 +22,12 @@ class ModelConfig:
     attention_probs_dropout_prob: float = 0.5  # (float) dropout on attention weights
     use_time_gaps: bool = True  # (bool) time-gap embedding (ignored when the data has no timestamps)
     use_event_types: bool = True  # (bool) event-type embedding (false: for data with one event type)
-    position_encoding: str = "learned"  # (str) learned (trained table) or sinusoidal (fixed, nothing noised)
     item_features: list[str] = field(default_factory=list)  # (list) public feature sources: text, attributes
     feature_dim: int = 64  # (int) principal components kept from the public item features
     feature_scoring: bool = False  # (bool) also score items through their public features
     item_bias: bool = False  # (bool) learned per-item score offset (popularity)
     train_item_embeddings: bool = True  # (bool) false: no per-item vectors (public features + bias only)
     tie_item_embeddings: bool = True  # (bool) score items with the input item table
-    trained_item_rows: int = 0  # (int) K > 0: item vectors and bias only for K rows picked by (DP) counts; 0 = all
 
 
 def create_model(config: ModelConfig, catalog: ItemCatalog, has_timestamps: bool = True,
@@ -42,10 +40,9 @@ def create_model(config: ModelConfig, catalog: ItemCatalog, has_timestamps: bool
         hidden_dropout_prob=config.hidden_dropout_prob,
         attention_probs_dropout_prob=config.attention_probs_dropout_prob,
         use_time_gaps=config.use_time_gaps and has_timestamps, use_event_types=config.use_event_types,
-        position_encoding=config.position_encoding,
         feature_dim=feature_dim,
         feature_scoring=config.feature_scoring and feature_dim > 0, item_bias=config.item_bias,
-        train_item_embeddings=config.train_item_embeddings, trained_item_rows=config.trained_item_rows,
+        train_item_embeddings=config.train_item_embeddings,
         tie_item_embeddings=config.tie_item_embeddings, catalog_fingerprint=catalog.fingerprint))
     if feature_dim:
         model.set_item_features(item_feature_table(catalog, config.item_features, feature_dim, cache_dir))

@@ -13,16 +13,6 @@ from transformers.models.bert.modeling_bert import BertLayer
 from shared_model.configuration_fedrec import FedRecConfig
 
 
-def sinusoidal_positions(length: int, width: int) -> torch.Tensor:
-    """The Transformer's fixed encodings: sin/cos of position / 10000^(2i/width).  # -> (length, width)"""
-    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)  # (L, 1)
-    rate = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-torch.log(torch.tensor(1e4)) / width))
-    table = torch.zeros(length, width)
-    table[:, 0::2] = torch.sin(position * rate)
-    table[:, 1::2] = torch.cos(position * rate[: width // 2])
-    return table
-
-
 class FedRecPreTrainedModel(PreTrainedModel):
     """HF plumbing: config class and weight init."""
 
@@ -45,21 +35,12 @@ class FedRecModel(FedRecPreTrainedModel):
     """Next-item recommender: hidden states per position, and logits over all catalog rows."""
 
     item_features: torch.Tensor  # (V, F) frozen public features, present when config.feature_dim > 0
-    position_table: torch.Tensor  # (max_len, d) fixed encodings, present when position_encoding="sinusoidal"
-    item_row_mask: torch.Tensor  # (V,) 1 for the item rows that train, present when config.trained_item_rows > 0
 
     def __init__(self, config: FedRecConfig) -> None:
         super().__init__(config)
         d = config.hidden_size
         self.item_embeddings = nn.Embedding(config.num_item_rows, d, padding_idx=0)
-        if config.position_encoding == "sinusoidal":
-            # Fixed and public (no parameters): under DP no part of a user's clipped gradient goes to positions.
-            # Scaled to the learned embeddings' init (std initializer_range): at amplitude 1 they would drown
-            # the 0.02-scale item vectors in the sum before LayerNorm (measured: training stalled under DP).
-            encodings = sinusoidal_positions(config.max_len, d) * config.initializer_range
-            self.register_buffer("position_table", encodings)
-        else:
-            self.position_embeddings = nn.Embedding(config.max_len, d)
+        self.position_embeddings = nn.Embedding(config.max_len, d)
         if config.use_event_types:
             self.event_type_embeddings = nn.Embedding(config.num_event_types, d, padding_idx=0)
         if config.use_time_gaps:  # unused parameters would get no per-user gradient under Opacus
@@ -77,9 +58,6 @@ class FedRecModel(FedRecPreTrainedModel):
         self.layers = nn.ModuleList([BertLayer(bert, layer_idx=i) for i in range(config.num_hidden_layers)])
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.output = nn.Linear(d, config.num_item_rows, bias=config.item_bias)
-        if config.trained_item_rows:
-            # All zero until `select_item_rows`: a model whose rows were never chosen scores by features alone.
-            self.register_buffer("item_row_mask", torch.zeros(config.num_item_rows))
         self.post_init()
         if not config.train_item_embeddings:
             # Items are then known only through public features and the bias: under DP this removes the
@@ -93,45 +71,6 @@ class FedRecModel(FedRecPreTrainedModel):
         if not self.config.feature_dim:
             raise ValueError("this model was configured without item features (feature_dim=0)")
         self.item_features.copy_(features.to(self.item_features.dtype))
-
-    @property
-    def item_rows_selected(self) -> bool:
-        """Whether the trained item rows of a `trained_item_rows` model have been chosen."""
-        return bool(self.config.trained_item_rows) and bool(self.item_row_mask.any())
-
-    def select_item_rows(self, rows: torch.Tensor) -> None:
-        """Choose the `trained_item_rows` catalog rows (ids 1..num_items) that carry item vectors and a bias."""
-        k = self.config.trained_item_rows
-        if not k:
-            raise ValueError("this model trains every item row (trained_item_rows=0)")
-        rows = torch.as_tensor(rows, dtype=torch.long).unique()
-        if len(rows) != k or int(rows.min()) < 1 or int(rows.max()) > self.config.num_items:
-            raise ValueError(f"expected {k} distinct catalog rows in 1..{self.config.num_items}, got {len(rows)} "
-                             f"in {int(rows.min())}..{int(rows.max())}")
-        self.item_row_mask.zero_()
-        self.item_row_mask[rows.to(self.item_row_mask.device)] = 1.0
-
-    def select_most_counted_rows(self, counts: torch.Tensor) -> torch.Tensor:
-        """Choose the `trained_item_rows` catalog rows with the largest (num_item_rows,) `counts` (a histogram of
-        training events, noisy under DP; padding row 0 never counts); returns them, sorted."""
-        if counts.shape != (self.config.num_item_rows,):
-            raise ValueError(f"expected item counts of shape ({self.config.num_item_rows},), got {tuple(counts.shape)}")
-        scores = counts.detach().to(torch.float64).cpu().clone()
-        scores[0] = -torch.inf
-        rows = scores.topk(self.config.trained_item_rows).indices.sort().values
-        self.select_item_rows(rows)
-        return rows
-
-    @torch.no_grad()
-    def zero_untrained_item_rows(self) -> None:
-        """Set the item vectors and bias of rows outside the mask to 0 (they never affect a score; under DP they
-        only hold noise, and this keeps it out of the exported weights)."""
-        if not self.config.trained_item_rows:
-            return
-        off = self.item_row_mask == 0  # (V,)
-        for tensor in (self.item_embeddings.weight, self.output.weight, self.output.bias):
-            if tensor is not None:
-                tensor[off] = 0.0
 
     def item_row_parameters(self) -> list[str]:
         """Names of the trainable tensors with one row per catalog row (item table, output layer), each
@@ -147,13 +86,7 @@ class FedRecModel(FedRecPreTrainedModel):
         # expanded to the batch because broadcast ids break per-sample gradients.
         positions = torch.arange(T - 1, -1, -1, device=item_ids.device).clamp(max=self.config.max_len - 1)
         positions = positions.unsqueeze(0).expand(B, T).contiguous()  # (B, T)
-        items = self.item_embeddings(item_ids)  # (B, T, d)
-        if self.config.trained_item_rows:  # rows outside the mask get no gradient from any user
-            items = items * self.item_row_mask[item_ids].unsqueeze(-1)
-        if self.config.position_encoding == "sinusoidal":
-            x = items + self.position_table[positions]  # (B, T, d)
-        else:
-            x = items + self.position_embeddings(positions)  # (B, T, d)
+        x = self.item_embeddings(item_ids) + self.position_embeddings(positions)  # (B, T, d)
         if self.config.use_event_types:
             x = x + self.event_type_embeddings(event_types)
         if self.config.use_time_gaps:
@@ -185,8 +118,6 @@ class FedRecModel(FedRecPreTrainedModel):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores of every catalog row; row 0 (padding) can never be recommended.  # (..., d) -> (..., V)"""
         scores = self.output(hidden)  # (..., d) -> (..., V)
-        if self.config.trained_item_rows:
-            scores = scores * self.item_row_mask  # untrained rows: no vector, no bias (and no gradient)
         if self.config.feature_scoring:
             # A parameter-free product with the frozen table: Opacus only needs feature_output's gradient.
             scores = scores + self.feature_output(hidden) @ self.item_features.T  # (..., F) @ (F, V)
@@ -210,9 +141,6 @@ class FedRecModel(FedRecPreTrainedModel):
         negative = hidden @ weight[negatives].T  # (B, T, K)
         if bias is not None:
             positive, negative = positive + bias[labels].unsqueeze(-1), negative + bias[negatives]
-        if self.config.trained_item_rows:
-            positive = positive * self.item_row_mask[labels].unsqueeze(-1)
-            negative = negative * self.item_row_mask[negatives]
         if self.config.feature_scoring:
             features = self.feature_output(hidden)  # (B, T, F)
             positive = positive + (features * self.item_features[labels]).sum(-1, keepdim=True)

@@ -16,7 +16,9 @@ import torch
 # 2: every site reply's NOTES also carries CATALOG_FINGERPRINT (the site's catalog), which the server checks.
 # 3: secure aggregation (the SECAGG records and queries below).
 # 4: under secure aggregation the evaluation is a secure sum too (its MASKED reply and the metrics' names).
-VERSION = 4
+# 5: the item-count query (model.trained_item_rows) and the model fields trained_item_rows and position_encoding
+#    are gone (docs/tried.md).
+VERSION = 5
 
 # Record keys inside a Message's RecordDict.
 ARRAYS = "arrays"  # ArrayRecord: trainable weights, no Opacus `_module.`
@@ -26,8 +28,6 @@ METRICS = "metrics"  # MetricRecord: what a site reports back
 NOTES = "notes"  # ConfigRecord: words a site reports back (why it declined a round, which frozen tensors it keeps)
 ITEM_WEIGHTS = "item-weights"  # ArrayRecord {ITEM_WEIGHTS: per-row weights} (site -> server, when asked)
 OPTIMIZER_STATE = "optimizer-state"  # ArrayRecord of optimiser moments "<param>:<moment>" + MOMENTS_STEP (both ways)
-ITEM_COUNTS = "item-counts"  # ArrayRecord {ITEM_COUNTS: a site's (noisy under DP) item histogram} (site -> server)
-COUNT_QUERY = "item_counts"  # the query action that asks the sites for ITEM_COUNTS (message type query.item_counts)
 # Secure aggregation (shared_model.secure_sum; the server's fl_server.secure_round, the site's fl_client.secagg):
 # three query actions around the train (or evaluate) message, each carrying a SECAGG ConfigRecord both ways.
 SECAGG = "secagg"  # ConfigRecord of the protocol's fields (keys, rosters, sealed shares, the settings)

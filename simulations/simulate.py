@@ -152,7 +152,7 @@ def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.nd
     template = SiteConfig(data_path="", catalog_path="", state_dir="", dp=cfg.privacy.enabled,
                           epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
                           max_grad_norm=cfg.privacy.max_grad_norm, noise_multiplier=cfg.privacy.noise_multiplier,
-                          accountant=cfg.privacy.accountant, selection_noise=cfg.privacy.selection_noise,
+                          accountant=cfg.privacy.accountant,
                           grad_sample_mode=cfg.privacy.grad_sample_mode,
                           secure_mode=cfg.privacy.secure_mode, device=cfg.train.device,
                           min_events=cfg.data.min_events, micro_batch_tokens=cfg.train.micro_batch_tokens,

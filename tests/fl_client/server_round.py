@@ -8,11 +8,10 @@ from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.modeling_fedrec import FedRecModel
 
 
-def round_record(catalog: ItemCatalog, server_round: int = 1, num_rounds: int = 2,
-                 trained_item_rows: int = 0) -> tuple[dict, dict]:
+def round_record(catalog: ItemCatalog, server_round: int = 1, num_rounds: int = 2) -> tuple[dict, dict]:
     """What the server sends for a round (its ConfigRecord content) and fresh global weights."""
     config = FedRecConfig(num_items=len(catalog.item_ids), hidden_size=16, max_len=10,
-                          catalog_fingerprint=catalog.fingerprint, trained_item_rows=trained_item_rows)
+                          catalog_fingerprint=catalog.fingerprint)
     torch.manual_seed(0)
     state = FedRecModel(config).state_dict()
     record = {wire.WIRE_VERSION: wire.VERSION,

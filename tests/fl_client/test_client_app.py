@@ -78,7 +78,7 @@ def test_weights_for_another_catalog_get_an_error_reply_not_a_crash(site):
         assert reply.has_error() and reply.error.code == CATALOG_MISMATCH and "catalog" in reply.error.reason
 
 
-@pytest.mark.parametrize("kind", ["train", "evaluate", f"query.{wire.COUNT_QUERY}"])
+@pytest.mark.parametrize("kind", ["train", "evaluate"])
 def test_a_server_of_another_wire_version_is_refused_naming_both_versions(site, kind):
     catalog = ItemCatalog.load(site.catalog_path)
     for version, said in ((wire.VERSION + 1, f"version {wire.VERSION + 1}"), (None, "no version")):

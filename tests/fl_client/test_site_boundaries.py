@@ -23,7 +23,6 @@ from fl_client.client_app import (
     ROUND_CONFIG,
     SITE_NOT_READY,
 )
-from fl_client.count_round import count_reply_path, count_round
 from fl_client.federated import optimizer_state_path, train_round
 from fl_client.frozen import frozen_path
 from fl_client.rounds import RoundConfig, RoundConfigError
@@ -76,12 +75,12 @@ def test_a_bad_global_model_gets_its_own_error_code_and_spends_nothing(site):
     assert json.loads(site.ledger_path.read_text()) == paid  # ε unchanged: nothing recorded for round 2
 
 
-@pytest.mark.parametrize("kind", ["train", "evaluate", f"query.{wire.COUNT_QUERY}"])
+@pytest.mark.parametrize("kind", ["train", "evaluate"])
 def test_every_reply_names_the_sites_catalog_fingerprint(site, kind):
     catalog = ItemCatalog.load(site.catalog_path)
     reply = call(site, message(kind, catalog))
     notes = reply.content.config_records[wire.NOTES]
-    assert notes[wire.CATALOG_FINGERPRINT] == catalog.fingerprint and notes[wire.WIRE_VERSION] == wire.VERSION == 4
+    assert notes[wire.CATALOG_FINGERPRINT] == catalog.fingerprint and notes[wire.WIRE_VERSION] == wire.VERSION == 5
 
 
 def test_a_traversing_frozen_digest_or_training_id_is_refused_and_no_file_outside_is_touched(site, tmp_path):
@@ -112,7 +111,7 @@ class Payload:
         Payload.ran = True
 
 
-def test_tampered_optimiser_state_and_kept_count_are_never_unpickled(site):
+def test_tampered_optimiser_state_is_never_unpickled(site):
     data = load_site_data(site)
     plain = replace(site, dp=False)
     record, state = round_record(data.catalog)
@@ -122,13 +121,6 @@ def test_tampered_optimiser_state_and_kept_count_are_never_unpickled(site):
     torch.save({"state": {}, "payload": Payload()}, path)
     reply = train_round(plain, data, RoundConfig.from_record(record), state)  # starts afresh
     assert not Payload.ran and reply.num_examples > 0 and "payload" not in torch.load(path, weights_only=True)
-    counted = RoundConfig.from_record(round_record(data.catalog, 0, trained_item_rows=12)[0])
-    first = count_round(site, data, counted)
-    torch.save({"counts": None, "dp": True, "epsilon": 0.0, "delta": 0.0, "declined": Payload()},
-               count_reply_path(site, "train-7"))
-    again = count_round(site, data, counted)
-    assert not Payload.ran and again.counts is None and "reply is lost" in again.declined
-    assert again.epsilon == first.epsilon and ledger_rounds(site) == [0]  # not paid for twice
 
 
 def test_the_cache_follows_the_data_content_even_under_the_same_size_and_time(site):

@@ -17,13 +17,19 @@ from shared_model.catalog import CatalogMismatchError, ItemCatalog
 from shared_model.factory import ModelConfig, create_model
 from shared_model.serialization import load_model_dir, save_model_dir
 
-CONFIG = ModelConfig(hidden_size=16, max_len=10, item_features=[], position_encoding="sinusoidal",
+# Public catalog attributes give the model a frozen tensor (item_features) that the run builds itself.
+CONFIG = ModelConfig(hidden_size=16, max_len=10, item_features=["attributes"], feature_dim=4,
                      hidden_dropout_prob=0.5)
+
+
+def attributed(prefix: str) -> ItemCatalog:
+    ids = [f"{prefix}{k}" for k in range(30)]
+    return ItemCatalog.from_items(ids, attributes={i: [f"brand{k % 3}", f"kind{k % 5}"] for k, i in enumerate(ids)})
 
 
 @pytest.fixture
 def catalog():
-    return ItemCatalog.from_items([f"i{k}" for k in range(30)])
+    return attributed("i")
 
 
 def exported(tmp_path, catalog, config=CONFIG, name="exported"):
@@ -49,28 +55,28 @@ def test_the_trainable_weights_come_from_the_exported_model_and_other_settings_a
 
 def test_a_model_of_another_catalog_shape_or_frozen_tensors_is_refused_naming_the_file(tmp_path, catalog):
     _, directory = exported(tmp_path, catalog)
-    other = ItemCatalog.from_items([f"j{k}" for k in range(30)])  # as many items, other ids
+    other = attributed("j")  # as many items, other ids
     with pytest.raises(CatalogMismatchError, match=re.escape(f"initial model {directory}: its catalog.json")):
         load_initial_model(create_model(CONFIG, other), other, directory)
     wider = create_model(ModelConfig(**{**CONFIG.__dict__, "hidden_size": 32}), catalog)
     with pytest.raises(InitialModelError, match=r"model.safetensors does not fit this run's model .*other shapes"):
         load_initial_model(wider, catalog, directory)
-    learned = create_model(ModelConfig(**{**CONFIG.__dict__, "position_encoding": "learned"}), catalog)
-    with pytest.raises(InitialModelError, match=r"missing \['position_embeddings.weight'\]"):
-        load_initial_model(learned, catalog, directory)
+    biased = create_model(ModelConfig(**{**CONFIG.__dict__, "item_bias": True}), catalog)
+    with pytest.raises(InitialModelError, match=r"missing \['output.bias'\]"):
+        load_initial_model(biased, catalog, directory)
     source, _ = exported(tmp_path, catalog)
-    source.position_table.mul_(2.0)  # a frozen public tensor this run would build otherwise
+    source.item_features.mul_(2.0)  # a frozen public tensor this run would build otherwise
     changed = save_model_dir(source, catalog, tmp_path / "changed")
     fresh = create_model(CONFIG, catalog)
     before = {k: t.clone() for k, t in wire.full_state(fresh).items()}
-    with pytest.raises(InitialModelError, match=re.escape("frozen public tensors ['position_table (max |differen")):
+    with pytest.raises(InitialModelError, match=re.escape("frozen public tensors ['item_features (max |differen")):
         load_initial_model(fresh, catalog, changed)
     assert all(torch.equal(t, before[k]) for k, t in wire.full_state(fresh).items())  # refused: nothing loaded
     # Rounding (a feature SVD on another number of threads) is no difference: the run keeps its own tensor.
-    source.position_table.div_(2.0).add_(1e-8)
+    source.item_features.div_(2.0).add_(1e-8)
     rounded = save_model_dir(source, catalog, tmp_path / "rounded")
     load_initial_model(fresh, catalog, rounded)
-    assert torch.equal(fresh.position_table, before["position_table"])
+    assert torch.equal(fresh.item_features, before["item_features"])
     assert all(torch.equal(t, wire.trainable_state(source)[k]) for k, t in wire.trainable_state(fresh).items())
     with pytest.raises(InitialModelError, match="absolute path"):
         load_initial_model(fresh, catalog, "exported")

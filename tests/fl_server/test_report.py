@@ -52,15 +52,6 @@ def test_report_gives_the_sites_training_cost(tmp_path):
     assert "Site cost" not in write_report(tmp_path, ROWS, {"rounds": 2}).read_text()
 
 
-def test_report_says_which_item_rows_train_and_whose_counts_chose_them(tmp_path):
-    counts = {"trained_item_rows": 20, "sites_counted": 2, "sites_declined": 1, "sites_failed": 0, "sites_no_reply": 0}
-    text = write_report(tmp_path, ROWS, {"rounds": 2, "best_round": 2, "model_dir": "/m", "item_counts": counts}
-                        ).read_text()
-    assert "trained for 20 item rows only" in text and "item counts of 2 sites" in text and "1 declined" in text
-    plain = write_report(tmp_path, ROWS, {"rounds": 2, "best_round": 2, "model_dir": "/m"}).read_text()
-    assert "item rows only" not in plain
-
-
 def test_the_report_names_every_dropped_reply_and_unchanged_round(tmp_path):
     rows = [{"round": 1, "train_replies": 3, "dropped": 1, "dropped_reasons": ["node 7: tensor w holds NaN"],
              "unusable": "1 usable trained replies, fewer than strategy.min_nodes=2",

@@ -126,10 +126,16 @@ def test_sampled_logits_agree_with_full_logits_on_the_positive():
     assert torch.allclose(sampled[..., :1], full, atol=1e-5)
 
 
-def test_a_saved_factorized_item_table_is_refused_by_name_and_the_plain_width_still_loads():
-    with pytest.raises(ValueError, match=r"item_embedding_size=8: a factorized item table .*docs/tried.md"):
-        FedRecConfig(hidden_size=32, item_embedding_size=8)  # what an older fedrec wrote for r < d
-    assert not hasattr(FedRecConfig(hidden_size=32, item_embedding_size=32), "item_embedding_size")
+@pytest.mark.parametrize("name,value", [("item_embedding_size", 8), ("position_encoding", "sinusoidal"),
+                                        ("trained_item_rows", 5)])
+def test_a_saved_model_that_used_a_removed_option_is_refused_by_name(name, value):
+    with pytest.raises(ValueError, match=rf"{name}={value!r} is no longer supported \(docs/tried.md\)"):
+        FedRecConfig(hidden_size=32, **{name: value})  # what an older fedrec wrote for that option
+
+
+def test_a_saved_model_that_left_a_removed_option_at_todays_behaviour_still_loads():
+    old = FedRecConfig(hidden_size=32, item_embedding_size=32, position_encoding="learned", trained_item_rows=0)
+    assert not any(hasattr(old, k) for k in ("item_embedding_size", "position_encoding", "trained_item_rows"))
 
 
 def test_without_event_types_the_model_ignores_them_and_round_trips(tmp_path):
@@ -145,27 +151,3 @@ def test_without_event_types_the_model_ignores_them_and_round_trips(tmp_path):
     assert loaded.config.use_event_types is False
     assert torch.allclose(model.score_next(ids, types, gaps), loaded.score_next(ids, types, gaps))
     assert tiny().config.use_event_types is True  # the default keeps them
-
-
-def test_sinusoidal_positions_are_fixed_keep_order_and_round_trip(tmp_path):
-    model = tiny(position_encoding="sinusoidal")
-    assert not any("position" in name for name, _ in model.named_parameters())  # nothing to train or noise
-    assert ModuleValidator.validate(model.train(), strict=False) == []
-    model.eval()
-    ids = torch.tensor([[0, 5, 6, 7], [0, 7, 6, 5]])
-    scores = model.score_next(*inputs(ids))
-    assert not torch.allclose(scores[0], scores[1])  # the same items in another order score differently
-    table = model.position_table / model.config.initializer_range  # at the learned embeddings' scale
-    assert table.shape == (10, 32) and torch.allclose(table[0, 0::2], torch.zeros(16))  # sin(0) = 0
-    assert torch.allclose(table[0, 1::2], torch.ones(16))  # cos(0) = 1
-    assert torch.allclose(table[3, 0], torch.sin(torch.tensor(3.0)))  # the fastest frequency: 1 rad a step
-    model.save_pretrained(tmp_path)
-    loaded = FedRecModel.from_pretrained(tmp_path).eval()
-    assert loaded.config.position_encoding == "sinusoidal"
-    assert torch.allclose(scores, loaded.score_next(*inputs(ids)))
-    assert tiny().config.position_encoding == "learned"  # the default trains a table
-
-
-def test_an_unknown_position_encoding_is_refused_by_name():
-    with pytest.raises(ValueError, match=r"position_encoding='rotary'.*learned, sinusoidal"):
-        FedRecConfig(position_encoding="rotary")
