@@ -38,9 +38,37 @@ def privacy_sentence(rows: list[dict[str, Any]]) -> str:
         last = trained[-1].get("privacy", {})
         return ("No differential-privacy claim: at least one site trained without DP "
                 f"({last.get('sites_without_dp', 0)} of {last.get('sites', 0)} sites in the last round).")
+    distributed = [r["distributed_dp"] for r in trained if "distributed_dp" in r]
+    if distributed:
+        return distributed_dp_sentence(trained, distributed, spent)
     return (f"User-level DP at every site that reported (unit: one user of that site). Cumulative over all "
             f"rounds: ε max {spent['epsilon_max']:.3f}, mean {spent['epsilon_mean']:.3f} over "
             f"{spent['sites_with_dp']} sites, δ ≤ {spent['delta_max']:.3g}. Each site enforces its own budget.")
+
+
+def distributed_dp_sentence(trained: list[dict[str, Any]], distributed: list[dict[str, Any]],
+                            spent: dict[str, Any]) -> str:
+    """The claim of a distributed-DP run (fl_client.distributed_dp): one DP-SGD step over the union of the sites'
+    users a round, and the assumption it rests on."""
+    last = distributed[-1]
+    secure = any("secure_aggregation" in r for r in trained)
+    text = (f"Distributed DP: user-level DP over the union of the sites' users (unit: one user of any site), one "
+            f"DP-SGD step a round (q = {last['sample_rate']:g}, σ = {last['noise_multiplier']:g}, "
+            f"C = {last['max_grad_norm']:g}). Cumulative over all rounds, as each site's ledger records it: ε max "
+            f"{spent['epsilon_max']:.3f} over {spent['sites_with_dp']} sites, δ ≤ {spent['delta_max']:.3g}. ")
+    if secure:
+        colluders = f"{last['colluders']} site colludes" if last["colluders"] == 1 else \
+            f"{last['colluders']} sites collude"
+        text += (f"It holds while secure aggregation hides each site's update and at most {colluders} with the "
+                 "server: each site adds only its share of the noise, so a server that "
+                 "saw one site's update would see less noise than σ·C on it.")
+    else:
+        text += "Without secure aggregation each site added all of σ·C itself: the server saw every update."
+    if len(distributed) < len(trained):  # a run resumed with other settings
+        others = len(trained) - len(distributed)
+        text += (f" {others} round{'s' if others != 1 else ''} trained without distributed DP: the figures above "
+                 "include what the sites spent in them, the description of the mechanism does not.")
+    return text
 
 
 def progress_line(row: dict[str, Any], num_rounds: int) -> str:

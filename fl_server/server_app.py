@@ -138,6 +138,11 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         if local_round == 0:
             return MetricRecord(central) if central else None
         row = {"round": local_round + done, "seconds": round(time.time() - started, 2), **strategy.last_round}
+        if cfg.strategy.distributed_dp:  # what the report's privacy claim states (fl_server.report)
+            row["distributed_dp"] = {"sample_rate": cfg.strategy.dp_sample_rate,
+                                     "noise_multiplier": cfg.strategy.dp_noise_multiplier,
+                                     "max_grad_norm": cfg.strategy.dp_max_grad_norm,
+                                     "colluders": cfg.strategy.dp_colluders}
         if isinstance(train_grid, SecureAggregationGrid):
             row["secure_aggregation"] = dict(train_grid.last)
             if evaluated and strategy.asked.get("evaluate"):

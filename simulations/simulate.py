@@ -175,8 +175,15 @@ def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.nd
         initial_model=absolute(cfg.federation.initial_model) if cfg.federation.initial_model else "",
         has_timestamps=data.events.has_timestamps, model=cfg.model, strategy=cfg.strategy)
     if cfg.privacy.enabled:
-        log.info("privacy: DP-SGD per user at every site, budget ε = %g each over all rounds; %s",
-                 cfg.privacy.epsilon, rng_note(cfg.privacy.secure_mode))
+        strategy = cfg.strategy
+        mechanism = (f"distributed DP, one DP-SGD step a round over the union of the sites' users (q = "
+                     f"{strategy.dp_sample_rate:g}, σ = {strategy.dp_noise_multiplier:g}, C = "
+                     f"{strategy.dp_max_grad_norm:g}), each site adding "
+                     + ("its share of the noise under secure aggregation" if strategy.secure_aggregation
+                        else "all of it")
+                     if strategy.distributed_dp else "DP-SGD per user at every site")
+        log.info("privacy: %s; each site's budget ε = %g over all rounds; %s", mechanism, cfg.privacy.epsilon,
+                 rng_note(cfg.privacy.secure_mode))
     mods = None
     if cfg.attack.kind != "none":
         bad = attackers(cfg.attack, len(sites))

@@ -32,6 +32,19 @@ def test_no_dp_claim_when_a_site_trained_without_dp():
     assert privacy_sentence([]).startswith("No round completed")
 
 
+def test_a_distributed_dp_run_claims_dp_over_the_union_and_names_its_assumption():
+    ddp = {"sample_rate": 0.1, "noise_multiplier": 0.8, "max_grad_norm": 1.0, "colluders": 1}
+    secure = [{**r, "distributed_dp": ddp, "secure_aggregation": {"sites_summed": 3}} for r in ROWS]
+    text = privacy_sentence(secure)
+    assert text.startswith("Distributed DP: user-level DP over the union of the sites' users (unit: one user")
+    assert "q = 0.1, σ = 0.8, C = 1" in text and "ε max 4.000 over 3 sites, δ ≤ 0.0001" in text
+    assert "at most 1 site colludes with the server" in text and "Each site enforces" not in text
+    clear = privacy_sentence([{**r, "distributed_dp": ddp} for r in ROWS])  # each site added all of σC itself
+    assert "each site added all of σ·C itself" in clear and "collude" not in clear
+    mixed = privacy_sentence([ROWS[0], secure[1]])  # resumed with other settings
+    assert "1 round trained without distributed DP" in mixed
+
+
 def test_report_names_the_item_row_weighting_and_counts_sites_left_out_as_failed(tmp_path):
     rows = [{**r, "item_rows": {"mode": "counts", "sites": 3 - r["round"] + 1,
                                 "left_out": ["node 9: it sent no item weights"] * (r["round"] - 1)}} for r in ROWS]

@@ -191,6 +191,8 @@ def test_distributed_dp_rounds_are_one_dp_sgd_step_of_the_union_under_secure_agg
     report = (out / "report.md").read_text()
     assert "the server saw only the sum of the sites' masked, quantized updates, at least 3 sites a round" in report
     assert "evaluation figures too" in report
+    assert "Distributed DP: user-level DP over the union of the sites' users" in report  # not a per-site claim
+    assert "q = 0.1, σ = 1, C = 1" in report and "at most 0 sites collude with the server" in report
     for site in sites:  # every site charged the sum's (σ, q) for one step a round, and sent each round once
         entries = json.loads(Path(site.ledger_path).read_text())["entries"]
         assert [e["history"] for e in entries] == [[[1.0, 0.1, 1]]] * 3
