@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fl_client.dp_settings import default_delta
-from fl_client.enrolment import LEDGER_FILE, check_delta, load_identity, open_site_ledger, site_lock
+from fl_client.enrolment import LEDGER_FILE, check_delta, load_identity, site_lock
 from fl_client.site import SiteConfig, SiteData, check_users
 from shared_model.adapters import load_dataset
 from shared_model.catalog import ItemCatalog
@@ -50,18 +50,19 @@ def check_site(site: SiteConfig, plan: Plan) -> list[str]:
              f"{int(sequences.lengths().sum()):,} events; dropped while building sequences: "
              f"{sequences.dropped or 'nothing'}"]
     check_users(site, data)
-    if not site.dp:
+    if not site.privacy.enabled:
         return [*lines, "privacy: DP is OFF: this site's updates would carry no privacy guarantee"]
     state = Path(site.state_dir)
     enrolled = state.is_dir() and load_identity(state) is not None
     if enrolled:  # an enrolled site keeps its ledger's δ; nothing is written here
         with site_lock(site.state_dir):
-            ledger = open_site_ledger(site.state_dir, site.accountant, site.delta, len(sequences))
-        delta, spent = ledger.delta, f"{ledger.spent():.3f} of ε = {site.epsilon} spent in {len(ledger.entries)} rounds"
+            ledger = site.open_ledger(len(sequences))
+        delta = ledger.delta
+        spent = f"{ledger.spent():.3f} of ε = {site.privacy.epsilon} spent in {len(ledger.entries)} rounds"
     else:
-        delta = site.delta if site.delta is not None else default_delta(len(sequences))
+        delta = site.privacy.delta if site.privacy.delta is not None else default_delta(len(sequences))
         check_delta(state / LEDGER_FILE, delta, len(sequences))
-        spent = f"a new site (not enrolled yet), budget ε = {site.epsilon}"
+        spent = f"a new site (not enrolled yet), budget ε = {site.privacy.epsilon}"
     from fl_client.federated import planned_sigma  # Opacus: only once the data has passed its checks
 
     sigma, [(_, sample_rate, round_steps)] = planned_sigma(site, data, plan.num_rounds, plan.local_epochs,
@@ -69,5 +70,5 @@ def check_site(site: SiteConfig, plan: Plan) -> list[str]:
     return [*lines, f"privacy: DP-SGD per user, {spent}; δ = {delta:.3g} (below 1/{len(sequences):,} users)",
             f"noise: σ = {sigma:.3f} for the plan {plan.num_rounds} rounds x {plan.local_epochs} local epochs at "
             f"batch {plan.batch_size} ({round_steps} steps a round, sampling rate {sample_rate:.4g}; C = "
-            f"{site.max_grad_norm})",
+            f"{site.privacy.max_grad_norm})",
             "ready: this site can join"]

@@ -25,7 +25,7 @@ import torch
 from opacus.optimizers.optimizer import _generate_noise
 
 from fl_client.dp_step import private_step
-from fl_client.enrolment import open_site_ledger, site_lock
+from fl_client.enrolment import site_lock
 from fl_client.federated import RoundReply, declined, keep_reply, resent_reply
 from fl_client.ledger import BudgetExceededError
 from fl_client.privacy import make_private
@@ -56,18 +56,18 @@ def dp_step_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, stat
     kept reply, else check (σ, q, 1 step) against the budget, take the step, record it, keep the reply."""
     data.catalog.check_matches(round_cfg.catalog_fingerprint)
     check_users(site, data)
-    if not site.dp:
+    if not site.privacy.enabled:
         raise SiteStartError("distributed DP: this site runs without DP, so it would add no noise while the "
                              "other sites count on its share; start it with a privacy budget")
     model = build_global_model(round_cfg, state, site.max_model_parameters)
     planned = [(round_cfg.ddp_noise_multiplier, round_cfg.ddp_sample_rate, 1)]
     with site_lock(site.state_dir):
-        ledger = open_site_ledger(site.state_dir, site.accountant, site.delta, len(data.sequences))
+        ledger = site.open_ledger(len(data.sequences))
         resent = resent_reply(site, round_cfg, model, ledger)
         if resent is not None:
             return resent
         try:
-            ledger.check(planned, site.epsilon)
+            ledger.check(planned, site.privacy.epsilon)
         except BudgetExceededError as err:
             return declined(model, ledger.delta, ledger.spent(), str(err))
         reply = gradient_step(site, data, round_cfg, model, share)
@@ -84,7 +84,7 @@ def gradient_step(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, mode
     expected = max(1, int(len(users) * round_cfg.ddp_sample_rate))  # Opacus' expected batch: what it divides by
     config = TrainConfig(batch_size=expected, lr=1.0, optimizer="sgd", epochs=1, device=site.device,
                          micro_batch_tokens=site.micro_batch_tokens, micro_batch_users=site.micro_batch_users)
-    privacy = replace(site.privacy(0.0, share), max_grad_norm=round_cfg.ddp_max_grad_norm)
+    privacy = replace(site.round_privacy(0.0, share), max_grad_norm=round_cfg.ddp_max_grad_norm)
     device = resolve_device(site.device)
     torch.nn.Module.to(model, device).train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)

@@ -33,3 +33,10 @@ class PrivacyConfig:
     accountant: str = "prv"  # (str) Opacus accountant: prv, rdp or gdp
     secure_mode: bool = False  # (bool) sampling and noise from the OS CSPRNG (production; slower)
     grad_sample_mode: str = "hooks"  # (str) hooks (supports tied item tables) or ghost (untied only)
+
+    def __post_init__(self) -> None:
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"privacy accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"privacy grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got "
+                             f"{self.grad_sample_mode!r}")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fl_client.enrolment import open_site_ledger, site_lock
+from fl_client.enrolment import site_lock
 from fl_client.ledger import BudgetExceededError, PrivacyLedger
 from fl_client.moments import from_named_moments, to_named_moments, trainable_names
 from fl_client.privacy import AccountantHistory, PrivacyConfig, calibrate_noise
@@ -76,7 +76,7 @@ def planned_sigma(site: SiteConfig, data: SiteData, num_rounds: int, local_epoch
     the site's state dir)."""
     steps_per_epoch = math.ceil(len(data.sequences.trainable_users()) / batch_size)
     round_steps = local_epochs * steps_per_epoch
-    privacy = site.privacy(delta)
+    privacy = site.round_privacy(delta)
     sigma = calibrate_noise(privacy, 1.0 / steps_per_epoch, num_rounds * round_steps, delta,
                             cache_path=sigma_plans_path(site) if cache else None)
     return sigma, [(sigma, 1.0 / steps_per_epoch, round_steps)]
@@ -111,12 +111,12 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, state:
     data.catalog.check_matches(round_cfg.catalog_fingerprint)
     check_users(site, data)
     model = build_global_model(round_cfg, state, site.max_model_parameters)
-    if not site.dp:
+    if not site.privacy.enabled:
         delta = site_delta(site, data)
-        result = local_training(site, data, round_cfg, model, site.privacy(delta), shared_moments)
+        result = local_training(site, data, round_cfg, model, site.round_privacy(delta), shared_moments)
         return trained_reply(site, data, round_cfg, model, result, 0.0, delta)
     with site_lock(site.state_dir):
-        ledger = open_site_ledger(site.state_dir, site.accountant, site.delta, len(data.sequences))
+        ledger = site.open_ledger(len(data.sequences))
         return train_private_round(site, data, round_cfg, model, ledger, shared_moments)
 
 
@@ -134,11 +134,11 @@ def train_private_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig
                         "tell which items this site's users interacted with, which DP does not cover")
     sigma, planned = plan_round(site, data, round_cfg, ledger.delta)
     try:
-        ledger.check(planned, site.epsilon)
+        ledger.check(planned, site.privacy.epsilon)
     except BudgetExceededError as err:
         return declined(model, ledger.delta, ledger.spent(), str(err))
     try:
-        result = local_training(site, data, round_cfg, model, site.privacy(ledger.delta, sigma), shared_moments)
+        result = local_training(site, data, round_cfg, model, site.round_privacy(ledger.delta, sigma), shared_moments)
     except TrainingDivergedError as err:
         # The failure itself is released, so the round is charged in full (at most the planned steps ran).
         spent_now = ledger.record(training_id, server_round, planned).epsilon_after
@@ -187,7 +187,7 @@ def trained_reply(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, mode
                   result: TrainResult, epsilon: float, delta: float) -> RoundReply:
     """The reply of a trained round: the trainable weights, the site's users, what it cost."""
     reply = RoundReply(state=wire.trainable_state(model.cpu()), num_examples=len(data.sequences.trainable_users()),
-                       train_loss=float(result.epoch_losses[-1]), dp=site.dp, epsilon=epsilon, delta=delta,
+                       train_loss=float(result.epoch_losses[-1]), dp=site.privacy.enabled, epsilon=epsilon, delta=delta,
                        train_seconds=float(result.seconds), peak_memory_mb=float(result.peak_memory_mb),
                        item_weights=item_row_weights(data, round_cfg.item_rows, model.config.num_item_rows))
     if round_cfg.share_optimizer_state and result.optimizer_state is not None:
@@ -284,7 +284,7 @@ def round_seed(site: SiteConfig, round_cfg: RoundConfig) -> int:
     from the OS CSPRNG, fl_client/secure_rng.py.) Without DP the seed is derived from the training run, the
     round and the site, so a simulation is reproducible.
     """
-    if site.dp:
+    if site.privacy.enabled:
         return secrets.randbits(63)
     return zlib.crc32(f"{round_cfg.seed}|{round_cfg.training_id}|{round_cfg.server_round}|{site.data_path}".encode())
 

@@ -181,7 +181,7 @@ def check_global_state(expected: Mapping[str, torch.Tensor], state: Mapping[str,
 def site_delta(site: SiteConfig, data: SiteData) -> float:
     """The site's δ: configured, or default_delta of its number of users (a DP site's ledger keeps the δ it
     started with: fl_client.enrolment)."""
-    return site.delta if site.delta is not None else default_delta(len(data.sequences))
+    return site.privacy.delta if site.privacy.delta is not None else default_delta(len(data.sequences))
 
 
 def evaluate_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,

@@ -12,16 +12,18 @@ import json
 import logging
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
-from fl_client.dp_settings import ACCOUNTANTS, GRAD_SAMPLE_MODES, PrivacyConfig
+from fl_client.dp_settings import PrivacyConfig
 from fl_client.enrolment import open_site_ledger, site_lock
+from fl_client.ledger import PrivacyLedger
 from shared_model.adapters import load_dataset
 from shared_model.atomic import write_atomically
 from shared_model.catalog import ItemCatalog
+from shared_model.launch import TomlValue
 from shared_model.sequences import UserSequences, to_user_sequences
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,9 @@ CACHE_VERSION = 2  # 2: keyed by the data's content hash
 MIN_USERS = 50  # fewer trainable users than this and a site refuses DP training (SiteConfig.min_users)
 MAX_MODEL_PARAMETERS = 50_000_000  # the largest global model a site builds by default (200 MB of float32)
 START_LOCK_TIMEOUT_S = 60.0  # fedrec-client's start waits this long for a round in progress on the same state dir
+# A SuperNode's --node-config names the site's privacy settings flat: PrivacyConfig's fields in kebab case, with
+# `dp` for `enabled`.
+NODE_PRIVACY_KEYS = {("dp" if f.name == "enabled" else f.name.replace("_", "-")): f.name for f in fields(PrivacyConfig)}
 
 
 class SiteStartError(ValueError):
@@ -43,14 +48,9 @@ class SiteConfig:
     catalog_path: str  # (str) the public catalog.json shared by every party
     state_dir: str  # (str) where the ledger, the preprocessing cache and round replies live
     data_format: str = "events"  # (str) adapter: events, movielens, s3rec or tianchi
-    dp: bool = True  # (bool) train with DP-SGD (one row per user)
-    epsilon: float = 8.0  # (float) the site's total ε budget over all rounds, per user
-    delta: float | None = None  # (float) the site's δ; None = 1 / the site's number of users
-    max_grad_norm: float = 1.0  # (float) per-user clipping bound C
-    noise_multiplier: float | None = None  # (float) fixed σ; None = calibrated so ε lasts all planned rounds
-    accountant: str = "prv"  # (str) Opacus accountant for σ and the ledger: prv, rdp or gdp (fixed for life)
-    grad_sample_mode: str = "hooks"  # (str) Opacus per-user gradients: hooks (tied item table ok) or ghost
-    secure_mode: bool = False  # (bool) sampling and noise from the OS CSPRNG (production; slower)
+    # (PrivacyConfig) the site's own DP settings: DP on, ε its total budget over all rounds per user, δ None =
+    # default_delta(its users), σ None = calibrated so ε lasts all planned rounds, the accountant fixed for life
+    privacy: PrivacyConfig = field(default_factory=lambda: PrivacyConfig(enabled=True))
     device: str = "auto"  # (str) auto (CUDA when present), cpu or cuda
     min_events: int = 3  # (int) users with fewer events are dropped (counted)
     micro_batch_tokens: int = 8192  # (int) DP: padded positions per micro-batch (bounds this site's memory)
@@ -60,11 +60,6 @@ class SiteConfig:
     max_model_parameters: int = MAX_MODEL_PARAMETERS  # (int) largest global model (weights + buffers) it builds
 
     def __post_init__(self) -> None:
-        if self.accountant not in ACCOUNTANTS:
-            raise ValueError(f"site accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
-        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ValueError(f"site grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got "
-                             f"{self.grad_sample_mode!r}")
         if self.cache_keep < 1:
             raise ValueError(f"site cache_keep must be at least 1 (the copy in use), got {self.cache_keep}")
         if self.min_users < 1 or self.max_model_parameters < 1:
@@ -78,22 +73,34 @@ class SiteConfig:
         if missing:
             raise ValueError(f"node config is missing {missing}; start the SuperNode with --node-config "
                              "\"data-path='...' catalog-path='...' state-dir='...'\"")
-        known = {f.replace("_", "-"): f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(node_config) - set(known) - {"partition-id", "num-partitions"})
+        known = {f.replace("_", "-"): f for f in cls.__dataclass_fields__ if f != "privacy"}
+        unknown = sorted(set(node_config) - set(known) - set(NODE_PRIVACY_KEYS) - {"partition-id", "num-partitions"})
         if unknown:
-            raise ValueError(f"unknown node config keys {unknown}; known: {sorted(known)}")
+            raise ValueError(f"unknown node config keys {unknown}; known: {sorted({*known, *NODE_PRIVACY_KEYS})}")
         values = {known[k]: v for k, v in node_config.items() if k in known}
+        privacy: dict[str, object] = {"enabled": True}
+        privacy.update({NODE_PRIVACY_KEYS[k]: v for k, v in node_config.items() if k in NODE_PRIVACY_KEYS})
         for optional in ("delta", "noise_multiplier"):  # TOML has no null: "" or 0 means "not set"
-            if values.get(optional) in ("", 0, 0.0):
-                values[optional] = None
-        return cls(**values)  # type: ignore[arg-type]
+            if privacy.get(optional) in ("", 0, 0.0):
+                privacy[optional] = None
+        return cls(**values, privacy=PrivacyConfig(**privacy))  # type: ignore[arg-type]
 
-    def privacy(self, delta: float, noise_multiplier: float | None = None) -> PrivacyConfig:
-        """The site's DP-SGD settings for one round (σ: the planned one, else the site's fixed one)."""
-        sigma = noise_multiplier if noise_multiplier is not None else self.noise_multiplier
-        return PrivacyConfig(enabled=self.dp, epsilon=self.epsilon, delta=delta, noise_multiplier=sigma,
-                             max_grad_norm=self.max_grad_norm, accountant=self.accountant,
-                             secure_mode=self.secure_mode, grad_sample_mode=self.grad_sample_mode)
+    def node_config(self) -> dict[str, TomlValue]:
+        """The settings as a SuperNode's --node-config (kebab case, privacy flat; unset values left out)."""
+        values = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if f.name != "privacy"}
+        values.update({key: getattr(self.privacy, name) for key, name in NODE_PRIVACY_KEYS.items()})
+        return {key: value for key, value in values.items() if value is not None}
+
+    def open_ledger(self, num_users: int) -> PrivacyLedger:
+        """The site's ledger at its accountant and δ, checked against its identity (enrolled on first use); call
+        holding site_lock."""
+        return open_site_ledger(self.state_dir, self.privacy.accountant, self.privacy.delta, num_users,
+                                dp=self.privacy.enabled)
+
+    def round_privacy(self, delta: float, noise_multiplier: float | None = None) -> PrivacyConfig:
+        """The site's DP-SGD settings for one round at its δ (σ: the planned one, else the site's fixed one)."""
+        sigma = noise_multiplier if noise_multiplier is not None else self.privacy.noise_multiplier
+        return replace(self.privacy, delta=delta, noise_multiplier=sigma)
 
     @property
     def ledger_path(self) -> Path:
@@ -114,7 +121,7 @@ def check_site_start(site: SiteConfig, data: SiteData, lock_timeout_s: float = S
     DP, a ledger that does not fit its state dir, a δ not below 1/#users. Enrols a new site. Returns a summary."""
     check_users(site, data)
     with site_lock(site.state_dir, lock_timeout_s):
-        ledger = open_site_ledger(site.state_dir, site.accountant, site.delta, len(data.sequences), dp=site.dp)
+        ledger = site.open_ledger(len(data.sequences))
     return (f"site {ledger.site_id} (ledger {ledger.path}: {len(ledger.entries)} rounds recorded, δ = "
             f"{ledger.delta:.3g})")
 
@@ -126,7 +133,7 @@ def check_users(site: SiteConfig, data: SiteData) -> None:
         raise SiteStartError(f"{site.data_path}: no trainable users: {len(data.sequences)} users after filtering "
                              f"(dropped: {data.sequences.dropped or 'nothing'}), none with the 4+ events a training "
                              "row needs; this site cannot take part")
-    if site.dp and trainable < site.min_users:
+    if site.privacy.enabled and trainable < site.min_users:
         raise SiteStartError(f"{site.data_path}: {trainable} trainable users, below this site's min_users="
                              f"{site.min_users} (--min-users) for DP training: with so few users the noise that "
                              "protects each one drowns what they could teach the model, and δ must stay below "

@@ -13,17 +13,15 @@ import os
 import signal
 import socket
 import time
-from dataclasses import fields
 from pathlib import Path
 
 from fl_client.check import DEFAULT_PLAN, Plan, check_site
-from fl_client.dp_settings import ACCOUNTANTS, GRAD_SAMPLE_MODES
+from fl_client.dp_settings import ACCOUNTANTS, GRAD_SAMPLE_MODES, PrivacyConfig
 from fl_client.lockdown import add_security_args, check_security_args, security_flags, warn_insecure
 from fl_client.site import MAX_MODEL_PARAMETERS, MIN_USERS, SiteConfig, check_site_start, load_site_data
 from shared_model.console import EXPECTED_ERRORS, console_command, quiet_library_warnings, rng_note
 from shared_model.device import describe_device, resolve_device
 from shared_model.launch import (
-    TomlValue,
     exit_on_sigterm,
     flower_command,
     parent_command,
@@ -92,20 +90,15 @@ def site_config(args: argparse.Namespace) -> SiteConfig:
     # ledger, and a renamed or moved data file must not start a new site with ε = 0.
     state_dir = Path(args.state_dir).resolve()
     return SiteConfig(data_path=str(data), catalog_path=str(Path(args.catalog).resolve()), state_dir=str(state_dir),
-                      data_format=args.format, dp=not args.no_dp, epsilon=args.epsilon, delta=args.delta,
-                      max_grad_norm=args.max_grad_norm, noise_multiplier=args.noise_multiplier,
-                      accountant=args.accountant,
-                      grad_sample_mode=args.grad_sample_mode,
-                      secure_mode=args.secure_mode, device=args.device, min_events=args.min_events,
+                      data_format=args.format,
+                      privacy=PrivacyConfig(enabled=not args.no_dp, epsilon=args.epsilon, delta=args.delta,
+                                            max_grad_norm=args.max_grad_norm, noise_multiplier=args.noise_multiplier,
+                                            accountant=args.accountant, grad_sample_mode=args.grad_sample_mode,
+                                            secure_mode=args.secure_mode),
+                      device=args.device, min_events=args.min_events,
                       micro_batch_tokens=args.micro_batch_tokens, micro_batch_users=args.micro_batch_users,
                       cache_keep=args.cache_keep, min_users=args.min_users,
                       max_model_parameters=args.max_model_parameters)
-
-
-def node_config(site: SiteConfig) -> dict[str, TomlValue]:
-    """The SuperNode's --node-config: SiteConfig in kebab case (δ left out when it takes the site's default)."""
-    values = {f.name.replace("_", "-"): getattr(site, f.name) for f in fields(site)}
-    return {key: value for key, value in values.items() if value is not None}
 
 
 def supernode_command(args: argparse.Namespace, config_path: Path) -> list[str]:
@@ -178,10 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s", check_site_start(site, data))  # no users, too few for DP, a ledger that does not fit: refused
     log.info("training device: %s", describe_device(resolve_device(site.device)))  # a missing GPU fails here
     off = "DP is OFF: this site's updates carry no privacy guarantee"
-    log.info("privacy: %s", f"DP-SGD per user, budget ε = {site.epsilon} over all rounds; "
-             f"{rng_note(site.secure_mode)}" if site.dp else off)
+    log.info("privacy: %s", f"DP-SGD per user, budget ε = {site.privacy.epsilon} over all rounds; "
+             f"{rng_note(site.privacy.secure_mode)}" if site.privacy.enabled else off)
     state = Path(site.state_dir)
-    config_path = write_toml(state / "node_config.toml", node_config(site))
+    config_path = write_toml(state / "node_config.toml", site.node_config())
     exit_on_sigterm()
     stop_leftover_supernodes(config_path, args.port)
     command, env = supernode_command(args, config_path), {"FLWR_HOME": str(state / "flower")}

@@ -44,7 +44,7 @@ def write_sites(data: PreparedData, parts: Sequence[np.ndarray], root: Path, tem
         # Benchmark partitions are public data and often small (ML-100K by region: 18-170 users a site); a
         # deployed site this small refuses DP (SiteConfig.min_users), a simulated one trains and says so.
         min_users = template.min_users if trainable >= template.min_users else 1
-        if template.dp and min_users < template.min_users:
+        if template.privacy.enabled and min_users < template.min_users:
             log.warning("site %d: %d trainable users, below the %d a deployed site needs for DP training "
                         "(--min-users); simulated anyway", index, trainable, template.min_users)
         sites.append(replace(template, data_path=str(path), catalog_path=str(catalog_path),

@@ -149,12 +149,7 @@ def federation_resources(cfg: SimulateConfig) -> Resources:
 def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.ndarray], out: Path,
                   resources: Resources) -> dict[str, Any]:
     """Write the sites, run the ServerApp and ClientApps, and return the server's summary."""
-    template = SiteConfig(data_path="", catalog_path="", state_dir="", dp=cfg.privacy.enabled,
-                          epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
-                          max_grad_norm=cfg.privacy.max_grad_norm, noise_multiplier=cfg.privacy.noise_multiplier,
-                          accountant=cfg.privacy.accountant,
-                          grad_sample_mode=cfg.privacy.grad_sample_mode,
-                          secure_mode=cfg.privacy.secure_mode, device=cfg.train.device,
+    template = SiteConfig(data_path="", catalog_path="", state_dir="", privacy=cfg.privacy, device=cfg.train.device,
                           min_events=cfg.data.min_events, micro_batch_tokens=cfg.train.micro_batch_tokens,
                           micro_batch_users=cfg.train.micro_batch_users)
     sites = write_sites(data, parts, out / "sites", template)

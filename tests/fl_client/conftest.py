@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fl_client.dp_settings import PrivacyConfig
 from fl_client.site import SiteConfig
 from shared_model.catalog import ItemCatalog
 from shared_model.events import LoadReport, finish_events
@@ -18,7 +19,8 @@ def site(tmp_path):
     catalog = ItemCatalog.from_events(log.frame)
     catalog.save(tmp_path)
     return SiteConfig(data_path=str(events), catalog_path=str(tmp_path / "catalog.json"),
-                      state_dir=str(tmp_path / "state"), epsilon=4.0, device="cpu")
+                      state_dir=str(tmp_path / "state"), privacy=PrivacyConfig(enabled=True, epsilon=4.0),
+                      device="cpu")
 
 
 @pytest.fixture

@@ -53,7 +53,8 @@ def test_train_reply_carries_trainable_weights_and_the_metrics_flower_expects(si
     returned = set(reply.content.array_records[wire.ARRAYS])
     assert returned == sent and "output.weight" not in returned  # no frozen tensors here; tied table once
     metrics = reply.content.metric_records[wire.METRICS]
-    assert metrics[wire.DP_ENABLED] == 1.0 and 0 < metrics[wire.EPSILON] <= site.epsilon and metrics[wire.DECLINED] == 0
+    assert metrics[wire.DP_ENABLED] == 1.0 and 0 < metrics[wire.EPSILON] <= site.privacy.epsilon
+    assert metrics[wire.DECLINED] == 0
     assert metrics[wire.NUM_EXAMPLES] > 0
 
 
@@ -107,7 +108,7 @@ def test_a_diverged_round_sends_no_weights_and_is_charged_to_the_ledger(site):
     assert "charged to the site's ledger" in reply.error.reason
     resent = call(site, message("train", catalog, **exploding))
     assert resent.content.metric_records[wire.METRICS][wire.DECLINED] == 1.0
-    assert 0 < resent.content.metric_records[wire.METRICS][wire.EPSILON] <= site.epsilon
+    assert 0 < resent.content.metric_records[wire.METRICS][wire.EPSILON] <= site.privacy.epsilon
 
 
 def test_evaluate_reply_has_full_ranking_metrics_weighted_by_users(site):

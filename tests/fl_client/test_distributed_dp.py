@@ -99,7 +99,7 @@ def test_a_site_without_dp_refuses_distributed_dp(site):
     data = load_site_data(site)
     cfg, state = ddp_round(data.catalog)
     with pytest.raises(SiteStartError, match="without DP"):
-        dp_step_round(replace(site, dp=False), data, cfg, state, share=1.0)
+        dp_step_round(replace(site, privacy=replace(site.privacy, enabled=False)), data, cfg, state, share=1.0)
 
 
 def test_a_malformed_distributed_dp_round_is_refused():
@@ -128,6 +128,6 @@ def test_in_secure_mode_the_sample_comes_from_the_os_csprng(site, monkeypatch):
     monkeypatch.setattr(np.random, "default_rng", lambda *_: pytest.fail("numpy's generator drew the sample"))
     data = load_site_data(site)
     cfg, state = ddp_round(data.catalog, q=0.5)
-    reply = gradient_step(dataclasses.replace(site, secure_mode=True), data, cfg, build_global_model(cfg, state),
-                          share=0.5)
+    secure = dataclasses.replace(site, privacy=dataclasses.replace(site.privacy, secure_mode=True))
+    reply = gradient_step(secure, data, cfg, build_global_model(cfg, state), share=0.5)
     assert drawn == [len(data.sequences.trainable_users())] and reply.train_loss == 0.0 and reply.train_seconds > 0

@@ -2,11 +2,13 @@
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from fl_client.dp_settings import PrivacyConfig
 from fl_client.federated import local_train_config, optimizer_state_path, plan_round, train_round
 from fl_client.ledger import PrivacyLedger
 from fl_client.rounds import RoundConfig, build_global_model, evaluate_round
@@ -28,11 +30,11 @@ def test_dp_rounds_accumulate_epsilon_in_the_site_ledger(site):
     first_cfg, state = round_config(data.catalog, 1)
     first = train_round(site, data, first_cfg, state)
     assert first.dp and not first.declined and first.num_examples == len(data.sequences.trainable_users())
-    assert 0 < first.epsilon < site.epsilon
+    assert 0 < first.epsilon < site.privacy.epsilon
     assert not torch.equal(first.state["item_embeddings.weight"], state["item_embeddings.weight"])
     second_cfg, _ = round_config(data.catalog, 2)
     second = train_round(site, data, second_cfg, first.state)
-    assert first.epsilon < second.epsilon <= site.epsilon * 1.01  # two planned rounds spend the whole budget
+    assert first.epsilon < second.epsilon <= site.privacy.epsilon * 1.01  # two planned rounds spend the whole budget
     assert PrivacyLedger(site.ledger_path, second.delta).spent() == pytest.approx(second.epsilon)
     assert len(json.loads((Path(site.state_dir) / "sigma_plans.json").read_text())) == 1  # one σ, kept on disk
     assert set(first.metrics()) == set(second.metrics())
@@ -71,7 +73,7 @@ def test_without_dp_a_round_is_reproducible_and_rounds_differ(site, tmp_path):
     data = load_site_data(site)
     replies = []
     for state_dir, server_round in (("a", 1), ("b", 1), ("c", 2)):
-        plain = SiteConfig(**{**site.__dict__, "dp": False, "state_dir": str(tmp_path / state_dir)})
+        plain = replace(site, privacy=replace(site.privacy, enabled=False), state_dir=str(tmp_path / state_dir))
         cfg, state = round_config(data.catalog, server_round)
         replies.append(train_round(plain, data, cfg, state).state["item_embeddings.weight"])
     assert torch.equal(replies[0], replies[1]) and not torch.equal(replies[0], replies[2])
@@ -124,7 +126,7 @@ def test_weights_for_another_catalog_are_refused(site):
 
 
 def test_without_dp_nothing_claims_privacy(site):
-    site.dp = False
+    site.privacy.enabled = False
     data = load_site_data(site)
     cfg, state = round_config(data.catalog)
     reply = train_round(site, data, cfg, state)
@@ -159,7 +161,7 @@ def test_site_preprocessing_is_cached_and_invalidated_by_a_changed_file(site, tm
 def test_node_config_is_parsed_with_clear_errors():
     config = SiteConfig.from_node_config({"data-path": "/d.csv", "catalog-path": "/c.json", "state-dir": "/s",
                                           "epsilon": 3.0, "dp": False, "partition-id": 0})
-    assert config.epsilon == 3.0 and config.dp is False and config.delta is None
+    assert config.privacy == PrivacyConfig(enabled=False, epsilon=3.0)  # δ None: the default for its users
     with pytest.raises(ValueError, match="catalog-path"):
         SiteConfig.from_node_config({"data-path": "/d.csv", "state-dir": "/s"})
     with pytest.raises(ValueError, match="epsilonn"):
@@ -184,10 +186,10 @@ def test_the_servers_recipe_and_the_sites_privacy_settings_reach_local_training(
     record, _ = round_record(data.catalog)
     record.update({wire.WEIGHT_DECAY: 0.01, wire.NUM_NEGATIVES: 5, wire.SEED: 9})
     cfg = RoundConfig.from_record(record)
-    own = SiteConfig(**{**site.__dict__, "accountant": "rdp", "micro_batch_users": 16, "noise_multiplier": 2.5})
+    own = replace(site, micro_batch_users=16, privacy=replace(site.privacy, accountant="rdp", noise_multiplier=2.5))
     local = local_train_config(own, cfg)
     assert (local.weight_decay, local.num_negatives, local.micro_batch_users) == (0.01, 5, 16)
-    privacy = own.privacy(delta=1e-3)
+    privacy = own.round_privacy(delta=1e-3)
     assert (privacy.accountant, privacy.noise_multiplier, privacy.delta) == ("rdp", 2.5, 1e-3)
     sigma, planned = plan_round(own, data, cfg, 1e-3)
     assert sigma == 2.5 and planned[0][0] == 2.5  # a fixed σ is used as is (the ledger still checks the budget)
@@ -195,7 +197,7 @@ def test_the_servers_recipe_and_the_sites_privacy_settings_reach_local_training(
 
 def test_sites_keep_their_optimiser_state_across_rounds_when_asked(site, tmp_path):
     data = load_site_data(site)
-    plain = SiteConfig(**{**site.__dict__, "dp": False})
+    plain = replace(site, privacy=replace(site.privacy, enabled=False))
     steps = []
     for server_round in (1, 2):
         record, state = round_record(data.catalog, server_round)
@@ -206,13 +208,13 @@ def test_sites_keep_their_optimiser_state_across_rounds_when_asked(site, tmp_pat
     per_round = -(-len(data.sequences.trainable_users()) // 32)  # batch 32, one local epoch
     assert steps == [per_round, 2 * per_round]  # Adam's moments and step count continue, not restart
     cfg, state = round_config(data.catalog, 1)  # the server did not ask: nothing is kept
-    train_round(SiteConfig(**{**plain.__dict__, "state_dir": str(tmp_path / "other")}), data, cfg, state)
+    train_round(replace(plain, state_dir=str(tmp_path / "other")), data, cfg, state)
     assert not (tmp_path / "other" / "optimizer").exists()
 
 
 def test_a_site_sends_per_item_weights_only_when_the_server_asks(site):
     data = load_site_data(site)
-    plain = SiteConfig(**{**site.__dict__, "dp": False})
+    plain = replace(site, privacy=replace(site.privacy, enabled=False))
     record, state = round_record(data.catalog)
     assert train_round(plain, data, RoundConfig.from_record(record), state).item_weights is None
     rows = FedRecModel(FedRecConfig.from_dict(json.loads(record[wire.MODEL_CONFIG]))).config.num_item_rows

@@ -109,7 +109,7 @@ def test_federated_rounds_on_a_gpu_site(site):
         assert optimizer_state_path(gpu_site, cfg.training_id).exists()  # Adam moments kept for the next round
         replies.append(reply)
         state = reply.state
-    assert 0 < replies[0].epsilon < replies[1].epsilon <= gpu_site.epsilon * 1.01
+    assert 0 < replies[0].epsilon < replies[1].epsilon <= gpu_site.privacy.epsilon * 1.01
     assert PrivacyLedger(gpu_site.ledger_path, replies[1].delta).spent() == pytest.approx(replies[1].epsilon)
     metrics = evaluate_round(gpu_site, site_data, cfg, state)
     assert 0 <= metrics["hr@10"] <= 1 and metrics[wire.NUM_EXAMPLES] > 0 and metrics[wire.TRAIN_CE] > 0

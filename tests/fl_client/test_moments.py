@@ -1,5 +1,6 @@
 """Shared optimiser state at a site: moments to the wire and back, and a round that starts from them."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from fl_client.federated import train_round
 from fl_client.moments import from_named_moments, to_named_moments, trainable_names
 from fl_client.rounds import RoundConfig, build_global_model
-from fl_client.site import SiteConfig, load_site_data
+from fl_client.site import load_site_data
 from fl_client.train import TrainConfig, build_optimizer
 from shared_model import wire
 from tests.fl_client.server_round import round_record
@@ -58,7 +59,7 @@ def test_moments_that_do_not_fit_the_model_are_refused_by_name(site):
 
 def test_a_site_sends_its_moments_and_starts_from_the_shared_ones_when_asked(site):
     data = load_site_data(site)
-    plain = SiteConfig(**{**site.__dict__, "dp": False})
+    plain = replace(site, privacy=replace(site.privacy, enabled=False))
     record, state = round_record(data.catalog)
     assert train_round(plain, data, RoundConfig.from_record(record), state).moments is None  # not asked
     record[wire.SHARE_OPTIMIZER_STATE] = True
@@ -79,8 +80,8 @@ def test_a_dp_site_shares_moments_of_its_noised_gradients_and_still_spends_its_a
     record, state = round_record(data.catalog)
     record[wire.SHARE_OPTIMIZER_STATE] = True
     first = train_round(site, data, RoundConfig.from_record(record), state)
-    assert first.dp and 0 < first.epsilon < site.epsilon and first.moments is not None
+    assert first.dp and 0 < first.epsilon < site.privacy.epsilon and first.moments is not None
     record[wire.SERVER_ROUND] = 2
     second = train_round(site, data, RoundConfig.from_record(record), first.state, first.moments)
-    assert first.epsilon < second.epsilon <= site.epsilon * 1.01  # sharing changes nothing about the accounting
+    assert first.epsilon < second.epsilon <= site.privacy.epsilon * 1.01  # sharing changes nothing about the accounting
     assert float(second.moments[wire.MOMENTS_STEP][0]) > float(first.moments[wire.MOMENTS_STEP][0])

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -38,7 +37,7 @@ def stuck_in_training(*args, **kwargs):
     Path(sys.argv[2]).write_text("training")
     time.sleep(600)
 
-site = SiteConfig(**json.loads(sys.argv[1]))
+site = SiteConfig.from_node_config(json.loads(sys.argv[1]))
 data = load_site_data(site)
 record, state = round_record(data.catalog, 1)
 federated.train = stuck_in_training
@@ -55,7 +54,8 @@ def recorded_rounds(site: SiteConfig) -> list[tuple[str, int]]:
 def kill_while_training(site: SiteConfig, marker: Path) -> tuple[int, int]:
     """Run round 1 in a subprocess and SIGKILL it once it trains: its pid, and the pid holding the site's lock
     at that moment."""
-    process = subprocess.Popen([sys.executable, "-c", KILLED_SITE, json.dumps(asdict(site)), str(marker)], cwd=ROOT)
+    process = subprocess.Popen([sys.executable, "-c", KILLED_SITE, json.dumps(site.node_config()), str(marker)],
+                               cwd=ROOT)
     try:
         deadline = time.monotonic() + 300
         while not marker.exists():
@@ -82,7 +82,7 @@ def test_a_site_killed_while_training_is_charged_once_when_the_round_is_sent_aga
     # The server resends the round to the restarted site; the kernel released the dead process' lock.
     reply = train_round(site, data, config, state)
     assert not reply.declined and reply.num_examples == len(data.sequences.trainable_users())
-    assert 0 < reply.epsilon <= site.epsilon
+    assert 0 < reply.epsilon <= site.privacy.epsilon
     assert recorded_rounds(site) == [("train-7", 1)]
     # Sent once more after it completed (a reply lost on its way back): the kept reply, nothing charged again.
     again = train_round(site, data, config, state)

@@ -77,8 +77,8 @@ def test_secure_mode_trains_without_torchcsprng_and_spends_the_same_epsilon(data
 
 
 def test_a_site_in_secure_mode_trains_a_federated_round(site):
-    secure_site = replace(site, secure_mode=True)
+    secure_site = replace(site, privacy=replace(site.privacy, secure_mode=True))
     site_data = load_site_data(secure_site)
     record, state = round_record(site_data.catalog, 1, num_rounds=2)
     reply = train_round(secure_site, site_data, RoundConfig.from_record(record), state)
-    assert not reply.declined and reply.dp and 0 < reply.epsilon < secure_site.epsilon
+    assert not reply.declined and reply.dp and 0 < reply.epsilon < secure_site.privacy.epsilon

@@ -113,7 +113,7 @@ class Payload:
 
 def test_tampered_optimiser_state_is_never_unpickled(site):
     data = load_site_data(site)
-    plain = replace(site, dp=False)
+    plain = replace(site, privacy=replace(site.privacy, enabled=False))
     record, state = round_record(data.catalog)
     record[wire.KEEP_OPTIMIZER_STATE] = True
     path = optimizer_state_path(plain, "train-7")
@@ -166,7 +166,7 @@ def test_a_site_with_no_trainable_users_is_refused_not_divided_by_zero(site, tmp
     short.to_csv(path, index=False)
     empty = replace(site, data_path=str(path))
     for dp in (True, False):
-        config = replace(empty, dp=dp)
+        config = replace(empty, privacy=replace(empty.privacy, enabled=dp))
         data = load_site_data(config)
         record, state = round_record(data.catalog)
         with pytest.raises(SiteStartError, match="no trainable users"):

@@ -86,10 +86,12 @@ def test_a_site_without_trainable_users_or_below_the_dp_minimum_is_refused_at_st
     data = load_site_data(site)
     with pytest.raises(SiteStartError, match="min_users=500"):
         check_site_start(replace(site, min_users=500), data)
-    assert "rounds recorded" in check_site_start(replace(site, min_users=500, dp=False), data)  # no DP, no minimum
+    no_dp = replace(site, min_users=500, privacy=replace(site.privacy, enabled=False))
+    assert "rounds recorded" in check_site_start(no_dp, data)  # no DP, no minimum
     lonely = tmp_path / "lonely.csv"
     lonely.write_text("user_id,item_id,timestamp\nu1,a,1700000000\nu1,b,1700000060\n")
-    empty = replace(site, data_path=str(lonely), state_dir=str(tmp_path / "lonely-state"), dp=False)
+    empty = replace(site, data_path=str(lonely), state_dir=str(tmp_path / "lonely-state"),
+                    privacy=replace(site.privacy, enabled=False))
     with pytest.raises(SiteStartError, match="no trainable users"):
         check_site_start(empty, load_site_data(empty))
 

@@ -9,7 +9,7 @@ import yaml
 
 from fl_client.lockdown import warn_insecure
 from fl_client.site import SiteConfig
-from fl_client.supernode import node_config, parse_args, site_config, supernode_command
+from fl_client.supernode import parse_args, site_config, supernode_command
 from shared_model.app_signature import trusted_entities
 from shared_model.device import describe_device, resolve_device
 from shared_model.key_files import make_signing_keys, make_site_keys
@@ -23,9 +23,10 @@ def test_site_settings_round_trip_through_the_node_config_file(tmp_path):
                        "--superlink", "10.0.0.5:9092", "--port", "9200", "--accountant", "rdp",
                        "--micro-batch-users", "32", "--cache-keep", "5", "--state-dir", str(tmp_path / "my state")])
     site = site_config(args)
-    assert site.state_dir == str(tmp_path / "my state") and site.epsilon == 3.0 and site.delta is None
-    assert (site.accountant, site.micro_batch_users, site.noise_multiplier, site.cache_keep) == ("rdp", 32, None, 5)
-    parsed = tomllib.loads(toml_text(node_config(site)))
+    assert site.state_dir == str(tmp_path / "my state") and site.privacy.epsilon == 3.0 and site.privacy.delta is None
+    assert (site.privacy.accountant, site.privacy.noise_multiplier) == ("rdp", None)
+    assert (site.micro_batch_users, site.cache_keep) == (32, 5)
+    parsed = tomllib.loads(toml_text(site.node_config()))
     assert SiteConfig.from_node_config(parsed) == site
     command = supernode_command(args, tmp_path / "node_config.toml")
     assert command[1:5] == ["--superlink", "10.0.0.5:9092", "--port", "9200"] and command[-1] == "--insecure"
@@ -41,8 +42,8 @@ def test_no_dp_and_the_locked_down_options_are_passed_on(tmp_path, monkeypatch):
                        str(publisher), "--data", str(data), "--catalog", "c.json", "--state-dir", "s", "--no-dp",
                        "--delta", "1e-6", "--noise-multiplier", "1.5", "--grad-sample-mode", "ghost"])
     site = site_config(args)
-    assert not site.dp and site.delta == 1e-6
-    assert SiteConfig.from_node_config(tomllib.loads(toml_text(node_config(site)))) == site
+    assert not site.privacy.enabled and site.privacy.delta == 1e-6
+    assert SiteConfig.from_node_config(tomllib.loads(toml_text(site.node_config()))) == site
     command = supernode_command(args, tmp_path / "state" / "n.toml")
     assert "--insecure" not in command
     assert command[command.index("--root-certificates") + 1] == str(tmp_path / "ca.pem")  # absolute

@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 import fl_client.client_app
 import fl_client.federated
 from fl_client.client_app import SECURE_SUM, build_client_app
+from fl_client.dp_settings import PrivacyConfig
 from fl_client.federated import RoundReply
 from fl_client.rounds import RoundConfig, build_global_model
 from fl_client.site import SiteConfig
@@ -68,7 +69,8 @@ def federation(tmp_path, monkeypatch, serverapp_identity):
     updates = {n: {k: torch.randn_like(v) * 0.01 * (i + 1) for k, v in start.items()} for i, n in enumerate(NODES)}
     users = {n: 10 + 7 * i for i, n in enumerate(NODES)}
     sites = {n: SiteConfig(data_path=str(events), catalog_path=str(tmp_path / "catalog.json"),
-                           state_dir=str(tmp_path / f"state{n}"), dp=False, device="cpu") for n in NODES}
+                           state_dir=str(tmp_path / f"state{n}"), privacy=PrivacyConfig(enabled=False), device="cpu")
+             for n in NODES}
     by_dir = {s.state_dir: n for n, s in sites.items()}
 
     def fake_train(site, data, round_cfg, state, shared=None):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fl_client.dp_settings import PrivacyConfig
 from fl_client.site import SiteConfig
 from fl_server.config import ServerConfig, StrategyConfig
 from shared_model import wire
@@ -18,11 +19,13 @@ from simulations.partition import PartitionConfig, partition_users
 from simulations.prepare import prepare_data
 
 
-def synthetic_sites(tmp_path, users: int, items: int, seed: int, num_sites: int, **site):
-    """Synthetic events for `users` users split iid over `num_sites` sites, written as site files."""
+def synthetic_sites(tmp_path, users: int, items: int, seed: int, num_sites: int, **privacy):
+    """Synthetic events for `users` users split iid over `num_sites` sites with DP (`privacy`: PrivacyConfig
+    fields that differ), written as site files."""
     data = prepare_data(DataConfig(name="synthetic", synthetic={"num_users": users, "num_items": items, "seed": seed}))
     parts = partition_users(data.sequences, PartitionConfig(kind="iid", num_partitions=num_sites))
-    template = SiteConfig(data_path="", catalog_path="", state_dir="", device="cpu", **site)
+    template = SiteConfig(data_path="", catalog_path="", state_dir="", device="cpu",
+                          privacy=PrivacyConfig(**{"enabled": True, **privacy}))
     return data, parts, write_sites(data, parts, tmp_path / "sites", template)
 
 
@@ -85,7 +88,7 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
 
 @pytest.mark.slow
 def test_sites_send_which_items_they_hold_and_share_their_optimiser_moments_when_asked(tmp_path):
-    _, _, sites = synthetic_sites(tmp_path, users=180, items=40, seed=4, num_sites=3, dp=False)
+    _, _, sites = synthetic_sites(tmp_path, users=180, items=40, seed=4, num_sites=3, enabled=False)
     out = tmp_path / "server"
     server = server_config(tmp_path, num_rounds=2, share_optimizer_state=True,
                            model=ModelConfig(hidden_size=16, max_len=20, item_features=[], item_bias=False),
@@ -112,7 +115,7 @@ def test_sites_send_which_items_they_hold_and_share_their_optimiser_moments_when
 def test_rounds_between_evaluations_are_trained_and_checkpointed_but_not_scored(tmp_path):
     from fl_server.report import progress_line
 
-    _, _, sites = synthetic_sites(tmp_path, users=120, items=30, seed=5, num_sites=2, dp=False)
+    _, _, sites = synthetic_sites(tmp_path, users=120, items=30, seed=5, num_sites=2, enabled=False)
     out = tmp_path / "server"
     server = server_config(tmp_path, num_rounds=3, eval_every=2, central_eval_path=sites[0].data_path,
                            model=ModelConfig(hidden_size=16, max_len=20, item_features=[]),
@@ -129,7 +132,7 @@ def test_rounds_between_evaluations_are_trained_and_checkpointed_but_not_scored(
 
 @pytest.mark.slow
 def test_a_training_from_an_exported_model_scores_it_as_round_zero_before_training(tmp_path):
-    data, parts, sites = synthetic_sites(tmp_path, users=120, items=30, seed=6, num_sites=2, dp=False)
+    data, parts, sites = synthetic_sites(tmp_path, users=120, items=30, seed=6, num_sites=2, enabled=False)
     model = ModelConfig(hidden_size=16, max_len=20, item_features=["text"], feature_dim=8, feature_scoring=True)
     run_federation(sites, server_config(tmp_path, num_rounds=1, model=model, strategy=StrategyConfig(min_nodes=2)))
     exported = tmp_path / "server" / "model"
