@@ -36,7 +36,7 @@ from shared_model.launch import (
 log = logging.getLogger("fedrec-client")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The site's command line: where the server is, where the data is, and the site's privacy budget."""
     parser = argparse.ArgumentParser(prog="fedrec-client", description=__doc__.splitlines()[0])
     parser.add_argument("--superlink", default="127.0.0.1:9092", help="the server's address HOST:PORT")
@@ -76,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "events, dropped rows, δ, σ for the server's plan, default %(const)s), then exit "
                              "without connecting or enrolling")
     add_security_args(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed and its security flags checked."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     check_security_args(parser, args)
     return args

@@ -44,7 +44,7 @@ log = logging.getLogger("fedrec-server")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The server's command line."""
     parser = argparse.ArgumentParser(prog="fedrec-server", description=__doc__.splitlines()[0])
     parser.add_argument("--catalog", required=True, help="the public catalog.json every site shares")
@@ -70,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default: the larger of 3600 and 3 x round-timeout); completed rounds are kept for "
                              "a resume")
     parser.add_argument("--app", default=str(PROJECT_ROOT), help="the Flower app directory (fedrec's source tree)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed and its security flags checked."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     check_security_args(parser, args)
     return args
