@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fl_client.dp_settings import default_delta
-from fl_client.enrolment import LEDGER_FILE, check_delta, load_identity, site_lock
+from fl_client.dp.enrolment import LEDGER_FILE, check_delta, load_identity, site_lock
+from fl_client.dp.settings import default_delta
 from fl_client.site import SiteConfig, SiteData, check_users
 from shared_model.adapters import load_dataset
 from shared_model.catalog import ItemCatalog

@@ -19,8 +19,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fl_client import secagg
+from fl_client.dp.ledger import LedgerError
 from fl_client.frozen import FrozenTensorsError, frozen_tensors
-from fl_client.ledger import LedgerError
 from fl_client.rounds import (
     ModelMismatchError,
     ModelTooLargeError,

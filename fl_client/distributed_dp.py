@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from opacus.optimizers.optimizer import _generate_noise
 
-from fl_client.dp_step import private_step
-from fl_client.enrolment import site_lock
+from fl_client.dp.engine import make_private
+from fl_client.dp.enrolment import site_lock
+from fl_client.dp.ledger import BudgetExceededError
+from fl_client.dp.secure_rng import secure_gaussian, secure_uniform
+from fl_client.dp.step import private_step
 from fl_client.federated import RoundReply, declined, keep_reply, resent_reply
-from fl_client.ledger import BudgetExceededError
-from fl_client.privacy import make_private
 from fl_client.rounds import RoundConfig, build_global_model
-from fl_client.secure_rng import secure_gaussian, secure_uniform
 from fl_client.site import SiteConfig, SiteData, SiteStartError, check_users
 from fl_client.train import TrainConfig, peak_memory_mb, user_loader
 from shared_model import wire
@@ -93,7 +93,7 @@ def gradient_step(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, mode
                                                   privacy, share)
     dp_optimizer.expected_batch_size = expected
     started = time.perf_counter()
-    # Poisson sampling: from the OS CSPRNG in secure mode (as fl_client.secure_rng samples a DP step's users)
+    # Poisson sampling: from the OS CSPRNG in secure mode (as fl_client.dp.secure_rng samples a DP step's users)
     draws = secure_uniform(len(users)) if privacy.secure_mode else \
         np.random.default_rng(secrets.randbits(128)).random(len(users))
     sampled = users[draws < round_cfg.ddp_sample_rate]

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from fl_client.enrolment import site_lock
-from fl_client.ledger import BudgetExceededError, PrivacyLedger
+from fl_client.dp.engine import AccountantHistory, PrivacyConfig, calibrate_noise
+from fl_client.dp.enrolment import site_lock
+from fl_client.dp.ledger import BudgetExceededError, PrivacyLedger
 from fl_client.moments import from_named_moments, to_named_moments, trainable_names
-from fl_client.privacy import AccountantHistory, PrivacyConfig, calibrate_noise
 from fl_client.rounds import (
     RoundConfig,
     TrainingDivergedError,
@@ -281,7 +281,7 @@ def round_seed(site: SiteConfig, round_cfg: RoundConfig) -> int:
     noise of every round: the noise would add up round after round instead of averaging out, and the
     accountant's assumption of independent noise at every step would be false. A seed the server could
     derive would let it subtract the noise. (`privacy.secure_mode` goes further: noise and samples then come
-    from the OS CSPRNG, fl_client/secure_rng.py.) Without DP the seed is derived from the training run, the
+    from the OS CSPRNG, fl_client/dp/secure_rng.py.) Without DP the seed is derived from the training run, the
     round and the site, so a simulation is reproducible.
     """
     if site.privacy.enabled:

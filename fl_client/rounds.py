@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fl_client.dp_settings import default_delta
+from fl_client.dp.settings import default_delta
 from fl_client.site import MAX_MODEL_PARAMETERS, SiteConfig, SiteData
 from shared_model import wire
 from shared_model.configuration_fedrec import FedRecConfig
@@ -180,7 +180,7 @@ def check_global_state(expected: Mapping[str, torch.Tensor], state: Mapping[str,
 
 def site_delta(site: SiteConfig, data: SiteData) -> float:
     """The site's δ: configured, or default_delta of its number of users (a DP site's ledger keeps the δ it
-    started with: fl_client.enrolment)."""
+    started with: fl_client.dp.enrolment)."""
     return site.privacy.delta if site.privacy.delta is not None else default_delta(len(data.sequences))
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fl_client.enrolment import site_lock
+from fl_client.dp.enrolment import site_lock
 from shared_model import secure_sum
 from shared_model.atomic import write_text_atomically
 from shared_model.secure_sum import SecureSumError, SecureSumSettings, pair_context

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fl_client.dp_settings import PrivacyConfig
-from fl_client.enrolment import open_site_ledger, site_lock
-from fl_client.ledger import PrivacyLedger
+from fl_client.dp.enrolment import open_site_ledger, site_lock
+from fl_client.dp.ledger import PrivacyLedger
+from fl_client.dp.settings import PrivacyConfig
 from shared_model.adapters import load_dataset
 from shared_model.atomic import write_atomically
 from shared_model.catalog import ItemCatalog

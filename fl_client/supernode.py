@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from fl_client.check import DEFAULT_PLAN, Plan, check_site
-from fl_client.dp_settings import ACCOUNTANTS, GRAD_SAMPLE_MODES, PrivacyConfig
+from fl_client.dp.settings import ACCOUNTANTS, GRAD_SAMPLE_MODES, PrivacyConfig
 from fl_client.lockdown import add_security_args, check_security_args, security_flags, warn_insecure
 from fl_client.site import MAX_MODEL_PARAMETERS, MIN_USERS, SiteConfig, check_site_start, load_site_data
 from shared_model.console import EXPECTED_ERRORS, console_command, quiet_library_warnings, rng_note

@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fl_client.dp_step import ClippingStats, private_step
-from fl_client.privacy import PrivacyConfig, PrivacySpent, calibrate_noise, make_private, resolve_delta, spent
+from fl_client.dp.engine import PrivacyConfig, PrivacySpent, calibrate_noise, make_private, resolve_delta, spent
+from fl_client.dp.step import ClippingStats, private_step
 from fl_client.rounds import TrainingDivergedError
 from shared_model import wire
 from shared_model.device import resolve_device

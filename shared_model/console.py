@@ -22,7 +22,7 @@ LIBRARY_NOISE: tuple[tuple[str, str], ...] = (
     ("Full backward hook is firing when gradients are computed with respect to module outputs",
      "Opacus' hooks on a model whose inputs (item ids) need no gradient: per-user gradients are unaffected"),
     ("Secure RNG turned off", "Opacus' own secure RNG; fedrec's is privacy.secure_mode / --secure-mode "
-                              "(fl_client.secure_rng), stated in fedrec's own log lines"),
+                              "(fl_client.dp.secure_rng), stated in fedrec's own log lines"),
     ("Tip: In future versions of Ray, Ray will no longer override accelerator", "a coming Ray default that "
                                                                                 "fedrec does not rely on"),
 )

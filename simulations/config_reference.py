@@ -20,7 +20,7 @@ import tokenize
 from pathlib import Path
 from typing import Any
 
-from fl_client.dp_settings import PrivacyConfig
+from fl_client.dp.settings import PrivacyConfig
 from fl_client.site import NODE_PRIVACY_KEYS, SiteConfig
 from fl_client.supernode import build_parser as client_parser
 from fl_client.train import TrainConfig

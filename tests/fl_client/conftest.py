@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fl_client.dp_settings import PrivacyConfig
+from fl_client.dp.settings import PrivacyConfig
 from fl_client.site import SiteConfig
 from shared_model.catalog import ItemCatalog
 from shared_model.events import LoadReport, finish_events

@@ -180,7 +180,8 @@ from tests.fl_client.test_client_app import call, message
 site = SiteConfig(data_path={site.data_path!r}, catalog_path={site.catalog_path!r}, state_dir={site.state_dir!r})
 reply = call(site, message("evaluate", ItemCatalog.load(site.catalog_path)))
 assert not reply.has_error(), reply.error
-print(sorted(m for m in ("opacus", "fl_client.privacy", "fl_client.train", "fl_client.federated") if m in sys.modules))
+loaded = ("opacus", "fl_client.dp.engine", "fl_client.train", "fl_client.federated")
+print(sorted(m for m in loaded if m in sys.modules))
 """
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)

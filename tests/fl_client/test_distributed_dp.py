@@ -120,7 +120,7 @@ def test_in_secure_mode_the_sample_comes_from_the_os_csprng(site, monkeypatch):
 
     drawn = []
 
-    def from_the_csprng(count):  # stands in for fl_client.secure_rng.secure_uniform: nobody sampled
+    def from_the_csprng(count):  # stands in for fl_client.dp.secure_rng.secure_uniform: nobody sampled
         drawn.append(count)
         return np.ones(count)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fl_client.dp_settings import default_delta
-from fl_client.enrolment import SiteBusyError, open_site_ledger, site_lock
-from fl_client.ledger import BudgetExceededError, LedgerError, epsilon_of
+from fl_client.dp.enrolment import SiteBusyError, open_site_ledger, site_lock
+from fl_client.dp.ledger import BudgetExceededError, LedgerError, epsilon_of
+from fl_client.dp.settings import default_delta
 
 ROUND = [(1.0, 0.05, 40)]  # σ, sample rate, steps of one local training round
 USERS = 500
@@ -161,8 +161,8 @@ def test_two_processes_both_recording_lose_no_round(tmp_path):
     script = f"""
 import sys, time
 from pathlib import Path
-import fl_client.privacy  # Opacus imported before the race, so both processes reach the lock together
-from fl_client.enrolment import open_site_ledger, site_lock
+import fl_client.dp.engine  # Opacus imported before the race, so both processes reach the lock together
+from fl_client.dp.enrolment import open_site_ledger, site_lock
 with site_lock(Path({str(tmp_path)!r})):
     ledger = open_site_ledger(Path({str(tmp_path)!r}), "prv", None, {USERS})
     time.sleep(1.0)  # training, between reading the ledger and recording

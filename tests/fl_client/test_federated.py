@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_client.dp_settings import PrivacyConfig
+from fl_client.dp.ledger import PrivacyLedger
+from fl_client.dp.settings import PrivacyConfig
 from fl_client.federated import local_train_config, optimizer_state_path, plan_round, train_round
-from fl_client.ledger import PrivacyLedger
 from fl_client.rounds import RoundConfig, build_global_model, evaluate_round
 from fl_client.site import SiteConfig, load_site_data
 from shared_model import wire

@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from fl_client.dp.engine import PrivacyConfig
+from fl_client.dp.ledger import PrivacyLedger
 from fl_client.federated import optimizer_state_path, train_round
-from fl_client.ledger import PrivacyLedger
-from fl_client.privacy import PrivacyConfig
 from fl_client.rounds import RoundConfig, evaluate_round
 from fl_client.site import load_site_data
 from fl_client.train import TrainConfig, train

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fl_client.ledger import BudgetExceededError, LedgerError, PrivacyLedger, epsilon_of
+from fl_client.dp.ledger import BudgetExceededError, LedgerError, PrivacyLedger, epsilon_of
 
 ROUND = [(1.0, 0.05, 40)]  # σ, sample rate, steps of one local training round
 DELTA = 1e-4

@@ -8,10 +8,10 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 
-from fl_client import privacy
-from fl_client.dp_settings import default_delta
-from fl_client.dp_step import length_chunks, private_step
-from fl_client.privacy import PrivacyConfig, calibrate_noise, make_private
+from fl_client.dp import engine as privacy
+from fl_client.dp.engine import PrivacyConfig, calibrate_noise, make_private
+from fl_client.dp.settings import default_delta
+from fl_client.dp.step import length_chunks, private_step
 from fl_client.train import TrainConfig, TrainingDivergedError, train, user_loader
 from shared_model import wire
 from shared_model.configuration_fedrec import FedRecConfig

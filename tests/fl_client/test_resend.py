@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fl_client.dp.ledger import PrivacyLedger
 from fl_client.federated import train_round
-from fl_client.ledger import PrivacyLedger
 from fl_client.rounds import RoundConfig
 from fl_client.site import SiteConfig, load_site_data
 from fl_client.supernode import stop_leftover_supernodes

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from fl_client.dp.engine import PrivacyConfig
+from fl_client.dp.secure_rng import SecurePoissonSampler, secure_gaussian, secure_standard_normal, secure_uniform
 from fl_client.federated import train_round
-from fl_client.privacy import PrivacyConfig
 from fl_client.rounds import RoundConfig
-from fl_client.secure_rng import SecurePoissonSampler, secure_gaussian, secure_standard_normal, secure_uniform
 from fl_client.site import load_site_data
 from fl_client.train import TrainConfig, train
 from shared_model.configuration_fedrec import FedRecConfig

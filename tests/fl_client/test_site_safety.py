@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_client.enrolment import LEDGER_FILE
+from fl_client.dp.enrolment import LEDGER_FILE
 from fl_client.federated import load_reply, reply_path, train_round
 from fl_client.rounds import (
     ModelMismatchError,

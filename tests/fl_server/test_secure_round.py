@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 import fl_client.client_app
 import fl_client.federated
 from fl_client.client_app import SECURE_SUM, build_client_app
-from fl_client.dp_settings import PrivacyConfig
+from fl_client.dp.settings import PrivacyConfig
 from fl_client.federated import RoundReply
 from fl_client.rounds import RoundConfig, build_global_model
 from fl_client.site import SiteConfig

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from scipy import special
 
 import simulations.audit
-from fl_client.privacy import PrivacySpent
+from fl_client.dp.engine import PrivacySpent
 from simulations.audit import AuditRunConfig, ClaimRefutedError, make_canaries, run_audit
 from simulations.audit_bound import audit_scores, epsilon_lower_bound, p_value
 

@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from fl_client.dp_settings import default_delta
+from fl_client.dp.settings import default_delta
 from shared_model.serialization import load_model_dir
 from simulations.centralized import run_centralized
 from simulations.config import CentralizedConfig, register_schemas

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_client.dp_settings import PrivacyConfig
+from fl_client.dp.settings import PrivacyConfig
 from fl_client.site import SiteConfig
 from fl_server.config import ServerConfig, StrategyConfig
 from shared_model import wire

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from fl_client.dp_settings import default_delta
+from fl_client.dp.settings import default_delta
 from simulations.local_only import METRIC_KEYS, site_seed, weighted_mean
 from simulations.simulate import SimulateConfig, register_simulate_schemas, run_simulate
 
@@ -109,7 +109,7 @@ def test_every_site_alone_starts_from_the_initial_model_when_one_is_given(tmp_pa
 
 
 def test_a_site_keeps_the_initial_model_when_its_training_scores_lower_on_validation(tmp_path):
-    from fl_client.privacy import PrivacyConfig
+    from fl_client.dp.engine import PrivacyConfig
     from fl_client.train import TrainConfig, train
     from shared_model.metrics import evaluate_model
     from shared_model.serialization import save_model_dir

@@ -1,5 +1,5 @@
 """User-level DP-SGD through Opacus: noise calibration, accounting, and wrapping a model for training (the
-settings are fl_client.dp_settings).
+settings are fl_client.dp.settings).
 
 One training row is one user, so Opacus' per-sample (ε, δ) is a per-user guarantee.
 """
@@ -22,8 +22,8 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
-from fl_client.dp_settings import AccountantHistory, PrivacyConfig, default_delta
-from fl_client.secure_rng import secure_loader, use_secure_noise
+from fl_client.dp.secure_rng import secure_loader, use_secure_noise
+from fl_client.dp.settings import AccountantHistory, PrivacyConfig, default_delta
 from shared_model.atomic import write_atomically
 
 
@@ -102,7 +102,7 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
     if config.grad_sample_mode == "ghost" and getattr(model.config, "tie_item_embeddings", False):
         raise ValueError("ghost clipping cannot handle the tied item table: set model.tie_item_embeddings=false "
                          "or privacy.grad_sample_mode=hooks")
-    # secure_mode is ours (fl_client.secure_rng): Opacus' needs torchcsprng, which no current torch has.
+    # secure_mode is ours (fl_client.dp.secure_rng): Opacus' needs torchcsprng, which no current torch has.
     with warnings.catch_warnings():
         if config.secure_mode:  # Opacus warns that *its* secure RNG is off; ours replaces it just below
             warnings.filterwarnings("ignore", message="Secure RNG turned off")

@@ -2,7 +2,7 @@
 
 The ledger survives client restarts (deployment starts a fresh process per message), refuses to record the
 same (run, round) twice, and answers "would this round exceed the site's budget?" before any training.
-It belongs to one site identity (site.json, fl_client.enrolment), which also keeps the ledger's head (its
+It belongs to one site identity (site.json, fl_client.dp.enrolment), which also keeps the ledger's head (its
 entry count and the SHA-256 of its entries), rewritten after every record: a ledger that was emptied,
 shortened or edited no longer matches its head and is an error naming the file, never ε = 0.
 """
@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fl_client.dp_settings import AccountantHistory
+from fl_client.dp.settings import AccountantHistory
 from shared_model.atomic import write_text_atomically
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def epsilon_of(history: AccountantHistory, delta: float, accountant: str = "prv"
     if not history:
         return 0.0
     # Opacus is imported only to compute ε: a site's start check and its evaluate messages open no accountant.
-    from fl_client.privacy import composed_epsilon
+    from fl_client.dp.engine import composed_epsilon
 
     return composed_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), delta, accountant)
 

@@ -1,5 +1,5 @@
 """A site's DP settings and the names they are checked against: plain data, no Opacus, so reading a site's
-settings (and an evaluate message, which trains nothing) never imports it. fl_client.privacy does the DP."""
+settings (and an evaluate message, which trains nothing) never imports it. fl_client.dp.engine does the DP."""
 
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fl_client.dp_settings import default_delta
-from fl_client.ledger import START_OVER, LedgerError, PrivacyLedger, SiteIdentity, read_json
+from fl_client.dp.ledger import START_OVER, LedgerError, PrivacyLedger, SiteIdentity, read_json
+from fl_client.dp.settings import default_delta
 
 log = logging.getLogger(__name__)
 IDENTITY_FILE = "site.json"

@@ -4,19 +4,23 @@ per-user clipping and noise, and an optional record of the per-user gradient nor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from opacus.optimizers import DPOptimizer
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
-from fl_client.privacy import PrivacyConfig
+from fl_client.dp.settings import PrivacyConfig
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
 from shared_model.sequences import UserSequences, make_batch
 
-if TYPE_CHECKING:  # train imports this module
-    from fl_client.train import TrainConfig
+
+class MicroBatchLimits(Protocol):
+    """How large a micro-batch may be (fl_client.train.TrainConfig has both)."""
+
+    micro_batch_tokens: int  # padded positions per micro-batch
+    micro_batch_users: int  # users per micro-batch
 
 
 @dataclass
@@ -74,7 +78,7 @@ def length_chunks(seqs: UserSequences, users: list[int], max_len: int, max_token
 
 
 def private_step(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequences, users: list[int],
-                 optimizer: torch.optim.Optimizer, privacy: PrivacyConfig, config: TrainConfig,
+                 optimizer: torch.optim.Optimizer, privacy: PrivacyConfig, config: MicroBatchLimits,
                  device: torch.device, clipping: ClippingStats | None = None) -> float:
     """One DP-SGD step over a Poisson-sampled batch, in length-sorted micro-batches.
 
