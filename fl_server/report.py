@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from shared_model.metrics import with_error
+from shared_model.privacy_claim import privacy_claim
 from shared_model.wire import TRAIN_CE
 
 
@@ -36,14 +37,15 @@ def privacy_sentence(rows: list[dict[str, Any]]) -> str:
     spent = dp_spent(trained)
     if spent is None:
         last = trained[-1].get("privacy", {})
-        return ("No differential-privacy claim: at least one site trained without DP "
-                f"({last.get('sites_without_dp', 0)} of {last.get('sites', 0)} sites in the last round).")
+        return privacy_claim(None, no_dp_reason=f"at least one site trained without DP: "
+                             f"{last.get('sites_without_dp', 0)} of {last.get('sites', 0)} sites in the last round")
     distributed = [r["distributed_dp"] for r in trained if "distributed_dp" in r]
     if distributed:
         return distributed_dp_sentence(trained, distributed, spent)
-    return (f"User-level DP at every site that reported (unit: one user of that site). Cumulative over all "
-            f"rounds: ε max {spent['epsilon_max']:.3f}, mean {spent['epsilon_mean']:.3f} over "
-            f"{spent['sites_with_dp']} sites, δ ≤ {spent['delta_max']:.3g}. Each site enforces its own budget.")
+    return privacy_claim(spent["epsilon_max"], spent["delta_max"], unit="user of a site", upper_bound=True,
+                         mechanism=f"at every site that reported, cumulative over all rounds (ε max "
+                                   f"{spent['epsilon_max']:.3f}, mean {spent['epsilon_mean']:.3f} over "
+                                   f"{spent['sites_with_dp']} sites)", note="Each site enforces its own budget.")
 
 
 def distributed_dp_sentence(trained: list[dict[str, Any]], distributed: list[dict[str, Any]],
@@ -52,10 +54,12 @@ def distributed_dp_sentence(trained: list[dict[str, Any]], distributed: list[dic
     users a round, and the assumption it rests on."""
     last = distributed[-1]
     secure = any("secure_aggregation" in r for r in trained)
-    text = (f"Distributed DP: user-level DP over the union of the sites' users (unit: one user of any site), one "
-            f"DP-SGD step a round (q = {last['sample_rate']:g}, σ = {last['noise_multiplier']:g}, "
-            f"C = {last['max_grad_norm']:g}). Cumulative over all rounds, as each site's ledger records it: ε max "
-            f"{spent['epsilon_max']:.3f} over {spent['sites_with_dp']} sites, δ ≤ {spent['delta_max']:.3g}. ")
+    text = "Distributed DP: " + privacy_claim(
+        spent["epsilon_max"], spent["delta_max"], unit="user of any site", upper_bound=True,
+        mechanism=f"over the union of the sites' users, one DP-SGD step a round (q = {last['sample_rate']:g}, "
+                  f"σ = {last['noise_multiplier']:g}, C = {last['max_grad_norm']:g}); cumulative over all rounds as "
+                  f"each site's ledger records it (ε max {spent['epsilon_max']:.3f} over {spent['sites_with_dp']} "
+                  "sites)") + ". "
     if secure:
         colluders = f"{last['colluders']} site colludes" if last["colluders"] == 1 else \
             f"{last['colluders']} sites collude"

@@ -36,6 +36,7 @@ from shared_model.console import console_command, exit_on_error
 from shared_model.device import resolve_device
 from shared_model.events import EVENT_TYPE_CODES
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
+from shared_model.privacy_claim import privacy_claim
 from shared_model.sequences import FIRST_EVENT_BUCKET, UserSequences, make_batch
 from shared_model.serialization import load_model_dir, save_model_dir
 from simulations.audit_bound import AuditResult, audit_scores
@@ -205,8 +206,9 @@ def train_federated(cfg: AuditRunConfig, data: PreparedData, members: UserSequen
         return model, None
     ledger = PrivacyLedger(out / "sites" / "site-0" / "state" / "privacy_ledger.json", None, cfg.privacy.accountant)
     epsilon = ledger.spent()
-    return model, Claim(epsilon, ledger.delta, f"(ε = {epsilon:.3f}, δ = {ledger.delta:.3g})-DP per user of site 0, "
-                                               f"over its {len(ledger.entries)} ledger entries")
+    claim = privacy_claim(epsilon, ledger.delta, unit="user of site 0",
+                          mechanism=f"over its {len(ledger.entries)} ledger entries")
+    return model, Claim(epsilon, ledger.delta, claim)
 
 
 def canary_events(members: UserSequences, data: PreparedData) -> pd.DataFrame:

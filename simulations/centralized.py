@@ -21,6 +21,7 @@ from fl_client.train import TrainConfig, TrainResult, train
 from shared_model.console import console_command, exit_on_error, rng_note
 from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, evaluate_popularity, with_standard_errors
+from shared_model.privacy_claim import privacy_claim
 from shared_model.serialization import save_model_dir
 from simulations.config import CentralizedConfig, register_schemas
 from simulations.console import quiet_console
@@ -89,7 +90,7 @@ def training_summary(result: TrainResult, device: str) -> dict[str, Any]:
 def privacy_summary(result: TrainResult) -> dict[str, Any]:
     """The exact DP claim, or an explicit statement that the run had no DP."""
     if result.privacy is None:
-        return {"dp": False, "claim": "no differential privacy (DP was off)"}
+        return {"dp": False, "claim": privacy_claim(None)}
     return {"dp": True, "unit": "one user", "claim": result.privacy.claim(), **asdict(result.privacy)}
 
 

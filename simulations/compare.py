@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from fl_server.report import dp_spent, plot, trained_rows
 from shared_model.metrics import with_error
+from shared_model.privacy_claim import privacy_claim
 
 log = logging.getLogger(__name__)
 SCORES = (("HR@10", "hr@10"), ("NDCG@10", "ndcg@10"))
@@ -49,14 +50,14 @@ def federated_claim(rows: list[dict[str, Any]]) -> str:
         return "nothing trained"
     spent = dp_spent(rows)
     if spent is None:
-        return "no DP claim (DP off at some site)"
-    return (f"user-level DP at {spent['sites_with_dp']} sites: ε ≤ {spent['epsilon_max']:.3f} (mean "
-            f"{spent['epsilon_mean']:.3f}), δ ≤ {spent['delta_max']:.3g}")
+        return privacy_claim(None, no_dp_reason="DP off at some site")
+    return privacy_claim(spent["epsilon_max"], spent["delta_max"], unit="user of a site", upper_bound=True,
+                         mechanism=f"at {spent['sites_with_dp']} sites (ε mean {spent['epsilon_mean']:.3f})")
 
 
 def local_claim(privacy: dict[str, Any]) -> str:
     """A local-only or centralized run's privacy in one cell: its own claim, or no claim when DP was off."""
-    return str(privacy["claim"]) if privacy.get("dp") else "no DP claim (DP was off)"
+    return str(privacy["claim"]) if privacy.get("dp") else privacy_claim(None)
 
 
 def collect(run_dir: Path) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from shared_model.metrics import (
     with_error,
     with_standard_errors,
 )
+from shared_model.privacy_claim import privacy_claim
 from simulations.prepare import PreparedData, build_model
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def run_local_only(data: PreparedData, parts: Sequence[np.ndarray], model_cfg: M
         "seconds": round(time.perf_counter() - started, 1),
         "test": weighted_mean([s.test for s in sites], weights),
         "popularity_test": weighted_mean([s.popularity_test for s in sites], weights),
-        "privacy": privacy_claim(sites, privacy),
+        "privacy": sites_privacy(sites, privacy),
         "per_site": [{**asdict(s), "test": with_standard_errors(s.test),
                       "popularity_test": with_standard_errors(s.popularity_test)} for s in sites]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
@@ -129,16 +130,17 @@ def run_local_only(data: PreparedData, parts: Sequence[np.ndarray], model_cfg: M
     return summary
 
 
-def privacy_claim(sites: Sequence[SiteResult], privacy: PrivacyConfig) -> dict[str, Any]:
+def sites_privacy(sites: Sequence[SiteResult], privacy: PrivacyConfig) -> dict[str, Any]:
     """Per-site (ε, δ) spent, or an explicit statement that there was no DP."""
     if not privacy.enabled:
-        return {"dp": False, "claim": "no differential privacy (DP was off)"}
+        return {"dp": False, "claim": privacy_claim(None)}
     eps = [s.epsilon or 0.0 for s in sites]
     deltas = [s.delta or 0.0 for s in sites]
     return {"dp": True, "unit": "one user of a site", "epsilon_max": max(eps), "epsilon_mean": sum(eps) / len(eps),
             "delta_max": max(deltas),
-            "claim": f"user-level DP at every site: ε ≤ {max(eps):.3f}, δ ≤ {max(deltas):.3g} (δ = 1/#site users "
-                     "unless set)"}
+            "claim": privacy_claim(max(eps), max(deltas), unit="user of a site", upper_bound=True,
+                                   mechanism="at every site, over its own training (each site's δ is "
+                                             "min(1e-5, 1/(10 · its users)) unless set)")}
 
 
 def write_local_report(out_dir: Path, summary: dict[str, Any]) -> Path:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from fl_client.dp.secure_rng import secure_loader, use_secure_noise
 from fl_client.dp.settings import AccountantHistory, PrivacyConfig, default_delta
 from shared_model.atomic import write_atomically
+from shared_model.privacy_claim import privacy_claim
 
 
 @dataclass
@@ -40,8 +41,8 @@ class PrivacySpent:
     def claim(self) -> str:
         """The exact sentence a report prints."""
         steps = sum(h[2] for h in self.history)
-        return (f"(ε = {self.epsilon:.3f}, δ = {self.delta:.3g})-DP per user, over {steps}"
-                f" DP-SGD steps (σ = {self.noise_multiplier:.3f}, C = {self.max_grad_norm})")
+        return privacy_claim(self.epsilon, self.delta, mechanism=f"over {steps} DP-SGD steps "
+                             f"(σ = {self.noise_multiplier:.3f}, C = {self.max_grad_norm:g})")
 
 
 def resolve_delta(config: PrivacyConfig, num_users: int) -> float:

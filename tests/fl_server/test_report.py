@@ -11,7 +11,7 @@ ROWS = [{"round": r, "train_replies": 3, "train_failures": 0, "declined": 0, "tr
 def test_report_states_the_cumulative_privacy_spent_and_writes_plots(tmp_path):
     path = write_report(tmp_path, ROWS, {"rounds": 2, "best_round": 2, "model_dir": "/m"})
     text = path.read_text()
-    assert "ε max 4.000" in text and "one user" in text
+    assert "(ε ≤ 4.000, δ ≤ 0.0001)-DP per user of a site" in text and "ε max 4.000, mean 3.000 over 3 sites" in text
     assert "| 2 | 3 | 0 | 0 | 3.0000 |  | 0.2000 |" in text
     assert (tmp_path / "accuracy.png").stat().st_size > 1000 and (tmp_path / "privacy.png").exists()
 
@@ -28,7 +28,8 @@ def test_report_gives_the_last_and_best_rounds_with_standard_errors(tmp_path):
 def test_no_dp_claim_when_a_site_trained_without_dp():
     rows = [{**ROWS[0], "privacy": {"sites": 3, "sites_with_dp": 2, "sites_without_dp": 1, "epsilon_max": 1.0,
                                     "epsilon_mean": 1.0, "delta_max": 1e-4}}]
-    assert privacy_sentence(rows).startswith("No differential-privacy claim")
+    assert privacy_sentence(rows) == ("no differential privacy (at least one site trained without DP: 1 of 3 "
+                                      "sites in the last round)")
     assert privacy_sentence([]).startswith("No round completed")
 
 
@@ -36,8 +37,9 @@ def test_a_distributed_dp_run_claims_dp_over_the_union_and_names_its_assumption(
     ddp = {"sample_rate": 0.1, "noise_multiplier": 0.8, "max_grad_norm": 1.0, "colluders": 1}
     secure = [{**r, "distributed_dp": ddp, "secure_aggregation": {"sites_summed": 3}} for r in ROWS]
     text = privacy_sentence(secure)
-    assert text.startswith("Distributed DP: user-level DP over the union of the sites' users (unit: one user")
-    assert "q = 0.1, σ = 0.8, C = 1" in text and "ε max 4.000 over 3 sites, δ ≤ 0.0001" in text
+    assert text.startswith("Distributed DP: (ε ≤ 4.000, δ ≤ 0.0001)-DP per user of any site, over the union of "
+                           "the sites' users, one DP-SGD step a round (q = 0.1, σ = 0.8, C = 1)")
+    assert "ε max 4.000 over 3 sites" in text
     assert "at most 1 site colludes with the server" in text and "Each site enforces" not in text
     clear = privacy_sentence([{**r, "distributed_dp": ddp} for r in ROWS])  # each site added all of σC itself
     assert "each site added all of σ·C itself" in clear and "collude" not in clear

@@ -76,5 +76,5 @@ def test_a_centralized_multirun_ends_with_a_comparison_of_its_jobs(tmp_path, mon
     compared = json.loads((tmp_path / "comparison.json").read_text())
     assert [(c["mode"], c["overrides"][0]) for c in compared] == [("centralized", "train.epochs=1"),
                                                                    ("centralized", "train.epochs=2")]
-    assert all(c["privacy"] == "no DP claim (DP was off)" and c["best"]["hr@10"] > 0 for c in compared)
+    assert all(c["privacy"] == "no differential privacy (DP was off)" and c["best"]["hr@10"] > 0 for c in compared)
     assert "| run | train.epochs | mode |" in (tmp_path / "comparison.md").read_text()

@@ -44,9 +44,9 @@ def test_a_comparison_names_what_varied_the_best_and_last_scores_and_each_runs_p
     runs = [collect(p) for p in (dp, mixed, local, tmp_path / "3", central)]
     assert runs[0]["best"]["hr@10"] == 0.3 and runs[0]["last"]["hr@10"] == 0.25  # best: the starting model
     assert runs[0]["hr10_by_round"] == [(0, 0.3), (1, 0.2), (2, 0.25)]
-    assert runs[0]["privacy"] == "user-level DP at 2 sites: ε ≤ 3.000 (mean 2.500), δ ≤ 0.01"
-    assert runs[1]["privacy"] == "no DP claim (DP off at some site)"  # never a claim for a run with DP off
-    assert runs[2]["mode"] == "local" and runs[2]["privacy"] == "no DP claim (DP was off)"
+    assert runs[0]["privacy"] == "(ε ≤ 3.000, δ ≤ 0.01)-DP per user of a site, at 2 sites (ε mean 2.500)"
+    assert runs[1]["privacy"] == "no differential privacy (DP off at some site)"  # never a claim with DP off
+    assert runs[2]["mode"] == "local" and runs[2]["privacy"] == "no differential privacy (DP was off)"
     assert runs[3]["mode"].startswith("no summary")
     assert runs[4]["mode"] == "centralized" and runs[4]["best"]["hr@10"] == 0.5 and runs[4]["seconds"] == 7.0
     assert runs[4]["privacy"] == "user-level DP: ε = 8.000, δ = 0.001 (unit: one user)"  # fedrec-centralized's own

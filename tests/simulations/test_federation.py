@@ -65,7 +65,7 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
     assert [r["frozen_sent_to"] for r in rows] == [3, 0]
     assert rows[0]["bytes_to_each_site"] - rows[1]["bytes_to_each_site"] > features - 200
     report = (out / "report.md").read_text()
-    assert "ε max" in report and "No differential-privacy claim" not in report
+    assert "ε max" in report and "no differential privacy" not in report
     assert f"HR@10 {fed['hr@10']:.4f} ± {fed['hr@10:se']:.4f}" in report
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "privacy.png").stat().st_size > 0
     model, catalog = load_model_dir(out / "model")
@@ -194,7 +194,7 @@ def test_distributed_dp_rounds_are_one_dp_sgd_step_of_the_union_under_secure_agg
     report = (out / "report.md").read_text()
     assert "the server saw only the sum of the sites' masked, quantized updates, at least 3 sites a round" in report
     assert "evaluation figures too" in report
-    assert "Distributed DP: user-level DP over the union of the sites' users" in report  # not a per-site claim
+    assert "Distributed DP: (ε ≤ " in report and "per user of any site, over the union" in report  # not per site
     assert "q = 0.1, σ = 1, C = 1" in report and "at most 0 sites collude with the server" in report
     for site in sites:  # every site charged the sum's (σ, q) for one step a round, and sent each round once
         entries = json.loads(Path(site.ledger_path).read_text())["entries"]

@@ -47,7 +47,7 @@ def test_an_epsilon_sweep_of_the_local_baseline_writes_one_summary_per_job(tmp_p
     assert [(Path(c["run"]).name, c["mode"]) for c in compared] == [("0", "local"), ("1", "local")]
     for row, budget in zip(compared, (3.0, 8.0), strict=True):
         assert f"privacy.epsilon={budget:g}" in row["overrides"] and row["best"]["hr@10"] >= 0
-        assert row["privacy"].startswith("user-level DP at every site: ε ≤ ")
+        assert row["privacy"].startswith("(ε ≤ ") and "per user of a site, at every site" in row["privacy"]
         assert float(row["privacy"].split("ε ≤ ")[1].split(",")[0]) <= budget * 1.01
 
 
@@ -62,6 +62,6 @@ def test_an_epsilon_sweep_of_the_federation_writes_one_server_summary_per_job(tm
         assert (job / "server" / "summary.json").exists()
     compared = json.loads((tmp_path / "sweep" / "comparison.json").read_text())
     assert [(c["mode"], c["rounds"], len(c["hr10_by_round"])) for c in compared] == [("federated", 1, 1)] * 2
-    assert all(c["privacy"].startswith("user-level DP at 2 sites: ε ≤ ") for c in compared)
+    assert all(c["privacy"].startswith("(ε ≤ ") and "per user of a site, at 2 sites" in c["privacy"] for c in compared)
     assert (tmp_path / "sweep" / "comparison.png").exists()
     assert "| 1 | 8 | federated | 1 (1) |" in (tmp_path / "sweep" / "comparison.md").read_text()
