@@ -42,12 +42,15 @@ def encode_history(model: FedRecModel, catalog: ItemCatalog, items: Sequence[str
     known = rows != PADDING_ROW
     unknown = [str(i) for i, k in zip(items, known, strict=True) if not k]
     types = np.array([EVENT_TYPE_CODES[t] for t in (event_types or ["purchase"] * len(items))], dtype=np.int64)
-    if timestamps is not None and model.config.use_time_gaps:
-        buckets = gap_buckets(np.asarray(timestamps, dtype=np.int64), np.array([0]), model.config.num_time_buckets)
-    else:
-        buckets = np.zeros(len(items), dtype=np.int64)
+    if timestamps is not None and len(timestamps) != len(items):
+        raise ValueError(f"{len(timestamps)} timestamps for {len(items)} history items")
+    buckets = np.zeros(int(known.sum()), dtype=np.int64)
+    if timestamps is not None and model.config.use_time_gaps and known.any():
+        # gaps between the known events only, as fedrec reads an events file (unknown items are dropped first)
+        stamps = np.asarray(timestamps, dtype=np.int64)[known]
+        buckets = gap_buckets(stamps, np.array([0]), model.config.num_time_buckets)
     keep = slice(-model.config.max_len, None)
-    tensors = {"item_ids": rows[known][keep], "event_types": types[known][keep], "time_buckets": buckets[known][keep]}
+    tensors = {"item_ids": rows[known][keep], "event_types": types[known][keep], "time_buckets": buckets[keep]}
     return {k: torch.from_numpy(v).unsqueeze(0) for k, v in tensors.items()}, unknown
 
 
@@ -128,19 +131,26 @@ def _run(argv: Sequence[str] | None) -> int:
     parser.add_argument("--k", type=int, default=10, help="how many items to recommend (default 10)")
     parser.add_argument("--event-types", nargs="+", choices=EVENT_TYPES,
                         help="event type per history item (default purchase)")
+    parser.add_argument("--timestamps", nargs="+", type=int,
+                        help="unix time (seconds) per history item, for a model that reads time gaps")
     parser.add_argument("--include-seen", action="store_true", help="allow items already in the history")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(DEBUG_FLAG, action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     if bool(args.events) == bool(args.items) or bool(args.events) != bool(args.out):
         parser.error("give a history's ITEMs, or --events FILE with --out FILE")
-    if args.event_types and len(args.event_types) != len(args.items):
-        parser.error(f"--event-types has {len(args.event_types)} values for {len(args.items)} items")
+    for flag, values in (("--event-types", args.event_types), ("--timestamps", args.timestamps)):
+        if values and len(values) != len(args.items):
+            parser.error(f"{flag} has {len(values)} values for {len(args.items)} items")
     if args.events:
         print(write_all(args.model_dir, args.events, args.format, args.out, args.k, not args.include_seen))
         return 0
     model, catalog = load_model_dir(args.model_dir)
-    recs, unknown = recommend(model, catalog, args.items, args.k, args.event_types, exclude_seen=not args.include_seen)
+    if model.config.use_time_gaps and not args.timestamps:
+        print("this model reads the time between events, and no --timestamps were given: every gap reads as "
+              "unknown (as for a data file without timestamps)", file=sys.stderr)
+    recs, unknown = recommend(model, catalog, args.items, args.k, args.event_types, args.timestamps,
+                              exclude_seen=not args.include_seen)
     if unknown:
         print(f"skipped {len(unknown)} history item(s) not in the catalog: {unknown[:10]}", file=sys.stderr)
     if args.json:

@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
+from shared_model.adapters import load_dataset
 from shared_model.catalog import ItemCatalog
 from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.modeling_fedrec import FedRecModel
-from shared_model.recommend import main, recommend
+from shared_model.recommend import encode_history, main, recommend
+from shared_model.sequences import make_batch, to_user_sequences
 from shared_model.serialization import save_model_dir
 
 
@@ -69,3 +71,24 @@ def test_every_user_of_an_events_file_gets_the_top_k_of_their_whole_history(mode
     assert [r[1] for r in rows[1:4]] == ["1", "2", "3"]
     with pytest.raises(SystemExit):  # a history and --events, or --events without --out
         main([str(path), "i01", "--events", str(events), "--out", str(out)])
+
+
+def test_a_single_history_reads_time_gaps_as_an_events_file_does(model_dir, tmp_path, capsys):
+    """Gaps are taken between the known events (an unknown item in between is dropped first, as when fedrec
+    reads a file), and the command line takes the timestamps too."""
+    path, model, catalog = model_dir
+    stamps = [1_700_000_000, 1_700_000_100, 1_700_100_100]  # the unknown item 100 s after i01, i02 a day later
+    single, _ = encode_history(model, catalog, ["i01", "nope", "i02"], timestamps=stamps)
+    events = tmp_path / "events.csv"
+    events.write_text("user_id,item_id,timestamp\n" + "".join(
+        f"d,{item},{t}\n" for item, t in zip(["i01", "nope", "i02"], stamps, strict=True)))
+    seqs = to_user_sequences(load_dataset("events", events), catalog, min_events=1)
+    batch = make_batch(seqs, [0], "next", model.config.max_len)
+    assert torch.equal(single["time_buckets"], batch["time_buckets"]) and int(single["time_buckets"][0, 1]) > 3
+    expected = recommend(model, catalog, ["i01", "nope", "i02"], k=3, timestamps=stamps)[0]
+    assert main([str(path), "i01", "nope", "i02", "--timestamps", *map(str, stamps), "--k", "3", "--json"]) == 0
+    assert [r["item_id"] for r in json.loads(capsys.readouterr().out)] == [r.item_id for r in expected]
+    assert main([str(path), "i01", "i02", "--k", "3"]) == 0  # without times: said, not silently ignored
+    assert "no --timestamps were given" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="2 timestamps for 3 history items"):
+        encode_history(model, catalog, ["i01", "nope", "i02"], timestamps=stamps[:2])
