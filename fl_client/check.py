@@ -63,7 +63,7 @@ def check_site(site: SiteConfig, plan: Plan) -> list[str]:
         delta = site.privacy.delta if site.privacy.delta is not None else default_delta(len(sequences))
         check_delta(state / LEDGER_FILE, delta, len(sequences))
         spent = f"a new site (not enrolled yet), budget ε = {site.privacy.epsilon}"
-    from fl_client.federated import planned_sigma  # Opacus: only once the data has passed its checks
+    from fl_client.training_round import planned_sigma  # Opacus: only once the data has passed its checks
 
     sigma, [(_, sample_rate, round_steps)] = planned_sigma(site, data, plan.num_rounds, plan.local_epochs,
                                                          plan.batch_size, delta, cache=False)

@@ -20,15 +20,15 @@ from flwr.clientapp.typing import Mod
 
 from fl_client import secagg
 from fl_client.dp.ledger import LedgerError
-from fl_client.frozen import FrozenTensorsError, frozen_tensors
-from fl_client.rounds import (
+from fl_client.evaluation import evaluate_round
+from fl_client.frozen_cache import FrozenTensorsError, frozen_tensors
+from fl_client.round_config import (
     ModelMismatchError,
     ModelTooLargeError,
     NonFiniteModelError,
     RoundConfig,
     RoundConfigError,
     TrainingDivergedError,
-    evaluate_round,
 )
 from fl_client.site import SiteConfig, SiteData, SiteStartError, load_site_data
 from shared_model import secure_sum, wire
@@ -37,7 +37,7 @@ from shared_model.console import quiet_library_warnings
 from shared_model.secure_sum import SecureSumError, SecureSumSettings
 
 if TYPE_CHECKING:
-    from fl_client.federated import RoundReply
+    from fl_client.training_round import RoundReply
 
 log = logging.getLogger(__name__)
 SiteResolver = Callable[[Context], SiteConfig]
@@ -47,7 +47,7 @@ CATALOG_MISMATCH = 4001  # Error code of a refusal: the weights belong to anothe
 TRAINING_DIVERGED = 4002  # Error code of a round whose local training produced NaN/inf weights (nothing is sent)
 FROZEN_TENSORS = 4003  # Error code: the frozen tensors were neither in the message nor intact at the site
 WIRE_VERSION = 4004  # Error code: the server speaks another version of the wire protocol (shared_model.wire)
-# The global model is refused before anything is trained or spent (fl_client.rounds.build_global_model):
+# The global model is refused before anything is trained or spent (fl_client.round_config.build_global_model):
 MODEL_NOT_FINITE = 4005  # Error code: NaN or infinite global weights
 MODEL_MISMATCH = 4006  # Error code: global weights of the wrong shape, dtype or names, or a config that cannot be built
 MODEL_TOO_LARGE = 4007  # Error code: a model config over the site's max_model_parameters
@@ -178,7 +178,7 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
 
     @app.train()
     def handle_train(msg: Message, context: Context) -> Message:
-        from fl_client.federated import train_round  # DP training (Opacus): imported by train messages only
+        from fl_client.training_round import train_round  # DP training (Opacus): imported by train messages only
 
         site = resolve_site(context)
         secure = wire.SECAGG in msg.content.config_records

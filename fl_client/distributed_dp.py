@@ -29,10 +29,10 @@ from fl_client.dp.enrolment import site_lock
 from fl_client.dp.ledger import BudgetExceededError
 from fl_client.dp.secure_rng import secure_gaussian, secure_uniform
 from fl_client.dp.step import private_step
-from fl_client.federated import RoundReply, declined, keep_reply, resent_reply
-from fl_client.rounds import RoundConfig, build_global_model
+from fl_client.round_config import RoundConfig, build_global_model
 from fl_client.site import SiteConfig, SiteData, SiteStartError, check_users
 from fl_client.train import TrainConfig, peak_memory_mb, user_loader
+from fl_client.training_round import RoundReply, declined, keep_reply, resent_reply
 from shared_model import wire
 from shared_model.device import resolve_device
 from shared_model.modeling_fedrec import FedRecModel

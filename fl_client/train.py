@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from fl_client.dp.engine import PrivacyConfig, PrivacySpent, calibrate_noise, make_private, resolve_delta, spent
 from fl_client.dp.step import ClippingStats, private_step
-from fl_client.rounds import TrainingDivergedError
+from fl_client.round_config import TrainingDivergedError
 from shared_model import wire
 from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, without_moments

@@ -1,4 +1,4 @@
-"""Which sites get the run's frozen public tensors: every site until it says it keeps them (fl_client.frozen)."""
+"""Which sites get the run's frozen public tensors: every site until it says it keeps them (fl_client.frozen_cache)."""
 
 from __future__ import annotations
 

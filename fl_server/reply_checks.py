@@ -6,7 +6,7 @@ with a reason naming its node and the field or tensor, unless:
 - its records are exactly the ones a site sends (arrays, metrics, notes; item weights and optimiser moments
   when present) and its notes name the run's catalog fingerprint (wire.CATALOG_FINGERPRINT);
 - its weights have exactly the round's tensor names, shapes and dtypes, all finite;
-- its metrics have exactly the keys of fl_client.federated.RoundReply.metrics, all finite, `declined` 0 or 1;
+- its metrics have exactly the keys of fl_client.training_round.RoundReply.metrics, all finite, `declined` 0 or 1;
 - a declined reply reports 0 examples (it is counted, never averaged in); a trained one a whole number of
   users from 1 to strategy.max_site_users and to the site's declared user count;
 - its per-item weights are one finite, non-negative vector over the item table's rows, and its optimiser
@@ -165,7 +165,7 @@ def reply_problem(msg: Message, start: ArrayRecord, fingerprint: str, declared: 
 
 def evaluation_problem(msg: Message, max_site_users: int) -> str:
     """Why a (non-error, right-version) evaluate reply must not be pooled, naming its node ("" when it may be).
-    Its scores pick the exported best model, so: only the metrics a site sends (fl_client.rounds.evaluate_round),
+    Its scores pick the exported best model, so: only the metrics a site sends (fl_client.evaluation.evaluate_round),
     all finite, users a whole number from 0 to max_site_users, and the ranking metrics (HR, NDCG, MRR and
     their second moments) within [0, 1]. (A site of another catalog refuses to evaluate: an error reply.)"""
     record = msg.content.metric_records.get(wire.METRICS)

@@ -11,8 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_client.client_app import CATALOG_MISMATCH, FROZEN_TENSORS, TRAINING_DIVERGED, WIRE_VERSION, build_client_app
-from fl_client.frozen import frozen_path
-from fl_client.rounds import RoundConfig, build_global_model
+from fl_client.frozen_cache import frozen_path
+from fl_client.round_config import RoundConfig, build_global_model
 from fl_client.site import SiteConfig
 from shared_model import wire
 from shared_model.catalog import ItemCatalog
@@ -180,7 +180,7 @@ from tests.fl_client.test_client_app import call, message
 site = SiteConfig(data_path={site.data_path!r}, catalog_path={site.catalog_path!r}, state_dir={site.state_dir!r})
 reply = call(site, message("evaluate", ItemCatalog.load(site.catalog_path)))
 assert not reply.has_error(), reply.error
-loaded = ("opacus", "fl_client.dp.engine", "fl_client.train", "fl_client.federated")
+loaded = ("opacus", "fl_client.dp.engine", "fl_client.train", "fl_client.training_round")
 print(sorted(m for m in loaded if m in sys.modules))
 """
     root = Path(__file__).resolve().parents[2]

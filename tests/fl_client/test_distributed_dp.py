@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fl_client.distributed_dp import dp_step_round, gradient_step, noise_share
-from fl_client.rounds import RoundConfig, build_global_model
+from fl_client.round_config import RoundConfig, build_global_model
 from fl_client.site import SiteStartError, load_site_data
 from shared_model import wire
 from shared_model.catalog import ItemCatalog
@@ -103,7 +103,7 @@ def test_a_site_without_dp_refuses_distributed_dp(site):
 
 
 def test_a_malformed_distributed_dp_round_is_refused():
-    from fl_client.rounds import RoundConfigError
+    from fl_client.round_config import RoundConfigError
 
     catalog = ItemCatalog.from_items(["a", "b"])
     record, _ = round_record(catalog)

@@ -10,10 +10,11 @@ import torch
 
 from fl_client.dp.engine import PrivacyConfig
 from fl_client.dp.ledger import PrivacyLedger
-from fl_client.federated import optimizer_state_path, train_round
-from fl_client.rounds import RoundConfig, evaluate_round
+from fl_client.evaluation import evaluate_round
+from fl_client.round_config import RoundConfig
 from fl_client.site import load_site_data
 from fl_client.train import TrainConfig, train
+from fl_client.training_round import optimizer_state_path, train_round
 from shared_model import wire
 from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.metrics import evaluate_model

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_client.federated import train_round
 from fl_client.moments import from_named_moments, to_named_moments, trainable_names
-from fl_client.rounds import RoundConfig, build_global_model
+from fl_client.round_config import RoundConfig, build_global_model
 from fl_client.site import load_site_data
 from fl_client.train import TrainConfig, build_optimizer
+from fl_client.training_round import train_round
 from shared_model import wire
 from tests.fl_client.server_round import round_record
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from fl_client.dp.ledger import PrivacyLedger
-from fl_client.federated import train_round
-from fl_client.rounds import RoundConfig
+from fl_client.round_config import RoundConfig
 from fl_client.site import SiteConfig, load_site_data
 from fl_client.supernode import stop_leftover_supernodes
+from fl_client.training_round import train_round
 from shared_model.launch import process_alive
 from tests.fl_client.server_round import round_record
 
@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 KILLED_SITE = """
 import json, sys, time
 from pathlib import Path
-import fl_client.federated as federated
-from fl_client.rounds import RoundConfig
+import fl_client.training_round as federated
+from fl_client.round_config import RoundConfig
 from fl_client.site import SiteConfig, load_site_data
 from tests.fl_client.server_round import round_record
 

@@ -9,10 +9,10 @@ import torch
 
 from fl_client.dp.engine import PrivacyConfig
 from fl_client.dp.secure_rng import SecurePoissonSampler, secure_gaussian, secure_standard_normal, secure_uniform
-from fl_client.federated import train_round
-from fl_client.rounds import RoundConfig
+from fl_client.round_config import RoundConfig
 from fl_client.site import load_site_data
 from fl_client.train import TrainConfig, train
+from fl_client.training_round import train_round
 from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.modeling_fedrec import FedRecModel
 from simulations.config import DataConfig

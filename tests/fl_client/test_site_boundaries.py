@@ -23,10 +23,10 @@ from fl_client.client_app import (
     ROUND_CONFIG,
     SITE_NOT_READY,
 )
-from fl_client.federated import optimizer_state_path, train_round
-from fl_client.frozen import frozen_path
-from fl_client.rounds import RoundConfig, RoundConfigError
+from fl_client.frozen_cache import frozen_path
+from fl_client.round_config import RoundConfig, RoundConfigError
 from fl_client.site import SiteConfig, SiteStartError, load_site_data
+from fl_client.training_round import optimizer_state_path, train_round
 from shared_model import wire
 from shared_model.catalog import ItemCatalog
 from simulations.config import DataConfig

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from fl_client.dp.enrolment import LEDGER_FILE
-from fl_client.federated import load_reply, reply_path, train_round
-from fl_client.rounds import (
+from fl_client.round_config import (
     ModelMismatchError,
     ModelTooLargeError,
     NonFiniteModelError,
@@ -20,6 +19,7 @@ from fl_client.rounds import (
 )
 from fl_client.site import SiteStartError, check_site_start, load_site_data
 from fl_client.supernode import parse_args
+from fl_client.training_round import load_reply, reply_path, train_round
 from shared_model import wire
 from tests.fl_client.server_round import round_record
 from tests.fl_client.test_site_boundaries import Payload

@@ -349,7 +349,7 @@ def test_a_run_whose_rounds_keep_failing_stops_with_the_last_good_model_checkpoi
 
 
 def evaluation(users, **scores):
-    """A site's evaluate reply with every key fl_client.rounds.evaluate_round sends (HR@10 of 0.2)."""
+    """A site's evaluate reply with every key fl_client.round_config.evaluate_round sends (HR@10 of 0.2)."""
     from flwr.app import Message, MetricRecord, RecordDict
 
     from shared_model.metrics import RankingMetrics

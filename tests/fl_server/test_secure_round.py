@@ -10,12 +10,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 import fl_client.client_app
-import fl_client.federated
+import fl_client.training_round
 from fl_client.client_app import SECURE_SUM, build_client_app
 from fl_client.dp.settings import PrivacyConfig
-from fl_client.federated import RoundReply
-from fl_client.rounds import RoundConfig, build_global_model
+from fl_client.round_config import RoundConfig, build_global_model
 from fl_client.site import SiteConfig
+from fl_client.training_round import RoundReply
 from fl_server.secure_round import SECAGG_FAILED, SecureAggregationGrid, SecureRound
 from shared_model import wire
 from shared_model.catalog import ItemCatalog
@@ -83,7 +83,7 @@ def federation(tmp_path, monkeypatch, serverapp_identity):
         return fake_train(site, *args, **kwargs)
 
     trained: list[int] = []  # nodes whose training ran, in order
-    monkeypatch.setattr(fl_client.federated, "train_round", counted_train)
+    monkeypatch.setattr(fl_client.training_round, "train_round", counted_train)
     grid = HandGrid({n: build_client_app(lambda context: sites[context.node_id]) for n in NODES})
     config = ConfigRecord({**record, wire.SERVER_ROUND: 1})
     messages = [Message(content=RecordDict({wire.ARRAYS: ArrayRecord(start), wire.CONFIG: config}),

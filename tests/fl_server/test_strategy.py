@@ -169,7 +169,7 @@ def item_rows_strategy(name: str, mode: str, start: dict, **knobs):
 
 
 def train_metrics(users: float, declined: float = 0.0) -> dict[str, float]:
-    """Every metric a site's training reply carries (fl_client.federated.RoundReply.metrics)."""
+    """Every metric a site's training reply carries (fl_client.training_round.RoundReply.metrics)."""
     return {wire.NUM_EXAMPLES: float(users), wire.TRAIN_LOSS: 1.0, wire.DP_ENABLED: 0.0, wire.EPSILON: 0.0,
             wire.DELTA: 0.0, wire.DECLINED: declined, wire.TRAIN_SECONDS: 1.0, wire.PEAK_MEMORY_MB: 100.0}
 

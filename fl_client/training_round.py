@@ -1,5 +1,5 @@
 """One federated training round at a site, as plain functions: check the catalog and the budget, train,
-account, reply (the round's settings and the evaluation are fl_client.rounds).
+account, reply (the round's settings and the evaluation are fl_client.round_config).
 
 Nothing here sees a Flower Message or Context; the ClientApp handlers decode and encode around these.
 """
@@ -22,15 +22,9 @@ from fl_client.dp.engine import AccountantHistory, PrivacyConfig, calibrate_nois
 from fl_client.dp.enrolment import site_lock
 from fl_client.dp.ledger import BudgetExceededError, PrivacyLedger
 from fl_client.moments import from_named_moments, to_named_moments, trainable_names
-from fl_client.rounds import (
-    RoundConfig,
-    TrainingDivergedError,
-    build_global_model,
-    check_training_id,
-    site_delta,
-)
-from fl_client.site import SiteConfig, SiteData, check_users
-from fl_client.train import TrainConfig, TrainResult, build_optimizer, train
+from fl_client.round_config import RoundConfig, build_global_model, check_training_id
+from fl_client.site import SiteConfig, SiteData, check_users, site_delta
+from fl_client.train import TrainConfig, TrainingDivergedError, TrainResult, build_optimizer, train
 from shared_model import wire
 from shared_model.atomic import write_atomically
 from shared_model.modeling_fedrec import FedRecModel

@@ -10,9 +10,10 @@ import torch
 
 from fl_client.dp.ledger import PrivacyLedger
 from fl_client.dp.settings import PrivacyConfig
-from fl_client.federated import local_train_config, optimizer_state_path, plan_round, train_round
-from fl_client.rounds import RoundConfig, build_global_model, evaluate_round
+from fl_client.evaluation import evaluate_round
+from fl_client.round_config import RoundConfig, build_global_model
 from fl_client.site import SiteConfig, load_site_data
+from fl_client.training_round import local_train_config, optimizer_state_path, plan_round, train_round
 from shared_model import wire
 from shared_model.catalog import CatalogMismatchError, ItemCatalog
 from shared_model.configuration_fedrec import FedRecConfig

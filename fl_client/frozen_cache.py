@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from fl_client.rounds import check_frozen_digest
+from fl_client.round_config import check_frozen_digest
 from fl_client.site import SiteConfig, keep_latest
 from shared_model import wire
 from shared_model.atomic import write_atomically

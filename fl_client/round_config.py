@@ -1,7 +1,8 @@
-"""What the server asks of a site for one round, and the site's evaluation of the global model.
+"""What the server asks of a site for one round (RoundConfig, parsed and checked once) and the global model it
+sends, rebuilt only once it passes the site's checks.
 
 Nothing here trains or imports Opacus: a deployment starts a fresh process for every message, and an evaluate
-message's process never pays for importing the DP machinery (fl_client.federated trains).
+message's process never pays for importing the DP machinery (fl_client.training_round trains).
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ from typing import Any
 
 import torch
 
-from fl_client.dp.settings import default_delta
-from fl_client.site import MAX_MODEL_PARAMETERS, SiteConfig, SiteData
+from fl_client.site import MAX_MODEL_PARAMETERS
 from shared_model import wire
 from shared_model.configuration_fedrec import FedRecConfig
-from shared_model.device import resolve_device
-from shared_model.metrics import evaluate_model, training_loss
 from shared_model.modeling_fedrec import FedRecModel
 
 # RoundConfig field -> (wire key, type it is parsed to).
@@ -100,7 +98,7 @@ class RoundConfig:
     keep_optimizer_state: bool = False  # the site carries its optimiser state (Adam moments) across rounds
     item_rows: str = "average"  # wire.ITEM_ROW_MODES: counts asks the site for per-item weights
     share_optimizer_state: bool = False  # start from the server's average of the sites' moments; send ours back
-    frozen_digest: str = ""  # names the run's frozen tensors, which the site keeps once sent (fl_client.frozen)
+    frozen_digest: str = ""  # names the run's frozen tensors, which the site keeps once sent (fl_client.frozen_cache)
     ddp_sample_rate: float = 0.0  # > 0: a distributed-DP round, one DP-SGD step (fl_client.distributed_dp)
     ddp_noise_multiplier: float = 0.0  # σ of the sum over the sites
     ddp_max_grad_norm: float = 0.0  # C
@@ -176,25 +174,3 @@ def check_global_state(expected: Mapping[str, torch.Tensor], state: Mapping[str,
         raise NonFiniteModelError(f"the server's global model holds NaN or infinite values in {', '.join(bad[:5])}"
                                   + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
                                   + ": refusing it before training or spending any ε (a server-side problem)")
-
-
-def site_delta(site: SiteConfig, data: SiteData) -> float:
-    """The site's δ: configured, or default_delta of its number of users (a DP site's ledger keeps the δ it
-    started with: fl_client.dp.enrolment)."""
-    return site.privacy.delta if site.privacy.delta is not None else default_delta(len(data.sequences))
-
-
-def evaluate_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig,
-                   state: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Full-catalog metrics of the global model on the site's own test events, plus validation NDCG@10
-    (what the server selects the best round by) and its cross-entropy on the site's training events (how
-    well the averaged model fits them: the sites' own training loss is measured on their local models)."""
-    data.catalog.check_matches(round_cfg.catalog_fingerprint)
-    device = resolve_device(site.device)
-    model = build_global_model(round_cfg, state, site.max_model_parameters)
-    torch.nn.Module.to(model, device)  # scored where the batches go (a GPU site's batches are on its GPU)
-    metrics = evaluate_model(model, data.sequences, "test", device=device)
-    valid = evaluate_model(model, data.sequences, "valid", device=device)
-    return {**{k: v for k, v in metrics.items() if k != "users"}, wire.VALID_NDCG10: valid["ndcg@10"],
-            wire.TRAIN_CE: training_loss(model, data.sequences, device=device),
-            wire.NUM_EXAMPLES: metrics.get("users", 0.0)}

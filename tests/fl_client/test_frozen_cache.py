@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from fl_client.frozen import FrozenTensorsError, frozen_path, frozen_tensors
+from fl_client.frozen_cache import FrozenTensorsError, frozen_path, frozen_tensors
 from fl_client.site import SiteConfig
 from shared_model import wire
 
