@@ -275,8 +275,9 @@ def round_seed(site: SiteConfig, round_cfg: RoundConfig) -> int:
     noise of every round: the noise would add up round after round instead of averaging out, and the
     accountant's assumption of independent noise at every step would be false. A seed the server could
     derive would let it subtract the noise. (`privacy.secure_mode` goes further: noise and samples then come
-    from the OS CSPRNG, fl_client/dp/secure_rng.py.) Without DP the seed is derived from the training run, the
-    round and the site, so a simulation is reproducible.
+    from the OS CSPRNG, fl_client/dp/secure_rng.py.) Without DP the seed is derived from the training (its seed
+    and its id, drawn when it starts), the round and the site: a resent or resumed round repeats itself, while
+    two trainings with the same settings differ (measured: `make demo` without DP gave HR@10 0.8230 and 0.8265).
     """
     if site.privacy.enabled:
         return secrets.randbits(63)

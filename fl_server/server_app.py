@@ -101,6 +101,7 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
     """Train for the configured rounds (continuing from the last checkpoint), then export the model."""
     store = RunStore(cfg.out_dir)
     catalog = ItemCatalog.load(cfg.catalog_path)
+    torch.manual_seed(cfg.seed)  # the global model's initial weights (train.seed)
     model = create_model(cfg.model, catalog, cfg.has_timestamps, cache_dir=str(store.root / "cache"))
     secure = secure_settings(cfg)
     strategy = build_strategy(cfg.strategy)
@@ -230,7 +231,6 @@ def build_server_app(resolve: Callable[[Context], ServerConfig]) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        torch.manual_seed(0)
         run_server(grid, resolve(context))
 
     return app

@@ -172,3 +172,15 @@ def test_the_starting_model_is_scored_as_round_zero_and_is_best_until_a_round_be
     store.save(2, create_model(CONFIG, catalog).state_dict(), {}, {"round": 2}, 0.5)
     summary = server_app.run_server(grid=grid, cfg=cfg)  # type: ignore[arg-type]
     assert len(grid.sent) == 2 and summary["best_round"] == 2 and summary["rounds"] == 2
+
+
+def test_fresh_initial_weights_follow_the_run_seed(tmp_path, catalog, monkeypatch):
+    catalog.save(tmp_path)
+    sent: list[dict[str, torch.Tensor]] = []
+    monkeypatch.setattr(server_app, "build_strategy", no_rounds_strategy(server_app.build_strategy, sent))
+    for n, seed in enumerate((0, 0, 1)):
+        server_app.run_server(grid=None, cfg=ServerConfig(  # type: ignore[arg-type]  # no site is asked anything
+            out_dir=str(tmp_path / f"run{n}"), catalog_path=str(tmp_path / "catalog.json"), num_rounds=1,
+            model=CONFIG, seed=seed))
+    same = [all(torch.equal(t, sent[0][k]) for k, t in run.items()) for run in sent[1:]]
+    assert same == [True, False]  # seed 0 twice: the same model; seed 1: another one
