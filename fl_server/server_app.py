@@ -21,7 +21,7 @@ from fl_server.config import ServerConfig, server_config_from_run_config
 from fl_server.report import progress_line, write_report
 from fl_server.schedule import Decay
 from fl_server.secure_round import SecureAggregationGrid, secure_settings
-from fl_server.strategy import RoundsFailedError, build_strategy
+from fl_server.strategy import RoundsFailedError, RunSetup, build_strategy
 from shared_model import wire
 from shared_model.adapters import load_dataset
 from shared_model.catalog import ItemCatalog
@@ -104,76 +104,89 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # the global model's initial weights (train.seed)
     model = create_model(cfg.model, catalog, cfg.has_timestamps, cache_dir=str(store.root / "cache"))
     secure = secure_settings(cfg)
-    strategy = build_strategy(cfg.strategy)
-    strategy.item_row_names = model.item_row_parameters()
-    strategy.catalog_fingerprint = catalog.fingerprint  # a reply naming another catalog is dropped
-    strategy.decay = Decay(cfg.decay_from_round, cfg.decay_lr, cfg.decay_server_lr)
-    strategy.decay.check(strategy)
-    if cfg.strategy.item_rows != "average" and not strategy.item_row_names:
-        raise ValueError(f"strategy.item_rows={cfg.strategy.item_rows}, but this model trains no per-item tensor "
-                         "(item table frozen, no item bias): use strategy.item_rows=average")
     checkpoint = store.latest() if cfg.resume else None
     done, score_start = 0, False
     if checkpoint is not None:
         model.load_state_dict(checkpoint.state)
-        strategy.restore_optimiser_state(checkpoint.optimiser_state)
         done = checkpoint.round
         log.info("resuming after round %d of %d (from %s)", done, cfg.num_rounds, store.root)
     elif cfg.initial_model:
         initial_model.record(store.root, initial_model.load_initial_model(model, catalog, cfg.initial_model))
         score_start = True
-    strategy.round_offset = done
-    strategy.evaluated_rounds = cfg.evaluates
+    trainable = wire.trainable_state(model)
+    frozen = {k: v for k, v in wire.full_state(model).items() if k not in trainable}
+    strategy = build_strategy(cfg.strategy, RunSetup(
+        item_row_names=model.item_row_parameters(), catalog_fingerprint=catalog.fingerprint,
+        decay=Decay(cfg.decay_from_round, cfg.decay_lr, cfg.decay_server_lr), round_offset=done,
+        evaluated_rounds=cfg.evaluates, frozen=ArrayRecord(frozen),
+        frozen_digest=wire.tensors_digest(frozen) if frozen else ""))
+    if checkpoint is not None:
+        strategy.restore_optimiser_state(checkpoint.optimiser_state)
     evaluate_centrally = central_evaluator(cfg, catalog)
     baseline = evaluate_centrally.popularity if evaluate_centrally else None
     train_grid = SecureAggregationGrid(grid, secure) if secure else grid  # the rounds' training and evaluation
-    started = time.time()
-    scored_start: dict[str, Any] = {}  # the starting model's central scores (round 0), computed once
-
-    def after_round(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if local_round == 0 and "central_eval" in scored_start:
-            return MetricRecord(scored_start["central_eval"]) if scored_start["central_eval"] else None
-        wire.load_state(model, arrays.to_torch_state_dict(), trainable_only=True)
-        evaluated = local_round == 0 or cfg.evaluates(local_round + done)
-        central: dict[str, Any] = evaluate_centrally(model) if evaluate_centrally and evaluated else {}
-        if local_round == 0:
-            return MetricRecord(central) if central else None
-        row = {"round": local_round + done, "seconds": round(time.time() - started, 2), **strategy.last_round}
-        if cfg.strategy.distributed_dp:  # what the report's privacy claim states (fl_server.report)
-            row["distributed_dp"] = {"sample_rate": cfg.strategy.dp_sample_rate,
-                                     "noise_multiplier": cfg.strategy.dp_noise_multiplier,
-                                     "max_grad_norm": cfg.strategy.dp_max_grad_norm,
-                                     "colluders": cfg.strategy.dp_colluders}
-        if isinstance(train_grid, SecureAggregationGrid):
-            row["secure_aggregation"] = dict(train_grid.last)
-            if evaluated and strategy.asked.get("evaluate"):
-                row["secure_evaluation"] = dict(train_grid.last_evaluation)
-        if evaluated:
-            row["central_eval"] = central
-        score = (validation_score(row) or 0.0) if evaluated else None
-        store.save(local_round + done, model.state_dict(), strategy.optimiser_state(), row, score)
-        log.info("round %s", json.dumps(row))
-        progress.info(progress_line(row, cfg.num_rounds))
-        strategy.raise_if_failing()  # only now: the unchanged model of the last good round is on disk
-        return MetricRecord(central) if central else None
-
+    recorder = RoundRecorder(cfg, store, model, strategy, train_grid, evaluate_centrally, done)
     if done < cfg.num_rounds:
         train_config = round_config(cfg, model, catalog, store.training_id())
-        trainable = wire.trainable_state(model)
-        frozen = {k: v for k, v in wire.full_state(model).items() if k not in trainable}
-        strategy.frozen, strategy.frozen_digest = ArrayRecord(frozen), wire.tensors_digest(frozen) if frozen else ""
         train_config[wire.FROZEN_DIGEST] = strategy.frozen_digest
         if score_start:
-            scored_start.update(score_starting_model(train_grid, strategy, store, model, trainable, train_config, cfg,
-                                                     evaluate_centrally))
+            recorder.scored_start = score_starting_model(train_grid, strategy, store, model, trainable, train_config,
+                                                         cfg, evaluate_centrally)
         try:
             strategy.start(grid=train_grid, initial_arrays=ArrayRecord(trainable), num_rounds=cfg.num_rounds - done,
                            timeout=cfg.round_timeout, train_config=train_config,
-                           evaluate_config=ConfigRecord(dict(train_config)), evaluate_fn=after_round)
+                           evaluate_config=ConfigRecord(dict(train_config)), evaluate_fn=recorder)
         except RoundsFailedError as err:
             export(store, model, catalog, baseline)  # the last good model, and a report naming every dropped reply
             raise RoundsFailedError(f"{err} Run directory: {store.root}") from None
     return export(store, model, catalog, baseline)
+
+
+class RoundRecorder:
+    """What the server does after each round (Flower's evaluate_fn): load the aggregate into the global model,
+    score it centrally when the round is evaluated, write the round's record, checkpoint, log one progress line,
+    and stop the run when rounds keep failing (only after the last good model is on disk)."""
+
+    def __init__(self, cfg: ServerConfig, store: RunStore, model: FedRecModel, strategy: Any,
+                 grid: Grid | SecureAggregationGrid, evaluate_centrally: CentralEvaluation | None, done: int) -> None:
+        self.cfg, self.store, self.model, self.strategy, self.grid = cfg, store, model, strategy, grid
+        self.evaluate_centrally, self.done = evaluate_centrally, done  # rounds completed before this start
+        self.started = time.time()
+        self.scored_start: dict[str, Any] = {}  # round 0 of a training from an exported model, scored once
+
+    def __call__(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if local_round == 0 and "central_eval" in self.scored_start:
+            start = self.scored_start["central_eval"]
+            return MetricRecord(start) if start else None
+        wire.load_state(self.model, arrays.to_torch_state_dict(), trainable_only=True)
+        evaluated = local_round == 0 or self.cfg.evaluates(local_round + self.done)
+        central: dict[str, Any] = self.evaluate_centrally(self.model) if self.evaluate_centrally and evaluated \
+            else {}
+        if local_round == 0:
+            return MetricRecord(central) if central else None
+        row = self.record(local_round + self.done, evaluated, central)
+        score = (validation_score(row) or 0.0) if evaluated else None
+        self.store.save(row["round"], self.model.state_dict(), self.strategy.optimiser_state(), row, score)
+        log.info("round %s", json.dumps(row))
+        progress.info(progress_line(row, self.cfg.num_rounds))
+        self.strategy.raise_if_failing()  # only now: the unchanged model of the last good round is on disk
+        return MetricRecord(central) if central else None
+
+    def record(self, server_round: int, evaluated: bool, central: dict[str, Any]) -> dict[str, Any]:
+        """The round's row of metrics.jsonl (and of the report): what the strategy saw, and what the run adds."""
+        strategy = self.cfg.strategy
+        row = {"round": server_round, "seconds": round(time.time() - self.started, 2), **self.strategy.last_round}
+        if strategy.distributed_dp:  # what the report's privacy claim states (fl_server.report)
+            row["distributed_dp"] = {"sample_rate": strategy.dp_sample_rate,
+                                     "noise_multiplier": strategy.dp_noise_multiplier,
+                                     "max_grad_norm": strategy.dp_max_grad_norm, "colluders": strategy.dp_colluders}
+        if isinstance(self.grid, SecureAggregationGrid):
+            row["secure_aggregation"] = dict(self.grid.last)
+            if evaluated and self.strategy.asked.get("evaluate"):
+                row["secure_evaluation"] = dict(self.grid.last_evaluation)
+        if evaluated:
+            row["central_eval"] = central
+        return row
 
 
 def validation_score(row: dict[str, Any]) -> float | None:

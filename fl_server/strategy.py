@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,7 +52,7 @@ from shared_model import wire
 from shared_model.metrics import with_standard_errors
 
 log = logging.getLogger(__name__)
-__all__ = ["RoundHooks", "RoundsFailedError", "build_strategy"]
+__all__ = ["RoundHooks", "RoundsFailedError", "RunSetup", "build_strategy"]
 # Server-side optimiser state some strategies keep between rounds; checkpointed so a resume continues it.
 STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "shared_moments", "declared_users", "accepted_norms")
 # Strategies that average (before a server step): row-weighted item tables work by pre-scaling their input.
@@ -309,8 +310,21 @@ class RoundHooks(ReplyGate):
             setattr(self, name, value)
 
 
-def build_strategy(config: StrategyConfig) -> Any:
-    """The configured Flower strategy, with RoundHooks mixed in."""
+@dataclass(frozen=True)
+class RunSetup:
+    """What the strategy learns from the run before its first round (fl_server.server_app builds it)."""
+
+    item_row_names: list[str] = field(default_factory=list)  # the model's per-item tensors (strategy.item_rows)
+    catalog_fingerprint: str = ""  # the run's catalog: a reply naming another is dropped ("" = not checked)
+    decay: Decay = field(default_factory=Decay)  # from which round the sites' and the server's lr change
+    round_offset: int = 0  # rounds completed before this start (a resume numbers rounds globally)
+    evaluated_rounds: Callable[[int], bool] | None = None  # which global rounds are evaluated (None: all)
+    frozen: ArrayRecord = field(default_factory=ArrayRecord)  # frozen public tensors, sent until a site keeps them
+    frozen_digest: str = ""  # their wire.tensors_digest ("" when the model has none)
+
+
+def build_strategy(config: StrategyConfig, setup: RunSetup | None = None) -> Any:
+    """The configured Flower strategy, with RoundHooks mixed in, set up for the run."""
     check_reply_settings(config)  # before Flower's own checks: the error names the fedrec setting
     common: dict[str, Any] = {
         "fraction_train": config.fraction_train, "fraction_evaluate": config.fraction_evaluate,
@@ -355,10 +369,19 @@ def build_strategy(config: StrategyConfig) -> Any:
     strategy = hooked(**common, **extra)
     strategy.item_rows = config.item_rows
     strategy.select_all_but_malicious = config.name == "multikrum" and config.num_selected == 0
-    strategy.item_row_names = []
+    setup = setup or RunSetup()
+    strategy.item_row_names = list(setup.item_row_names)
+    strategy.catalog_fingerprint = setup.catalog_fingerprint
+    strategy.decay = setup.decay
+    strategy.round_offset = setup.round_offset
+    strategy.evaluated_rounds = setup.evaluated_rounds
+    strategy.frozen, strategy.frozen_digest = setup.frozen, setup.frozen_digest
     strategy.last_round = {}
     strategy.asked = {}
-    strategy.frozen = ArrayRecord()
     strategy.frozen_held = set()
     strategy.set_reply_checks(config)
+    strategy.decay.check(strategy)
+    if config.item_rows != "average" and not strategy.item_row_names:
+        raise ValueError(f"strategy.item_rows={config.item_rows}, but this model trains no per-item tensor "
+                         "(item table frozen, no item bias): use strategy.item_rows=average")
     return strategy

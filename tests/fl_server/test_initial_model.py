@@ -86,8 +86,8 @@ def test_a_model_of_another_catalog_shape_or_frozen_tensors_is_refused_naming_th
 
 def no_rounds_strategy(real, sent=None):
     """build_strategy whose strategies run no round; they record the weights round 1 would start from."""
-    def build(config):
-        strategy = real(config)
+    def build(config, setup=None):
+        strategy = real(config, setup)
         strategy.start = lambda **kw: (sent if sent is not None else []).append(
             kw["initial_arrays"].to_torch_state_dict())
         return strategy

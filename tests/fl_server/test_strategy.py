@@ -4,7 +4,7 @@ import pytest
 
 from fl_server.config import StrategyConfig, server_config_from_run_config
 from fl_server.replies import privacy_report, site_cost
-from fl_server.strategy import build_strategy
+from fl_server.strategy import RunSetup, build_strategy
 from shared_model import wire
 
 
@@ -158,8 +158,8 @@ def item_rows_strategy(name: str, mode: str, start: dict, **knobs):
     asks for `serverapp_identity`)."""
     from flwr.app import Array, ArrayRecord
 
-    strategy = build_strategy(StrategyConfig(name=name, item_rows=mode, min_nodes=1, **knobs))
-    strategy.item_row_names = ["item_embeddings.weight", "output.bias"]
+    strategy = build_strategy(StrategyConfig(name=name, item_rows=mode, min_nodes=1, **knobs),
+                              RunSetup(item_row_names=["item_embeddings.weight", "output.bias"]))
     strategy.round_start = ArrayRecord({k: Array(v) for k, v in start.items()})
     if name == "fedavgm":
         strategy.current_arrays = strategy.round_start
@@ -277,6 +277,8 @@ def test_item_rows_need_a_known_mode_and_an_averaging_strategy():
     for name in ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"):
         with pytest.raises(ValueError, match=f"{name} does not average"):
             build_strategy(StrategyConfig(name=name, item_rows="counts"))
+    with pytest.raises(ValueError, match="this model trains no per-item tensor"):
+        build_strategy(StrategyConfig(item_rows="counts"), RunSetup(item_row_names=[]))
 
 
 def site_moments(local: list[dict]) -> list[dict]:
