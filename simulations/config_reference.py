@@ -17,6 +17,7 @@ import io
 import sys
 import textwrap
 import tokenize
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from fl_client.train import TrainConfig
 from fl_server.config import ServerConfig, StrategyConfig
 from fl_server.deploy import app_defaults
 from fl_server.deploy import build_parser as server_parser
+from fl_server.round_record import ROUND_RECORD
 from shared_model.factory import ModelConfig
 from simulations.attacks import AttackConfig
 from simulations.audit import AuditConfig
@@ -122,9 +124,9 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def table(rows: list[tuple[str, str, str]], header: tuple[str, str, str]) -> list[str]:
-    return [f"| {header[0]} | {header[1]} | {header[2]} |", "|---|---|---|",
-            *(f"| {cell(a)} | {cell(b)} | {cell(c)} |" for a, b, c in rows), ""]
+def table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(cell(c) for c in row) + " |" for row in rows), ""]
 
 
 def plain_fields(cls: type) -> list[dataclasses.Field]:
@@ -206,7 +208,11 @@ def reference() -> str:
              *flags_section("## `fedrec-client` flags", "A data site (docs/deployment.md, section 5). Each flag "
                             "sets the node-config key of the same name (below); `--no-dp` sets `dp = false`.",
                             client_parser()),
-             *site_section()]
+             *site_section(),
+             "## The round record (`metrics.jsonl`)", "",
+             "A run directory's `metrics.jsonl` holds one JSON object per completed round: what to monitor (the "
+             "report and the progress line are made from it). A key appears when it applies.", "",
+             *table([(f"`{k}`", v) for k, v in ROUND_RECORD.items()], ("key", "meaning"))]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -85,3 +85,9 @@ def test_the_popularity_baseline_is_reported_and_drawn_when_the_server_scored_it
     assert "HR@10 0.0120 ± 0.0007, NDCG@10 0.0055 ± 0.0004" in text
     assert (tmp_path / "accuracy.png").stat().st_size > 0
     assert "- popularity" not in write_report(tmp_path, ROWS, {"rounds": 2}).read_text()
+
+
+def test_a_round_key_the_docs_do_not_describe_is_named():
+    from fl_server.round_record import undocumented
+
+    assert undocumented(ROWS[0]) == [] and undocumented({**ROWS[0], "mystery": 1}) == ["mystery"]

@@ -10,6 +10,7 @@ import torch
 from fl_client.dp.settings import PrivacyConfig
 from fl_client.site import SiteConfig
 from fl_server.config import ServerConfig, StrategyConfig
+from fl_server.round_record import undocumented
 from shared_model import wire
 from shared_model.factory import ModelConfig
 from shared_model.serialization import load_model_dir
@@ -17,6 +18,13 @@ from simulations.config import DataConfig
 from simulations.federation import run_federation, write_sites
 from simulations.partition import PartitionConfig, partition_users
 from simulations.prepare import prepare_data
+
+
+def round_records(out):
+    """A run's metrics.jsonl, every key of every round described in fl_server.round_record (docs)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [undocumented(r) for r in rows] == [[]] * len(rows)
+    return rows
 
 
 def synthetic_sites(tmp_path, users: int, items: int, seed: int, num_sites: int, **privacy):
@@ -44,7 +52,7 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
                                              feature_scoring=True, item_bias=True),
                            strategy=StrategyConfig(min_nodes=3))
     run_federation(sites, server)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = round_records(out)
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["train_replies"] == 3 and r["train_failures"] == 0 and r["declined"] == 0 for r in rows)
     assert rows[1]["privacy"]["sites_with_dp"] == 3 and 0 < rows[1]["privacy"]["epsilon_max"] <= 8.0 * 1.01
@@ -77,7 +85,7 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
     # A restarted server asking for a third round continues after round 2 (nothing repeated); the sites
     # planned their whole budget for the two announced rounds, so each declines rather than overspend.
     run_federation(sites, ServerConfig(**{**server.__dict__, "num_rounds": 3}))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = round_records(out)
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert rows[2]["declined"] == 3 and rows[2]["privacy"]["epsilon_max"] == rows[1]["privacy"]["epsilon_max"]
     assert len(rows[2]["declined_reasons"]) == 3 and all("budget" in r for r in rows[2]["declined_reasons"])
@@ -95,7 +103,7 @@ def test_sites_send_which_items_they_hold_and_share_their_optimiser_moments_when
                            strategy=StrategyConfig(name="fedavgm", server_lr=1.5, server_momentum=0.0, min_nodes=3,
                                                    item_rows="counts"))
     run_federation(sites, server)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = round_records(out)
     assert [r["item_rows"] for r in rows] == [{"mode": "counts", "sites": 3, "left_out": []}] * 2
     assert all(r["train_replies"] == 3 and r["declined"] == 0 and r["train_failures"] == 0 for r in rows)
     # The per-item weights (one float per catalog row) and Adam's two moments travel up beside the trained
@@ -121,7 +129,7 @@ def test_rounds_between_evaluations_are_trained_and_checkpointed_but_not_scored(
                            model=ModelConfig(hidden_size=16, max_len=20, item_features=[]),
                            strategy=StrategyConfig(min_nodes=2))
     run_federation(sites, server)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = round_records(out)
     assert [r["round"] for r in rows] == [1, 2, 3] and all(r["train_replies"] == 2 for r in rows)
     assert "federated_eval" not in rows[0] and "central_eval" not in rows[0] and rows[0]["evaluate_failures"] == 0
     assert all(r["federated_eval"]["hr@10"] >= 0 and "hr@10" in r["central_eval"] for r in rows[1:])  # 2nd and last
@@ -140,7 +148,7 @@ def test_a_training_from_an_exported_model_scores_it_as_round_zero_before_traini
     run_federation(sites, server_config(tmp_path, out_dir=str(out), num_rounds=1, model=model,
                                         initial_model=str(exported), central_eval_path=sites[0].data_path,
                                         strategy=StrategyConfig(min_nodes=2)))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = round_records(out)
     assert [r["round"] for r in rows] == [0, 1] and rows[0]["starting_model"] and "train_replies" not in rows[0]
     start, scored_before = rows[0], json.loads((tmp_path / "server" / "metrics.jsonl").read_text())
     # Both sites scored the exported model (the frozen title features went with the evaluate message): the
@@ -180,7 +188,7 @@ def test_distributed_dp_rounds_are_one_dp_sgd_step_of_the_union_under_secure_agg
                                                    secure_aggregation=True, distributed_dp=True, dp_sample_rate=0.1,
                                                    dp_noise_multiplier=1.0))
     run_federation(sites, server)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = round_records(out)
     assert all(r["train_replies"] == 3 and r["train_failures"] == 0 and r["dropped"] == 0 for r in rows)
     secure = [r["secure_aggregation"] for r in rows]
     assert [{k: v for k, v in s.items() if k != "protocol_bytes_max"} for s in secure] == [
