@@ -1,15 +1,26 @@
-"""The locked-down deployment on this machine, as separate processes: `fedrec-server` with TLS, SuperNode
-authentication and the signed app, two registered sites and one unregistered, and a stranger with the CA
-certificate who tries to run their own app. One deployment checks all three promises:
+"""The locked-down deployment on this machine, run from the deployment guide's own commands.
+
+docs/deployment.md takes a newcomer from a fresh clone to a two-site TLS deployment; this test runs its fenced
+`bash` commands (sections 0-5, 7, 8 and 9) as separate processes, with only the substitutions of LOOPBACK and
+the few options each call below adds (LOOPBACK_ADDITIONS says which and why), so the guide stays true: the
+operator's directory and each site's directory are separate, and the files the guide says to send (the
+catalog, the CA certificate, the signing key's public half, each site's public key) are copied between them.
+A guide command the test does not run is in NOT_RUN with the reason, and a command in neither fails the test.
+
+One deployment checks the three promises too:
 
 (a) a rogue `flwr run` from another address is refused by the Control API, and even a rogue app that gets onto
     the SuperLink (as if Control were compromised) is refused by every site before its code runs;
-(b) the unregistered SuperNode is refused and never receives a message;
-(c) the two registered sites train two rounds over TLS.
+(b) the unregistered SuperNode (a third site, `gamma`, that made its key but was never registered) is refused and
+    never receives a message;
+(c) the two registered sites (`acme`, and `beta` with the same commands) train two rounds over TLS, under
+    secure aggregation (section 7) and distributed DP.
 """
 
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -18,22 +29,58 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from fl_client.site import SiteConfig
-from fl_server.certificates import make_ca, make_server_certificate
-from fl_server.sites import add_site
+from fl_client.dp.enrolment import LEDGER_FILE
 from fl_server.superlink_guard import bound_addresses, install_app_signature, install_operator_guard, is_operator
 from shared_model.app_signature import sign_fab
-from shared_model.key_files import make_signing_keys, make_site_keys
+from shared_model.key_files import make_signing_keys
 from simulations.config import DataConfig
-from simulations.federation import write_sites
 from simulations.partition import PartitionConfig, partition_users
 from simulations.prepare import prepare_data
 
 BIN = Path(sys.executable).parent
 PROJECT = Path(__file__).resolve().parents[2]
+GUIDE = PROJECT / "docs" / "deployment.md"
 REFUSED = "answer only the operator"  # fl_server.superlink_guard's 403
+SITES = ("acme", "beta", "gamma")  # the guide's site acme; beta, registered in its section 3; gamma, never registered
+
+# Guide text -> what it is on loopback, applied in this order to every guide command (`{tmp}`: the test's
+# directory, `{public}`: this machine's non-loopback address, `{link}`: a free port). Every entry must occur.
+LOOPBACK = (
+    ("fedrec.example.org", "{public}"),  # the server's name: sites (and the stranger) dial this machine's address
+    ("203.0.113.10", "127.0.0.1"),  # the server's other address in its certificate
+    ("9092", "{link}"),  # the SuperLink's port: a free one
+    ("/srv/fedrec/", "{tmp}/srv/"),  # the run's out dir
+    ("/data/", "{tmp}/data/"),  # each site's events (generated: {tmp}/data/<site>/events.parquet)
+    ("/var/lib/fedrec/", "{tmp}/state/"),  # each site's state dir
+    ("--num-rounds 20", "--num-rounds 2"),  # (`--check 20x2x128` stays: the cheapest σ search of the plans tried)
+)
+# What the test adds to guide commands, and why (nothing else is added; see the calls below).
+SMALL_RUN = ("batch-size=32 model.hidden-size=16 model.max-len=20 round-timeout=120.0 model.item-features='' "
+             "eval-every=2 model.feature-scoring=false strategy.distributed-dp=true "
+             'strategy.name="fedadam" strategy.server-lr=0.003 strategy.dp-sample-rate=0.5')
+LOOPBACK_ADDITIONS = {
+    "fedrec-admin sign-app": "--app <a copy of the app>: edits to the working tree during the test cannot change "
+                             "the signed FAB",
+    "fedrec-server": "--app <the same copy>; --stall-timeout 240 (fail fast); --run-config SMALL_RUN (a model small "
+                     "enough for CI, and distributed DP on top of section 7's secure aggregation)",
+    "fedrec-client": "--port <a free port>: three SuperNodes on one machine each need their own local port (the "
+                     "guide says so); --rejoin-delay 1 (30 for the unregistered site: its refusals stay few)",
+}
+# Guide commands this test does not run: (section heading prefix, command prefix) -> why.
+NOT_RUN = {
+    ("Install", "make install"): "the test runs in the environment the project is installed in (installing needs "
+                                 "the network)",
+    ("6.", "fedrec-server ..."): "the direction check reads each site's update, which section 7's secure "
+                                 "aggregation (run here) hides; its flags and settings are checked by "
+                                 "test_every_command_of_the_deployment_guide_parses",
+    ("10.", "fedrec-admin sign-app"): "the same command as section 4's (checked equal), run here",
+    ("10.", "fedrec-server"): "a second run would double this test's time; --initial-model runs in "
+                              "tests/fl_server/test_deploy.py, and the command's flags are checked by "
+                              "test_every_command_of_the_deployment_guide_parses",
+}
 
 ROGUE_PYPROJECT = """\
 [build-system]
@@ -81,6 +128,142 @@ def main(grid: Grid, context: Context) -> None:
     messages = [Message(RecordDict(), dst_node_id=node, message_type="train") for node in grid.get_node_ids()]
     list(grid.send_and_receive(messages, timeout=60))
 """
+
+
+def guide_sections(text: str) -> dict[str, list[str]]:
+    """Each `## ` section of a guide (by its heading) and the commands of its ```bash blocks: backslash
+    continuations joined, `# comments` dropped, split as the shell splits them (and joined again, one space
+    between words)."""
+    sections: dict[str, list[str]] = {}
+    for part in re.split(r"^## ", text, flags=re.MULTILINE)[1:]:
+        heading, _, body = part.partition("\n")
+        commands = []
+        for block in re.findall(r"^```bash\n(.*?)^```", body, flags=re.MULTILINE | re.DOTALL):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                if words:
+                    commands.append(shlex.join(words))
+        sections[heading.strip()] = commands
+    return sections
+
+
+def test_guide_sections_join_continuations_and_drop_comments():
+    text = ("# Title\n\n## 1. One\n\n```bash\nfedrec-admin ca --out pki   # pki/ca.pem\n"
+            "fedrec-server --run-config 'a=1 b=\"x\"' \\\n    --port 9092\n```\n\n```toml\nnot = \"a command\"\n```\n"
+            "## 2. Two\n\nno commands\n")
+    assert guide_sections(text) == {"1. One": ["fedrec-admin ca --out pki",
+                                               "fedrec-server --run-config 'a=1 b=\"x\"' --port 9092"],
+                                    "2. Two": []}
+
+
+class Guide:
+    """docs/deployment.md's commands with the LOOPBACK substitutions; remembers which were handed out to run."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.sections = guide_sections(GUIDE.read_text(encoding="utf-8"))
+        self.table = [(old, new.format(**values)) for old, new in LOOPBACK]
+        for _, new in self.table:  # substituted before the shell split: words that need no quoting
+            assert shlex.join(new.split(" ")) == new, new
+        self.used: set[str] = set()
+        self.ran: set[tuple[str, int]] = set()
+
+    def heading(self, prefix: str) -> str:
+        [heading] = [h for h in self.sections if h.startswith(prefix)]
+        return heading
+
+    def commands(self, section: str, site: str = "acme") -> list[list[str]]:
+        """Every command of a section (each one is run by the caller), for `site` where the guide says acme."""
+        return [self.command(section, "", site, index=i) for i in range(len(self.sections[self.heading(section)]))]
+
+    def command(self, section: str, start: str, site: str = "acme", index: int | None = None) -> list[str]:
+        """The one command of a section that starts with `start` (the caller runs it)."""
+        heading = self.heading(section)
+        lines = self.sections[heading]
+        if index is None:
+            [index] = [i for i, line in enumerate(lines) if line.startswith(start)]
+        self.ran.add((heading, index))
+        line = lines[index]
+        for old, new in [*self.table, ("acme", site)]:
+            if old in line:
+                line = line.replace(old, new)
+                self.used.add(old)
+        return shlex.split(line)
+
+    def unaccounted(self) -> list[str]:
+        """Guide commands neither run nor listed in NOT_RUN."""
+        return [f"{heading}: {line}" for heading, lines in self.sections.items() for i, line in enumerate(lines)
+                if (heading, i) not in self.ran
+                and not any(heading.startswith(s) and line.startswith(c) for s, c in NOT_RUN)]
+
+
+def expand(command: list[str], server: list[str]) -> list[str]:
+    """`fedrec-server ... --more` (sections 6 and 7): section 4's server command with `--more` added."""
+    return [*server, *command[2:]] if command[:2] == ["fedrec-server", "..."] else command
+
+
+def added(command: list[str], *more: str) -> list[str]:
+    """A guide command with what the test adds on loopback: only options LOOPBACK_ADDITIONS names for it."""
+    key = " ".join(command[:2]) if command[0] == "fedrec-admin" else command[0]
+    assert all(f"{word} " in LOOPBACK_ADDITIONS[key] for word in more if word.startswith("--")), (key, more)
+    return [*command, *more]
+
+
+def argv(command: list[str]) -> tuple[list[str], dict[str, str]]:
+    """A guide command as a process: leading `NAME=value` words are its environment; fedrec's and Flower's
+    commands are this environment's."""
+    env = dict(os.environ)
+    while re.fullmatch(r"[A-Z_]+=.*", command[0]):
+        name, _, value = command[0].partition("=")
+        env[name], command = value, command[1:]
+    program = BIN / command[0]
+    return [str(program) if program.exists() else command[0], *command[1:]], env
+
+
+def run(command: list[str], cwd: Path, timeout_s: float = 120.0) -> str:
+    """Run a guide command where the guide runs it; its output (it must succeed)."""
+    args, env = argv(command)
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    assert done.returncode == 0, f"{shlex.join(command)} (in {cwd}) failed:\n{done.stdout}{done.stderr}"
+    return done.stdout
+
+
+def start(command: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    args, env = argv(command)
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def test_every_command_of_the_deployment_guide_parses():
+    """Each fedrec command in the guide, those the deployment test does not run included, is accepted by its real
+    command line, with run-config keys the app knows; the substitutions and NOT_RUN name what the guide says."""
+    from flwr.common.config import parse_config_args
+
+    from fl_client.supernode import parse_args as client_args
+    from fl_server.admin import parse_args as admin_args
+    from fl_server.deploy import app_defaults
+    from fl_server.deploy import parse_args as server_args
+
+    sections = guide_sections(GUIDE.read_text(encoding="utf-8"))
+    lines = [line for commands in sections.values() for line in commands]
+    [server] = [shlex.split(line) for line in sections[next(h for h in sections if h.startswith("4."))]
+                if line.startswith("fedrec-server")]
+    parsers = {"fedrec-admin": admin_args, "fedrec-server": server_args, "fedrec-client": client_args}
+    known = set(app_defaults(PROJECT))
+    checked = 0
+    for line in lines:
+        command = expand(shlex.split(line), server)
+        if command[0] in parsers:
+            args = parsers[command[0]](command[1:])  # argparse exits on an unknown or missing option
+            for settings in getattr(args, "run_config", []):
+                assert set(parse_config_args([settings])) <= known, line
+            checked += 1
+    assert checked >= 15
+    assert all(any(old in line for line in lines) for old, _ in LOOPBACK)
+    assert all(any(h.startswith(s) and line.startswith(c) for h, commands in sections.items() for line in commands)
+               for s, c in NOT_RUN)
+    # the upgrade signs the app exactly as section 4 does
+    assert [c for c in sections[next(h for h in sections if h.startswith("10."))] if "sign-app" in c] == \
+           [c for c in sections[next(h for h in sections if h.startswith("4."))] if "sign-app" in c]
 
 
 def non_loopback_address() -> str | None:
@@ -131,6 +314,32 @@ def copy_app(target: Path) -> Path:
     return target
 
 
+def write_consortium_data(tmp_path: Path, operator: Path) -> None:
+    """The consortium's items file (the guide's products.csv) and each site's events (its /data/<site>/)."""
+    data = prepare_data(DataConfig(name="synthetic", synthetic={"num_users": 180, "num_items": 30, "seed": 7}))
+    catalog = data.catalog
+    pd.DataFrame({"item_id": catalog.item_ids, "title": [catalog.titles.get(i, "") for i in catalog.item_ids]}
+                 ).to_csv(operator / "products.csv", index=False)
+    parts = partition_users(data.sequences, PartitionConfig(kind="iid", num_partitions=len(SITES)))
+    frame = data.events.frame
+    for site, users in zip(SITES, parts, strict=True):
+        (tmp_path / "data" / site).mkdir(parents=True)
+        user_ids = {data.sequences.user_ids[u] for u in users}
+        frame.loc[frame["user_id"].isin(user_ids)].to_parquet(tmp_path / "data" / site / "events.parquet", index=False)
+
+
+def send(source: Path, target: Path) -> None:
+    """What the guide says to send from one party to another."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, target)
+
+
+def ledger_entries(tmp_path: Path, site: str) -> list[dict]:
+    """The rounds a site has paid for: its privacy ledger in its state dir (the guide's /var/lib/fedrec/<site>)."""
+    ledger = tmp_path / "state" / site / LEDGER_FILE
+    return json.loads(ledger.read_text())["entries"] if ledger.exists() else []
+
+
 def flwr_cli(home: Path, address: str, ca: Path, *args: str) -> subprocess.CompletedProcess:
     """The `flwr` CLI with a connection named `x` to `address`, trusting `ca` (as any site could)."""
     home.mkdir(parents=True, exist_ok=True)
@@ -141,85 +350,120 @@ def flwr_cli(home: Path, address: str, ca: Path, *args: str) -> subprocess.Compl
 
 
 @pytest.mark.slow
-def test_only_registered_sites_train_with_secure_aggregation_and_distributed_dp_and_no_stranger_app_runs(tmp_path):
+def test_the_deployment_guide_on_loopback_trains_only_registered_sites_and_runs_no_stranger_app(tmp_path):
     public = non_loopback_address()
     if public is None:
         pytest.skip("this machine has no non-loopback address to play the stranger from")
-    from flwr.cli.build import build_fab_from_disk
-
-    pki = tmp_path / "pki"
-    ca, ca_key = make_ca(pki)
-    cert, cert_key = make_server_certificate(ca, ca_key, pki, [public])
-    signing_key, signing_pub = make_signing_keys(pki)
-    keys = [make_site_keys(tmp_path / f"site{i}", f"site{i}") for i in range(3)]
-    for i in range(2):  # site2 made a key but was never registered
-        add_site(tmp_path / "registry", f"site{i}", keys[i][1])
-    app = copy_app(tmp_path / "fedrec")
-    sign_fab(build_fab_from_disk(app), signing_key, signing_pub).save(tmp_path / "app.sig")
-
-    data = prepare_data(DataConfig(name="synthetic", synthetic={"num_users": 180, "num_items": 30, "seed": 7}))
-    parts = partition_users(data.sequences, PartitionConfig(kind="iid", num_partitions=3))
-    sites = write_sites(data, parts, tmp_path / "sites", SiteConfig(data_path="", catalog_path="", state_dir=""))
     link = free_port()
-    out, logs, marker = tmp_path / "server", tmp_path / "logs", tmp_path / "exfiltrated.csv"
-    logs.mkdir()
-    rogue = write_rogue_app(tmp_path, marker)
-    clients = [subprocess.Popen(
-        [str(BIN / "fedrec-client"), "--superlink", f"{public}:{link}", "--root-certificates", str(ca),
-         "--auth-key", str(keys[i][0]), "--trusted-publisher", str(signing_pub), "--port", str(free_port()),
-         "--data", site.data_path, "--catalog", site.catalog_path, "--state-dir", site.state_dir,
-         "--epsilon", "8", "--rejoin-delay", "1" if i < 2 else "30"],
-        stdout=(logs / f"client{i}.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        for i, site in enumerate(sites)]
-    server = subprocess.Popen(
-        [str(BIN / "fedrec-server"), "--ssl-certfile", str(cert), "--ssl-keyfile", str(cert_key), "--ssl-ca-certfile",
-         str(ca), "--sites", str(tmp_path / "registry"), "--app-signature", str(tmp_path / "app.sig"), "--app",
-         str(app), "--port", str(link), "--catalog", sites[0].catalog_path, "--out-dir", str(out),
-         "--num-rounds", "2", "--min-sites", "2", "--stall-timeout", "240", "--run-config",
-         "batch-size=32 model.hidden-size=16 model.max-len=20 round-timeout=120.0 model.item-features='' eval-every=2 "
-         "model.feature-scoring=false strategy.secure-aggregation=true strategy.distributed-dp=true "
-         'strategy.name="fedadam" strategy.server-lr=0.003 strategy.dp-sample-rate=0.5'],
-        stdout=(logs / "server.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    client_log = [logs / f"client{i}.log" for i in range(3)]
+    guide = Guide({"public": public, "link": str(link), "tmp": str(tmp_path)})
+    operator, logs, marker = tmp_path / "operator", tmp_path / "logs", tmp_path / "exfiltrated.csv"
+    site_dirs = {site: tmp_path / site for site in SITES}
+    for directory in (operator, logs, *site_dirs.values()):
+        directory.mkdir()
+    write_consortium_data(tmp_path, operator)
+
+    # The parties work side by side, as on their own machines: each site makes its key pair (section 2) and acme
+    # checks its data (section 5: it needs only the catalog) while the operator does sections 0, 1, 3 and 4.
+    # beta's and gamma's data are checked by their fedrec-client at start (the same checks, and the same refusals).
+    keys = [start(command, site_dirs[site], logs / f"{site}.keys") for site in SITES
+            for command in guide.commands("2.", site)]
+    [catalog_command] = guide.commands("0.")
+    fingerprint = re.search(r"fingerprint ([0-9a-f]{64})", run(catalog_command, operator)).group(1)
+    for site in SITES:  # what the operator sends every site: the catalog ...
+        send(operator / "catalog.json", site_dirs[site] / "catalog.json")
+    check = start(guide.command("5.", "fedrec-client --data"), site_dirs["acme"], logs / "acme.check")
+    for command in guide.commands("1."):
+        run(command, operator)
+    for site in SITES:  # ... the CA certificate and the signing key's public half
+        send(operator / "pki" / "ca.pem", site_dirs[site] / "ca.pem")
+        send(operator / "pki" / "consortium.pub", site_dirs[site] / "consortium.pub")
+    # 4. The operator signs the app (while the sites' keys arrive and are registered) ...
+    app = copy_app(tmp_path / "fedrec")
+    signing = start(added(guide.command("4.", "fedrec-admin sign-app"), "--app", str(app)), operator, logs / "sign-app")
+    assert all(process.wait(60) == 0 for process in keys)
+    for site in SITES[:2]:  # acme and beta send their public key to the operator; gamma never does
+        send(site_dirs[site] / "keys" / f"{site}.pub", operator / f"{site}.pub")
+    server, clients, rogue = None, {}, write_rogue_app(tmp_path, marker)
+    client_log = {site: logs / f"{site}.log" for site in SITES}
+
+    def start_client(site: str) -> None:
+        command = guide.command("5.", "fedrec-client --superlink", site)
+        clients[site] = start(added(command, "--port", str(free_port()), "--rejoin-delay",
+                                    "30" if site == "gamma" else "1"), site_dirs[site], client_log[site])
+
     try:
+        # 3. The operator registers acme and beta.
+        *adds, listing = guide.commands("3.")
+        for command in adds:
+            run(command, operator)
+        assert [line.split("\t")[0] for line in run(listing, operator).splitlines()] == ["acme", "beta"]
+        assert signing.wait(120) == 0, (logs / "sign-app").read_text()
+        # 4 and 7. ... and starts the server, with section 7's secure aggregation.
+        server_command = expand(guide.command("7.", "fedrec-server"), guide.command("4.", "fedrec-server"))
+        server = start(added(server_command, "--app", str(app), "--stall-timeout", "240", "--run-config", SMALL_RUN),
+                       operator, logs / "server.log")
+        # 5. Each site starts its client (it retries until the server lets it in); acme once its check has passed.
+        for site in ("beta", "gamma"):
+            start_client(site)
+        printed = (logs / "acme.check").read_text() if check.wait(300) == 0 else ""
+        assert f"fingerprint {fingerprint}" in printed and "ready: this site can join" in printed, \
+            (logs / "acme.check").read_text()
+        start_client("acme")
         wait_until(lambda: "submitted run" in (logs / "server.log").read_text() or server.poll() is not None, 300,
                    "fedrec-server did not submit its run")
         assert server.poll() is None, (logs / "server.log").read_text()[-3000:]
+        run_id = re.search(r"submitted run (\d+)", (logs / "server.log").read_text()).group(1)
+        # 8. The operator monitors the run: once the registered sites' SuperNodes are in (each logs its node id),
+        # it sees both online (over loopback, TLS).
+        wait_until(lambda: all("SuperNode ID:" in client_log[s].read_text() for s in ("acme", "beta")), 240,
+                   "the registered sites never joined")
+        table = [line.split("\t") for line in run(guide.command("8.", "fedrec-admin site-list"), operator).splitlines()]
+        assert [(row[0], row[2].split()[0], row[2].split()[-1]) for row in table] == \
+            [("acme", "node", "online"), ("beta", "node", "online")], table
         # As if Control were compromised: the operator's own CLI submits the rogue app. Every site refuses its FAB.
         # (Submitted first, while fedrec's own run still keeps the SuperLink up.)
-        submitted = flwr_cli(tmp_path / "operator", f"127.0.0.1:{link}", ca, "run", str(rogue), "x")
+        ca = operator / "pki" / "ca.pem"
+        submitted = flwr_cli(tmp_path / "operator-cli", f"127.0.0.1:{link}", ca, "run", str(rogue), "x")
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         # (a) A stranger holding the CA certificate, from another address: Control refuses them, whatever they ask.
         stranger = tmp_path / "stranger"
-        for args in (["run", str(rogue), "x"], ["supernode", "register", str(keys[2][1]), "x"], ["ls", "x"]):
+        for args in (["run", str(rogue), "x"], ["supernode", "register", str(site_dirs["gamma"] / "keys" / "gamma.pub"),
+                                                "x"], ["ls", "x"]):
             done = flwr_cli(stranger, f"{public}:{link}", ca, *args)
             printed = " ".join((done.stdout + done.stderr).replace("│", " ").split())  # unwrap the CLI's error box
             assert done.returncode != 0 and REFUSED in printed, (args, printed)
-        # The operator sees who is in (fedrec-admin over loopback, TLS): the two registered sites, online.
-        listed = subprocess.run([sys.executable, "-m", "fl_server.admin", "site-list", "--sites",
-                                 str(tmp_path / "registry"), "--server-out-dir", str(out)],
-                                capture_output=True, text=True, timeout=120, check=False)
-        assert listed.returncode == 0, listed.stderr
-        table = [line.split("\t") for line in listed.stdout.splitlines()]
-        assert [row[0] for row in table] == ["site0", "site1"] and all(row[2].startswith("node ") for row in table)
-        wait_until(lambda: all("FAB verification failed" in p.read_text() for p in client_log[:2]), 240,
+        # 8. ... and sees the run.
+        assert run_id in run(guide.command("8.", "FLWR_HOME="), operator)
+        # 9. What a dead fedrec-server would leave running: its SuperLink, with its port.
+        [leftovers] = guide.commands("9.")
+        assert any("fl_server.superlink_guard" in line and f"--port {link}" in line
+                   for line in run(leftovers, operator).splitlines())
+        wait_until(lambda: all("FAB verification failed" in client_log[s].read_text() for s in ("acme", "beta")), 240,
                    "the registered sites never refused the rogue FAB")
+        # 8. A site's ε, from its ledger, once it has recorded round 2 (read while the run ends).
+        wait_until(lambda: server.poll() is not None or len(ledger_entries(tmp_path, "acme")) == 2, 400,
+                   "acme never recorded round 2")
+        spent = start(guide.command("8.", "fedrec-client"), site_dirs["acme"], logs / "acme.spent")
         assert server.wait(500) == 0, (logs / "server.log").read_text()[-3000:]
     finally:
-        for process in [server, *clients]:
-            if process.poll() is None:
+        for process in [server, *clients.values()]:
+            if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in clients:
+        for process in clients.values():
             process.wait(30)
+    assert spent.wait(300) == 0 and re.search(r"of ε = 8(\.0)? spent in 2 rounds", (logs / "acme.spent").read_text()), \
+        (logs / "acme.spent").read_text()
+    assert guide.unaccounted() == []  # every guide command was run, or NOT_RUN says why not
+    assert guide.used == {old for old, _ in LOOPBACK} | {"acme"}
     assert not marker.exists()  # no site ran the stranger's code
     # (b) The unregistered SuperNode never got in, so it never received a message.
-    unregistered = client_log[2].read_text()
+    unregistered = client_log["gamma"].read_text()
     assert "Failed to initialize the connection" in unregistered and "Receiving:" not in unregistered
-    ledger = sites[2].ledger_path  # it may be enrolled at start, but it never paid for a round
-    assert not ledger.exists() or json.loads(ledger.read_text())["entries"] == []
+    assert ledger_entries(tmp_path, "gamma") == []  # it may be enrolled at start, but it never paid for a round
     # (c) The registered sites trained both rounds over TLS, under secure aggregation (each stage a fresh
     # ClientApp process: the round's secrets live in the SuperNode's context) and distributed DP; only they
     # were asked.
+    out = tmp_path / "srv" / "run1"
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["train_replies"] == 2 and r["train_failures"] == 0 for r in rows)
@@ -228,9 +472,9 @@ def test_only_registered_sites_train_with_secure_aggregation_and_distributed_dp_
     assert "secure_evaluation" not in rows[0] and rows[1]["secure_evaluation"]["sites_summed"] == 2
     assert rows[1]["federated_eval"]["users"] > 0
     # ... and with distributed DP: each round one DP-SGD step, charged as (σ of the sum, q, 1 step)
-    for site in sites[:2]:
-        assert [e["history"] for e in json.loads(site.ledger_path.read_text())["entries"]] == [[[1.0, 0.5, 1]]] * 2
-    assert json.loads((out / "flower" / "registered_sites.json").read_text()).keys() == {"site0", "site1"}
+    for site in SITES[:2]:
+        assert [e["history"] for e in ledger_entries(tmp_path, site)] == [[[1.0, 0.5, 1]]] * 2
+    assert json.loads((out / "flower" / "registered_sites.json").read_text()).keys() == {"acme", "beta"}
 
 
 @pytest.mark.parametrize(("peer", "bound", "operator"), [
