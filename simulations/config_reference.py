@@ -174,6 +174,7 @@ def flags_section(title: str, intro: str, parser: argparse.ArgumentParser) -> li
         if not action.option_strings or action.dest == "help":
             continue
         default = "(required)" if action.required else ("false" if action.const is True and not action.default
+                                                        else "fedrec's source tree" if action.default == str(PROJECT)
                                                         else shown(action.default))
         rows.append((f"`{action.option_strings[-1]}`", default, (action.help or "").replace("%(const)s",
                                                                                           str(action.const))))
