@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fl_client.dp.enrolment import LEDGER_FILE, check_delta, load_identity, site_lock
-from fl_client.dp.settings import default_delta
+from fl_client.dp.settings import resolve_delta
 from fl_client.site import SiteConfig, SiteData, check_users
 from shared_model.adapters import load_dataset
 from shared_model.catalog import ItemCatalog
@@ -60,7 +60,7 @@ def check_site(site: SiteConfig, plan: Plan) -> list[str]:
         delta = ledger.delta
         spent = f"{ledger.spent():.3f} of ε = {site.privacy.epsilon} spent in {len(ledger.entries)} rounds"
     else:
-        delta = site.privacy.delta if site.privacy.delta is not None else default_delta(len(sequences))
+        delta = resolve_delta(site.privacy, len(sequences))
         check_delta(state / LEDGER_FILE, delta, len(sequences))
         spent = f"a new site (not enrolled yet), budget ε = {site.privacy.epsilon}"
     from fl_client.training_round import planned_sigma  # Opacus: only once the data has passed its checks

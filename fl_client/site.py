@@ -19,7 +19,7 @@ import numpy as np
 
 from fl_client.dp.enrolment import open_site_ledger, site_lock
 from fl_client.dp.ledger import PrivacyLedger
-from fl_client.dp.settings import PrivacyConfig, default_delta
+from fl_client.dp.settings import PrivacyConfig, resolve_delta
 from shared_model.adapters import load_dataset
 from shared_model.atomic import write_atomically
 from shared_model.catalog import ItemCatalog
@@ -219,4 +219,4 @@ def _read_cache(path: Path) -> UserSequences:
 def site_delta(site: SiteConfig, data: SiteData) -> float:
     """The site's δ: configured, or default_delta of its number of users (a DP site's ledger keeps the δ it
     started with: fl_client.dp.enrolment)."""
-    return site.privacy.delta if site.privacy.delta is not None else default_delta(len(data.sequences))
+    return resolve_delta(site.privacy, len(data.sequences))

@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fl_client.dp.engine import PrivacyConfig, PrivacySpent, calibrate_noise, make_private, resolve_delta, spent
+from fl_client.dp.engine import PrivacyConfig, PrivacySpent, calibrate_noise, make_private, spent
+from fl_client.dp.settings import resolve_delta
 from fl_client.dp.step import ClippingStats, private_step
 from fl_client.round_config import TrainingDivergedError
 from shared_model import wire

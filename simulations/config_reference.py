@@ -86,9 +86,7 @@ def describe(cls: type) -> dict[str, str]:
     for klass in reversed(cls.__mro__):
         if dataclasses.is_dataclass(klass):
             meanings.update(field_comments(klass))
-    missing = [f.name for f in dataclasses.fields(cls)
-               if not dataclasses.is_dataclass(f.type) and not meanings.get(f.name)
-               and not isinstance(default_of(f), (ModelConfig, StrategyConfig, PrivacyConfig))]
+    missing = [f.name for f in plain_fields(cls) if not meanings.get(f.name)]
     if missing:
         raise ValueError(f"{cls.__name__}: fields {missing} have no `# (type) meaning` comment")
     return meanings
@@ -130,9 +128,8 @@ def table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> list[str]
 
 
 def plain_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields that are settings, not nested groups."""
-    return [f for f in dataclasses.fields(cls)
-            if not isinstance(default_of(f), (ModelConfig, StrategyConfig, PrivacyConfig))]
+    """The fields that are settings, not nested groups (a dataclass default)."""
+    return [f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(default_of(f))]
 
 
 def hydra_section() -> list[str]:
@@ -182,14 +179,10 @@ def flags_section(title: str, intro: str, parser: argparse.ArgumentParser) -> li
 
 
 def site_section() -> list[str]:
-    meaning = {**describe(SiteConfig), **{("dp" if k == "enabled" else k): v
-                                          for k, v in describe(PrivacyConfig).items()}}
-    keys = [(f.name.replace("_", "-"), f.name) for f in plain_fields(SiteConfig)]
-    keys += [(key, "dp" if name == "enabled" else name) for key, name in NODE_PRIVACY_KEYS.items()]
-    site = SiteConfig(data_path="", catalog_path="", state_dir="")
-    defaults = {**{f.name: default_of(f) for f in plain_fields(SiteConfig)},
-                **{("dp" if n == "enabled" else n): getattr(site.privacy, n) for n in NODE_PRIVACY_KEYS.values()}}
-    rows = [(f"`{key}`", shown(defaults[name]), meaning[name]) for key, name in keys]
+    site, privacy = describe(SiteConfig), describe(PrivacyConfig)
+    defaults = SiteConfig(data_path="", catalog_path="", state_dir="").privacy  # the site's: DP on
+    rows = [(f"`{f.name.replace('_', '-')}`", shown(default_of(f)), site[f.name]) for f in plain_fields(SiteConfig)]
+    rows += [(f"`{key}`", shown(getattr(defaults, name)), privacy[name]) for key, name in NODE_PRIVACY_KEYS.items()]
     return ["## A site's node config (a SuperNode's `--node-config`)", "",
             "`fedrec-client` writes these from its flags into `node_config.toml` in the site's state dir; a site "
             "started with Flower's own `flower-supernode` gives them as `--node-config \"data-path='...' "

@@ -23,7 +23,7 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
 from fl_client.dp.secure_rng import secure_loader, use_secure_noise
-from fl_client.dp.settings import AccountantHistory, PrivacyConfig, default_delta
+from fl_client.dp.settings import AccountantHistory, PrivacyConfig
 from shared_model.atomic import write_atomically
 from shared_model.privacy_claim import privacy_claim
 
@@ -43,13 +43,6 @@ class PrivacySpent:
         steps = sum(h[2] for h in self.history)
         return privacy_claim(self.epsilon, self.delta, mechanism=f"over {steps} DP-SGD steps "
                              f"(σ = {self.noise_multiplier:.3f}, C = {self.max_grad_norm:g})")
-
-
-def resolve_delta(config: PrivacyConfig, num_users: int) -> float:
-    """δ from the config, or default_delta(#users): the same rule as a federated site's, strictly below 1/#users."""
-    if config.delta is not None:
-        return config.delta
-    return default_delta(num_users)
 
 
 def calibrate_noise(config: PrivacyConfig, sample_rate: float, steps: int, delta: float,

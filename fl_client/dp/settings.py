@@ -40,3 +40,10 @@ class PrivacyConfig:
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"privacy grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got "
                              f"{self.grad_sample_mode!r}")
+
+
+def resolve_delta(config: PrivacyConfig, num_users: int) -> float:
+    """δ from the config, or default_delta(#users): one rule for the centralized trainer, a site and its check."""
+    if config.delta is not None:
+        return config.delta
+    return default_delta(num_users)
