@@ -88,3 +88,14 @@ def test_asking_for_cuda_without_a_gpu_fails_at_startup_with_the_reason():
     with pytest.raises(ValueError, match="sees no CUDA device"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu" and describe_device(resolve_device("auto")).startswith("cpu (")
+
+
+def test_a_node_config_cannot_reach_the_privacy_settings_except_by_their_flat_keys():
+    """A node config naming the nested field or PrivacyConfig's own name for `dp` is refused, not half-applied:
+    a site whose file says `privacy = ...` or `enabled = false` must not start with settings it did not mean."""
+    base = {"data-path": "d", "catalog-path": "c", "state-dir": "s"}
+    for key, value in (("privacy", "off"), ("enabled", False), ("selection-noise", 5.0)):
+        with pytest.raises(ValueError, match=rf"unknown node config keys \['{key}'\]"):
+            SiteConfig.from_node_config({**base, key: value})
+    assert SiteConfig.from_node_config({**base, "dp": False}).privacy.enabled is False
+    assert SiteConfig.from_node_config(base).privacy.enabled is True  # DP on unless the site says otherwise
