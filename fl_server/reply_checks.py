@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import math
 from statistics import median
-from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
@@ -42,6 +41,7 @@ from flwr.app import ArrayRecord, Message
 from fl_server.config import StrategyConfig
 from fl_server.direction import flat_update, median_cosines
 from fl_server.replies import reply_metrics
+from fl_server.round_record import RoundRecord
 from shared_model import wire
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class ReplyGate:
     rounds in a row that left the global model unchanged."""
 
     round_start: ArrayRecord | None = None  # the global weights this round's training started from
-    last_round: dict[str, Any]
+    last_round: RoundRecord  # what this round received (fl_server.round_record)
     catalog_fingerprint: str = ""  # the run's catalog: a reply naming another is dropped
     declared_users: dict[int, int]  # node -> the users it declared with its first accepted reply (checkpointed)
     accepted_norms: list[float]  # medians of the accepted update norms of the last rounds (checkpointed)
@@ -280,15 +280,15 @@ class ReplyGate:
         for msg, _ in kept:
             self.declared_users.setdefault(msg.metadata.src_node_id, int(reply_metrics(msg)[wire.NUM_EXAMPLES]))
         if norms:  # JSON has no infinity: an unbounded round says null
-            self.last_round["update_norms"] = {"median": median(norms), "max_accepted": max((n for _, n in kept),
+            self.last_round.update_norms = {"median": median(norms), "max_accepted": max((n for _, n in kept),
                                                default=0.0), "bound": bound if math.isfinite(bound) else None}
         return [m for m, _ in kept], over
 
     def unusable_round(self, global_round: int, why: str) -> tuple[None, None]:
         """Leave the global model unchanged, say why (log and the round's row), and count the round."""
         self.failed_rounds += 1
-        self.last_round["unusable"] = why
-        dropped = self.last_round.get("dropped_reasons", [])
+        self.last_round.unusable = why
+        dropped = self.last_round.dropped_reasons or []
         shown = "; ".join(dropped[:REASONS_SHOWN]) + (f" and {len(dropped) - REASONS_SHOWN} more"
                                                        if len(dropped) > REASONS_SHOWN else "")
         self.failed_reasons = [*self.failed_reasons,

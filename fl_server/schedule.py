@@ -42,10 +42,9 @@ class Decay:
                 setattr(strategy, name, self.server_lr)
 
 
-def learning_rates(strategy: Any, config: ConfigRecord) -> dict[str, float]:
-    """The round's site lr and, for strategies that take a server step, the server's: for the round's log."""
-    rates = {"lr": float(config.get(wire.LEARNING_RATE, 0.0))}  # type: ignore[arg-type]
-    for name in SERVER_LR_ATTRIBUTES:
-        if hasattr(strategy, name):
-            rates["server_lr"] = float(getattr(strategy, name))
-    return rates
+def learning_rates(strategy: Any, config: ConfigRecord) -> tuple[float, float | None]:
+    """The round's site lr and, for strategies that take a server step, the server's (else None): for the
+    round's record."""
+    server_lr = next((float(getattr(strategy, name)) for name in SERVER_LR_ATTRIBUTES if hasattr(strategy, name)),
+                     None)
+    return float(config.get(wire.LEARNING_RATE, 0.0)), server_lr  # type: ignore[arg-type]

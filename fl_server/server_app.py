@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from fl_server import initial_model
 from fl_server.checkpoint import RunStore
 from fl_server.config import ServerConfig, server_config_from_run_config
 from fl_server.report import progress_line, write_report
+from fl_server.round_record import RoundRecord
 from fl_server.schedule import Decay
 from fl_server.secure_round import SecureAggregationGrid, secure_settings
 from fl_server.strategy import RoundsFailedError, RunSetup, build_strategy
@@ -152,66 +153,70 @@ class RoundRecorder:
         self.cfg, self.store, self.model, self.strategy, self.grid = cfg, store, model, strategy, grid
         self.evaluate_centrally, self.done = evaluate_centrally, done  # rounds completed before this start
         self.started = time.time()
-        self.scored_start: dict[str, Any] = {}  # round 0 of a training from an exported model, scored once
+        self.scored_start: RoundRecord | None = None  # round 0 of a training from an exported model, scored once
 
     def __call__(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if local_round == 0 and "central_eval" in self.scored_start:
-            start = self.scored_start["central_eval"]
-            return MetricRecord(start) if start else None
+        if local_round == 0 and self.scored_start is not None:
+            start = self.scored_start.central_eval
+            return MetricRecord(dict(start)) if start else None
         wire.load_state(self.model, arrays.to_torch_state_dict(), trainable_only=True)
         evaluated = local_round == 0 or self.cfg.evaluates(local_round + self.done)
         central: dict[str, Any] = self.evaluate_centrally(self.model) if self.evaluate_centrally and evaluated \
             else {}
         if local_round == 0:
             return MetricRecord(central) if central else None
-        row = self.record(local_round + self.done, evaluated, central)
-        score = (validation_score(row) or 0.0) if evaluated else None
-        self.store.save(row["round"], self.model.state_dict(), self.strategy.optimiser_state(), row, score)
-        log.info("round %s", json.dumps(row))
-        progress.info(progress_line(row, self.cfg.num_rounds))
+        record = self.record(local_round + self.done, evaluated, central)
+        score = (validation_score(record) or 0.0) if evaluated else None
+        write_round(self.store, self.model, self.strategy, record, score, self.cfg.num_rounds)
         self.strategy.raise_if_failing()  # only now: the unchanged model of the last good round is on disk
         return MetricRecord(central) if central else None
 
-    def record(self, server_round: int, evaluated: bool, central: dict[str, Any]) -> dict[str, Any]:
-        """The round's row of metrics.jsonl (and of the report): what the strategy saw, and what the run adds."""
+    def record(self, server_round: int, evaluated: bool, central: dict[str, Any]) -> RoundRecord:
+        """The round's record (metrics.jsonl, the report): what the strategy saw, and what the run adds."""
         strategy = self.cfg.strategy
-        row = {"round": server_round, "seconds": round(time.time() - self.started, 2), **self.strategy.last_round}
+        record = replace(self.strategy.last_round, round=server_round, seconds=round(time.time() - self.started, 2))
         if strategy.distributed_dp:  # what the report's privacy claim states (fl_server.report)
-            row["distributed_dp"] = {"sample_rate": strategy.dp_sample_rate,
+            record.distributed_dp = {"sample_rate": strategy.dp_sample_rate,
                                      "noise_multiplier": strategy.dp_noise_multiplier,
                                      "max_grad_norm": strategy.dp_max_grad_norm, "colluders": strategy.dp_colluders}
         if isinstance(self.grid, SecureAggregationGrid):
-            row["secure_aggregation"] = dict(self.grid.last)
+            record.secure_aggregation = dict(self.grid.last)
             if evaluated and self.strategy.asked.get("evaluate"):
-                row["secure_evaluation"] = dict(self.grid.last_evaluation)
+                record.secure_evaluation = dict(self.grid.last_evaluation)
         if evaluated:
-            row["central_eval"] = central
-        return row
+            record.central_eval = central
+        return record
 
 
-def validation_score(row: dict[str, Any]) -> float | None:
+def validation_score(record: RoundRecord) -> float | None:
     """What picks the best round: validation NDCG@10, the server's when it scored centrally, else the sites'
     (None when neither scored validation). Never the test split."""
-    central = row.get("central_eval") or {}
-    return central.get(wire.VALID_NDCG10, (row.get("federated_eval") or {}).get(wire.VALID_NDCG10))
+    central = record.central_eval or {}
+    return central.get(wire.VALID_NDCG10, (record.federated_eval or {}).get(wire.VALID_NDCG10))
+
+
+def write_round(store: RunStore, model: FedRecModel, strategy: Any, record: RoundRecord, score: float | None,
+                num_rounds: int) -> None:
+    """Checkpoint the round with its record (metrics.jsonl), and log it: the record in full, one progress line."""
+    row = record.row()
+    store.save(record.round, model.state_dict(), strategy.optimiser_state(), row, score)
+    log.info("round %s", json.dumps(row))
+    progress.info(progress_line(row, num_rounds))
 
 
 def score_starting_model(grid: Grid | SecureAggregationGrid, strategy: Any, store: RunStore, model: FedRecModel,
                          trainable: dict[str, torch.Tensor], config: ConfigRecord, cfg: ServerConfig,
-                         evaluate_centrally: CentralEvaluator | None) -> dict[str, Any]:
+                         evaluate_centrally: CentralEvaluator | None) -> RoundRecord:
     """Round 0 of a training that starts from an exported model: the sites (and the server, when it evaluates
     centrally) score that model before anything is trained, and it is checkpointed like a round. So the report
     shows where training started, and the best model by validation is never worse than the starting one: when
     no round beats it, best_model is the starting model (DP noise can make fine-tuning a good model worse)."""
-    strategy.last_round = {"round": 0}
+    strategy.last_round = RoundRecord(round=0, seconds=0.0, starting_model=True)
     messages = list(strategy.configure_evaluate(0, ArrayRecord(trainable), ConfigRecord(dict(config)), grid))
     strategy.aggregate_evaluate(0, list(grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else [])
-    central: dict[str, Any] = evaluate_centrally(model) if evaluate_centrally else {}
-    row = {**strategy.last_round, "round": 0, "seconds": 0.0, "starting_model": True, "central_eval": central}
-    store.save(0, model.state_dict(), strategy.optimiser_state(), row, validation_score(row))
-    log.info("round %s", json.dumps(row))
-    progress.info(progress_line(row, cfg.num_rounds))
-    return row
+    record = replace(strategy.last_round, central_eval=evaluate_centrally(model) if evaluate_centrally else {})
+    write_round(store, model, strategy, record, validation_score(record), cfg.num_rounds)
+    return record
 
 
 def export(store: RunStore, model: FedRecModel, catalog: ItemCatalog,

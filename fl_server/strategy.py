@@ -47,6 +47,7 @@ from fl_server.reply_checks import (
     evaluation_problem,
     finite,
 )
+from fl_server.round_record import RoundRecord
 from fl_server.schedule import Decay, learning_rates
 from shared_model import wire
 from shared_model.metrics import with_standard_errors
@@ -79,7 +80,7 @@ class RoundHooks(ReplyGate):
     """Mixin over a Flower FedAvg-family strategy (see module docstring)."""
 
     round_offset: int = 0
-    last_round: dict[str, Any]
+    last_round: RoundRecord  # what this round received (fl_server.round_record)
     frozen: ArrayRecord  # frozen public tensors (e.g. item features), sent to each site until it keeps them
     frozen_digest: str = ""  # their wire.tensors_digest, which a site names back when it keeps them
     frozen_held: set[int]  # nodes that said they keep them (forgotten when a node fails: it may have lost them)
@@ -89,7 +90,7 @@ class RoundHooks(ReplyGate):
     item_row_names: list[str]  # the model's per-item tensors (set by the server from its model)
     shared_moments: dict[str, np.ndarray] | None = None  # the sites' averaged optimiser moments, sent next round
     decay: Decay = Decay()  # from which round the sites' and the server's learning rates change
-    round_rates: dict[str, float]  # this round's site lr (and server lr), for the round's log line
+    round_rates: tuple[float, float | None] = (0.0, None)  # this round's site lr and server lr (None: no step)
     asked: dict[str, int]  # sites sent this round's train / evaluate message (to count the silent ones)
     evaluated_rounds: Callable[[int], bool] | None = None  # which (global) rounds are evaluated; None: all
     min_train_nodes: int  # Flower's: the fewest trained replies a round aggregates
@@ -126,7 +127,10 @@ class RoundHooks(ReplyGate):
     def count_silent(self, phase: str, server_round: int, replies: int) -> None:
         """Record and warn about sites that were asked but sent nothing back (federation.round_timeout)."""
         silent = max(self.asked.get(phase, replies) - replies, 0)
-        self.last_round[f"{phase}_no_reply"] = silent
+        if phase == "train":
+            self.last_round.train_no_reply = silent
+        else:
+            self.last_round.evaluate_no_reply = silent
         if silent:
             log.warning("round %d: %d of %d site(s) sent no %s reply within federation.round_timeout; "
                         "they are left out of this round", server_round + self.round_offset, silent,
@@ -150,9 +154,9 @@ class RoundHooks(ReplyGate):
         self.note_frozen_held(replies)
         label = server_round + self.round_offset
         failures = [reason for m in replies if (reason := failure(m))]
-        self.last_round = {"round": label, "train_replies": len(replies), "train_failures": len(failures),
-                           "bytes_to_each_site": self.bytes_sent, "frozen_sent_to": self.frozen_sent,
-                           **getattr(self, "round_rates", {})}
+        self.last_round = RoundRecord(round=label, train_replies=len(replies), train_failures=len(failures),
+                                      bytes_to_each_site=self.bytes_sent, frozen_sent_to=self.frozen_sent,
+                                      lr=self.round_rates[0], server_lr=self.round_rates[1])
         self.count_silent("train", server_round, len(replies))
         trained, dropped = self.usable_replies([m for m in replies if not failure(m)], failures)
         if len(trained) < self.min_train_nodes and (dropped or (failures and not trained)):
@@ -173,16 +177,13 @@ class RoundHooks(ReplyGate):
         trained, over_bound = self.within_norm_bound([m for m, x in zip(valid, metrics, strict=True)
                                                       if x[wire.DECLINED] == 0.0])
         dropped += over_bound
-        self.last_round.update({"dropped": len(dropped), "declined": len(declined),
-                                "bytes_from_each_site": max((payload_bytes(m.content) for m in valid), default=0),
-                                "privacy": privacy_report(metrics), "site_cost": site_cost(metrics)})
-        for key, reasons, what in (("train_failure_reasons", failures, "failed to train"),
-                                   ("declined_reasons", [declined_reason(m) for m in declined], "declined"),
-                                   ("dropped_reasons", dropped, "sent a reply dropped before aggregation")):
-            if reasons:
-                self.last_round[key] = reasons
-                log.warning("round %d: %d site(s) %s: %s", self.last_round["round"], len(reasons), what,
-                            "; ".join(reasons))
+        record = self.last_round
+        record.dropped, record.declined = len(dropped), len(declined)
+        record.bytes_from_each_site = max((payload_bytes(m.content) for m in valid), default=0)
+        record.privacy, record.site_cost = privacy_report(metrics), site_cost(metrics)
+        record.train_failure_reasons = warn_named(record.round, failures, "failed to train")
+        record.declined_reasons = warn_named(record.round, [declined_reason(m) for m in declined], "declined")
+        record.dropped_reasons = warn_named(record.round, dropped, "sent a reply dropped before aggregation")
         return trained, dropped
 
     def aggregated(self, label: int, trained: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -206,7 +207,7 @@ class RoundHooks(ReplyGate):
                 setattr(self, name, value)
             return self.unusable_round(label, problem)
         self.round_succeeded()
-        self.last_round["train"] = dict(metrics) if metrics is not None else {}
+        self.last_round.train = dict(metrics) if metrics is not None else {}
         return with_dtypes_of(arrays, self.round_start), metrics
 
     def per_item_tensors(self) -> tuple[list[str], int]:
@@ -237,7 +238,7 @@ class RoundHooks(ReplyGate):
         except ValueError as err:
             log.warning("optimiser moments not shared this round: %s", err)
         steps = (self.shared_moments or {}).get(wire.MOMENTS_STEP)
-        self.last_round["shared_moments"] = {"sites": len(sent), "step": float(steps[0]) if steps is not None else 0.0}
+        self.last_round.shared_moments = {"sites": len(sent), "step": float(steps[0]) if steps is not None else 0.0}
         return trained
 
     def with_item_rows_weighted(self, trained: list[Message]) -> list[Message]:
@@ -259,7 +260,7 @@ class RoundHooks(ReplyGate):
                 continue
             sent = msg.content.array_records[wire.ARRAYS]
             usable.append((msg, {k: sent[k].numpy() for k in names}, reply_metrics(msg)[wire.NUM_EXAMPLES], weights))
-        self.last_round["item_rows"] = {"mode": self.item_rows, "sites": len(usable), "left_out": left_out}
+        self.last_round.item_rows = {"mode": self.item_rows, "sites": len(usable), "left_out": left_out}
         if left_out:
             log.warning("strategy.item_rows=%s: %d trained site(s) left out of the aggregate: %s", self.item_rows,
                         len(left_out), "; ".join(left_out))
@@ -281,23 +282,20 @@ class RoundHooks(ReplyGate):
         checked = [(m, evaluation_problem(m, self.max_site_users))
                    for m in replies if not failure(m)]
         answered, dropped = [m for m, why in checked if not why], [why for _, why in checked if why]
-        self.last_round.update(evaluate_failures=len(failures), evaluate_dropped=len(dropped))
-        for key, reasons, what in (("evaluate_failure_reasons", failures, "failed to evaluate"),
-                                   ("evaluate_dropped_reasons", dropped, "sent an evaluation dropped unpooled")):
-            if reasons:
-                self.last_round[key] = reasons
-                log.warning("round %d: %d site(s) %s: %s", server_round + self.round_offset, len(reasons), what,
-                            "; ".join(reasons))
+        record, label = self.last_round, server_round + self.round_offset
+        record.evaluate_failures, record.evaluate_dropped = len(failures), len(dropped)
+        record.evaluate_failure_reasons = warn_named(label, failures, "failed to evaluate")
+        record.evaluate_dropped_reasons = warn_named(label, dropped, "sent an evaluation dropped unpooled")
         self.count_silent("evaluate", server_round, len(replies))
         if not answered:
             return None
         metrics = super().aggregate_evaluate(server_round + self.round_offset, answered)  # type: ignore[misc]
         if metrics is None:
-            self.last_round["federated_eval"] = {}
+            self.last_round.federated_eval = {}
             return None
         # Sites partition the users, so the user-weighted means and second moments are the pooled users' own.
         users = sum(float(reply_metrics(m).get(wire.NUM_EXAMPLES, 0.0)) for m in answered)
-        self.last_round["federated_eval"] = with_standard_errors(dict(metrics), users)
+        self.last_round.federated_eval = with_standard_errors(dict(metrics), users)
         return metrics
 
     def optimiser_state(self) -> dict[str, Any]:
@@ -308,6 +306,14 @@ class RoundHooks(ReplyGate):
         """Put checkpointed optimiser state back before resuming."""
         for name, value in state.items():
             setattr(self, name, value)
+
+
+def warn_named(server_round: int, reasons: list[str], what: str) -> list[str] | None:
+    """Log the sites named in `reasons` (one warning); the reasons for the round record, None when there are none."""
+    if not reasons:
+        return None
+    log.warning("round %d: %d site(s) %s: %s", server_round, len(reasons), what, "; ".join(reasons))
+    return reasons
 
 
 @dataclass(frozen=True)
@@ -376,7 +382,7 @@ def build_strategy(config: StrategyConfig, setup: RunSetup | None = None) -> Any
     strategy.round_offset = setup.round_offset
     strategy.evaluated_rounds = setup.evaluated_rounds
     strategy.frozen, strategy.frozen_digest = setup.frozen, setup.frozen_digest
-    strategy.last_round = {}
+    strategy.last_round = RoundRecord()
     strategy.asked = {}
     strategy.frozen_held = set()
     strategy.set_reply_checks(config)

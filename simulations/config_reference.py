@@ -28,7 +28,7 @@ from fl_client.train import TrainConfig
 from fl_server.config import ServerConfig, StrategyConfig
 from fl_server.deploy import app_defaults
 from fl_server.deploy import build_parser as server_parser
-from fl_server.round_record import ROUND_RECORD
+from fl_server.round_record import RoundRecord
 from shared_model.factory import ModelConfig
 from simulations.attacks import AttackConfig
 from simulations.audit import AuditConfig
@@ -206,7 +206,7 @@ def reference() -> str:
              "## The round record (`metrics.jsonl`)", "",
              "A run directory's `metrics.jsonl` holds one JSON object per completed round: what to monitor (the "
              "report and the progress line are made from it). A key appears when it applies.", "",
-             *table([(f"`{k}`", v) for k, v in ROUND_RECORD.items()], ("key", "meaning"))]
+             *table([(f"`{k}`", v) for k, v in describe(RoundRecord).items()], ("key", "meaning"))]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

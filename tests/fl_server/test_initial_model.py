@@ -100,7 +100,7 @@ def test_the_server_sends_the_exported_weights_in_round_one_and_a_resume_keeps_i
     catalog.save(tmp_path)
     sent: list[dict[str, torch.Tensor]] = []
     monkeypatch.setattr(server_app, "build_strategy", no_rounds_strategy(server_app.build_strategy, sent))
-    monkeypatch.setattr(server_app, "score_starting_model", lambda *args: {})  # (the test below)
+    monkeypatch.setattr(server_app, "score_starting_model", lambda *args: None)  # (the test below)
     cfg = ServerConfig(out_dir=str(tmp_path / "run"), catalog_path=str(tmp_path / "catalog.json"), num_rounds=2,
                        model=CONFIG, initial_model=str(directory))
     summary = server_app.run_server(grid=None, cfg=cfg)  # type: ignore[arg-type]  # no site is asked anything

@@ -8,6 +8,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fl_server.checkpoint import RunStore
 from fl_server.config import StrategyConfig
+from fl_server.round_record import RoundRecord
 from fl_server.strategy import RoundsFailedError, build_strategy
 from shared_model import wire
 from tests.fl_server.test_strategy import site_reply
@@ -115,8 +116,8 @@ def test_each_malformed_reply_is_dropped_with_its_reason_and_the_good_ones_aggre
     strategy = strategy_for()
     bad = make()
     arrays, _ = strategy.aggregate_train(1, [*good_replies(), bad])
-    assert strategy.last_round["dropped"] == 1
-    reason = strategy.last_round["dropped_reasons"][0]
+    assert strategy.last_round.dropped == 1
+    reason = strategy.last_round.dropped_reasons[0]
     assert reason.startswith(f"node {bad.metadata.src_node_id}:") and says in reason
     expected = sum(u * s["w"] for u, s in zip(USERS, GOOD, strict=True)) / sum(USERS)
     np.testing.assert_allclose(arrays["w"].numpy(), expected, rtol=1e-5)
@@ -130,7 +131,7 @@ def test_a_nan_reply_never_reaches_any_strategys_global_model(serverapp_identity
     replies = [*good_replies(), *[site_reply(g, 10) for g in GOOD[:3]], BAD["nan weight"][0]()]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None and all(np.isfinite(a.numpy()).all() for a in arrays.values())
-    assert strategy.last_round["dropped"] == 1
+    assert strategy.last_round.dropped == 1
 
 
 def test_a_site_cannot_claim_more_users_than_it_declared_first(serverapp_identity):
@@ -140,7 +141,7 @@ def test_a_site_cannot_claim_more_users_than_it_declared_first(serverapp_identit
     assert strategy.declared_users == {7: 10, 8: 20, 9: 30, 10: 40}
     strategy.aggregate_train(2, [site_reply(GOOD[0], 5000, node=7), *[site_reply(g, 20, node=8 + i)
                                                                       for i, g in enumerate(GOOD[1:])]])
-    assert "above the 10 users this site declared earlier" in strategy.last_round["dropped_reasons"][0]
+    assert "above the 10 users this site declared earlier" in strategy.last_round.dropped_reasons[0]
 
 
 def test_too_few_usable_replies_leave_the_model_unchanged_and_repeated_failures_stop_the_run(serverapp_identity):
@@ -149,7 +150,7 @@ def test_too_few_usable_replies_leave_the_model_unchanged_and_repeated_failures_
     for round_ in (1, 2):
         assert strategy.aggregate_train(round_, [site_reply(GOOD[0], 10), nan()]) == (None, None)
         assert "1 usable trained replies (1 dropped, 0 failed), fewer than strategy.min_nodes=2" in \
-            strategy.last_round["unusable"]
+            strategy.last_round.unusable
         strategy.raise_if_failing()  # not yet: max_failed_rounds=3
     assert strategy.aggregate_train(3, good_replies())[0] is not None and strategy.failed_rounds == 0
     for round_ in (4, 5, 6):
@@ -166,7 +167,7 @@ def test_a_round_where_every_site_failed_counts_as_failed_but_one_where_sites_de
     strategy = strategy_for(max_failed_rounds=1)
     declined = with_metric(with_metric(site_reply(START, 10), wire.DECLINED, 1.0), wire.NUM_EXAMPLES, 0.0)
     assert strategy.aggregate_train(1, [declined]) == (None, None) and strategy.failed_rounds == 0
-    assert strategy.last_round["declined"] == 1 and strategy.last_round["dropped"] == 0
+    assert strategy.last_round.declined == 1 and strategy.last_round.dropped == 0
     lost = Message(Error(code=4003, reason="lost"), reply_to=Message(RecordDict(), 3, "train"))
     assert strategy.aggregate_train(2, [lost]) == (None, None)
     with pytest.raises(RoundsFailedError, match="0 usable trained replies \\(0 dropped, 1 failed\\)"):
@@ -182,7 +183,7 @@ def test_a_non_finite_aggregate_is_not_used(serverapp_identity, monkeypatch):
 
     monkeypatch.setattr(FedAvg, "aggregate_train", broken)
     assert strategy.aggregate_train(1, good_replies()) == (None, None)
-    assert "aggregate holds NaN" in strategy.last_round["unusable"]
+    assert "aggregate holds NaN" in strategy.last_round.unusable
 
 
 def test_the_default_bound_drops_a_tenfold_update_of_a_site_whose_own_update_is_short(serverapp_identity):
@@ -199,27 +200,27 @@ def test_the_default_bound_drops_a_tenfold_update_of_a_site_whose_own_update_is_
     assert StrategyConfig().norm_bound_factor == 3.0
     replies = lambda: [*(site_reply(h, 10) for h in honest), site_reply(attacker, 10)]  # noqa: E731
     strategy.aggregate_train(1, replies())
-    assert strategy.last_round["dropped"] == 1
-    assert "above this round's bound" in strategy.last_round["dropped_reasons"][0]
+    assert strategy.last_round.dropped == 1
+    assert "above this round's bound" in strategy.last_round.dropped_reasons[0]
     old = strategy_for(norm_bound_factor=10.0)
     old.aggregate_train(1, replies())
-    assert old.last_round["dropped"] == 0  # what the old default let through
+    assert old.last_round.dropped == 0  # what the old default let through
 
 
 def test_each_rounds_update_norms_are_recorded_and_earlier_rounds_bound_a_round_of_few_sites(serverapp_identity):
     strategy = strategy_for(min_nodes=1)
     strategy.aggregate_train(1, good_replies())
-    norms = strategy.last_round["update_norms"]
+    norms = strategy.last_round.update_norms
     honest = sorted(np.sqrt(sum(float(np.sum((g[k] - START[k]) ** 2)) for k in START)) for g in GOOD)
     assert norms["median"] == pytest.approx((honest[1] + honest[2]) / 2)
     assert norms["max_accepted"] == pytest.approx(honest[-1]) and norms["bound"] == pytest.approx(3 * norms["median"])
     boosted = site_reply({k: START[k] + 30 * (GOOD[0][k] - START[k]) for k in START}, 10)
     arrays, _ = strategy.aggregate_train(2, [site_reply(GOOD[1], 20), boosted])  # two sites: no median of their own
-    assert "above this round's bound" in strategy.last_round["dropped_reasons"][0]
+    assert "above this round's bound" in strategy.last_round.dropped_reasons[0]
     np.testing.assert_allclose(arrays["w"].numpy(), GOOD[1]["w"], rtol=1e-6)
     unbounded = strategy_for(norm_bound_factor=0.0)
     unbounded.aggregate_train(1, [*good_replies(), boosted])
-    assert unbounded.last_round["update_norms"]["bound"] is None and unbounded.last_round["dropped"] == 0
+    assert unbounded.last_round.update_norms["bound"] is None and unbounded.last_round.dropped == 0
 
 
 def test_the_direction_check_drops_a_sign_flipped_update_the_norm_bound_lets_through(serverapp_identity):
@@ -231,11 +232,11 @@ def test_the_direction_check_drops_a_sign_flipped_update_the_norm_bound_lets_thr
     replies = lambda: [*(site_reply(h, 10) for h in honest), site_reply(flipped, 10)]  # noqa: E731
     plain = strategy_for()
     plain.aggregate_train(1, replies())
-    assert plain.last_round["dropped"] == 0  # the norm bound cannot see a sign flip
+    assert plain.last_round.dropped == 0  # the norm bound cannot see a sign flip
     checked = strategy_for(min_cosine=0.0)
     arrays, _ = checked.aggregate_train(1, replies())
-    assert checked.last_round["dropped"] == 1
-    reason = checked.last_round["dropped_reasons"][0]
+    assert checked.last_round.dropped == 1
+    reason = checked.last_round.dropped_reasons[0]
     assert "cosine" in reason and "below 0" in reason
     mean = np.mean([h["w"] for h in honest], axis=0)
     np.testing.assert_allclose(arrays["w"].numpy(), mean, rtol=1e-5)  # the honest sites alone
@@ -246,14 +247,14 @@ def test_the_direction_check_drops_a_sign_flipped_update_the_norm_bound_lets_thr
 def test_an_absolute_update_norm_bound_drops_every_longer_update(serverapp_identity):
     strategy = strategy_for(norm_bound_factor=0.0, max_update_norm=1e-6)
     assert strategy.aggregate_train(1, good_replies()) == (None, None)
-    assert strategy.last_round["dropped"] == 4 and strategy.last_round["declined"] == 0
-    assert all("bound 1e-06" in reason for reason in strategy.last_round["dropped_reasons"])
+    assert strategy.last_round.dropped == 4 and strategy.last_round.declined == 0
+    assert all("bound 1e-06" in reason for reason in strategy.last_round.dropped_reasons)
 
 
 def test_a_strategy_that_aggregates_nothing_leaves_the_round_unusable(serverapp_identity):
     strategy = strategy_for("bulyan", num_malicious=1)  # Bulyan needs 4 f + 3 = 7 replies
     assert strategy.aggregate_train(1, good_replies()) == (None, None)
-    assert "aggregated nothing from 4 usable replies" in strategy.last_round["unusable"]
+    assert "aggregated nothing from 4 usable replies" in strategy.last_round.unusable
     assert strategy.failed_rounds == 1
 
 
@@ -270,7 +271,7 @@ def test_a_server_step_that_goes_non_finite_is_rolled_back(serverapp_identity, m
 
     monkeypatch.setattr(FedAdam, "aggregate_train", overflowing)
     assert strategy.aggregate_train(2, good_replies()) == (None, None)
-    assert "aggregate holds NaN or infinite values" in strategy.last_round["unusable"]
+    assert "aggregate holds NaN or infinite values" in strategy.last_round.unusable
     assert all(np.array_equal(strategy.m_t[k], v) for k, v in moments_before.items())
 
 
@@ -284,7 +285,7 @@ def test_declared_users_survive_a_checkpoint_and_resume(serverapp_identity, tmp_
     assert resumed.declared_users == {50: 10, 51: 20, 52: 30, 53: 40} and len(resumed.accepted_norms) == 1
     resumed.aggregate_train(2, [site_reply(GOOD[0], 11, node=50), *[site_reply(g, 20, node=51 + i)
                                                                    for i, g in enumerate(GOOD[1:])]])
-    assert resumed.last_round["dropped_reasons"] == [
+    assert resumed.last_round.dropped_reasons == [
         "node 50: num-examples=11 is above the 10 users this site declared earlier"]
 
 
@@ -367,16 +368,16 @@ EVALUATORS = iter(range(500, 10_000))
 
 def test_evaluations_that_could_pick_the_best_model_unfairly_are_dropped_unpooled(serverapp_identity):
     strategy = strategy_for()
-    strategy.last_round = {}
+    strategy.last_round = RoundRecord()
     replies = [evaluation(10), evaluation(30, **{"hr@10": 0.6}), evaluation(10, **{wire.VALID_NDCG10: 50.0}),
                evaluation(10, **{"hr@10": float("nan")}), evaluation(10, bonus=1.0), evaluation(2.5),
                evaluation(None), evaluation(int(1e12))]
     strategy.aggregate_evaluate(1, replies)
-    assert strategy.last_round["evaluate_dropped"] == 6, strategy.last_round["evaluate_dropped_reasons"]
-    pooled = strategy.last_round["federated_eval"]
+    assert strategy.last_round.evaluate_dropped == 6, strategy.last_round.evaluate_dropped_reasons
+    pooled = strategy.last_round.federated_eval
     assert pooled["users"] == 40 and pooled["hr@10"] == pytest.approx((10 * 0.2 + 30 * 0.6) / 40)
-    assert strategy.last_round["evaluate_dropped"] == 6
-    reasons = strategy.last_round["evaluate_dropped_reasons"]
+    assert strategy.last_round.evaluate_dropped == 6
+    reasons = strategy.last_round.evaluate_dropped_reasons
     for says in ["['valid-ndcg@10'] outside [0, 1]", "['hr@10'] are not finite", "unexpected metrics ['bonus']",
                  "num-examples=2.5 is not a whole number", "num-examples=None", "num-examples=1000000000000.0"]:
         assert sum(says in reason for reason in reasons) == 1, says

@@ -31,7 +31,7 @@ def sent_rates(monkeypatch, name: str, decay: Decay, rounds: range, offset: int 
 def test_the_sites_lr_and_the_server_step_drop_from_the_decay_round(monkeypatch):
     rates = sent_rates(monkeypatch, "fedavgm", Decay(3, 3e-4, 1.0), range(1, 5))
     assert [(lr, server) for lr, server, _ in rates] == [(1e-3, 1.5), (1e-3, 1.5), (3e-4, 1.0), (3e-4, 1.0)]
-    assert rates[2][2] == {"lr": 3e-4, "server_lr": 1.0}  # what the round's metrics line records
+    assert rates[2][2] == (3e-4, 1.0)  # what the round's record holds (lr, server_lr)
     # A run resumed after round 2 numbers its first round 3: it decays at once, as the uninterrupted run did.
     assert [lr for lr, _, _ in sent_rates(monkeypatch, "fedavgm", Decay(3, 3e-4, 1.0), range(1, 3), 2)] == [3e-4] * 2
     assert sent_rates(monkeypatch, "fedadam", Decay(2, 0.0, 0.05), range(1, 3))[1][:2] == (1e-3, 0.05)  # lr kept

@@ -146,7 +146,7 @@ def test_the_server_sends_frozen_tensors_until_a_site_says_it_keeps_them_and_aga
     failed = Message(Error(code=4003, reason="lost"), reply_to=Message(RecordDict(), 3, "train"))
     assert failed.metadata.src_node_id == 3
     strategy.aggregate_train(1, [reply(1, strategy.frozen_digest), reply(2, "another digest"), failed])
-    assert strategy.last_round["frozen_sent_to"] == 3
+    assert strategy.last_round.frozen_sent_to == 3
     assert ask([1, 2, 3]) == {1: False, 2: True, 3: True}  # only node 1 named the run's digest
     lost = Message(Error(code=4003, reason="lost"), reply_to=Message(RecordDict(), 1, "evaluate"))
     strategy.aggregate_evaluate(1, [lost])
@@ -228,7 +228,7 @@ def test_item_rows_are_averaged_over_the_sites_that_hold_them_by_their_counts(se
     np.testing.assert_allclose(arrays["w"].numpy(), plain["w"], rtol=1e-5, atol=1e-6)  # every other tensor
     np.testing.assert_allclose(arrays["item_embeddings.weight"].numpy()[2], local[2]["item_embeddings.weight"][2],
                                rtol=1e-5)  # a row one site holds is that site's row
-    assert strategy.last_round["item_rows"] == {"mode": mode, "sites": 3, "left_out": []}
+    assert strategy.last_round.item_rows == {"mode": mode, "sites": 3, "left_out": []}
 
 
 def test_a_server_step_is_taken_from_the_row_weighted_average(serverapp_identity):
@@ -265,9 +265,9 @@ def test_a_site_without_usable_item_weights_is_left_out_and_named(serverapp_iden
     replies = [site_reply(local[0], users[0], (holds[0] * users[0]).astype(np.float32)),
                site_reply(local[1], users[1]), site_reply(local[2], users[2], np.ones(5, dtype=np.float32))]
     arrays, _ = strategy.aggregate_train(1, replies)
-    report = strategy.last_round["item_rows"]
+    report = strategy.last_round.item_rows
     assert report["sites"] == 1 and len(report["left_out"]) == 1 and "sent no item weights" in report["left_out"][0]
-    assert "expected one finite, non-negative vector of 4 rows" in strategy.last_round["dropped_reasons"][0]
+    assert "expected one finite, non-negative vector of 4 rows" in strategy.last_round.dropped_reasons[0]
     np.testing.assert_allclose(arrays["w"].numpy(), local[0]["w"])  # only the usable site is averaged
 
 
@@ -334,7 +334,7 @@ def test_shared_moments_are_averaged_kept_out_of_the_weights_sent_next_round_and
                                              for s, n, a, m in zip(local, users, holds, moments, strict=True)])
     for name in start:  # the moments change nothing about the weights' aggregate
         np.testing.assert_allclose(arrays[name].numpy(), plain[name].numpy(), rtol=1e-6)
-    assert strategy.last_round["shared_moments"] == {"sites": 3, "step": pytest.approx(25.0)}
+    assert strategy.last_round.shared_moments == {"sites": 3, "step": pytest.approx(25.0)}
     np.testing.assert_allclose(strategy.shared_moments["output.bias:exp_avg"][2], moments[2]["output.bias:exp_avg"][2])
     sent = list(strategy.configure_train(2, arrays, ConfigRecord({}), Grid()))
     assert len(sent) == 3 and all(set(m.content.array_records) == {wire.ARRAYS, wire.OPTIMIZER_STATE} for m in sent)
@@ -359,7 +359,7 @@ def test_sites_that_send_nothing_back_before_the_timeout_are_counted_and_named_i
     with caplog.at_level("WARNING"):  # only two of the three sites answered within federation.round_timeout
         strategy.aggregate_train(1, [site_reply(s, n, a.astype(np.float32))
                                      for s, n, a in list(zip(local, users, holds, strict=True))[:2]])
-    assert strategy.last_round["train_replies"] == 2 and strategy.last_round["train_no_reply"] == 1
+    assert strategy.last_round.train_replies == 2 and strategy.last_round.train_no_reply == 1
     assert "1 of 3 site(s) sent no train reply within federation.round_timeout" in caplog.text
 
 
@@ -374,8 +374,8 @@ def test_replies_of_another_wire_version_are_failures_never_averaged(serverapp_i
     replies[2].content[wire.NOTES] = ConfigRecord({wire.DECLINED_REASON: ""})  # a build from before versions
     with caplog.at_level("WARNING"):
         arrays, _ = strategy.aggregate_train(1, replies)
-    assert strategy.last_round["train_failures"] == 2 and strategy.last_round["privacy"]["sites"] == 1
-    reasons = strategy.last_round["train_failure_reasons"]
+    assert strategy.last_round.train_failures == 2 and strategy.last_round.privacy["sites"] == 1
+    reasons = strategy.last_round.train_failure_reasons
     assert f"speaks fedrec wire protocol version {wire.VERSION + 1}" in reasons[0]
     assert "speaks fedrec wire protocol no version" in reasons[1]
     assert "2 site(s) failed to train" in caplog.text
