@@ -54,6 +54,7 @@ def check_site(site: SiteConfig, plan: Plan) -> list[str]:
         return [*lines, "privacy: DP is OFF: this site's updates would carry no privacy guarantee"]
     state = Path(site.state_dir)
     enrolled = state.is_dir() and load_identity(state) is not None
+    ledger = None
     if enrolled:  # an enrolled site keeps its ledger's δ; nothing is written here
         with site_lock(site.state_dir):
             ledger = site.open_ledger(len(sequences))
@@ -65,10 +66,22 @@ def check_site(site: SiteConfig, plan: Plan) -> list[str]:
         spent = f"a new site (not enrolled yet), budget ε = {site.privacy.epsilon}"
     from fl_client.training_round import planned_sigma  # Opacus: only once the data has passed its checks
 
-    sigma, [(_, sample_rate, round_steps)] = planned_sigma(site, data, plan.num_rounds, plan.local_epochs,
-                                                         plan.batch_size, delta, cache=False)
-    return [*lines, f"privacy: DP-SGD per user, {spent}; δ = {delta:.3g} (below 1/{len(sequences):,} users)",
-            f"noise: σ = {sigma:.3f} for the plan {plan.num_rounds} rounds x {plan.local_epochs} local epochs at "
-            f"batch {plan.batch_size} ({round_steps} steps a round, sampling rate {sample_rate:.4g}; C = "
-            f"{site.privacy.max_grad_norm})",
-            "ready: this site can join"]
+    sigma, per_round = planned_sigma(site, data, plan.num_rounds, plan.local_epochs, plan.batch_size, delta,
+                                     cache=False)
+    [(_, sample_rate, round_steps)] = per_round
+    lines += [f"privacy: DP-SGD per user, {spent}; δ = {delta:.3g} (below 1/{len(sequences):,} users)",
+              f"noise: σ = {sigma:.3f} for the plan {plan.num_rounds} rounds x {plan.local_epochs} local epochs at "
+              f"batch {plan.batch_size} ({round_steps} steps a round, sampling rate {sample_rate:.4g}; C = "
+              f"{site.privacy.max_grad_norm})"]
+    # σ is calibrated to the whole budget; a site that has already spent some of it declines the rounds it
+    # cannot afford, so say how many of the plan's rounds it will train.
+    affordable = plan.num_rounds if ledger is None else \
+        ledger.rounds_within(per_round, site.privacy.epsilon, plan.num_rounds)
+    if affordable == plan.num_rounds:
+        return [*lines, "ready: this site can join"]
+    if affordable == 0:
+        return [*lines, f"budget: the ε already spent leaves no round of this plan within ε = "
+                        f"{site.privacy.epsilon}: this site would decline every round"]
+    return [*lines, f"ready: this site can join, and will train {affordable} of the plan's {plan.num_rounds} "
+                    f"rounds: the ε already spent leaves no more within ε = {site.privacy.epsilon} (it declines "
+                    "the rest)"]

@@ -190,6 +190,17 @@ class PrivacyLedger:
         """Cumulative ε if the planned steps were taken too."""
         return epsilon_of(self.history + list(planned), self.delta, self.accountant)
 
+    def rounds_within(self, round_steps: AccountantHistory, budget_epsilon: float, most: int) -> int:
+        """How many more rounds of `round_steps` each (at most `most`) keep this site's ε within the budget."""
+        low, high = 0, most  # ε grows with every round: the largest count that fits, by bisection
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.epsilon_with([(s, q, n * middle) for s, q, n in round_steps]) <= budget_epsilon:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
     def has(self, run_id: str, server_round: int) -> bool:
         """Whether this (run, round) was already trained and recorded here."""
         return any(e.run_id == run_id and e.round == server_round for e in self.entries)
