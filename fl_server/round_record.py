@@ -16,7 +16,8 @@ class RoundRecord:
 
     # the round's number, counted across resumes (0: an exported starting model, scored before training)
     round: int = 0
-    seconds: float | None = None  # seconds since this server start when the round was recorded
+    # seconds since the ServerApp started (fedrec-server's own start-up before it submits the run not included)
+    seconds: float | None = None
     starting_model: bool | None = None  # true on round 0, the exported model training started from
     lr: float | None = None  # the sites' learning rate this round (after any step decay)
     server_lr: float | None = None  # the server step this round (FedAvgM, FedAdam, FedYogi; after any step decay)
@@ -30,10 +31,13 @@ class RoundRecord:
     dropped_reasons: list[str] | None = None  # why each was dropped
     # why the round left the global model unchanged (too few usable replies, non-finite aggregate)
     unusable: str | None = None
-    # the norm bound's figures: median update norm, bound (null: unbounded) and largest norm accepted
+    # the norm bound's figures: median update norm, bound (null: unbounded) and largest norm accepted (with
+    # secure aggregation every reply carries the secure average: these are its norm, not any site's)
     update_norms: dict[str, float | None] | None = None
-    bytes_to_each_site: int | None = None  # the largest train message sent to a site (bytes)
-    bytes_from_each_site: int | None = None  # the largest train reply received (bytes)
+    # the largest train message sent to a site (bytes; with secure aggregation including the sealed shares)
+    bytes_to_each_site: int | None = None
+    # the largest train reply received (bytes; with secure aggregation the masked update as sent)
+    bytes_from_each_site: int | None = None
     # sites sent the frozen public tensors this round (each until it says it keeps them)
     frozen_sent_to: int | None = None
     # the sites' privacy reports: sites, sites_with_dp, sites_without_dp, epsilon_max, epsilon_mean, delta_max
@@ -48,8 +52,10 @@ class RoundRecord:
     item_rows: dict[str, Any] | None = None
     # share_optimizer_state: sites whose Adam moments were averaged, and their step
     shared_moments: dict[str, float] | None = None
-    # the secure sum of the updates: sites summed, dropped after sharing, clipped coordinates, the largest protocol
-    # message (bytes); empty when the sum could not be recovered
+    # the secure sum of the updates: sites summed, dropped after sharing, clipped coordinates, and
+    # protocol_bytes_max: the largest site's bytes in the key, share and unmask exchanges, both directions (the train
+    # message and the masked reply are bytes_to_each_site and bytes_from_each_site); empty when the sum could not be
+    # recovered
     secure_aggregation: dict[str, int] | None = None
     # the secure sum of the evaluation figures: sites summed and its bookkeeping
     secure_evaluation: dict[str, int] | None = None

@@ -96,6 +96,7 @@ class SecureRound:
     sent: dict[int, Message] = field(default_factory=dict)  # this round's train message to each node
     stats: dict[str, int] = field(default_factory=dict)  # what the round's log row says of the secure sum
     traffic: dict[int, int] = field(default_factory=dict)  # bytes of the key, share and unmask stages, by site
+    wire_bytes: dict[str, int] = field(default_factory=dict)  # the largest train message and masked reply as sent
 
     def refused(self, reply: Message, reason: str) -> Message:
         """An error reply from `reply`'s node: the secure sum could not use what it sent."""
@@ -144,6 +145,7 @@ class SecureRound:
         train = [with_secagg(m, {**common, "max-weight": max_weight, "sources": sorted(inbox.get(n, {})),
                                  "sealed": [inbox[n][s] for s in sorted(inbox.get(n, {}))]})
                  for m in messages if (n := m.metadata.dst_node_id) in shares]
+        self.wire_bytes["to_site"] = max((payload_bytes(m.content) for m in train), default=0)
         masked, replies, names = self.collect_masked(train)
         if len(masked) < 2:  # the sum of one would be that site's update: not unmasked
             return self.failed + [self.refused(r, "only one site sent a masked update") for r in replies]
@@ -165,6 +167,7 @@ class SecureRound:
         if problem:
             return self.failed + [self.refused(r, problem) for r in replies]
         self.stats.update(outcome, clipped_coordinates=clipped)
+        self.stats.update({f"bytes_{k}": v for k, v in self.wire_bytes.items()})  # what crossed the network
         return self.failed + with_average(replies, summed, weight, max_weight, self.sent,
                                           messages[0].content.array_records[wire.ARRAYS])
 
@@ -181,6 +184,7 @@ class SecureRound:
                 self.failed.append(reply if reply.has_error() else self.refused(reply, "no masked vector"))
             else:
                 got.append((reply, vector, metric_names(reply) if self.evaluation else []))
+                self.wire_bytes["from_site"] = max(self.wire_bytes.get("from_site", 0), payload_bytes(reply.content))
         if self.evaluation:  # one value per metric, then the user count
             common = Counter(tuple(n) for _, _, n in got if n).most_common(1)
             names = common[0][0] if common else ()

@@ -181,6 +181,11 @@ class RoundRecorder:
                                      "max_grad_norm": strategy.dp_max_grad_norm, "colluders": strategy.dp_colluders}
         if isinstance(self.grid, SecureAggregationGrid):
             record.secure_aggregation = dict(self.grid.last)
+            # the strategy counted its own train message and the rebuilt replies; what crossed the network is the
+            # message with the sealed shares and the masked update
+            record.bytes_to_each_site = record.secure_aggregation.pop("bytes_to_site", record.bytes_to_each_site)
+            record.bytes_from_each_site = record.secure_aggregation.pop("bytes_from_site",
+                                                                        record.bytes_from_each_site)
             if evaluated and self.strategy.asked.get("evaluate"):
                 record.secure_evaluation = dict(self.grid.last_evaluation)
         if evaluated:

@@ -16,6 +16,7 @@ from fl_client.dp.settings import PrivacyConfig
 from fl_client.round_config import RoundConfig, build_global_model
 from fl_client.site import SiteConfig
 from fl_client.training_round import RoundReply
+from fl_server.replies import payload_bytes
 from fl_server.secure_round import SECAGG_FAILED, SecureAggregationGrid, SecureRound
 from shared_model import wire
 from shared_model.catalog import ItemCatalog
@@ -120,6 +121,20 @@ def test_the_secure_average_equals_fedavg_within_quantization_error(federation):
     trains = [r for r in grid.seen if r.metadata.message_type == MessageType.TRAIN]
     assert len(trains) == len(NODES)
     assert all(list(r.content.array_records) == [wire.MASKED] for r in trains)
+
+
+def test_the_round_counts_the_bytes_that_crossed_the_network_not_the_rebuilt_replies(federation):
+    """The strategy sees its own train message and the replies rebuilt around the secure average; the round
+    record's bytes must be the train message with the sealed shares and the masked update as sent (before: the
+    rebuilt float32 replies, which hide a 64-bit modulus doubling the reply)."""
+    grid, messages, start, _, _ = federation
+    secure = SecureAggregationGrid(grid, SecureSumSettings(modulus_bits=64))
+    replies = list(secure.send_and_receive(messages))
+    masked = [r for r in grid.seen if r.metadata.message_type == MessageType.TRAIN]
+    weights = sum(int(v.numel()) for v in start.values())
+    assert secure.last["bytes_from_site"] == max(payload_bytes(r.content) for r in masked) >= 8 * (weights + 2)
+    assert max(payload_bytes(r.content) for r in replies) < 0.7 * secure.last["bytes_from_site"]  # float32 rebuilt
+    assert secure.last["bytes_to_site"] > max(payload_bytes(m.content) for m in messages)  # + the sealed shares
 
 
 @pytest.mark.parametrize("stage", [f"{MessageType.QUERY}.{wire.SECAGG_KEYS_QUERY}",
