@@ -25,11 +25,12 @@ case $DATA in
       model.feature_scoring=true model.item_bias=true"
     FEDERATED="+experiment=fed_beauty_dp" ;;
   # the centralized DP recipe with title features (batch 256 of 943 users: q = 1/4, 30 epochs = 120 steps,
-  # lr 0.003); federated: fed_movielens_dp's 11 regions and model, 120 rounds.
+  # lr 0.003); federated: fed_movielens_dp's 11 regions and model, 120 rounds, two sites at a time (about 12 min
+  # a run on the idle 2-core box; one at a time, as the preset, took 80 min beside other runs).
   movielens) USERS=943; Q=0.25; T=120; LR=0.003
     CENTRAL="+experiment=movielens train.batch_size=256 train.epochs=30 model.item_features=[text]
       model.feature_scoring=true model.item_bias=true"
-    FEDERATED="+experiment=fed_movielens_dp" ;;
+    FEDERATED="+experiment=fed_movielens_dp federation.num_cpus=2" ;;
   # the embedded synthetic data (2,000 users, 4 regions): batch 200, q = 1/10, 5 epochs = 50 steps (a smoke run).
   synthetic) USERS=2000; Q=0.1; T=50; LR=0.003
     CENTRAL="train.batch_size=200 train.epochs=5 model.item_features=[text] model.feature_scoring=true
