@@ -90,7 +90,8 @@ class RoundHooks(ReplyGate):
     item_row_names: list[str]  # the model's per-item tensors (set by the server from its model)
     shared_moments: dict[str, np.ndarray] | None = None  # the sites' averaged optimiser moments, sent next round
     decay: Decay = Decay()  # from which round the sites' and the server's learning rates change
-    round_rates: tuple[float, float | None] = (0.0, None)  # this round's site lr and server lr (None: no step)
+    # this round's site lr and server lr (None: not configured this run / no server step), for the round's record
+    round_rates: tuple[float | None, float | None] = (None, None)
     asked: dict[str, int]  # sites sent this round's train / evaluate message (to count the silent ones)
     evaluated_rounds: Callable[[int], bool] | None = None  # which (global) rounds are evaluated; None: all
     min_train_nodes: int  # Flower's: the fewest trained replies a round aggregates
