@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -123,10 +124,23 @@ def spent(engine: PrivacyEngine, config: PrivacyConfig, delta: float, noise_mult
                         history=history)
 
 
+def composed_epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountant: str) -> float:
+    """ε of a composition of (σ, sample rate, steps) DP-SGD steps; 0 for none.
+
+    Steps with the same (σ, sample rate) are counted as one entry: composition does not depend on the order,
+    and the PRV accountant costs about 0.2 s per entry (a ledger of 120 one-step rounds took 25 s, per check,
+    per site). Opacus' own accountant merges consecutive identical steps the same way."""
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, sample_rate, count in history:
+        key = (float(sigma), float(sample_rate))
+        steps[key] = steps.get(key, 0) + int(count)
+    return _epsilon(tuple((s, q, n) for (s, q), n in steps.items()), delta, accountant)
+
+
 @lru_cache(maxsize=256)
-def composed_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
-    """ε of a composition of (σ, sample rate, steps) DP-SGD steps; 0 for none. Cached per process: the
-    accountants take seconds (fractional RDP orders) and the answer depends on nothing else."""
+def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    """Cached per process: the accountants take seconds (fractional RDP orders) and the answer depends on
+    nothing else."""
     if not history:
         return 0.0
     acc = create_accountant(mechanism=accountant)

@@ -56,7 +56,7 @@ def epsilon_of(history: AccountantHistory, delta: float, accountant: str = "prv"
     # Opacus is imported only to compute ε: a site's start check and its evaluate messages open no accountant.
     from fl_client.dp.engine import composed_epsilon
 
-    return composed_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), delta, accountant)
+    return composed_epsilon(history, delta, accountant)
 
 
 def entries_digest(entries: Sequence[LedgerEntry]) -> str:
