@@ -30,7 +30,8 @@ class StrategyConfig:
     num_selected: int = 0  # (int) MultiKrum: updates averaged after Krum's selection; 0 = the round's usable
     # replies less num_malicious (a site that drops out lowers it, so an attacker is still left out)
     norm_bound_factor: float = 3.0  # (float) drop updates longer than this times the round's median norm (0 = off);
-    # honest sites measured at most 1.9x the median (BENCHMARKS.md, Robust aggregation), 10x attacks caught
+    # honest sites measured at most 1.9x the median (BENCHMARKS.md, Robust aggregation), 10x attacks caught;
+    # off under secure aggregation (the server sees only the average; secagg_clip bounds each site instead)
     max_update_norm: float = 0.0  # (float) drop updates longer than this L2 norm (0 = off)
     min_cosine: float = -1.0  # (float) drop updates whose cosine with the round's coordinate-wise median update
     # is below this (-1 = off; 0 drops sign-flipped updates, which the norm bound cannot see)

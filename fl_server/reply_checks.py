@@ -14,7 +14,9 @@ with a reason naming its node and the field or tensor, unless:
 - its update (its weights minus the round's start, L2 over every trainable tensor) is at most
   `norm_bound_factor` times the median update of the round's otherwise valid replies (with fewer than
   MIN_SITES_FOR_MEDIAN of those, the median of earlier rounds' accepted medians, when there are any) and at
-  most `max_update_norm` (each 0 = off);
+  most `max_update_norm` (each 0 = off). Under secure aggregation every reply carries the one secure average,
+  so neither norm check nor the direction check can judge a site: the norm bound is off, `max_update_norm` and
+  `min_cosine` are refused, and `secagg_clip` bounds each coordinate of each site's update instead;
 - with `min_cosine` above -1, its update's cosine with the round's coordinate-wise median update is at least
   that (fl_server.direction: 0 drops a sign-flipped update, which has an honest length).
 
@@ -214,6 +216,12 @@ def check_reply_settings(config: StrategyConfig) -> None:
             raise ValueError(f"strategy.{name}={getattr(config, name)} must be >= 0 (0 = off)")
     if not -1 <= config.min_cosine <= 1:
         raise ValueError(f"strategy.min_cosine={config.min_cosine} must be in [-1, 1] (-1 = off)")
+    if config.secure_aggregation and (config.max_update_norm or config.min_cosine > -1):
+        raise ValueError(f"strategy.max_update_norm={config.max_update_norm:g} and strategy.min_cosine="
+                         f"{config.min_cosine:g} judge each site's own update, which secure aggregation hides: the "
+                         "server sees only the average, so the check would drop every site or none. Use 0 and -1 "
+                         "(off); under secure aggregation strategy.secagg_clip bounds each coordinate of a site's "
+                         "update")
     if config.max_site_users < 1:
         raise ValueError(f"strategy.max_site_users={config.max_site_users} must be >= 1")
     if config.num_selected < 0:
@@ -240,7 +248,9 @@ class ReplyGate:
 
     def set_reply_checks(self, config: StrategyConfig) -> None:
         """Take the reply-check settings; no site has declared its users yet, no round has failed."""
-        self.norm_bound_factor, self.max_update_norm = config.norm_bound_factor, config.max_update_norm
+        # under secure aggregation every reply carries the one average: no site's own length to bound
+        self.norm_bound_factor = 0.0 if config.secure_aggregation else config.norm_bound_factor
+        self.max_update_norm = config.max_update_norm
         self.min_cosine = config.min_cosine
         self.max_site_users, self.max_failed_rounds = config.max_site_users, config.max_failed_rounds
         self.declared_users, self.accepted_norms, self.failed_reasons = {}, [], []

@@ -381,3 +381,19 @@ def test_evaluations_that_could_pick_the_best_model_unfairly_are_dropped_unpoole
     for says in ["['valid-ndcg@10'] outside [0, 1]", "['hr@10'] are not finite", "unexpected metrics ['bonus']",
                  "num-examples=2.5 is not a whole number", "num-examples=None", "num-examples=1000000000000.0"]:
         assert sum(says in reason for reason in reasons) == 1, says
+
+
+def test_under_secure_aggregation_the_average_is_never_dropped_as_if_it_were_one_sites_update(serverapp_identity):
+    """Every reply carries the one secure average. With fewer than three survivors the norm bound fell back to
+    earlier rounds' medians and dropped the average itself, naming every site; the checks that judge a site's
+    own update are refused instead of firing on the average."""
+    average = {k: START[k] + 30 * (GOOD[0][k] - START[k]) for k in START}
+    for secure, dropped in ((False, 2), (True, 0)):
+        strategy = strategy_for(min_nodes=1, secure_aggregation=secure)
+        strategy.accepted_norms = [0.01]  # earlier rounds' averages were short
+        strategy.aggregate_train(2, [site_reply(average, 20), site_reply(average, 10)])
+        assert strategy.last_round.dropped == dropped
+    assert strategy.last_round.update_norms["bound"] is None
+    for knob in ({"max_update_norm": 1.0}, {"min_cosine": 0.0}):
+        with pytest.raises(ValueError, match="secure aggregation hides"):
+            strategy_for(secure_aggregation=True, **knob)
