@@ -216,10 +216,9 @@ def score_starting_model(grid: Grid | SecureAggregationGrid, strategy: Any, stor
     centrally) score that model before anything is trained, and it is checkpointed like a round. So the report
     shows where training started, and the best model by validation is never worse than the starting one: when
     no round beats it, best_model is the starting model (DP noise can make fine-tuning a good model worse)."""
-    strategy.last_round = RoundRecord(round=0, seconds=0.0, starting_model=True)
-    messages = list(strategy.configure_evaluate(0, ArrayRecord(trainable), ConfigRecord(dict(config)), grid))
-    strategy.aggregate_evaluate(0, list(grid.send_and_receive(messages, timeout=cfg.round_timeout)) if messages else [])
-    record = replace(strategy.last_round, central_eval=evaluate_centrally(model) if evaluate_centrally else {})
+    record = strategy.evaluate_starting_model(grid, ArrayRecord(trainable), ConfigRecord(dict(config)),
+                                              cfg.round_timeout)
+    record = replace(record, central_eval=evaluate_centrally(model) if evaluate_centrally else {})
     write_round(store, model, strategy, record, validation_score(record), cfg.num_rounds)
     return record
 

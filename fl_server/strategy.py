@@ -24,7 +24,6 @@ from flwr.serverapp.strategy import (
     FedYogi,
     Krum,
     MultiKrum,
-    Strategy,
 )
 
 from fl_server.config import StrategyConfig
@@ -76,6 +75,48 @@ def with_dtypes_of(arrays: ArrayRecord | None, reference: ArrayRecord | None) ->
                         for k, v in arrays.items()})
 
 
+def flower_arguments(config: StrategyConfig) -> dict[str, Any]:
+    """The arguments every Flower strategy here takes: sampling, the fewest sites, fedrec's record keys."""
+    return {"fraction_train": config.fraction_train, "fraction_evaluate": config.fraction_evaluate,
+            "min_train_nodes": config.min_nodes, "min_evaluate_nodes": config.min_nodes,
+            "min_available_nodes": config.min_nodes, "weighted_by_key": wire.NUM_EXAMPLES,
+            "arrayrecord_key": wire.ARRAYS, "configrecord_key": wire.CONFIG,
+            "train_metrics_aggr_fn": training_metrics}
+
+
+def adaptive_arguments(config: StrategyConfig) -> dict[str, Any]:
+    """FedAdam's and FedYogi's server step."""
+    return {"eta": config.server_lr, "beta_1": config.server_beta_1, "beta_2": config.server_beta_2,
+            "tau": config.server_tau}
+
+
+def malicious_arguments(config: StrategyConfig) -> dict[str, Any]:
+    """Krum's, MultiKrum's and Bulyan's assumed attackers."""
+    return {"num_malicious_nodes": config.num_malicious}
+
+
+def check_item_rows(config: StrategyConfig) -> None:
+    """ValueError for an item-row mode that does not exist or that this rule cannot apply."""
+    if config.item_rows not in wire.ITEM_ROW_MODES:
+        raise ValueError(f"strategy.item_rows {config.item_rows!r} is not one of {', '.join(wire.ITEM_ROW_MODES)}")
+    if config.item_rows != "average" and config.name not in AVERAGING:
+        raise ValueError(f"strategy.item_rows={config.item_rows} rescales the sites' rows before an average; "
+                         f"{config.name} does not average (use item_rows=average, or one of {', '.join(AVERAGING)})")
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What the strategy learns from the run before its first round (fl_server.server_app builds it)."""
+
+    item_row_names: list[str] = field(default_factory=list)  # the model's per-item tensors (strategy.item_rows)
+    catalog_fingerprint: str = ""  # the run's catalog: a reply naming another is dropped ("" = not checked)
+    decay: Decay = field(default_factory=Decay)  # from which round the sites' and the server's lr change
+    round_offset: int = 0  # rounds completed before this start (a resume numbers rounds globally)
+    evaluated_rounds: Callable[[int], bool] | None = None  # which global rounds are evaluated (None: all)
+    frozen: ArrayRecord = field(default_factory=ArrayRecord)  # frozen public tensors, sent until a site keeps them
+    frozen_digest: str = ""  # their wire.tensors_digest ("" when the model has none)
+
+
 class RoundHooks(ReplyGate):
     """Mixin over a Flower FedAvg-family strategy (see module docstring)."""
 
@@ -98,6 +139,35 @@ class RoundHooks(ReplyGate):
     select_all_but_malicious: bool = False  # MultiKrum with num_selected=0: keep all but num_malicious each round
     num_nodes_to_select: int  # MultiKrum's
     num_malicious_nodes: int  # Krum's, MultiKrum's and Bulyan's
+
+    def __init__(self, config: StrategyConfig, setup: RunSetup | None = None) -> None:
+        """The Flower rule of `config` set up for the run (`setup`); a ValueError names a fedrec setting that
+        cannot work before Flower's own checks run."""
+        check_reply_settings(config)
+        check_item_rows(config)
+        super().__init__(**flower_arguments(config), **self.rule_arguments(config))
+        setup = setup or RunSetup()
+        self.item_rows = config.item_rows
+        self.select_all_but_malicious = config.name == "multikrum" and config.num_selected == 0
+        self.item_row_names = list(setup.item_row_names)
+        self.catalog_fingerprint = setup.catalog_fingerprint
+        self.decay = setup.decay
+        self.round_offset = setup.round_offset
+        self.evaluated_rounds = setup.evaluated_rounds
+        self.frozen, self.frozen_digest = setup.frozen, setup.frozen_digest
+        self.last_round = RoundRecord()
+        self.asked = {}
+        self.frozen_held = set()
+        self.set_reply_checks(config)
+        self.decay.check(self)
+        if config.item_rows != "average" and not self.item_row_names:
+            raise ValueError(f"strategy.item_rows={config.item_rows}, but this model trains no per-item tensor "
+                             "(item table frozen, no item bias): use strategy.item_rows=average")
+
+    @staticmethod
+    def rule_arguments(config: StrategyConfig) -> dict[str, Any]:
+        """The Flower rule's own arguments (FedAvg's: none)."""
+        return {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -124,6 +194,15 @@ class RoundHooks(ReplyGate):
                                                           grid), self.frozen, self.frozen_held)
         self.asked["evaluate"] = len(messages)
         return messages
+
+    def evaluate_starting_model(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord,
+                                timeout: float) -> RoundRecord:
+        """Round 0 of a training that starts from an exported model: the sites score `arrays` before anything
+        is trained; the round's record."""
+        self.last_round = RoundRecord(round=0, seconds=0.0, starting_model=True)
+        messages = list(self.configure_evaluate(0, arrays, config, grid))
+        self.aggregate_evaluate(0, list(grid.send_and_receive(messages, timeout=timeout)) if messages else [])
+        return self.last_round
 
     def count_silent(self, phase: str, server_round: int, replies: int) -> None:
         """Record and warn about sites that were asked but sent nothing back (federation.round_timeout)."""
@@ -317,78 +396,78 @@ def warn_named(server_round: int, reasons: list[str], what: str) -> list[str] | 
     return reasons
 
 
-@dataclass(frozen=True)
-class RunSetup:
-    """What the strategy learns from the run before its first round (fl_server.server_app builds it)."""
+class FedRecFedAvg(RoundHooks, FedAvg):
+    """FedAvg (McMahan et al.) with fedrec's round hooks."""
 
-    item_row_names: list[str] = field(default_factory=list)  # the model's per-item tensors (strategy.item_rows)
-    catalog_fingerprint: str = ""  # the run's catalog: a reply naming another is dropped ("" = not checked)
-    decay: Decay = field(default_factory=Decay)  # from which round the sites' and the server's lr change
-    round_offset: int = 0  # rounds completed before this start (a resume numbers rounds globally)
-    evaluated_rounds: Callable[[int], bool] | None = None  # which global rounds are evaluated (None: all)
-    frozen: ArrayRecord = field(default_factory=ArrayRecord)  # frozen public tensors, sent until a site keeps them
-    frozen_digest: str = ""  # their wire.tensors_digest ("" when the model has none)
+
+class FedRecFedProx(RoundHooks, FedProx):
+    """FedProx: FedAvg whose sites add a proximal term (strategy.proximal_mu)."""
+
+    @staticmethod
+    def rule_arguments(config: StrategyConfig) -> dict[str, Any]:
+        return {"proximal_mu": config.proximal_mu}
+
+
+class FedRecFedAdam(RoundHooks, FedAdam):
+    """FedAdam: an Adam step at the server on the averaged update."""
+
+    rule_arguments = staticmethod(adaptive_arguments)
+
+
+class FedRecFedYogi(RoundHooks, FedYogi):
+    """FedYogi: a Yogi step at the server on the averaged update."""
+
+    rule_arguments = staticmethod(adaptive_arguments)
+
+
+class FedRecFedAvgM(RoundHooks, FedAvgM):
+    """FedAvgM: a momentum step at the server on the averaged update."""
+
+    @staticmethod
+    def rule_arguments(config: StrategyConfig) -> dict[str, Any]:
+        return {"server_learning_rate": config.server_lr, "server_momentum": config.server_momentum}
+
+
+class FedRecFedTrimmedAvg(RoundHooks, FedTrimmedAvg):
+    """Coordinate-wise trimmed mean (strategy.trim_beta cut at each end)."""
+
+    @staticmethod
+    def rule_arguments(config: StrategyConfig) -> dict[str, Any]:
+        return {"beta": config.trim_beta}
+
+
+class FedRecFedMedian(RoundHooks, FedMedian):
+    """Coordinate-wise median."""
+
+
+class FedRecKrum(RoundHooks, Krum):
+    """Krum: the one update closest to its neighbours (strategy.num_malicious assumed attackers)."""
+
+    rule_arguments = staticmethod(malicious_arguments)
+
+
+class FedRecMultiKrum(RoundHooks, MultiKrum):
+    """MultiKrum: the average of the updates Krum ranks best (strategy.num_selected; 0 = all but the attackers)."""
+
+    @staticmethod
+    def rule_arguments(config: StrategyConfig) -> dict[str, Any]:
+        return {**malicious_arguments(config), "num_nodes_to_select": config.num_selected or 1}  # 0: set each round
+
+
+class FedRecBulyan(RoundHooks, Bulyan):
+    """Bulyan: Krum selection, then a trimmed mean (needs 4 x num_malicious + 3 sites)."""
+
+    rule_arguments = staticmethod(malicious_arguments)
+
+
+STRATEGIES: dict[str, type[RoundHooks]] = {
+    "fedavg": FedRecFedAvg, "fedprox": FedRecFedProx, "fedadam": FedRecFedAdam, "fedyogi": FedRecFedYogi,
+    "fedavgm": FedRecFedAvgM, "fedtrimmedavg": FedRecFedTrimmedAvg, "fedmedian": FedRecFedMedian,
+    "krum": FedRecKrum, "multikrum": FedRecMultiKrum, "bulyan": FedRecBulyan}
 
 
 def build_strategy(config: StrategyConfig, setup: RunSetup | None = None) -> Any:
-    """The configured Flower strategy, with RoundHooks mixed in, set up for the run."""
-    check_reply_settings(config)  # before Flower's own checks: the error names the fedrec setting
-    common: dict[str, Any] = {
-        "fraction_train": config.fraction_train, "fraction_evaluate": config.fraction_evaluate,
-        "min_train_nodes": config.min_nodes, "min_evaluate_nodes": config.min_nodes,
-        "min_available_nodes": config.min_nodes, "weighted_by_key": wire.NUM_EXAMPLES,
-        "arrayrecord_key": wire.ARRAYS, "configrecord_key": wire.CONFIG, "train_metrics_aggr_fn": training_metrics}
-    adaptive = {"eta": config.server_lr, "beta_1": config.server_beta_1, "beta_2": config.server_beta_2,
-                "tau": config.server_tau}
-    base: type[Strategy]
-    extra: dict[str, Any]
-    match config.name:
-        case "fedavg":
-            base, extra = FedAvg, {}
-        case "fedprox":
-            base, extra = FedProx, {"proximal_mu": config.proximal_mu}
-        case "fedadam":
-            base, extra = FedAdam, adaptive
-        case "fedyogi":
-            base, extra = FedYogi, adaptive
-        case "fedavgm":
-            base, extra = FedAvgM, {"server_learning_rate": config.server_lr, "server_momentum": config.server_momentum}
-        case "fedtrimmedavg":
-            base, extra = FedTrimmedAvg, {"beta": config.trim_beta}
-        case "fedmedian":
-            base, extra = FedMedian, {}
-        case "krum":
-            base, extra = Krum, {"num_malicious_nodes": config.num_malicious}
-        case "multikrum":
-            base, extra = MultiKrum, {"num_malicious_nodes": config.num_malicious,
-                                      "num_nodes_to_select": config.num_selected or 1}  # 0: set each round
-        case "bulyan":
-            base, extra = Bulyan, {"num_malicious_nodes": config.num_malicious}
-        case _:
-            raise ValueError(f"strategy.name {config.name!r} is not one of fedavg, fedprox, fedadam, fedyogi, "
-                             "fedavgm, fedtrimmedavg, fedmedian, krum, multikrum, bulyan")
-    if config.item_rows not in wire.ITEM_ROW_MODES:
-        raise ValueError(f"strategy.item_rows {config.item_rows!r} is not one of {', '.join(wire.ITEM_ROW_MODES)}")
-    if config.item_rows != "average" and config.name not in AVERAGING:
-        raise ValueError(f"strategy.item_rows={config.item_rows} rescales the sites' rows before an average; "
-                         f"{config.name} does not average (use item_rows=average, or one of {', '.join(AVERAGING)})")
-    hooked = type(f"FedRec{base.__name__}", (RoundHooks, base), {})
-    strategy = hooked(**common, **extra)
-    strategy.item_rows = config.item_rows
-    strategy.select_all_but_malicious = config.name == "multikrum" and config.num_selected == 0
-    setup = setup or RunSetup()
-    strategy.item_row_names = list(setup.item_row_names)
-    strategy.catalog_fingerprint = setup.catalog_fingerprint
-    strategy.decay = setup.decay
-    strategy.round_offset = setup.round_offset
-    strategy.evaluated_rounds = setup.evaluated_rounds
-    strategy.frozen, strategy.frozen_digest = setup.frozen, setup.frozen_digest
-    strategy.last_round = RoundRecord()
-    strategy.asked = {}
-    strategy.frozen_held = set()
-    strategy.set_reply_checks(config)
-    strategy.decay.check(strategy)
-    if config.item_rows != "average" and not strategy.item_row_names:
-        raise ValueError(f"strategy.item_rows={config.item_rows}, but this model trains no per-item tensor "
-                         "(item table frozen, no item bias): use strategy.item_rows=average")
-    return strategy
+    """The configured strategy (STRATEGIES[strategy.name]), set up for the run."""
+    if config.name not in STRATEGIES:
+        raise ValueError(f"strategy.name {config.name!r} is not one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[config.name](config, setup)

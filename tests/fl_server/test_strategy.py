@@ -13,8 +13,15 @@ from shared_model import wire
                                        ("fedtrimmedavg", "FedTrimmedAvg"), ("fedmedian", "FedMedian"),
                                        ("krum", "Krum"), ("multikrum", "MultiKrum"), ("bulyan", "Bulyan")])
 def test_every_strategy_is_built_from_flowers_own_class(name, base):
+    """Each rule is a class of fl_server.strategy (fedrec's hooks before Flower's rule), built from the config
+    alone: not a class made at run time with its attributes set from outside."""
+    import fl_server.strategy as module
+
     strategy = build_strategy(StrategyConfig(name=name, min_nodes=3))
-    assert base in [cls.__name__ for cls in type(strategy).__mro__]
+    mro = [cls.__name__ for cls in type(strategy).__mro__]
+    assert mro[:2] == [f"FedRec{base}", "RoundHooks"] and base in mro
+    assert getattr(module, f"FedRec{base}") is type(strategy) is module.STRATEGIES[name]
+    assert type(strategy)(StrategyConfig(name=name, min_nodes=3)).min_available_nodes == 3
     assert strategy.min_available_nodes == 3 and strategy.round_offset == 0
 
 
