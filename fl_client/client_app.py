@@ -1,6 +1,8 @@
 """The data-site ClientApp: thin Flower handlers that decode a Message, call the round functions, and reply.
 
-An evaluate message imports no training or DP code (deployment starts a fresh process per message).
+Deployment starts a fresh process per message, so each imports only what it needs: an evaluate message no
+training or DP code, and a secure-aggregation stage (keys, shares, unmask: six of a secure round's eight
+messages) no torch, transformers or Opacus at all (tests/fl_client/test_client_app_imports.py).
 `app` is the deployment entry point (settings from the SuperNode's --node-config); simulations build their
 own app with `build_client_app` and a resolver that maps a simulated node to its site.
 """
@@ -13,14 +15,12 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fl_client import secagg
 from fl_client.dp.ledger import LedgerError
-from fl_client.evaluation import evaluate_round
 from fl_client.frozen_cache import FrozenTensorsError, frozen_tensors
 from fl_client.round_config import (
     ModelMismatchError,
@@ -37,6 +37,8 @@ from shared_model.console import quiet_library_warnings
 from shared_model.secure_sum import SecureSumError, SecureSumSettings
 
 if TYPE_CHECKING:
+    import torch
+
     from fl_client.training_round import RoundReply
 
 log = logging.getLogger(__name__)
@@ -262,6 +264,8 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
 
     @app.evaluate()
     def handle_evaluate(msg: Message, context: Context) -> Message:
+        from fl_client.evaluation import evaluate_round  # the model (torch): imported by evaluate messages only
+
         site = resolve_site(context)
         secure = wire.SECAGG in msg.content.config_records
         try:

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
 from fl_client.round_config import check_frozen_digest
 from fl_client.site import SiteConfig, keep_latest
 from shared_model import wire
 from shared_model.atomic import write_atomically
+
+if TYPE_CHECKING:  # imported where tensors are read: the protocol stages import no torch (fl_client.client_app)
+    import torch
 
 
 class FrozenTensorsError(RuntimeError):
@@ -32,6 +33,9 @@ def frozen_path(site: SiteConfig, digest: str) -> Path:
 def frozen_tensors(site: SiteConfig, digest: str, sent: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """The run's frozen tensors: those the message carried (checked against `digest`, then kept on disk), or
     else the site's kept copy. No digest (a server that names none): whatever the message carried."""
+    from safetensors.torch import load as load_tensors
+    from safetensors.torch import save as save_tensors
+
     if not digest:
         return dict(sent or {})
     path = frozen_path(site, digest)

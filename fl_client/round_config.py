@@ -11,14 +11,15 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fl_client.site import MAX_MODEL_PARAMETERS
 from shared_model import wire
-from shared_model.configuration_fedrec import FedRecConfig
-from shared_model.modeling_fedrec import FedRecModel
+
+if TYPE_CHECKING:  # imported where the model is built: the protocol stages import no torch (fl_client.client_app)
+    import torch
+
+    from shared_model.modeling_fedrec import FedRecModel
 
 # RoundConfig field -> (wire key, type it is parsed to).
 ROUND_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
@@ -141,6 +142,11 @@ def build_global_model(round_cfg: RoundConfig, state: Mapping[str, torch.Tensor]
     """The server's model, rebuilt from its config and weights once both pass the site's checks: the config
     within `max_parameters` numbers (counted before anything is allocated), every tensor of the right shape
     and dtype, all finite. Raises a GlobalModelError naming what is wrong."""
+    import torch
+
+    from shared_model.configuration_fedrec import FedRecConfig
+    from shared_model.modeling_fedrec import FedRecModel
+
     try:
         config = FedRecConfig.from_dict(json.loads(round_cfg.model_config))
         with torch.device("meta"):  # shapes and dtypes only: no memory, whatever size the config asks for

@@ -8,15 +8,17 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from fl_client.dp.enrolment import site_lock
 from shared_model import secure_sum
 from shared_model.atomic import write_text_atomically
 from shared_model.secure_sum import SecureSumError, SecureSumSettings, pair_context
+
+if TYPE_CHECKING:  # the protocol stages import no torch (fl_client.client_app)
+    import torch
 
 RELEASED_FILE = "secagg_released.json"  # rounds this site has sent a masked update for (one per round, ever)
 Roster = dict[int, tuple[bytes, bytes]]  # node id -> its (enc-key, mask-key)

@@ -104,9 +104,13 @@ def quiet_library_warnings() -> None:
     process: each command's console keeps only what its user can act on."""
     for message, _why in LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=re.escape(message))
-    from transformers.utils import logging as transformers_logging
+    from huggingface_hub.utils import disable_progress_bars
 
-    transformers_logging.disable_progress_bar()
+    disable_progress_bars()  # transformers reads this when it is imported: a process that loads no model (a
+    if "transformers" in sys.modules:  # site's secure-aggregation stage) need not import it just to be quiet
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 def rng_note(secure_mode: bool) -> str:

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 
 from shared_model.catalog import PADDING_ROW, ItemCatalog
 from shared_model.events import EVENT_TYPE_CODES, EventLog, LoadReport
+
+if TYPE_CHECKING:  # imported where a batch is made (make_batch): a site's protocol stages import no torch
+    import torch
 
 Split = Literal["train", "valid", "test", "next"]  # next: the whole history, for the item after it (no target)
 MIN_EVENTS = 3  # leave-one-out needs one training target, one validation and one test event
@@ -147,6 +149,8 @@ def make_batch(seqs: UserSequences, users: np.ndarray | list[int], split: Split,
         batch["time_buckets"][b, -length:] = seqs.time_buckets[src]
         if split == "train":
             train_labels[b, -length:] = seqs.items[src.start + 1:src.stop + 1]
+    import torch  # not at the top: a site's secure-aggregation messages load the sequences, not torch
+
     tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
     if split == "train":
         tensors["labels"] = torch.from_numpy(train_labels)

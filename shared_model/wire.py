@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # The version of this protocol (the keys below, what each record holds, what the tensors mean). A server and a
 # site of different versions refuse each other with a message naming both, never a misread record. Bump it on
@@ -136,6 +137,8 @@ def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, tra
 
 def tensors_digest(state: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes: equal digests mean bit-identical tensors."""
+    import torch  # not at the top: see fl_client.client_app (protocol messages import no torch)
+
     digest = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()

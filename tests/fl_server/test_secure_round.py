@@ -10,6 +10,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 import fl_client.client_app
+import fl_client.evaluation
 import fl_client.training_round
 from fl_client.client_app import SECURE_SUM, build_client_app
 from fl_client.dp.settings import PrivacyConfig
@@ -258,7 +259,7 @@ def evaluation(federation, monkeypatch):
                    wire.VALID_NDCG10: 0.05 / (i + 1), wire.TRAIN_CE: 3.0 + i / 7,
                    wire.NUM_EXAMPLES: float(users[n] - i)}
                for i, n in enumerate(NODES)}
-    monkeypatch.setattr(fl_client.client_app, "evaluate_round",
+    monkeypatch.setattr(fl_client.evaluation, "evaluate_round",  # imported by the handler
                         lambda site, *_: dict(metrics[int(Path(site.state_dir).name.removeprefix("state"))]))
     evaluate = [Message(content=m.content, dst_node_id=m.metadata.dst_node_id, message_type=MessageType.EVALUATE)
                 for m in messages]
