@@ -106,8 +106,10 @@ def quiet_library_warnings() -> None:
         warnings.filterwarnings("ignore", message=re.escape(message))
     from huggingface_hub.utils import disable_progress_bars
 
-    disable_progress_bars()  # transformers reads this when it is imported: a process that loads no model (a
-    if "transformers" in sys.modules:  # site's secure-aggregation stage) need not import it just to be quiet
+    # transformers reads huggingface_hub's setting when it is imported, so a process that loads no model (a
+    # site's secure-aggregation stage) need not import transformers just to silence it
+    disable_progress_bars()
+    if "transformers" in sys.modules:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
