@@ -33,8 +33,8 @@ from fl_server.lockdown import (
     warn_insecure,
 )
 from fl_server.report import progress_line
+from fl_server.server_app import check_run
 from fl_server.sites import json_answer, register_all
-from fl_server.strategy import build_strategy
 from shared_model.catalog import ItemCatalog
 from shared_model.console import EXPECTED_ERRORS, console_command
 from shared_model.factory import create_model
@@ -122,11 +122,12 @@ def run_overrides(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[st
         if overrides.get(path_key) and not Path(overrides[path_key]).exists():
             raise FileNotFoundError(f"{path_key}: {overrides[path_key]} does not exist")
     config = server_config_from_run_config({**defaults, **overrides})
-    build_strategy(config.strategy)  # fail here, not in the ServerApp
+    check_run(config)  # fail here, not in the ServerApp
     # The model the ServerApp will build: checks the catalog and its public features (titles for 'text'),
     # and leaves the encoded features in the ServerApp's cache.
     catalog = ItemCatalog.load(config.catalog_path)
     model = create_model(config.model, catalog, config.has_timestamps, cache_dir=str(Path(config.out_dir) / "cache"))
+    check_run(config, model.item_row_parameters())  # strategy.item_rows against the model's per-item tensors
     if config.initial_model:  # its catalog, its tensors and its frozen public tensors against this run's
         load_initial_model(model, catalog, config.initial_model)
     return overrides

@@ -85,6 +85,16 @@ def round_config(cfg: ServerConfig, model: FedRecModel, catalog: ItemCatalog, tr
         **distributed_dp_config(cfg)})
 
 
+def check_run(cfg: ServerConfig, item_row_names: list[str] | None = None) -> None:
+    """ValueError for a setting the ServerApp would refuse, raised before anything starts (fedrec-server and
+    fedrec-simulate call it): the strategy with its learning-rate decay (and its item rows once the model's
+    per-item tensors are known), distributed DP and secure aggregation."""
+    build_strategy(cfg.strategy, RunSetup(item_row_names=item_row_names,
+                                          decay=Decay(cfg.decay_from_round, cfg.decay_lr, cfg.decay_server_lr)))
+    distributed_dp_config(cfg)
+    secure_settings(cfg)
+
+
 def distributed_dp_config(cfg: ServerConfig) -> dict[str, float | int]:
     """The round keys that make every site take one DP-SGD step of the union (none when distributed DP is off)."""
     strategy = cfg.strategy

@@ -108,7 +108,8 @@ def check_item_rows(config: StrategyConfig) -> None:
 class RunSetup:
     """What the strategy learns from the run before its first round (fl_server.server_app builds it)."""
 
-    item_row_names: list[str] = field(default_factory=list)  # the model's per-item tensors (strategy.item_rows)
+    # the model's per-item tensors (strategy.item_rows); None: the model is not built yet (a check at start)
+    item_row_names: list[str] | None = field(default_factory=list)
     catalog_fingerprint: str = ""  # the run's catalog: a reply naming another is dropped ("" = not checked)
     decay: Decay = field(default_factory=Decay)  # from which round the sites' and the server's lr change
     round_offset: int = 0  # rounds completed before this start (a resume numbers rounds globally)
@@ -149,7 +150,7 @@ class RoundHooks(ReplyGate):
         setup = setup or RunSetup()
         self.item_rows = config.item_rows
         self.select_all_but_malicious = config.name == "multikrum" and config.num_selected == 0
-        self.item_row_names = list(setup.item_row_names)
+        self.item_row_names = list(setup.item_row_names or [])
         self.catalog_fingerprint = setup.catalog_fingerprint
         self.decay = setup.decay
         self.round_offset = setup.round_offset
@@ -160,7 +161,7 @@ class RoundHooks(ReplyGate):
         self.frozen_held = set()
         self.set_reply_checks(config)
         self.decay.check(self)
-        if config.item_rows != "average" and not self.item_row_names:
+        if config.item_rows != "average" and setup.item_row_names == []:
             raise ValueError(f"strategy.item_rows={config.item_rows}, but this model trains no per-item tensor "
                              "(item table frozen, no item bias): use strategy.item_rows=average")
 

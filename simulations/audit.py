@@ -43,7 +43,7 @@ from simulations.audit_bound import AuditResult, audit_scores
 from simulations.console import quiet_console
 from simulations.partition import partition_users
 from simulations.prepare import PreparedData, build_model, prepare_data
-from simulations.simulate import SimulateConfig, federation_resources, run_federated
+from simulations.simulate import SimulateConfig, check_federation, run_federated
 
 log = logging.getLogger(__name__)
 CANARY_GAP_BUCKET = 8  # time-gap bucket between a canary's events (a few hours), when the data has timestamps
@@ -200,7 +200,7 @@ def train_federated(cfg: AuditRunConfig, data: PreparedData, members: UserSequen
     with_canaries = PreparedData(replace(data.events, frame=frame), data.catalog, joined(data.sequences, members))
     start = save_model_dir(initial, data.catalog, out / "initial_model")
     cfg = replace(cfg, federation=replace(cfg.federation, initial_model=str(start)))
-    run_federated(cfg, with_canaries, parts, out, federation_resources(cfg))
+    run_federated(cfg, with_canaries, parts, out, check_federation(cfg, out))
     model, _ = load_model_dir(out / "server" / "model")
     if not cfg.privacy.enabled:
         return model, None

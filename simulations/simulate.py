@@ -23,8 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from fl_client.site import SiteConfig
 from fl_client.train import TrainConfig
 from fl_server.config import ServerConfig, StrategyConfig
-from fl_server.schedule import Decay
-from fl_server.strategy import build_strategy
+from fl_server.server_app import check_run
 from shared_model.console import console_command, exit_on_error, rng_note
 from shared_model.metrics import evaluate_popularity, with_standard_errors
 from simulations.attacks import AttackConfig, attack_mod, attackers
@@ -94,7 +93,7 @@ def run_simulate(cfg: SimulateConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir).resolve()
     if cfg.train.num_threads:  # the server (central evaluation) and local mode run in this process
         torch.set_num_threads(cfg.train.num_threads)
-    resources = federation_resources(cfg) if cfg.federation.mode == "federated" else None  # fail before the work
+    resources = check_federation(cfg, out) if cfg.federation.mode == "federated" else None  # fail before the work
     data = prepare_data(cfg.data)
     parts = partition_users(data.sequences, cfg.partition, data.catalog)
     write_popularity(data, cfg.model.max_len, out / "popularity.json")
@@ -103,14 +102,6 @@ def run_simulate(cfg: SimulateConfig) -> dict[str, Any]:
             if cfg.strategy.min_nodes > len(parts):  # Flower would wait for the missing sites for ever
                 raise ValueError(f"strategy.min_nodes={cfg.strategy.min_nodes}, but the partition has only "
                                  f"{len(parts)} site(s): set strategy.min_nodes={len(parts)} or more partitions")
-            if cfg.strategy.distributed_dp and not cfg.privacy.enabled:  # every site would refuse
-                raise ValueError("strategy.distributed_dp needs DP at the sites (privacy=dp): each adds a share "
-                                 "of the noise")
-            if cfg.privacy.enabled and cfg.strategy.item_rows != "average":  # every site would decline
-                raise ValueError(f"strategy.item_rows={cfg.strategy.item_rows} needs per-item weights from the "
-                                 "sites, which DP does not cover: use strategy.item_rows=average with DP")
-            fed = cfg.federation
-            Decay(fed.decay_from_round, fed.decay_lr, fed.decay_server_lr).check(build_strategy(cfg.strategy))
             assert resources is not None
             return run_federated(cfg, data, parts, out, resources)
         case "local":
@@ -140,10 +131,31 @@ def write_popularity(data: PreparedData, max_len: int, path: Path) -> dict[str, 
     return metrics
 
 
-def federation_resources(cfg: SimulateConfig) -> Resources:
-    """The simulation engine's CPUs and GPUs, checked before any site is written."""
+def check_federation(cfg: SimulateConfig, out: Path) -> Resources:
+    """The federation's settings, checked before any data is read or site written: what the sites' privacy needs
+    from the server, what the ServerApp would refuse, and the simulation engine's CPUs and GPUs."""
+    if cfg.strategy.distributed_dp and not cfg.privacy.enabled:  # every site would refuse
+        raise ValueError("strategy.distributed_dp needs DP at the sites (privacy=dp): each adds a share of the noise")
+    if cfg.privacy.enabled and cfg.strategy.item_rows != "average":  # every site would decline
+        raise ValueError(f"strategy.item_rows={cfg.strategy.item_rows} needs per-item weights from the sites, which "
+                         "DP does not cover: use strategy.item_rows=average with DP")
+    check_run(server_config(cfg, out))
     fed = cfg.federation
     return Resources.resolve(fed.num_cpus, fed.cpus_per_client, fed.num_gpus, fed.gpus_per_client, cfg.train.device)
+
+
+def server_config(cfg: SimulateConfig, out: Path, has_timestamps: bool = True, central_eval: str = "") -> ServerConfig:
+    """The ServerApp's settings for this simulation (its sites written under out/sites)."""
+    fed, train = cfg.federation, cfg.train
+    return ServerConfig(
+        out_dir=str(out / "server"), catalog_path=str(out / "sites" / "catalog.json"), num_rounds=fed.num_rounds,
+        local_epochs=fed.local_epochs, batch_size=train.batch_size, lr=train.lr, optimizer=train.optimizer,
+        weight_decay=train.weight_decay, num_negatives=train.num_negatives, seed=train.seed,
+        keep_optimizer_state=fed.keep_optimizer_state, share_optimizer_state=fed.share_optimizer_state,
+        decay_from_round=fed.decay_from_round, decay_lr=fed.decay_lr, decay_server_lr=fed.decay_server_lr,
+        round_timeout=fed.round_timeout, eval_every=fed.eval_every, central_eval_path=central_eval,
+        initial_model=absolute(fed.initial_model) if fed.initial_model else "", has_timestamps=has_timestamps,
+        model=cfg.model, strategy=cfg.strategy)
 
 
 def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.ndarray], out: Path,
@@ -157,18 +169,7 @@ def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.nd
     if cfg.federation.central_eval:
         central = str(out / "sites" / "central_test_events.parquet")
         data.events.frame.to_parquet(central, index=False)
-    server = ServerConfig(
-        out_dir=str(out / "server"), catalog_path=str(out / "sites" / "catalog.json"),
-        num_rounds=cfg.federation.num_rounds, local_epochs=cfg.federation.local_epochs,
-        batch_size=cfg.train.batch_size, lr=cfg.train.lr, optimizer=cfg.train.optimizer,
-        weight_decay=cfg.train.weight_decay, num_negatives=cfg.train.num_negatives, seed=cfg.train.seed,
-        keep_optimizer_state=cfg.federation.keep_optimizer_state,
-        share_optimizer_state=cfg.federation.share_optimizer_state,
-        decay_from_round=cfg.federation.decay_from_round, decay_lr=cfg.federation.decay_lr,
-        decay_server_lr=cfg.federation.decay_server_lr,
-        round_timeout=cfg.federation.round_timeout, eval_every=cfg.federation.eval_every, central_eval_path=central,
-        initial_model=absolute(cfg.federation.initial_model) if cfg.federation.initial_model else "",
-        has_timestamps=data.events.has_timestamps, model=cfg.model, strategy=cfg.strategy)
+    server = server_config(cfg, out, data.events.has_timestamps, central)
     if cfg.privacy.enabled:
         strategy = cfg.strategy
         mechanism = (f"distributed DP, one DP-SGD step a round over the union of the sites' users (q = "

@@ -47,6 +47,22 @@ def test_unknown_keys_bad_values_and_missing_files_are_refused_up_front(tmp_path
         run_overrides(parse_args([*base, "--run-config", "model.item-features='text'"]), defaults)
     with pytest.raises(FileNotFoundError, match="central-eval-path"):
         run_overrides(parse_args([*base, "--central-eval", str(tmp_path / "missing.csv")]), defaults)
+    # what the ServerApp would refuse, refused here (it used to fail in the ServerApp, after the run was submitted)
+    with pytest.raises(ValueError, match="secure_aggregation needs an averaging strategy"):
+        run_overrides(parse_args([*base, "--strategy", "fedmedian", "--run-config",
+                                  "strategy.secure-aggregation=true"]), defaults)
+    with pytest.raises(ValueError, match="distributed_dp needs 0 < dp_sample_rate"):
+        run_overrides(parse_args([*base, "--run-config", "strategy.distributed-dp=true "
+                                  "strategy.dp-noise-multiplier=0"]), defaults)
+    with pytest.raises(ValueError, match="this model trains no per-item tensor"):
+        run_overrides(parse_args([*base, "--run-config", "strategy.item-rows='counts' model.item-features='' "
+                                  "model.train-item-embeddings=false model.item-bias=false"]), defaults)
+
+
+def test_item_rows_by_counts_are_accepted_for_a_model_with_per_item_tensors(tmp_path, catalog):
+    args = ["--insecure", "--catalog", str(catalog), "--out-dir", str(tmp_path / "out"), "--run-config",
+            "strategy.item-rows='counts' model.item-features=''"]
+    assert run_overrides(parse_args(args), app_defaults(PROJECT_ROOT))["strategy.item-rows"] == "counts"
 
 
 def test_an_initial_model_is_made_absolute_and_checked_against_the_run_before_anything_starts(tmp_path, catalog,

@@ -130,3 +130,25 @@ def test_a_site_keeps_the_initial_model_when_its_training_scores_lower_on_valida
             evaluate_model(good, data.sequences.subset(users), "test")["hr@10"])
     report = (tmp_path / "run" / "local" / "report.md").read_text()
     assert "3 of 3 kept it because their training scored lower" in report
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["strategy.name=fedmedian"], r"secure_aggregation needs an averaging strategy"),
+    (["federation.share_optimizer_state=true"], r"secure_aggregation sums only the weights"),
+    (["strategy.secagg_threshold=0.3"], r"secagg.threshold=0.3"),
+])
+def test_a_secure_aggregation_setting_the_server_cannot_serve_is_refused_before_any_site_is_written(
+        tmp_path, overrides, message):
+    base = ["federation.mode=federated", "privacy=disabled", "strategy.secure_aggregation=true"]
+    with pytest.raises(ValueError, match=message):
+        run_simulate(local_config(tmp_path, [*base, *overrides]))
+    assert not (tmp_path / "sites").exists() and not (tmp_path / "server").exists()
+
+
+def test_item_rows_by_counts_run_without_dp(tmp_path):
+    # the tuned presets' lever: refused at start as "no per-item tensor" before the model was known (fe10425)
+    overrides = ["federation.mode=federated", "privacy=disabled", "strategy.item_rows=counts",
+                 "federation.num_rounds=1", "federation.central_eval=false"]
+    summary = run_simulate(local_config(tmp_path, overrides))
+    assert summary["rounds"] == 1
+    assert "`strategy.item_rows=counts`" in (tmp_path / "server" / "report.md").read_text()
