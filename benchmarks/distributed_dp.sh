@@ -25,7 +25,7 @@ case $DATA in
       model.feature_scoring=true model.item_bias=true"
     FEDERATED="+experiment=fed_beauty_dp" ;;
   # the centralized DP recipe with title features (batch 256 of 943 users: q = 1/4, 30 epochs = 120 steps,
-  # lr 0.003); federated: fed_movielens_dp's 11 regions and model, 120 rounds, two sites at a time (about 12 min
+  # lr 0.003); federated: fed_movielens_dp's 11 regions and model, 120 rounds, two sites at a time (about 8 min
   # a run on the idle 2-core box; one at a time, as the preset, took 80 min beside other runs).
   movielens) USERS=943; Q=0.25; T=120; LR=0.003
     CENTRAL="+experiment=movielens train.batch_size=256 train.epochs=30 model.item_features=[text]

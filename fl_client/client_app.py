@@ -137,6 +137,16 @@ def opened_round(msg: Message, context: Context, round_cfg: RoundConfig,
     return record, tag, state
 
 
+def weights_content(reply: RoundReply, msg: Message, precision: str) -> dict[str, ArrayRecord]:
+    """The trained weights as the server asked for them (wire.UPDATE_PRECISIONS): float32 the weights
+    themselves; float16 their change from the global weights `msg` carried (half the bytes)."""
+    if precision == "float32":
+        return {wire.ARRAYS: ArrayRecord(reply.state)}
+    start = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+    return {wire.UPDATE: ArrayRecord({name: (tensor.float() - start[name].float()).half()
+                                      for name, tensor in reply.state.items()})}
+
+
 def masked_content(reply: RoundReply, record: dict, state: secagg.SecAggState,
                    start: dict[str, torch.Tensor]) -> RecordDict:
     """The train reply under secure aggregation: the update only masked (a declined round sends a masked zero
@@ -216,8 +226,8 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
             context.state[SECAGG_STATE] = ConfigRecord(secure_state.to_record())
             content[wire.NOTES] = words
             return Message(content=content, reply_to=msg)
-        content = RecordDict({wire.ARRAYS: ArrayRecord(reply.state), wire.METRICS: metric_record(reply.metrics()),
-                              wire.NOTES: words})
+        content = RecordDict({**weights_content(reply, msg, round_cfg.update_precision),
+                              wire.METRICS: metric_record(reply.metrics()), wire.NOTES: words})
         if reply.item_weights is not None:
             content[wire.ITEM_WEIGHTS] = ArrayRecord({wire.ITEM_WEIGHTS: reply.item_weights})
         if reply.moments:

@@ -35,6 +35,7 @@ OPTIONAL_ROUND_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "share_optimizer_state": (wire.SHARE_OPTIMIZER_STATE, bool), "frozen_digest": (wire.FROZEN_DIGEST, str),
     "ddp_sample_rate": (wire.DDP_SAMPLE_RATE, float), "ddp_noise_multiplier": (wire.DDP_NOISE, float),
     "ddp_max_grad_norm": (wire.DDP_CLIP, float), "ddp_colluders": (wire.DDP_COLLUDERS, int),
+    "update_precision": (wire.UPDATE_PRECISION, str),
 }
 
 # A training id names files in the site's state dir: lowercase letters, digits and "-" only (the server sends a
@@ -104,6 +105,7 @@ class RoundConfig:
     ddp_noise_multiplier: float = 0.0  # σ of the sum over the sites
     ddp_max_grad_norm: float = 0.0  # C
     ddp_colluders: int = 0  # sites assumed to collude with the server
+    update_precision: str = "float32"  # wire.UPDATE_PRECISIONS: float16 replies with the update in half precision
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RoundConfig:
@@ -122,6 +124,9 @@ class RoundConfig:
         if parsed.item_rows not in wire.ITEM_ROW_MODES:
             raise RoundConfigError(f"round config asks for {wire.ITEM_ROWS}={parsed.item_rows!r}; this site knows "
                                    f"{', '.join(wire.ITEM_ROW_MODES)}")
+        if parsed.update_precision not in wire.UPDATE_PRECISIONS:
+            raise RoundConfigError(f"round config asks for {wire.UPDATE_PRECISION}={parsed.update_precision!r}; this "
+                                   f"site knows {', '.join(wire.UPDATE_PRECISIONS)}")
         check_training_id(parsed.training_id)
         if parsed.frozen_digest:
             check_frozen_digest(parsed.frozen_digest)

@@ -37,6 +37,8 @@ class StrategyConfig:
     # is below this (-1 = off; 0 drops sign-flipped updates, which the norm bound cannot see)
     max_site_users: int = 10_000_000  # (int) a reply claiming more users (num-examples) is dropped
     max_failed_rounds: int = 3  # (int) stop after this many rounds in a row with no usable aggregate (0 = never)
+    update_precision: str = "float32"  # (str) how sites send their trained weights: float32, or float16 (their
+    # change from the global weights in half precision: half the bytes; not with secure aggregation, which quantizes)
     secure_aggregation: bool = False  # (bool) SecAgg+: the server sees only the sum of the sites' updates
     secagg_clip: float = 0.5  # (float) secure aggregation: largest |coordinate| of a site's update (weighted by
     # its users over the round's largest site's); larger ones are clipped

@@ -5,7 +5,10 @@ A reply that has no error and speaks this server's wire version (fl_server.repli
 with a reason naming its node and the field or tensor, unless:
 - its records are exactly the ones a site sends (arrays, metrics, notes; item weights and optimiser moments
   when present) and its notes name the run's catalog fingerprint (wire.CATALOG_FINGERPRINT);
-- its weights have exactly the round's tensor names, shapes and dtypes, all finite;
+- its weights have exactly the round's tensor names, shapes and dtypes, all finite. With
+  strategy.update_precision=float16 a site may send, instead of its weights (arrays), their change from the
+  round's global weights in float16 (update: the same names and shapes, all finite), which is added back to
+  the float32 global weights before any other check: what follows sees float32 weights either way;
 - its metrics have exactly the keys of fl_client.training_round.RoundReply.metrics, all finite, `declined` 0 or 1;
 - a declined reply reports 0 examples (it is counted, never averaged in); a trained one a whole number of
   users from 1 to strategy.max_site_users and to the site's declared user count;
@@ -38,18 +41,19 @@ import math
 from statistics import median
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message
 
 from fl_server.config import StrategyConfig
 from fl_server.direction import flat_update, median_cosines
-from fl_server.replies import reply_metrics
+from fl_server.replies import payload_bytes, reply_metrics
 from fl_server.round_record import RoundRecord
 from shared_model import wire
 
 log = logging.getLogger(__name__)
 TRAIN_METRICS = frozenset({wire.NUM_EXAMPLES, wire.TRAIN_LOSS, wire.DP_ENABLED, wire.EPSILON, wire.DELTA,
                            wire.DECLINED, wire.TRAIN_SECONDS, wire.PEAK_MEMORY_MB})
-TRAIN_RECORDS = frozenset({wire.ARRAYS, wire.METRICS, wire.NOTES})
+TRAIN_RECORDS = frozenset({wire.METRICS, wire.NOTES})  # and one of WEIGHT_RECORDS
+WEIGHT_RECORDS = frozenset({wire.ARRAYS, wire.UPDATE})  # the weights, or (float16) their change from the start
 OPTIONAL_RECORDS = frozenset({wire.ITEM_WEIGHTS, wire.OPTIMIZER_STATE})
 MIN_SITES_FOR_MEDIAN = 3  # with fewer valid updates, one attacker moves the median: earlier rounds' is used
 KEPT_NORMS = 20  # earlier rounds' accepted medians kept (checkpointed) for rounds with too few sites
@@ -96,20 +100,44 @@ def examples_problem(examples: float, declared: int | None, max_site_users: int)
     return ""
 
 
-def arrays_problem(sent: ArrayRecord | None, start: ArrayRecord) -> str:
-    """Why the reply's weights do not fit the round's global weights ("" when they do)."""
+def arrays_problem(sent: ArrayRecord | None, start: ArrayRecord, dtype: str | None = None) -> str:
+    """Why the reply's weights (or, with `dtype`, its update in that dtype) do not fit the round's global
+    weights ("" when they do)."""
     if sent is None:
         return f"no {wire.ARRAYS!r} record"
     if set(sent) != set(start):
         return f"tensors: missing {sorted(set(start) - set(sent))}, unexpected {sorted(set(sent) - set(start))}"
     for name, array in sent.items():
         expected = start[name]
-        if tuple(array.shape) != tuple(expected.shape) or array.dtype != expected.dtype:
+        if tuple(array.shape) != tuple(expected.shape) or array.dtype != (dtype or expected.dtype):
             return (f"tensor {name}: {tuple(array.shape)} {array.dtype}, expected {tuple(expected.shape)} "
-                    f"{expected.dtype}")
+                    f"{dtype or expected.dtype}")
         if not finite(array.numpy()):
             return f"tensor {name} holds NaN or infinite values"
     return ""
+
+
+def weights_problem(msg: Message, start: ArrayRecord, precision: str) -> str:
+    """Why the reply's weights, or its float16 update where the round asked for one, are unusable."""
+    sent = [key for key in WEIGHT_RECORDS if key in msg.content.array_records]
+    if sent == [wire.UPDATE]:
+        if precision != "float16":
+            return f"an {wire.UPDATE!r} record, but this run asks for the weights themselves ({wire.ARRAYS!r})"
+        return f"{wire.UPDATE}: " + problem if (problem := arrays_problem(
+            msg.content.array_records[wire.UPDATE], start, "float16")) else ""
+    if len(sent) > 1:
+        return f"both {wire.ARRAYS!r} and {wire.UPDATE!r} records"
+    return arrays_problem(msg.content.array_records.get(wire.ARRAYS), start)
+
+
+def with_weights(msg: Message, start: ArrayRecord) -> Message:
+    """`msg` with a float16 update replaced by the float32 weights it stands for (start + update)."""
+    update = msg.content.array_records.get(wire.UPDATE)
+    if update is not None:
+        msg.content[wire.ARRAYS] = ArrayRecord({name: Array(start[name].numpy() + array.numpy().astype(np.float32))
+                                                for name, array in update.items()})
+        del msg.content[wire.UPDATE]
+    return msg
 
 
 def moments_problem(moments: ArrayRecord, start: ArrayRecord) -> str:
@@ -143,18 +171,19 @@ def optional_problem(msg: Message, start: ArrayRecord, rows: int) -> str:
 
 
 def reply_problem(msg: Message, start: ArrayRecord, fingerprint: str, declared: int | None, max_site_users: int,
-                  item_rows: int = 0) -> str:
+                  item_rows: int = 0, precision: str = "float32") -> str:
     """Why a (non-error, right-version) training reply must be dropped, naming its node ("" when it is usable)."""
     records = set(msg.content)
     problem = ""
-    if not records >= TRAIN_RECORDS or records - TRAIN_RECORDS - OPTIONAL_RECORDS:
-        problem = (f"records: missing {sorted(TRAIN_RECORDS - records)}, unexpected "
-                   f"{sorted(records - TRAIN_RECORDS - OPTIONAL_RECORDS)}")
+    known = TRAIN_RECORDS | WEIGHT_RECORDS | OPTIONAL_RECORDS
+    missing = sorted(TRAIN_RECORDS - records) + ([] if records & WEIGHT_RECORDS else [wire.ARRAYS])
+    if missing or records - known:
+        problem = f"records: missing {missing}, unexpected {sorted(records - known)}"
     notes = msg.content.config_records.get(wire.NOTES)
     said = notes.get(wire.CATALOG_FINGERPRINT) if notes is not None else None
     if not problem and said != fingerprint:
         problem = f"catalog fingerprint {said!r}, not this run's {fingerprint!r}"
-    problem = problem or metrics_problem(msg) or arrays_problem(msg.content.array_records.get(wire.ARRAYS), start)
+    problem = problem or metrics_problem(msg) or weights_problem(msg, start, precision)
     if not problem:
         metrics = reply_metrics(msg)
         examples = metrics[wire.NUM_EXAMPLES]
@@ -222,6 +251,12 @@ def check_reply_settings(config: StrategyConfig) -> None:
                          "server sees only the average, so the check would drop every site or none. Use 0 and -1 "
                          "(off); under secure aggregation strategy.secagg_clip bounds each coordinate of a site's "
                          "update")
+    if config.update_precision not in wire.UPDATE_PRECISIONS:
+        raise ValueError(f"strategy.update_precision={config.update_precision!r} must be one of "
+                         f"{', '.join(wire.UPDATE_PRECISIONS)}")
+    if config.secure_aggregation and config.update_precision != "float32":
+        raise ValueError(f"strategy.update_precision={config.update_precision} does not apply under secure "
+                         "aggregation, whose masked update is already quantized (strategy.secagg_bits): use float32")
     if config.max_site_users < 1:
         raise ValueError(f"strategy.max_site_users={config.max_site_users} must be >= 1")
     if config.num_selected < 0:
@@ -243,6 +278,7 @@ class ReplyGate:
     min_cosine: float = -1.0  # drop updates whose cosine with the round's median update is below this (-1 = off)
     max_site_users: int = 10_000_000  # no reply may claim more users
     max_failed_rounds: int = 3  # stop after this many rounds in a row without a usable aggregate (0 = never)
+    update_precision: str = "float32"  # float16: sites may send their update in half precision (wire.UPDATE)
     failed_rounds: int = 0  # rounds in a row that left the global model unchanged
     failed_reasons: list[str]  # why, one line per such round
 
@@ -253,21 +289,25 @@ class ReplyGate:
         self.max_update_norm = config.max_update_norm
         self.min_cosine = config.min_cosine
         self.max_site_users, self.max_failed_rounds = config.max_site_users, config.max_failed_rounds
+        self.update_precision = config.update_precision
         self.declared_users, self.accepted_norms, self.failed_reasons = {}, [], []
 
     def checked(self, replies: list[Message], item_rows: int) -> tuple[list[Message], list[str]]:
-        """The replies that pass reply_problem, and the reasons of those that do not."""
+        """The replies that pass reply_problem, float16 updates made float32 weights, and the reasons of those
+        that do not; the largest valid reply's bytes as sent go into the round's row."""
         if self.round_start is None:
             raise RuntimeError("aggregate_train before configure_train: no round start weights to check against")
         valid, dropped = [], []
         for msg in replies:
             problem = reply_problem(msg, self.round_start, self.catalog_fingerprint,
-                                    self.declared_users.get(msg.metadata.src_node_id), self.max_site_users, item_rows)
+                                    self.declared_users.get(msg.metadata.src_node_id), self.max_site_users, item_rows,
+                                    self.update_precision)
             if problem:
                 dropped.append(problem)
             else:
                 valid.append(msg)
-        return valid, dropped
+        self.last_round.bytes_from_each_site = max((payload_bytes(m.content) for m in valid), default=0)
+        return [with_weights(m, self.round_start) for m in valid], dropped
 
     def within_norm_bound(self, trained: list[Message]) -> tuple[list[Message], list[str]]:
         """The trained replies whose update norm is within this round's bound (norm_bound), and the reasons of

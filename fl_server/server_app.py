@@ -80,6 +80,7 @@ def round_config(cfg: ServerConfig, model: FedRecModel, catalog: ItemCatalog, tr
         wire.BATCH_SIZE: cfg.batch_size, wire.LEARNING_RATE: cfg.lr, wire.OPTIMIZER: cfg.optimizer,
         wire.WEIGHT_DECAY: cfg.weight_decay, wire.NUM_NEGATIVES: cfg.num_negatives, wire.SEED: cfg.seed,
         wire.KEEP_OPTIMIZER_STATE: cfg.keep_optimizer_state, wire.ITEM_ROWS: cfg.strategy.item_rows,
+        wire.UPDATE_PRECISION: cfg.strategy.update_precision,
         wire.SHARE_OPTIMIZER_STATE: cfg.share_optimizer_state,
         wire.MODEL_CONFIG: model.config.to_json_string(), wire.CATALOG_FINGERPRINT: catalog.fingerprint,
         **distributed_dp_config(cfg)})

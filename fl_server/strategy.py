@@ -260,7 +260,6 @@ class RoundHooks(ReplyGate):
         dropped += over_bound
         record = self.last_round
         record.dropped, record.declined = len(dropped), len(declined)
-        record.bytes_from_each_site = max((payload_bytes(m.content) for m in valid), default=0)
         record.privacy, record.site_cost = privacy_report(metrics), site_cost(metrics)
         record.train_failure_reasons = warn_named(record.round, failures, "failed to train")
         record.declined_reasons = warn_named(record.round, [declined_reason(m) for m in declined], "declined")

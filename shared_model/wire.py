@@ -23,6 +23,7 @@ VERSION = 5
 
 # Record keys inside a Message's RecordDict.
 ARRAYS = "arrays"  # ArrayRecord: trainable weights, no Opacus `_module.`
+UPDATE = "update"  # ArrayRecord: a site's trained weights less the round's global ones, in UPDATE_PRECISION
 FROZEN = "frozen"  # ArrayRecord: the run's frozen public tensors (server -> a site that does not hold them yet)
 CONFIG = "config"  # ConfigRecord: what the server asks for this round
 METRICS = "metrics"  # MetricRecord: what a site reports back
@@ -58,6 +59,7 @@ SEED = "seed"  # seeds local sampling and dropout without DP (never a DP site's 
 KEEP_OPTIMIZER_STATE = "keep-optimizer-state"  # sites carry their optimiser state across rounds
 SHARE_OPTIMIZER_STATE = "share-optimizer-state"  # sites start from the average of the sites' optimiser states
 ITEM_ROWS = "item-rows"  # how the item table's rows are aggregated (one of ITEM_ROW_MODES)
+UPDATE_PRECISION = "update-precision"  # float16: a site replies with its UPDATE in half precision, not ARRAYS
 FROZEN_DIGEST = "frozen-digest"  # tensors_digest of the run's frozen tensors ("" when there are none)
 # Distributed DP (fl_client.distributed_dp): a round is one DP-SGD step over the union of the sites' users.
 DDP_SAMPLE_RATE = "ddp-sample-rate"  # q: every site Poisson-samples its users at this rate (present = a DDP round)
@@ -70,6 +72,9 @@ DDP_COLLUDERS = "ddp-colluders"  # t: sites assumed to collude with the server (
 #   counts   row r weighted by each site's count of item r in its training events.
 # counts needs each site to send per-item weights; sites training with DP refuse (see fl_client).
 ITEM_ROW_MODES = ("average", "counts")
+# How a site sends its trained weights: float32 the weights themselves (ARRAYS); float16 their change from the
+# round's global weights (UPDATE), half the bytes, which the server adds back to its float32 weights.
+UPDATE_PRECISIONS = ("float32", "float16")
 
 # MetricRecord keys (site -> server).
 NUM_EXAMPLES = "num-examples"  # users trained on / evaluated (FedAvg's weighting key)

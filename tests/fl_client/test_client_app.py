@@ -58,6 +58,24 @@ def test_train_reply_carries_trainable_weights_and_the_metrics_flower_expects(si
     assert metrics[wire.NUM_EXAMPLES] > 0
 
 
+def test_asked_for_float16_a_site_sends_its_update_in_half_precision(site):
+    catalog = ItemCatalog.load(site.catalog_path)
+    msg = message("train", catalog, **{wire.UPDATE_PRECISION: "float16"})
+    reply = call(site, msg)
+    assert list(reply.content.array_records) == [wire.UPDATE]
+    start, update = msg.content.array_records[wire.ARRAYS], reply.content.array_records[wire.UPDATE]
+    assert set(update) == set(start)
+    for name, array in update.items():
+        assert array.dtype == "float16" and array.shape == start[name].shape
+    assert any(abs(array.numpy()).max() > 0 for array in update.values())  # it trained
+    assert reply.content.metric_records[wire.METRICS][wire.DECLINED] == 0
+    asks_int8 = message("train", catalog)
+    asks_int8.content[wire.CONFIG] = ConfigRecord({**asks_int8.content.config_records[wire.CONFIG],
+                                                   wire.UPDATE_PRECISION: "int8"})
+    refused = call(site, asks_int8)
+    assert refused.has_error() and "update-precision='int8'" in refused.error.reason
+
+
 def test_a_declined_round_replies_with_the_same_record_layout(site):
     catalog = ItemCatalog.load(site.catalog_path)
     trained = call(site, message("train", catalog, 1, num_rounds=1))

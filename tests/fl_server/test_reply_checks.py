@@ -397,3 +397,81 @@ def test_under_secure_aggregation_the_average_is_never_dropped_as_if_it_were_one
     for knob in ({"max_update_norm": 1.0}, {"min_cosine": 0.0}):
         with pytest.raises(ValueError, match="secure aggregation hides"):
             strategy_for(secure_aggregation=True, **knob)
+
+
+def half_update(reply):
+    """`reply` as a site answers under strategy.update_precision=float16: its change from START in float16."""
+    from flwr.app import RecordDict
+
+    sent = reply.content.array_records[wire.ARRAYS]
+    update = ArrayRecord({k: Array((a.numpy() - START[k]).astype(np.float16)) for k, a in sent.items()})
+    reply.content = RecordDict({wire.UPDATE: update, **{k: v for k, v in reply.content.items() if k != wire.ARRAYS}})
+    return reply
+
+
+def test_float16_updates_aggregate_like_the_float32_weights_with_half_the_bytes(serverapp_identity):
+    full = strategy_for()
+    expected, _ = full.aggregate_train(1, good_replies())
+    half = strategy_for(update_precision="float16")
+    arrays, _ = half.aggregate_train(1, [half_update(r) for r in good_replies()])
+    assert half.last_round.dropped == 0 and arrays is not None
+    for name in START:  # the float32 start plus float16 updates of about 0.1: within float16's rounding
+        assert arrays[name].dtype == "float32"
+        np.testing.assert_allclose(arrays[name].numpy(), expected[name].numpy(), atol=2e-4)
+    weights = sum(a.size for a in START.values())
+    assert full.last_round.bytes_from_each_site - half.last_round.bytes_from_each_site >= 2 * weights
+    # a site that does not know float16 yet (an older one) still sends its weights: accepted as they are
+    mixed, _ = strategy_for(update_precision="float16").aggregate_train(1, [*good_replies()[:2],
+                                                                            *map(half_update, good_replies()[2:])])
+    np.testing.assert_allclose(mixed["w"].numpy(), expected["w"].numpy(), atol=2e-4)
+
+
+HALF_BAD = {
+    "float32 update": (lambda r: retyped(half_update(r), np.float32), "update: tensor item_embeddings.weight: (4, 2) "
+                       "float32, expected (4, 2) float16"),
+    "inf update": (lambda r: inf_update(half_update(r)), "update: tensor w holds NaN or infinite values"),
+    "update and arrays": (lambda r: both(r), "both 'arrays' and 'update' records"),
+}
+
+
+def retyped(reply, dtype):
+    update = reply.content.array_records[wire.UPDATE]
+    reply.content[wire.UPDATE] = ArrayRecord({k: Array(a.numpy().astype(dtype)) for k, a in update.items()})
+    return reply
+
+
+def inf_update(reply):
+    update = dict(reply.content.array_records[wire.UPDATE].items())
+    update["w"] = Array(np.array([70000.0, 0, 0]).astype(np.float16))  # beyond float16's range: inf
+    reply.content[wire.UPDATE] = ArrayRecord(update)
+    return reply
+
+
+def both(reply):
+    arrays = reply.content.array_records[wire.ARRAYS]
+    reply = half_update(reply)
+    reply.content[wire.ARRAYS] = arrays
+    return reply
+
+
+@pytest.mark.parametrize("kind", sorted(HALF_BAD))
+def test_a_malformed_float16_update_is_dropped_with_its_reason(serverapp_identity, kind):
+    make, says = HALF_BAD[kind]
+    strategy = strategy_for(update_precision="float16")
+    bad = make(site_reply(GOOD[0], 10))
+    strategy.aggregate_train(1, [*good_replies(), bad])
+    assert strategy.last_round.dropped == 1 and says in strategy.last_round.dropped_reasons[0]
+
+
+def test_a_float16_update_is_refused_when_the_run_asks_for_the_weights(serverapp_identity):
+    strategy = strategy_for()
+    strategy.aggregate_train(1, [*good_replies(), half_update(site_reply(GOOD[0], 10))])
+    assert strategy.last_round.dropped == 1 and "asks for the weights themselves" in \
+        strategy.last_round.dropped_reasons[0]
+
+
+def test_update_precision_must_be_known_and_not_combined_with_secure_aggregation():
+    with pytest.raises(ValueError, match="update_precision='bfloat16' must be one of float32, float16"):
+        strategy_for(update_precision="bfloat16")
+    with pytest.raises(ValueError, match="update_precision=float16 does not apply under secure aggregation"):
+        strategy_for(update_precision="float16", secure_aggregation=True)

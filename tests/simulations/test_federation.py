@@ -138,6 +138,17 @@ def test_rounds_between_evaluations_are_trained_and_checkpointed_but_not_scored(
     assert "| 1 | 2 | 0 | 0 |" in (out / "report.md").read_text()
 
 
+def test_float16_updates_halve_what_each_site_sends(tmp_path):
+    _, _, sites = synthetic_sites(tmp_path, users=120, items=30, seed=5, num_sites=2, enabled=False)
+    server = server_config(tmp_path, num_rounds=1, model=ModelConfig(hidden_size=16, max_len=20, item_features=[]),
+                           strategy=StrategyConfig(min_nodes=2, update_precision="float16"))
+    run_federation(sites, server)
+    row = round_records(tmp_path / "server")[0]
+    assert row["train_replies"] == 2 and row["dropped"] == 0 and row["update_norms"]["median"] > 0
+    # the server sends float32 weights and its config; each site 2 bytes a weight and its metrics
+    assert row["bytes_from_each_site"] < 0.6 * row["bytes_to_each_site"]
+
+
 @pytest.mark.slow
 def test_a_training_from_an_exported_model_scores_it_as_round_zero_before_training(tmp_path):
     data, parts, sites = synthetic_sites(tmp_path, users=120, items=30, seed=6, num_sites=2, enabled=False)
