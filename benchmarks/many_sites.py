@@ -4,11 +4,13 @@ python benchmarks/many_sites.py OUT_DIR [--sites 100 300 1000] [--per-round 50] 
                                 [--rounds 4] [HYDRA OVERRIDES of fedrec-simulate ...]
 
 For each number of sites N: the embedded synthetic generator with N x users-per-site users, split iid over N
-sites, `per-round` of them asked to train and evaluate each round (strategy.fraction_train), the server's own
-central evaluation off (its cost grows with the users, not the sites). While the run goes, the memory of the
+sites, `per-round` of them asked to train each round (strategy.fraction_train); only the last round is
+evaluated (federation.eval_every), and the server's own central evaluation is off (its cost grows with the
+users, not the sites). While the run goes, the memory of the
 whole process tree (the driver, Ray's processes and the simulated sites' workers; proportional set size, so
-shared pages count once) is sampled twice a second. From metrics.jsonl, after the first round (which also
-parses every site's data once): the median round time, the sites' own training time per round (the sum of
+shared pages count once) is sampled twice a second. From metrics.jsonl, over the rounds between the first
+(which also builds the server's model and each site's first data cache) and the last (evaluated): the median
+round time, the sites' own training time per round (the sum of
 their train-seconds over the CPUs training at once) and the rest, the framework's overhead per round: messages,
 building the model at each site, aggregation, checkpoints. One table row per N, and the machine.
 """
@@ -66,7 +68,8 @@ def run(sites: int, args: argparse.Namespace, overrides: list[str], out: Path) -
     command = [sys.executable, "-m", "simulations.simulate", "partition=iid", f"partition.num_partitions={sites}",
                f"data.synthetic.num_users={sites * args.users_per_site}", f"strategy.min_nodes={per_round}",
                f"strategy.fraction_train={per_round / sites}", f"strategy.fraction_evaluate={per_round / sites}",
-               f"federation.num_rounds={args.rounds}", "federation.central_eval=false", *overrides,
+               f"federation.num_rounds={args.rounds}", f"federation.eval_every={args.rounds}",
+               "federation.central_eval=false", *overrides,
                f"hydra.run.dir={run_dir}"]
     peak = 0.0
     with (out / f"sites-{sites}.log").open("w") as log:
@@ -87,6 +90,7 @@ def run(sites: int, args: argparse.Namespace, overrides: list[str], out: Path) -
     if code:
         raise SystemExit(f"fedrec-simulate with {sites} sites failed (exit {code}): see {out}/sites-{sites}.log")
     rows = [json.loads(line) for line in (run_dir / "server" / "metrics.jsonl").read_text().splitlines()]
+    rows = rows[:-1]  # the last round is also evaluated
     times = [b["seconds"] - a["seconds"] for a, b in itertools.pairwise(rows)]
     cpus = float(next((o.split("=", 1)[1] for o in overrides if o.startswith("federation.num_cpus=")), 2))
     compute = [r["site_cost"]["train_seconds_mean"] * r["train_replies"] / cpus for r in rows[1:]]
@@ -101,7 +105,7 @@ def main() -> None:
     parser.add_argument("--sites", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--per-round", type=int, default=50, help="sites asked to train (and evaluate) a round")
     parser.add_argument("--users-per-site", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per run (the first is not timed)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per run (the first and last are not timed)")
     args, overrides = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = [run(n, args, overrides, args.out) for n in args.sites]
