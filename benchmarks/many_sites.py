@@ -1,7 +1,8 @@
 """Round time and peak memory of fedrec-simulate against the number of sites (issue: scale and speed).
 
-python benchmarks/many_sites.py OUT_DIR [--sites 100 300 1000] [--per-round 50] [--users-per-site 20]
-                                [--rounds 4] [HYDRA OVERRIDES of fedrec-simulate ...]
+python benchmarks/many_sites.py OUT_DIR [HYDRA OVERRIDES of fedrec-simulate ...] [--sites 100 300 1000]
+                                [--per-round 50] [--users-per-site 20] [--rounds 5]
+(the overrides before the options: --sites takes every number after it)
 
 For each number of sites N: the embedded synthetic generator with N x users-per-site users, split iid over N
 sites, `per-round` of them asked to train each round (strategy.fraction_train); only the last round is
