@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from fl_client.dp.settings import default_delta
 from simulations.local_only import METRIC_KEYS, site_seed, weighted_mean
-from simulations.simulate import SimulateConfig, register_simulate_schemas, run_simulate
+from simulations.simulate import SimulateConfig, check_federation, register_simulate_schemas, run_simulate
 
 TINY = ["data.synthetic.num_users=160", "data.synthetic.num_items=40", "model.hidden_size=16", "model.max_len=12",
         "model.num_hidden_layers=1", "train.batch_size=32", "train.num_threads=1", "federation.mode=local",
@@ -145,10 +145,10 @@ def test_a_secure_aggregation_setting_the_server_cannot_serve_is_refused_before_
     assert not (tmp_path / "sites").exists() and not (tmp_path / "server").exists()
 
 
-def test_item_rows_by_counts_run_without_dp(tmp_path):
-    # the tuned presets' lever: refused at start as "no per-item tensor" before the model was known (fe10425)
-    overrides = ["federation.mode=federated", "privacy=disabled", "strategy.item_rows=counts",
-                 "federation.num_rounds=1", "federation.central_eval=false"]
-    summary = run_simulate(local_config(tmp_path, overrides))
-    assert summary["rounds"] == 1
-    assert "`strategy.item_rows=counts`" in (tmp_path / "server" / "report.md").read_text()
+def test_item_rows_by_counts_pass_the_start_checks_without_dp(tmp_path):
+    # the tuned presets' lever: refused at start as "no per-item tensor" before the model was known (fe10425);
+    # tests/simulations/test_federation.py trains with it
+    overrides = ["federation.mode=federated", "privacy=disabled", "strategy.item_rows=counts"]
+    check_federation(local_config(tmp_path, overrides), tmp_path)
+    with pytest.raises(ValueError, match="needs per-item weights from the sites, which DP does not cover"):
+        check_federation(local_config(tmp_path, [*overrides, "privacy=dp"]), tmp_path)
