@@ -35,7 +35,11 @@ u1,b,{T0 + 60},cart,north
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` are skipped, with the reason, where torch sees no CUDA device (CI)."""
+    """Tests marked `slow` run first (with two workers the longest then overlap the many short ones instead of
+    running alone at the end); tests marked `gpu` are skipped, with the reason, where torch sees no CUDA device
+    (CI)."""
+    # stable, so the same order on every worker; GPU tests (skipped in CI) after the slow CPU ones
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None or item.get_closest_marker("gpu") is not None))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
