@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fl_client.dp.engine import PrivacyConfig, PrivacySpent, calibrate_noise, make_private, spent
+from fl_client.dp.engine import PrivacyConfig, PrivacySpent, StepModel, calibrate_noise, make_private, spent
 from fl_client.dp.settings import resolve_delta
 from fl_client.dp.step import ClippingStats, private_step
 from fl_client.round_config import TrainingDivergedError
@@ -21,7 +21,7 @@ from shared_model import wire
 from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, without_moments
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
-from shared_model.sequences import UserSequences, make_batch
+from shared_model.sequences import UserSequences, length_chunks, make_batch
 
 
 @dataclass
@@ -39,8 +39,8 @@ class TrainConfig:
     device: str = "auto"  # (str) auto, cpu or cuda
     seed: int = 0  # (int) seed for sampling and dropout
     num_threads: int = 0  # (int) torch CPU threads; 0 = torch default
-    micro_batch_tokens: int = 8192  # (int) DP: padded positions per length-sorted micro-batch (memory bound)
-    micro_batch_users: int = 128  # (int) DP: users per micro-batch (per-user item-table gradients: memory)
+    micro_batch_tokens: int = 8192  # (int) padded positions per length-sorted micro-batch (memory bound)
+    micro_batch_users: int = 128  # (int) DP in hooks mode: users per micro-batch (Opacus' per-user gradients)
     proximal_mu: float = 0.0  # (float) FedProx: pull towards the weights training started from; 0 = off
     clip_stats: bool = False  # (bool) DP: record per-user gradient norms before clipping (local diagnostic)
 
@@ -142,7 +142,7 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
     generator = torch.Generator().manual_seed(config.seed)
     loader = user_loader(users, config.batch_size, generator)
     optimizer = build_optimizer(model, config, optimizer_state)
-    step_model: torch.nn.Module = model
+    step_model: StepModel | None = None
     result = TrainResult()
     engine = None
     if privacy.enabled:
@@ -153,7 +153,7 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
         steps_per_epoch = len(loader)
         sigma = calibrate_noise(privacy, 1.0 / steps_per_epoch, config.epochs * steps_per_epoch, delta)
         engine, step_model, optimizer, loader = make_private(model, optimizer, loader, privacy, sigma)
-        if config.clip_stats and privacy.grad_sample_mode == "hooks":  # ghost mode has no per-user gradients
+        if config.clip_stats:
             result.clipping = ClippingStats(privacy.max_grad_norm)
     anchor = wire.trainable_state(model) if config.proximal_mu else None  # FedProx' global model
     best_score, best_state, stale = -1.0, None, 0
@@ -201,7 +201,26 @@ def proximal_step(model: torch.nn.Module, anchor: dict[str, torch.Tensor], rate:
             p.sub_(rate * (p - anchor[name]))
 
 
-def run_epoch(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequences,
+def plain_step(model: FedRecModel, seqs: UserSequences, users: list[int], optimizer: torch.optim.Optimizer,
+               config: TrainConfig, device: torch.device) -> float:
+    """One non-private step on the mean loss over the batch's positions, in length-sorted micro-batches (each
+    weighted by its share of the positions, so the gradient is the whole batch's); returns that mean loss."""
+    chunks = length_chunks(seqs, users, model.config.max_len, config.micro_batch_tokens)
+    batches = [make_batch(seqs, chunk, "train", model.config.max_len) for chunk in chunks]
+    positions = [int((batch["labels"] != 0).sum()) for batch in batches]
+    total = 0.0
+    for batch, count in zip(batches, positions, strict=True):
+        if not count:
+            continue
+        inputs = {k: v.to(device) for k, v in batch.items()}
+        loss = sequence_loss(model, inputs, num_negatives=config.num_negatives) * (count / max(sum(positions), 1))
+        loss.backward()
+        total += float(loss.detach())
+    optimizer.step()
+    return total
+
+
+def run_epoch(step_model: StepModel | None, model: FedRecModel, seqs: UserSequences,
               loader: Iterable[dict[str, torch.Tensor]],
               optimizer: torch.optim.Optimizer, privacy: PrivacyConfig, config: TrainConfig,
               device: torch.device, anchor: dict[str, torch.Tensor] | None = None,
@@ -211,14 +230,10 @@ def run_epoch(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequenc
     for batch in loader:
         users = batch["users"].tolist()
         optimizer.zero_grad(set_to_none=True)
-        if privacy.enabled:
+        if step_model is not None:
             value = private_step(step_model, model, seqs, users, optimizer, privacy, config, device, clipping)
         else:
-            inputs = {k: v.to(device) for k, v in make_batch(seqs, users, "train", model.config.max_len).items()}
-            loss = sequence_loss(model, inputs, num_negatives=config.num_negatives)
-            loss.backward()
-            optimizer.step()
-            value = float(loss.item())
+            value = plain_step(model, seqs, users, optimizer, config, device)
         if anchor is not None:
             proximal_step(model, anchor, config.lr * config.proximal_mu)
         total, steps, seen = total + value, steps + 1, seen + len(users)

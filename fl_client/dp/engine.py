@@ -13,16 +13,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import opacus
 import torch
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch.utils.data import DataLoader
 
+from fl_client.dp.bookkeeping import PerUserClipping
 from fl_client.dp.secure_rng import secure_loader, use_secure_noise
 from fl_client.dp.settings import AccountantHistory, PrivacyConfig
 from shared_model.atomic import write_atomically
@@ -90,13 +92,17 @@ def _calibrated_sigma(epsilon: float, delta: float, sample_rate: float, steps: i
                                       steps=steps, accountant=accountant))
 
 
+StepModel: TypeAlias = GradSampleModule | PerUserClipping  # what fl_client.dp.step.private_step runs a DP step with
+
+
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                  config: PrivacyConfig, noise_multiplier: float
-                 ) -> tuple[PrivacyEngine, GradSampleModule, DPOptimizer, DataLoader]:
-    """Wrap model, optimizer and loader with Opacus (Poisson sampling, flat per-user clipping)."""
-    if config.grad_sample_mode == "ghost" and getattr(model.config, "tie_item_embeddings", False):
-        raise ValueError("ghost clipping cannot handle the tied item table: set model.tie_item_embeddings=false "
-                         "or privacy.grad_sample_mode=hooks")
+                 ) -> tuple[PrivacyEngine, StepModel, DPOptimizer, DataLoader]:
+    """Wrap model, optimizer and loader for DP-SGD (Poisson sampling, flat per-user clipping, Opacus' noise and
+    accountant): per-user clipping by book-keeping (fl_client.dp.bookkeeping) or by Opacus' hooks, which form
+    every user's gradient (3-4× slower; the reference the book-keeping is tested against)."""
+    if config.grad_sample_mode == "bookkeeping":
+        return _bookkeeping(model, optimizer, loader, config, noise_multiplier)
     # secure_mode is ours (fl_client.dp.secure_rng): Opacus' needs torchcsprng, which no current torch has.
     with warnings.catch_warnings():
         if config.secure_mode:  # Opacus warns that *its* secure RNG is off; ours replaces it just below
@@ -104,16 +110,35 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
         engine = PrivacyEngine(accountant=config.accountant)
         wrapped: Any = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=config.max_grad_norm, poisson_sampling=True, grad_sample_mode=config.grad_sample_mode,
-            criterion=torch.nn.CrossEntropyLoss())
-    if config.grad_sample_mode == "ghost":
-        private_model, private_optimizer, _criterion, private_loader = wrapped
-    else:
-        private_model, private_optimizer, private_loader = wrapped
+            max_grad_norm=config.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks")
+    private_model, private_optimizer, private_loader = wrapped
     if config.secure_mode:
         private_loader = secure_loader(private_loader)
         use_secure_noise(private_optimizer)
     return engine, private_model, private_optimizer, private_loader
+
+
+def _bookkeeping(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                 config: PrivacyConfig, noise_multiplier: float
+                 ) -> tuple[PrivacyEngine, PerUserClipping, DPOptimizer, DataLoader]:
+    """What Opacus' make_private builds for its ghost clipping (Poisson loader, an optimiser that noises the
+    clipped sum it is given, the accountant's step hook), with book-keeping in place of its hooks."""
+    clipping = PerUserClipping(model, config.max_grad_norm)
+    with warnings.catch_warnings():
+        if config.secure_mode:
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=config.accountant)
+    private_loader = DPDataLoader.from_data_loader(loader)
+    sample_rate = 1 / len(private_loader)
+    private_optimizer = DPOptimizerFastGradientClipping(
+        optimizer, noise_multiplier=noise_multiplier, max_grad_norm=config.max_grad_norm,
+        expected_batch_size=int(len(private_loader.dataset) * sample_rate),
+        loss_reduction="mean")
+    private_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    if config.secure_mode:
+        private_loader = secure_loader(private_loader)
+        use_secure_noise(private_optimizer)
+    return engine, clipping, private_optimizer, private_loader
 
 
 def spent(engine: PrivacyEngine, config: PrivacyConfig, delta: float, noise_multiplier: float) -> PrivacySpent:

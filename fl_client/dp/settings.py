@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 AccountantHistory = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
 ACCOUNTANTS = ("prv", "rdp", "gdp")
-GRAD_SAMPLE_MODES = ("hooks", "ghost")
+GRAD_SAMPLE_MODES = ("bookkeeping", "hooks")
 DELTA_CAP = 1e-5  # the δ DP-SGD is usually reported at (Abadi et al. 2016): the default never exceeds it
 
 
@@ -32,7 +32,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0  # (float) per-user gradient clipping bound C
     accountant: str = "prv"  # (str) Opacus accountant: prv, rdp or gdp
     secure_mode: bool = False  # (bool) sampling and noise from the OS CSPRNG (production; slower)
-    grad_sample_mode: str = "hooks"  # (str) hooks (supports tied item tables) or ghost (untied only)
+    grad_sample_mode: str = "bookkeeping"  # (str) per-user clipping: bookkeeping (fast) or hooks (Opacus' own)
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:

@@ -9,11 +9,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from opacus.optimizers import DPOptimizer
-from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
+from fl_client.dp.bookkeeping import PerUserClipping
+from fl_client.dp.engine import StepModel
 from fl_client.dp.settings import PrivacyConfig
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
-from shared_model.sequences import UserSequences, make_batch
+from shared_model.sequences import UserSequences, length_chunks, make_batch
 
 
 class MicroBatchLimits(Protocol):
@@ -35,9 +36,8 @@ class ClippingStats:
     norms: list[float] = field(default_factory=list)  # one per user and step
     squared_by_parameter: dict[str, float] = field(default_factory=dict)  # summed squared per-user norms
 
-    def add(self, per_user: dict[str, torch.Tensor]) -> None:
-        """Record one micro-batch: parameter name -> its (b, ...) per-user gradients."""
-        squared = {name: g.reshape(len(g), -1).norm(2, dim=-1).square() for name, g in per_user.items()}
+    def add(self, squared: dict[str, torch.Tensor]) -> None:
+        """Record one micro-batch: parameter name -> its (b,) squared per-user gradient norms."""
         for name, values in squared.items():
             self.squared_by_parameter[name] = self.squared_by_parameter.get(name, 0.0) + float(values.sum())
         if squared:
@@ -58,26 +58,7 @@ class ClippingStats:
                 "squared_norm_share": {name: round(v / total, 4) for name, v in shares}}
 
 
-def length_chunks(seqs: UserSequences, users: list[int], max_len: int, max_tokens: int,
-                  max_users: int = 1 << 30) -> list[list[int]]:
-    """Split a batch into micro-batches of similar length: at most `max_tokens` padded positions and
-    `max_users` users each (per-user gradients of the item table cost users x items x d memory).
-
-    Under DP this changes nothing about privacy (the Poisson-sampled batch is the same set of users, each
-    clipped on its own) but stops short histories from paying for the longest one in the batch.
-    """
-    spans = {u: seqs.window(u, "train")[0] for u in users}
-    lengths = {u: min(max_len, max(1, span.stop - span.start)) for u, span in spans.items()}
-    chunks: list[list[int]] = []
-    for user in sorted(users, key=lambda u: lengths[u]):
-        if chunks and len(chunks[-1]) < max_users and (len(chunks[-1]) + 1) * lengths[user] <= max_tokens:
-            chunks[-1].append(user)
-        else:
-            chunks.append([user])
-    return chunks
-
-
-def private_step(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequences, users: list[int],
+def private_step(step_model: StepModel, model: FedRecModel, seqs: UserSequences, users: list[int],
                  optimizer: torch.optim.Optimizer, privacy: PrivacyConfig, config: MicroBatchLimits,
                  device: torch.device, clipping: ClippingStats | None = None) -> float:
     """One DP-SGD step over a Poisson-sampled batch, in length-sorted micro-batches.
@@ -88,7 +69,9 @@ def private_step(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequ
     """
     names = {id(p): n for n, p in model.named_parameters()} if clipping is not None else {}
     dp_optimizer: DPOptimizer = optimizer
-    chunks = length_chunks(seqs, users, model.config.max_len, config.micro_batch_tokens, config.micro_batch_users)
+    # book-keeping holds no per-user gradient, so only Opacus' modes need the bound on users
+    max_users = (1 << 30) if isinstance(step_model, PerUserClipping) else config.micro_batch_users
+    chunks = length_chunks(seqs, users, model.config.max_len, config.micro_batch_tokens, max_users)
     if not chunks:  # an empty Poisson batch: still a step the accountant must count
         if dp_optimizer.step_hook is not None:
             dp_optimizer.step_hook(dp_optimizer)
@@ -96,14 +79,18 @@ def private_step(step_model: torch.nn.Module, model: FedRecModel, seqs: UserSequ
     total = 0.0
     for i, chunk in enumerate(chunks):
         inputs = {k: v.to(device) for k, v in make_batch(seqs, chunk, "train", model.config.max_len).items()}
-        per_user = sequence_loss(model, inputs, per_user=True)  # (b,) one loss per user
-        if privacy.grad_sample_mode == "ghost":
-            DPTensorFastGradientClipping(step_model, dp_optimizer, per_user, "mean").backward()
+        if isinstance(step_model, PerUserClipping):  # book-keeping: sets the clipped sums as .grad
+            with step_model.recording():
+                per_user = sequence_loss(model, inputs, per_user=True)  # (b,) one loss per user
+            squared = step_model.clip(per_user)
+            if clipping is not None:
+                clipping.add(squared)
         else:
+            per_user = sequence_loss(model, inputs, per_user=True)
             per_user.mean().backward()  # Opacus rescales to per-user gradients of this micro-batch
             if clipping is not None:
-                clipping.add({names[id(p)]: g for p, g in zip(dp_optimizer.params, dp_optimizer.grad_samples,
-                                                              strict=True)})
+                clipping.add({names[id(p)]: g.reshape(len(g), -1).square().sum(1)
+                              for p, g in zip(dp_optimizer.params, dp_optimizer.grad_samples, strict=True)})
         dp_optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)
         dp_optimizer.step()
         dp_optimizer.zero_grad(set_to_none=True)

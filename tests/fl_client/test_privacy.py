@@ -11,12 +11,12 @@ from opacus.accountants import create_accountant
 from fl_client.dp import engine as privacy
 from fl_client.dp.engine import PrivacyConfig, calibrate_noise, make_private
 from fl_client.dp.settings import default_delta
-from fl_client.dp.step import length_chunks, private_step
-from fl_client.train import TrainConfig, TrainingDivergedError, train, user_loader
-from shared_model import wire
+from fl_client.dp.step import private_step
+from fl_client.train import TrainConfig, TrainingDivergedError, plain_step, train, user_loader
+from shared_model import sequences, wire
 from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
-from shared_model.sequences import make_batch
+from shared_model.sequences import length_chunks, make_batch
 
 
 def tiny_model(tie: bool) -> FedRecModel:
@@ -45,36 +45,28 @@ def test_per_user_gradients_equal_each_users_own_gradient(seqs, tie):
             assert torch.allclose(p.grad_sample[i], q.grad, atol=1e-5), name
 
 
-@pytest.mark.parametrize("mode,tie", [("hooks", True), ("ghost", False)])
-def test_each_users_gradient_is_clipped_to_max_grad_norm(seqs, mode, tie):
-    model = tiny_model(tie)
-    config = PrivacyConfig(enabled=True, max_grad_norm=0.01, grad_sample_mode=mode)
+def test_each_users_gradient_is_clipped_to_max_grad_norm(seqs):
+    model = tiny_model(True)
+    config = PrivacyConfig(enabled=True, max_grad_norm=0.01, grad_sample_mode="hooks")
     loader = user_loader(seqs.trainable_users(), 16, torch.Generator().manual_seed(0))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _engine, private, optimizer, _loader = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0),
                                                          loader, config, noise_multiplier=0.0)
     batch = make_batch(seqs, seqs.trainable_users()[:16], "train", 8)
     per_user = sequence_loss(model, batch, per_user=True)
-    expected = None
-    if mode == "ghost":
-        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
-
-        DPTensorFastGradientClipping(private, optimizer, per_user, "mean").backward()
-    else:
-        per_user.mean().backward()
-        params = [p for p in model.parameters() if p.requires_grad]
-        norms = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in params]).norm(dim=0)  # (B,)
-        assert (norms > config.max_grad_norm).all()  # the bound binds, so the test means something
-        scale = config.max_grad_norm / norms  # every user's gradient is rescaled to norm exactly C
-        expected = torch.cat([(p.grad_sample * scale.view(-1, *[1] * (p.dim()))).sum(0).flatten()
-                              for p in params]) / optimizer.expected_batch_size
+    per_user.mean().backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in params]).norm(dim=0)  # (B,)
+    assert (norms > config.max_grad_norm).all()  # the bound binds, so the test means something
+    scale = config.max_grad_norm / norms  # every user's gradient is rescaled to norm exactly C
+    expected = torch.cat([(p.grad_sample * scale.view(-1, *[1] * (p.dim()))).sum(0).flatten()
+                          for p in params]) / optimizer.expected_batch_size
     optimizer.step()
     # σ = 0 and lr = 1: the update is the sum of clipped per-user gradients over the expected batch size.
     after = dict(private._module.named_parameters())
     step = torch.cat([(before[k] - after[k].detach()).flatten() for k in after])
     assert 0 < step.norm() <= config.max_grad_norm * 16 / optimizer.expected_batch_size + 1e-6
-    if expected is not None:
-        assert torch.allclose(step, expected, atol=1e-7)
+    assert torch.allclose(step, expected, atol=1e-7)
 
 
 def test_noise_is_calibrated_to_the_requested_epsilon(seqs):
@@ -128,7 +120,8 @@ def test_a_sites_sigma_plans_outlive_its_process_and_a_broken_cache_is_searched_
     assert len(calls) == 3 and list(json.loads(cache.read_text()).values()) == [sigma]  # rewritten
 
 
-def test_clip_stats_record_each_sampled_users_own_gradient_norm_before_clipping(seqs):
+@pytest.mark.parametrize("mode", ["bookkeeping", "hooks"])
+def test_clip_stats_record_each_sampled_users_own_gradient_norm_before_clipping(seqs, mode):
     reference = tiny_model(True)
     truth = []
     for user in seqs.trainable_users():  # every user's own gradient norm at the starting weights
@@ -137,7 +130,8 @@ def test_clip_stats_record_each_sampled_users_own_gradient_norm_before_clipping(
         truth.append(torch.sqrt(sum((p.grad ** 2).sum() for p in reference.parameters())).item())
     config = TrainConfig(epochs=2, batch_size=16, lr=0.0, clip_stats=True, micro_batch_users=4)  # lr 0: fixed
     result = train(tiny_model(True), seqs, config, PrivacyConfig(enabled=True, noise_multiplier=1.0,
-                                                                  max_grad_norm=np.median(truth)))
+                                                                  max_grad_norm=np.median(truth),
+                                                                  grad_sample_mode=mode))
     stats = result.clipping
     assert stats is not None and len(stats.norms) > 16  # several steps, several micro-batches each
     assert all(np.isclose(truth, n, rtol=1e-4).any() for n in stats.norms)
@@ -150,8 +144,6 @@ def test_clip_stats_record_each_sampled_users_own_gradient_norm_before_clipping(
                  ).clipping.summary()["clipped_fraction"] == 0
     assert train(tiny_model(True), seqs, TrainConfig(epochs=1, batch_size=16), PrivacyConfig(enabled=True)
                  ).clipping is None  # off unless asked
-    assert train(tiny_model(False), seqs, config, PrivacyConfig(enabled=True, grad_sample_mode="ghost",
-                                                                 max_grad_norm=1.0)).clipping is None
 
 
 def test_training_without_dp_makes_no_privacy_claim(seqs):
@@ -170,18 +162,10 @@ def test_weights_sent_after_opacus_wrapping_have_no_opacus_prefix(seqs):
     model = tiny_model(True)
     loader = user_loader(seqs.trainable_users(), 16, torch.Generator())
     _, private, _, _ = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
-                                    PrivacyConfig(enabled=True), noise_multiplier=1.0)
+                                    PrivacyConfig(enabled=True, grad_sample_mode="hooks"), noise_multiplier=1.0)
     assert any(k.startswith("_module.") for k in private.state_dict())
     state = wire.trainable_state(model)
     assert set(state) == {name for name, _ in tiny_model(True).named_parameters()}
-
-
-def test_ghost_clipping_refuses_a_tied_item_table(seqs):
-    loader = user_loader(seqs.trainable_users(), 16, torch.Generator())
-    model = tiny_model(True)
-    with pytest.raises(ValueError, match="tie_item_embeddings"):
-        make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
-                     PrivacyConfig(enabled=True, grad_sample_mode="ghost"), noise_multiplier=1.0)
 
 
 def test_length_chunks_cover_every_user_once_within_the_token_bound(seqs):
@@ -194,7 +178,7 @@ def test_length_chunks_cover_every_user_once_within_the_token_bound(seqs):
         assert len(chunk) == 1 or len(chunk) * longest <= 20
 
 
-@pytest.mark.parametrize("mode,tie", [("hooks", True), ("ghost", False)])
+@pytest.mark.parametrize("mode,tie", [("bookkeeping", True), ("bookkeeping", False), ("hooks", True)])
 def test_micro_batching_gives_the_same_dp_update_as_one_batch(seqs, mode, tie):
     users = seqs.trainable_users()[:12].tolist()
     updates = []
@@ -207,6 +191,38 @@ def test_micro_batching_gives_the_same_dp_update_as_one_batch(seqs, mode, tie):
                                                 config, noise_multiplier=0.0)
         private_step(private, model, seqs, users, optimizer, config,
                      TrainConfig(micro_batch_tokens=tokens), torch.device("cpu"))
+        updates.append(torch.cat([(before[k] - p.detach()).flatten() for k, p in model.named_parameters()]))
+    assert updates[0].norm() > 0
+    assert torch.allclose(updates[0], updates[1], atol=1e-6)
+
+
+def test_micro_batches_pad_few_positions(seqs, monkeypatch):
+    monkeypatch.setattr(sequences, "PADDING_SLACK", 8)  # 60 users: the default slack would take them all
+    users = seqs.trainable_users().tolist()
+    lengths = {u: min(8, seqs.window(u, "train")[0].stop - seqs.window(u, "train")[0].start) for u in users}
+    chunks = length_chunks(seqs, users, max_len=8, max_tokens=10_000)
+    assert 1 < len(chunks) < len(set(lengths.values()))  # split, but lengths close together share one
+    for chunk in chunks:  # a user joins only if it pads the users before it by at most PADDING_SLACK
+        widths = [lengths[u] for u in chunk]
+        assert widths == sorted(widths)
+        assert all(k * (widths[k] - widths[k - 1]) <= 8 for k in range(1, len(widths)))
+    padded = sum(len(chunk) * max(lengths[u] for u in chunk) for chunk in chunks)
+    assert padded < 0.8 * len(users) * max(lengths.values())  # against one padded batch
+
+
+def test_micro_batching_gives_the_same_update_as_one_batch_without_dp(seqs):
+    users = seqs.trainable_users()[:12].tolist()
+    updates = []
+    for tokens in (10_000, 16):
+        model = tiny_model(True)
+        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        config = TrainConfig(micro_batch_tokens=tokens)
+        assert len(length_chunks(seqs, users, 8, tokens)) == (1 if tokens > 1000 else 5)
+        loss = plain_step(model, seqs, users, optimizer, config, torch.device("cpu"))
+        with torch.no_grad():
+            whole = float(sequence_loss(tiny_model(True), make_batch(seqs, users, "train", 8)))
+        assert loss == pytest.approx(whole, rel=1e-5)
         updates.append(torch.cat([(before[k] - p.detach()).flatten() for k, p in model.named_parameters()]))
     assert updates[0].norm() > 0
     assert torch.allclose(updates[0], updates[1], atol=1e-6)

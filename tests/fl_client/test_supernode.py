@@ -40,7 +40,7 @@ def test_no_dp_and_the_locked_down_options_are_passed_on(tmp_path, monkeypatch):
     _, publisher = make_signing_keys(tmp_path / "keys")
     args = parse_args(["--root-certificates", "ca.pem", "--auth-key", str(key), "--trusted-publisher",
                        str(publisher), "--data", str(data), "--catalog", "c.json", "--state-dir", "s", "--no-dp",
-                       "--delta", "1e-6", "--noise-multiplier", "1.5", "--grad-sample-mode", "ghost"])
+                       "--delta", "1e-6", "--noise-multiplier", "1.5", "--grad-sample-mode", "hooks"])
     site = site_config(args)
     assert not site.privacy.enabled and site.privacy.delta == 1e-6
     assert SiteConfig.from_node_config(tomllib.loads(toml_text(site.node_config()))) == site
