@@ -150,17 +150,24 @@ class FedRecModel(FedRecPreTrainedModel):
 
 
 def sequence_loss(model: FedRecModel, batch: dict[str, torch.Tensor], per_user: bool = False,
-                  num_negatives: int = 0) -> torch.Tensor:
+                  num_negatives: int = 0, padded: bool = False) -> torch.Tensor:
     """Next-item cross-entropy at every non-padding position.
 
-    Returns the mean over positions, or with `per_user` the (B,) per-user mean that DP-SGD clips.
+    Returns the mean over positions, or with `per_user` the (B,) per-user mean that DP-SGD clips. Only real
+    positions are scored (the (N, V) output layer dominates the cost), so the output layer's rows are the
+    positions `labels != 0` of the users in order; `padded` scores every (user, position) instead, for Opacus'
+    hooks, which need every layer's leading dimension to be the user's.
     """
     hidden = model(batch["item_ids"], batch["event_types"], batch["time_buckets"])  # (B, T, d)
     labels = batch["labels"]  # (B, T)
-    if not per_user and not num_negatives:
-        # Score only real positions: the (N, V) output layer dominates the cost and most rows are padding.
+    if not padded and not num_negatives:
         keep = labels != 0
-        return F.cross_entropy(model.logits(hidden[keep]), labels[keep])  # (N, d) -> (N, V)
+        losses = F.cross_entropy(model.logits(hidden[keep]), labels[keep],
+                                 reduction="none" if per_user else "mean")  # (N, d) -> (N, V) -> (N,)
+        if not per_user:
+            return losses
+        users = keep.nonzero()[:, 0]  # (N,) the user of each scored position
+        return losses.new_zeros(len(labels)).index_add(0, users, losses) / keep.sum(1).clamp(min=1)
     if num_negatives:
         logits = model.sampled_logits(hidden, labels, num_negatives)  # (B, T, 1 + K)
         targets = torch.zeros_like(labels)

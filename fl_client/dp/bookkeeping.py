@@ -38,12 +38,6 @@ class _Record:
 
     inputs: torch.Tensor
     output: torch.Tensor
-    grad: torch.Tensor | None = None  # d(Σ_i L_i) / d output, filled after the backward pass
-
-
-def _per_user(x: torch.Tensor) -> torch.Tensor:
-    """(b, ..., k) -> (b, T, k): every leading dimension after the user's is a position."""
-    return x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() != 2 else x.unsqueeze(1)
 
 
 class PerUserClipping:
@@ -108,107 +102,161 @@ class PerUserClipping:
             for handle in handles:
                 handle.remove()
 
-    def clip(self, per_user_loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    def clip(self, per_user_loss: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Set each trainable parameter's `.grad` to Σ_i c_i ∇L_i for the (b,) losses of the recorded forward
-        pass; returns each parameter's (b,) squared per-user norms before clipping."""
+        pass; returns each parameter's (b,) squared per-user norms before clipping.
+
+        `rows`: the user of each row of a layer that ran on the batch's positions flattened to (rows, features),
+        users in order and each user's rows together (`hidden[labels != 0]`: the output layer scores only real
+        positions). Every other layer's leading dimension is the user's."""
         missing = [name for name in self.layers if name not in self.records]
         if missing:
             raise ValueError(f"per-user clipping: trainable layers {missing} did not run in the forward pass")
         recorded = list(self.records.values())
         grads = torch.autograd.grad(per_user_loss.sum(), [r.output for r in recorded], allow_unused=True)
-        for record, grad in zip(recorded, grads, strict=True):
-            record.grad = torch.zeros_like(record.output) if grad is None else grad
+        users = len(per_user_loss)
+        views = {}
+        for name, record, grad in zip(self.records, recorded, grads, strict=True):
+            views[name] = _Rows.of(record, torch.zeros_like(record.output) if grad is None else grad, users, rows)
+        self.records = {}
         squared: dict[str, torch.Tensor] = {}
         for name, module in self.layers.items():
-            squared.update(self._squared_norms(name, module, self.records[name]))
+            squared.update(_squared_norms(name, module, views[name], users))
         for embedding, linear in self.ties:
             weight = self.names[id(self.layers[linear].weight)]
-            cross = self._tied_cross_term(self.layers[embedding], self.records[embedding], self.records[linear])
+            module = self.layers[embedding]
+            assert isinstance(module, nn.Embedding)
+            cross = _tied_cross_term(module, views[embedding], views[linear], users)
             squared[weight] = squared.pop(f"{embedding}.weight") + squared.pop(f"{linear}.weight") + 2 * cross
         norms = torch.stack(list(squared.values())).sum(0).clamp(min=0).sqrt()  # (b,)
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' clipping factor
         sums: dict[int, torch.Tensor] = {}
         for name, module in self.layers.items():
-            for p, total in self._clipped_sums(module, self.records[name], factors):
+            for p, total in _clipped_sums(module, views[name], factors):
                 sums[id(p)] = sums[id(p)] + total if id(p) in sums else total
         for module in self.layers.values():
             for p in module.parameters(recurse=False):
                 if p.requires_grad:
                     p.grad = sums[id(p)]
-        self.records = {}
         return squared
 
+
+@dataclass
+class _Rows:
+    """One layer call as rows: inputs (R, in) (ids (R,) for an embedding), output gradients (R, out), the user of
+    each row (R,), and runs of users with the same number of rows: (first user, end user, rows each, first row),
+    so that each run's rows are a (users, rows each, ...) view with no padding and no copy."""
+
+    inputs: torch.Tensor
+    grad: torch.Tensor
+    user: torch.Tensor
+    runs: list[tuple[int, int, int, int]]
+
     @staticmethod
-    def _squared_norms(name: str, module: nn.Module, record: _Record) -> dict[str, torch.Tensor]:
-        """The (b,) squared per-user norm of each parameter of one layer (a tied weight: this use's part)."""
-        assert record.grad is not None
-        out: dict[str, torch.Tensor] = {}
-        if isinstance(module, nn.Embedding):
-            ids, g = _embedding_grads(module, record)
-            same = ids.unsqueeze(2) == ids.unsqueeze(1)  # (b, T, T): positions holding the same row
-            if module.weight.requires_grad:
-                out[f"{name}.weight"] = (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2))
-            return out
-        g = _per_user(record.grad)
-        if isinstance(module, nn.LayerNorm):
-            x = F.layer_norm(_per_user(record.inputs), module.normalized_shape, None, None, module.eps)
-            if module.weight is not None and module.weight.requires_grad:
-                out[f"{name}.weight"] = (g * x).sum(1).square().sum(1)
-            if module.bias is not None and module.bias.requires_grad:
-                out[f"{name}.bias"] = g.sum(1).square().sum(1)
-            return out
-        a = _per_user(record.inputs)
+    def of(record: _Record, grad: torch.Tensor, users: int, rows: torch.Tensor | None) -> _Rows:
+        x, g = record.inputs, grad
+        embedding = not x.is_floating_point()
+        flat = rows is not None and x.shape[0] == len(rows) and x.dim() == (1 if embedding else 2)
+        if flat and rows is not None:
+            counts = torch.bincount(rows, minlength=users)
+            runs, first_user, first_row = [], 0, 0
+            values, lengths = torch.unique_consecutive(counts, return_counts=True)
+            for each, n in zip(values.tolist(), lengths.tolist(), strict=True):
+                runs.append((first_user, first_user + n, each, first_row))
+                first_user, first_row = first_user + n, first_row + n * each
+            user = rows
+        else:
+            if x.shape[0] != users:
+                raise ValueError(f"per-user clipping: a layer's input has {x.shape[0]} rows for {users} users")
+            per = x[0].numel() if embedding else x[0].numel() // x.shape[-1]
+            runs = [(0, users, per, 0)]
+            user = torch.arange(users, device=x.device).repeat_interleave(per)
+        if embedding:
+            return _Rows(x.reshape(-1), g.reshape(-1, g.shape[-1]), user, runs)
+        return _Rows(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), user, runs)
+
+    def views(self, *xs: torch.Tensor) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+        """(first user, end user, each x's (users, rows each, ...) view) for each run of users with rows."""
+        for u0, u1, each, r0 in self.runs:
+            if each:
+                yield u0, u1, [x[r0:r0 + (u1 - u0) * each].view(u1 - u0, each, *x.shape[1:]) for x in xs]
+
+    def per_user_sum(self, x: torch.Tensor, users: int) -> torch.Tensor:
+        """(users, ...) sums of the rows of each user."""
+        return x.new_zeros(users, *x.shape[1:]).index_add_(0, self.user, x)
+
+
+def _embedding_grad(module: nn.Embedding, rows: _Rows) -> torch.Tensor:
+    """The output gradient, zero where the id is the padding row (which nn.Embedding never updates)."""
+    if module.padding_idx is None:
+        return rows.grad
+    return rows.grad * (rows.inputs != module.padding_idx).unsqueeze(-1).to(rows.grad.dtype)
+
+
+def _normalized(module: nn.LayerNorm, rows: _Rows) -> torch.Tensor:
+    return F.layer_norm(rows.inputs, module.normalized_shape, None, None, module.eps)
+
+
+def _squared_norms(name: str, module: nn.Module, rows: _Rows, users: int) -> dict[str, torch.Tensor]:
+    """The (b,) squared per-user norm of each trainable parameter of one layer (a tied weight: this use's part)."""
+    out: dict[str, torch.Tensor] = {}
+    g = _embedding_grad(module, rows) if isinstance(module, nn.Embedding) else rows.grad
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.requires_grad:
+        total = g.new_zeros(users)
+        if isinstance(module, nn.Embedding):  # Σ over pairs of the user's positions holding the same row
+            for u0, u1, (ids, e) in rows.views(rows.inputs, g):
+                same = ids.unsqueeze(2) == ids.unsqueeze(1)
+                total[u0:u1] = (torch.bmm(e, e.transpose(1, 2)) * same).sum((1, 2))
+        elif isinstance(module, nn.LayerNorm):
+            total = rows.per_user_sum(g * _normalized(module, rows), users).square().sum(1)
+        else:
+            for u0, u1, (a, gv) in rows.views(rows.inputs, g):
+                each, inputs, outputs = a.shape[1], a.shape[2], gv.shape[2]
+                if each * (inputs + outputs) <= inputs * outputs:  # Gram matrices cost less than the gradient
+                    grams = torch.bmm(a, a.transpose(1, 2)) * torch.bmm(gv, gv.transpose(1, 2))
+                    total[u0:u1] = grams.sum((1, 2))
+                else:
+                    total[u0:u1] = torch.bmm(gv.transpose(1, 2), a).square().sum((1, 2))
+        out[f"{name}.weight"] = total
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor) and bias.requires_grad:
+        out[f"{name}.bias"] = rows.per_user_sum(g, users).square().sum(1)
+    return out
+
+
+def _tied_cross_term(module: nn.Embedding, embedding: _Rows, linear: _Rows, users: int) -> torch.Tensor:
+    """(b,) ⟨the linear use's per-user gradient, the embedding use's⟩ of one shared (rows × d) table:
+    Σ_{s,t} g_s[id_t] (a_s · e_t), with g the output gradient and a the input of the linear layer at its row s and
+    e the output gradient of the embedding at position t."""
+    if len(embedding.runs) != 1:
+        raise ValueError("per-user clipping: a tied embedding must run on the batch's (users, positions) ids")
+    per = embedding.runs[0][2]
+    ids = embedding.inputs.view(users, per)
+    e = _embedding_grad(module, embedding).view(users, per, -1)
+    total = linear.grad.new_zeros(users)
+    for u0, u1, (a, g) in linear.views(linear.inputs, linear.grad):
+        at_ids = g.gather(2, ids[u0:u1].unsqueeze(1).expand(-1, g.shape[1], -1))  # (n, S, T): g_s[id_t]
+        total[u0:u1] = (at_ids * torch.bmm(a, e[u0:u1].transpose(1, 2))).sum((1, 2))
+    return total
+
+
+def _clipped_sums(module: nn.Module, rows: _Rows,
+                  factors: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, Σ_i c_i × user i's gradient of it) for one layer's trainable parameters; the factors scale the
+    inputs, not the output gradients, which for the output layer are catalog-wide."""
+    scale = factors[rows.user].unsqueeze(-1)  # (R, 1)
+    if isinstance(module, nn.Embedding):
         if module.weight.requires_grad:
-            steps, inputs, outputs = a.shape[1], a.shape[2], g.shape[2]
-            if steps * (inputs + outputs) <= inputs * outputs:  # Gram matrices are cheaper than the gradient
-                out[f"{name}.weight"] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-            else:
-                out[f"{name}.weight"] = torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
-        if module.bias is not None and module.bias.requires_grad:
-            out[f"{name}.bias"] = g.sum(1).square().sum(1)
-        return out
-
-    @staticmethod
-    def _tied_cross_term(module: nn.Module, embedding: _Record, linear: _Record) -> torch.Tensor:
-        """(b,) ⟨the linear use's per-user gradient, the embedding use's⟩ of one shared (rows × d) table:
-        Σ_{s,t} g_s[id_t] (a_s · e_t), with g the output gradient and a the input of the linear layer at s and
-        e the output gradient of the embedding at t."""
-        assert isinstance(module, nn.Embedding) and linear.grad is not None
-        ids, e = _embedding_grads(module, embedding)  # (b, T), (b, T, d)
-        a, g = _per_user(linear.inputs), _per_user(linear.grad)  # (b, S, d), (b, S, rows)
-        at_ids = g.gather(2, ids.unsqueeze(1).expand(-1, g.shape[1], -1))  # (b, S, T): g_s[id_t]
-        return (at_ids * torch.bmm(a, e.transpose(1, 2))).sum((1, 2))
-
-    @staticmethod
-    def _clipped_sums(module: nn.Module, record: _Record,
-                      factors: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(parameter, Σ_i c_i × user i's gradient of it) for one layer's trainable parameters."""
-        assert record.grad is not None
-        scale = factors.view(-1, 1, 1)
-        if isinstance(module, nn.Embedding):
-            ids, g = _embedding_grads(module, record)
-            if module.weight.requires_grad:
-                total = torch.zeros_like(module.weight)
-                yield module.weight, total.index_add_(0, ids.flatten(), (g * scale).flatten(0, 1))
-            return
-        g = _per_user(record.grad)  # scaled through the smaller factor: a Linear's output can be catalog-wide
-        if isinstance(module, nn.LayerNorm):
-            x = F.layer_norm(_per_user(record.inputs), module.normalized_shape, None, None, module.eps)
-            if module.weight is not None and module.weight.requires_grad:
-                yield module.weight, (g * x * scale).sum((0, 1))
-        elif isinstance(module, nn.Linear) and module.weight.requires_grad:
-            yield module.weight, g.flatten(0, 1).T @ (_per_user(record.inputs) * scale).flatten(0, 1)
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, torch.Tensor) and bias.requires_grad:
-            yield bias, factors @ g.sum(1)
-
-
-def _embedding_grads(module: nn.Embedding, record: _Record) -> tuple[torch.Tensor, torch.Tensor]:
-    """An embedding call's (b, T) ids and (b, T, d) output gradient, zero where the id is the padding row
-    (which nn.Embedding never updates)."""
-    assert record.grad is not None
-    ids = record.inputs.reshape(record.inputs.shape[0], -1)
-    g = _per_user(record.grad)
-    if module.padding_idx is not None:
-        g = g * (ids != module.padding_idx).unsqueeze(-1).to(g.dtype)
-    return ids, g
+            total = torch.zeros_like(module.weight)
+            yield module.weight, total.index_add_(0, rows.inputs, _embedding_grad(module, rows) * scale)
+        return
+    g = rows.grad
+    if isinstance(module, nn.LayerNorm):
+        if module.weight is not None and module.weight.requires_grad:
+            yield module.weight, (g * _normalized(module, rows) * scale).sum(0)
+    elif isinstance(module, nn.Linear) and module.weight.requires_grad:
+        yield module.weight, g.T @ (rows.inputs * scale)
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor) and bias.requires_grad:
+        yield bias, factors[rows.user] @ g

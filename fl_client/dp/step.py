@@ -82,11 +82,11 @@ def private_step(step_model: StepModel, model: FedRecModel, seqs: UserSequences,
         if isinstance(step_model, PerUserClipping):  # book-keeping: sets the clipped sums as .grad
             with step_model.recording():
                 per_user = sequence_loss(model, inputs, per_user=True)  # (b,) one loss per user
-            squared = step_model.clip(per_user)
+            squared = step_model.clip(per_user, rows=(inputs["labels"] != 0).nonzero()[:, 0])
             if clipping is not None:
                 clipping.add(squared)
         else:
-            per_user = sequence_loss(model, inputs, per_user=True)
+            per_user = sequence_loss(model, inputs, per_user=True, padded=True)
             per_user.mean().backward()  # Opacus rescales to per-user gradients of this micro-batch
             if clipping is not None:
                 clipping.add({names[id(p)]: g.reshape(len(g), -1).square().sum(1)

@@ -43,8 +43,9 @@ def own_gradients(reference: FedRecModel, batch: dict[str, torch.Tensor]) -> lis
     return grads
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["real positions", "padded"])
 @pytest.mark.parametrize("kind", MODELS)
-def test_norms_and_clipped_sum_are_those_of_each_users_own_gradient(seqs, kind):
+def test_norms_and_clipped_sum_are_those_of_each_users_own_gradient(seqs, kind, padded):
     model, reference = model_pair(**MODELS[kind])
     batch = make_batch(seqs, seqs.trainable_users()[:8], "train", 8)
     grads = own_gradients(reference, batch)
@@ -52,8 +53,8 @@ def test_norms_and_clipped_sum_are_those_of_each_users_own_gradient(seqs, kind):
     bound = float(norms.median())  # half the users are clipped, half are not
     clipping = PerUserClipping(model, bound)
     with clipping.recording():
-        per_user = sequence_loss(model, batch, per_user=True)
-    squared = clipping.clip(per_user)
+        per_user = sequence_loss(model, batch, per_user=True, padded=padded)
+    squared = clipping.clip(per_user, rows=None if padded else (batch["labels"] != 0).nonzero()[:, 0])
     assert set(squared) == {n for n, p in model.named_parameters() if p.requires_grad}
     for name in squared:  # each parameter's share, the tied table's two uses and their cross term included
         assert torch.allclose(squared[name], torch.stack([user[name].square().sum() for user in grads]),

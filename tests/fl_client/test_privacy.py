@@ -36,7 +36,7 @@ def test_per_user_gradients_equal_each_users_own_gradient(seqs, tie):
     loader = user_loader(users, 4, torch.Generator().manual_seed(0))
     private, _optimizer, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                                 data_loader=loader, noise_multiplier=0.0, max_grad_norm=1e6)
-    sequence_loss(model, batch, per_user=True).mean().backward()
+    sequence_loss(model, batch, per_user=True, padded=True).mean().backward()
     for i in range(len(users)):
         one = {k: v[i:i + 1] for k, v in batch.items()}
         reference.zero_grad()
@@ -53,7 +53,7 @@ def test_each_users_gradient_is_clipped_to_max_grad_norm(seqs):
     _engine, private, optimizer, _loader = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0),
                                                          loader, config, noise_multiplier=0.0)
     batch = make_batch(seqs, seqs.trainable_users()[:16], "train", 8)
-    per_user = sequence_loss(model, batch, per_user=True)
+    per_user = sequence_loss(model, batch, per_user=True, padded=True)
     per_user.mean().backward()
     params = [p for p in model.parameters() if p.requires_grad]
     norms = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in params]).norm(dim=0)  # (B,)
@@ -250,7 +250,7 @@ def test_per_user_gradients_are_exact_with_public_features_and_item_bias(seqs, t
     loader = user_loader(users, 3, torch.Generator())
     PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                  data_loader=loader, noise_multiplier=0.0, max_grad_norm=1e6)
-    sequence_loss(model, batch, per_user=True).mean().backward()
+    sequence_loss(model, batch, per_user=True, padded=True).mean().backward()
     for i in range(len(users)):
         reference.zero_grad()
         sequence_loss(reference, {k: v[i:i + 1] for k, v in batch.items()}, per_user=True).sum().backward()

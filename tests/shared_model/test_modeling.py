@@ -73,6 +73,7 @@ def test_loss_ignores_padding_and_per_user_mean():
     batch = dict(zip(("item_ids", "event_types", "time_buckets"), inputs(ids), strict=True), labels=labels)
     per_user = sequence_loss(model, batch, per_user=True)
     assert per_user.shape == (2,) and torch.isfinite(per_user).all()
+    assert torch.allclose(sequence_loss(model, batch, per_user=True, padded=True), per_user, atol=1e-6)
     token_mean = sequence_loss(model, batch)
     expected = (per_user[0] * 2 + per_user[1] * 4) / 6
     assert torch.allclose(token_mean, expected, atol=1e-5)
