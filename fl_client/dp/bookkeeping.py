@@ -112,6 +112,8 @@ class PerUserClipping:
         missing = [name for name in self.layers if name not in self.records]
         if missing:
             raise ValueError(f"per-user clipping: trainable layers {missing} did not run in the forward pass")
+        if rows is not None and bool((rows[1:] < rows[:-1]).any()):
+            raise ValueError("per-user clipping: `rows` must list each user's rows together, users in order")
         recorded = list(self.records.values())
         grads = torch.autograd.grad(per_user_loss.sum(), [r.output for r in recorded], allow_unused=True)
         users = len(per_user_loss)
@@ -157,6 +159,10 @@ class _Rows:
         x, g = record.inputs, grad
         embedding = not x.is_floating_point()
         flat = rows is not None and x.shape[0] == len(rows) and x.dim() == (1 if embedding else 2)
+        if (flat and rows is not None and x.shape[0] == users
+                and not torch.equal(rows, torch.arange(users, device=rows.device))):
+            raise ValueError("per-user clipping: a layer has one row per user and as many rows as the batch's "
+                             "positions, which are not one per user: cannot tell whose rows they are")
         if flat and rows is not None:
             counts = torch.bincount(rows, minlength=users)
             runs, first_user, first_row = [], 0, 0

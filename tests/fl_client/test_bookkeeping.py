@@ -114,3 +114,8 @@ def test_layers_it_cannot_clip_exactly_are_refused_by_name():
         pass
     with pytest.raises(ValueError, match="did not run in the forward pass"):
         clipping.clip(torch.ones(2, requires_grad=True))
+    for rows, problem in ((torch.tensor([1, 0]), "users in order"), (torch.tensor([0, 0]), "whose rows")):
+        with clipping.recording():
+            loss = layer(torch.ones(2, 3)).sum(1)
+        with pytest.raises(ValueError, match=problem):
+            clipping.clip(loss, rows=rows)
