@@ -12,6 +12,7 @@ from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.metrics import (
     SECOND_MOMENT,
     RankingMetrics,
+    by_length,
     evaluate_model,
     evaluate_popularity,
     evaluate_scorer,
@@ -215,3 +216,21 @@ def test_evaluate_model_restores_the_mode_and_runs_in_eval_mode(tiny_model: FedR
     # Dropout is off during evaluation, so a second run (and any batch size) gives the same numbers.
     assert evaluate_model(tiny_model, tiny_sequences, "test") == pytest.approx(first)
     assert not any(p.grad is not None for p in tiny_model.parameters())
+
+
+def test_evaluation_batches_users_shortest_first_and_scores_each_as_alone() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(4, 12, size=20)
+    items = rng.integers(1, 7, size=int(lengths.sum()))
+    seqs = UserSequences(user_ids=[f"u{i}" for i in range(20)], offsets=np.concatenate([[0], np.cumsum(lengths)]),
+                         items=items, event_types=np.ones(len(items), dtype=np.int64),
+                         time_buckets=np.zeros(len(items), dtype=np.int64))
+    order = by_length(seqs, np.arange(20), "test")
+    assert sorted(order.tolist()) == list(range(20))
+    assert np.all(np.diff(lengths[order]) >= 0)
+    torch.manual_seed(0)
+    model = FedRecModel(FedRecConfig(num_items=6, hidden_size=16, max_len=10))
+    one_at_a_time = evaluate_model(model, seqs, "test", batch_size=1)
+    batched = evaluate_model(model, seqs, "test", batch_size=8)  # batches of users padded alike
+    assert batched.keys() == one_at_a_time.keys()
+    assert all(batched[k] == pytest.approx(one_at_a_time[k], abs=1e-9) for k in batched)
