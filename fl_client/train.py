@@ -208,12 +208,13 @@ def plain_step(model: FedRecModel, seqs: UserSequences, users: list[int], optimi
     chunks = length_chunks(seqs, users, model.config.max_len, config.micro_batch_tokens)
     batches = [make_batch(seqs, chunk, "train", model.config.max_len) for chunk in chunks]
     positions = [int((batch["labels"] != 0).sum()) for batch in batches]
+    all_positions = max(sum(positions), 1)
     total = 0.0
     for batch, count in zip(batches, positions, strict=True):
         if not count:
             continue
         inputs = {k: v.to(device) for k, v in batch.items()}
-        loss = sequence_loss(model, inputs, num_negatives=config.num_negatives) * (count / max(sum(positions), 1))
+        loss = sequence_loss(model, inputs, num_negatives=config.num_negatives) * (count / all_positions)
         loss.backward()
         total += float(loss.detach())
     optimizer.step()

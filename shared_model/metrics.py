@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from shared_model.modeling_fedrec import FedRecModel
+from shared_model.modeling_fedrec import FedRecModel, sequence_loss
 from shared_model.sequences import Split, UserSequences, make_batch
 
 DEFAULT_KS: tuple[int, ...] = (5, 10, 20)
@@ -101,11 +100,11 @@ def mask_seen(scores: torch.Tensor, item_ids: torch.Tensor, targets: torch.Tenso
 Scorer = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
-def by_length(seqs: UserSequences, users: np.ndarray, split: Split) -> np.ndarray:
-    """`users` shortest input first: a batch is padded to its longest user, and every padded position costs a
-    pass through the transformer (in random order most batches of 512 Beauty users held one of 50 events)."""
-    lengths = [seqs.window(int(u), split)[0].stop - seqs.window(int(u), split)[0].start for u in users]
-    return users[np.argsort(lengths, kind="stable")]
+def by_length(seqs: UserSequences, users: np.ndarray) -> np.ndarray:
+    """`users` fewest events first (so shortest input first, whatever the split): a batch is padded to its
+    longest user, and every padded position costs a pass through the transformer (in random order most batches
+    of 512 Beauty users held one of 50 events)."""
+    return users[np.argsort(seqs.lengths()[users], kind="stable")]
 
 
 def evaluate_scorer(scorer: Scorer, seqs: UserSequences, split: Split, max_len: int, batch_size: int = 512,
@@ -113,7 +112,7 @@ def evaluate_scorer(scorer: Scorer, seqs: UserSequences, split: Split, max_len: 
                     device: torch.device | str = "cpu") -> dict[str, float]:
     """Rank each user's held-out item against the whole catalog with any batch -> (B, V) scorer."""
     metrics = RankingMetrics(ks=ks)
-    order = by_length(seqs, np.arange(len(seqs)), split)
+    order = by_length(seqs, np.arange(len(seqs)))
     for start in range(0, len(order), batch_size):
         users = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in make_batch(seqs, users, split, max_len).items()}
@@ -151,18 +150,13 @@ def training_loss(model: FedRecModel, seqs: UserSequences, batch_size: int = 256
     """
     was_training = model.training
     model.eval()
-    users = by_length(seqs, seqs.trainable_users(), "train")
+    users = by_length(seqs, seqs.trainable_users())
     total = 0.0
     try:
         for start in range(0, len(users), batch_size):
             batch = {k: v.to(device) for k, v in make_batch(seqs, users[start:start + batch_size], "train",
                                                              model.config.max_len).items()}
-            hidden = model(batch["item_ids"], batch["event_types"], batch["time_buckets"])  # (B, T, d)
-            keep = batch["labels"] != 0  # (B, T)
-            losses = F.cross_entropy(model.logits(hidden[keep]), batch["labels"][keep], reduction="none")
-            per_user = torch.zeros(keep.shape[0], dtype=losses.dtype, device=losses.device)
-            per_user.index_add_(0, keep.nonzero()[:, 0], losses)
-            total += (per_user / keep.sum(1).clamp(min=1)).sum().item()
+            total += sequence_loss(model, batch, per_user=True).sum().item()
     finally:
         model.train(was_training)
     return total / max(len(users), 1)

@@ -251,7 +251,8 @@ def _clipped_sums(module: nn.Module, rows: _Rows,
                   factors: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(parameter, Σ_i c_i × user i's gradient of it) for one layer's trainable parameters; the factors scale the
     inputs, not the output gradients, which for the output layer are catalog-wide."""
-    scale = factors[rows.user].unsqueeze(-1)  # (R, 1)
+    per_row = factors[rows.user]  # (R,)
+    scale = per_row.unsqueeze(-1)
     if isinstance(module, nn.Embedding):
         if module.weight.requires_grad:
             total = torch.zeros_like(module.weight)
@@ -265,4 +266,4 @@ def _clipped_sums(module: nn.Module, rows: _Rows,
         yield module.weight, g.T @ (rows.inputs * scale)
     bias = getattr(module, "bias", None)
     if isinstance(bias, torch.Tensor) and bias.requires_grad:
-        yield bias, factors[rows.user] @ g
+        yield bias, per_row @ g

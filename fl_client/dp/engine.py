@@ -101,33 +101,31 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
     """Wrap model, optimizer and loader for DP-SGD (Poisson sampling, flat per-user clipping, Opacus' noise and
     accountant): per-user clipping by book-keeping (fl_client.dp.bookkeeping) or by Opacus' hooks, which form
     every user's gradient (3-4× slower; the reference the book-keeping is tested against)."""
-    if config.grad_sample_mode == "bookkeeping":
-        return _bookkeeping(model, optimizer, loader, config, noise_multiplier)
     # secure_mode is ours (fl_client.dp.secure_rng): Opacus' needs torchcsprng, which no current torch has.
     with warnings.catch_warnings():
         if config.secure_mode:  # Opacus warns that *its* secure RNG is off; ours replaces it just below
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=config.accountant)
-        wrapped: Any = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=config.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks")
-    private_model, private_optimizer, private_loader = wrapped
+        if config.grad_sample_mode == "bookkeeping":
+            step_model, private_optimizer, private_loader = _bookkeeping(engine, model, optimizer, loader, config,
+                                                                         noise_multiplier)
+        else:
+            wrapped: Any = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+                max_grad_norm=config.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks")
+            step_model, private_optimizer, private_loader = wrapped
     if config.secure_mode:
         private_loader = secure_loader(private_loader)
         use_secure_noise(private_optimizer)
-    return engine, private_model, private_optimizer, private_loader
+    return engine, step_model, private_optimizer, private_loader
 
 
-def _bookkeeping(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                 config: PrivacyConfig, noise_multiplier: float
-                 ) -> tuple[PrivacyEngine, PerUserClipping, DPOptimizer, DataLoader]:
+def _bookkeeping(engine: PrivacyEngine, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 loader: DataLoader, config: PrivacyConfig, noise_multiplier: float
+                 ) -> tuple[PerUserClipping, DPOptimizer, DataLoader]:
     """What Opacus' make_private builds for its ghost clipping (Poisson loader, an optimiser that noises the
-    clipped sum it is given, the accountant's step hook), with book-keeping in place of its hooks."""
-    clipping = PerUserClipping(model, config.max_grad_norm)
-    with warnings.catch_warnings():
-        if config.secure_mode:
-            warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=config.accountant)
+    clipped sum it is given, the engine's accountant hooked to its steps), with book-keeping in place of its
+    hooks."""
     private_loader = DPDataLoader.from_data_loader(loader)
     sample_rate = 1 / len(private_loader)
     private_optimizer = DPOptimizerFastGradientClipping(
@@ -135,10 +133,7 @@ def _bookkeeping(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
         expected_batch_size=int(len(private_loader.dataset) * sample_rate),
         loss_reduction="mean")
     private_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
-    if config.secure_mode:
-        private_loader = secure_loader(private_loader)
-        use_secure_noise(private_optimizer)
-    return engine, clipping, private_optimizer, private_loader
+    return PerUserClipping(model, config.max_grad_norm), private_optimizer, private_loader
 
 
 def spent(engine: PrivacyEngine, config: PrivacyConfig, delta: float, noise_multiplier: float) -> PrivacySpent:

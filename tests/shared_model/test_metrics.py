@@ -225,7 +225,7 @@ def test_evaluation_batches_users_shortest_first_and_scores_each_as_alone() -> N
     seqs = UserSequences(user_ids=[f"u{i}" for i in range(20)], offsets=np.concatenate([[0], np.cumsum(lengths)]),
                          items=items, event_types=np.ones(len(items), dtype=np.int64),
                          time_buckets=np.zeros(len(items), dtype=np.int64))
-    order = by_length(seqs, np.arange(20), "test")
+    order = by_length(seqs, np.arange(20))
     assert sorted(order.tolist()) == list(range(20))
     assert np.all(np.diff(lengths[order]) >= 0)
     torch.manual_seed(0)
