@@ -66,6 +66,14 @@ def distributed_dp_sentence(trained: list[dict[str, Any]], distributed: list[dic
         text += (f"It holds while secure aggregation hides each site's update and at most {colluders} with the "
                  "server: each site adds only its share of the noise, so a server that "
                  "saw one site's update would see less noise than σ·C on it.")
+        sums = [d["sum_noise_multiplier"] for d in distributed if "sum_noise_multiplier" in d]
+        if sums and max(sums) > last["noise_multiplier"] * (1 + 1e-6):
+            low, high = min(sums), max(sums)
+            text += (f" The sums carried noise multipliers {low:g}" + (f" to {high:g}" if high > low else "") +
+                     f" (the claim counts σ = {last['noise_multiplier']:g}): each site's share covers a sum over "
+                     "the fewest sites that rebuild its masks, so each site that stays beyond them adds noise "
+                     "the claim does not count, at a cost in accuracy (strategy.secagg_threshold=1.0 makes the "
+                     "shares add up to σ when no site drops).")
     else:
         text += "Without secure aggregation each site added all of σ·C itself: the server saw every update."
     if len(distributed) < len(trained):  # a run resumed with other settings

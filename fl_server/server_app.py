@@ -23,7 +23,7 @@ from fl_server.round_record import RoundRecord
 from fl_server.schedule import Decay
 from fl_server.secure_round import SecureAggregationGrid, secure_settings
 from fl_server.strategy import RoundsFailedError, RunSetup, build_strategy
-from shared_model import wire
+from shared_model import secure_sum, wire
 from shared_model.adapters import load_dataset
 from shared_model.catalog import ItemCatalog
 from shared_model.device import resolve_device
@@ -192,6 +192,10 @@ class RoundRecorder:
                                      "max_grad_norm": strategy.dp_max_grad_norm, "colluders": strategy.dp_colluders}
         if isinstance(self.grid, SecureAggregationGrid):
             record.secure_aggregation = dict(self.grid.last)
+            if record.distributed_dp and "shares_needed" in self.grid.last:  # the noise the sum carried
+                record.distributed_dp["sum_noise_multiplier"] = round(secure_sum.sum_noise_multiplier(
+                    strategy.dp_noise_multiplier, self.grid.last["sites_summed"], self.grid.last["shares_needed"],
+                    strategy.dp_colluders), 6)
             # the strategy counted its own train message and the rebuilt replies; what crossed the network is the
             # message with the sealed shares and the masked update
             record.bytes_to_each_site = record.secure_aggregation.pop("bytes_to_site", record.bytes_to_each_site)

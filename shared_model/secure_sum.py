@@ -89,6 +89,15 @@ class SecureSumSettings:
         return max(2, math.ceil(self.threshold * neighbourhood))
 
 
+def sum_noise_multiplier(noise_multiplier: float, summed: int, needed: int, colluders: int) -> float:
+    """The noise of a distributed-DP secure sum (fl_client.distributed_dp), in units of the clipping bound: each
+    of the `summed` sites added σ/√(needed − colluders), enough for a sum unmasked over as few as `needed` sites
+    (the shares that rebuild a site's masks) when `colluders` of them told the server their noise. σ when
+    summed == needed; more when more sites are summed, so a federation whose sites all stay pays for the
+    dropouts it tolerates in accuracy: σ·√((summed − colluders) / (needed − colluders))."""
+    return noise_multiplier * math.sqrt(max(0, summed - colluders) / (needed - colluders))
+
+
 def encode(update: np.ndarray, scale: float, settings: SecureSumSettings,
            rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """`update` × `scale`, clipped to ±clip and stochastically rounded to levels (unbiased), as unsigned

@@ -23,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from fl_client.site import SiteConfig
 from fl_client.train import TrainConfig
 from fl_server.config import ServerConfig, StrategyConfig
+from fl_server.secure_round import secure_settings
 from fl_server.server_app import check_run
+from shared_model import secure_sum
 from shared_model.console import console_command, exit_on_error, rng_note
 from shared_model.metrics import evaluate_popularity, with_standard_errors
 from simulations.attacks import AttackConfig, attack_mod, attackers
@@ -76,6 +78,21 @@ class SimulateConfig(RunConfig):
     federation: FederationConfig = field(default_factory=FederationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
 
+
+
+def dropout_margin_note(server: ServerConfig, sites: int) -> str:
+    """What distributed DP's tolerance of dropouts costs in noise when all `sites` stay (fl_server.report)."""
+    strategy = server.strategy
+    settings = secure_settings(server)
+    assert settings is not None
+    graph = secure_sum.neighbourhoods(list(range(sites)), strategy.secagg_neighbours, b"")  # every site's size
+    needed = settings.shares_needed(len(graph[0]) + 1)
+    full = secure_sum.sum_noise_multiplier(1.0, sites, needed, strategy.dp_colluders)
+    return (f"distributed DP: each site adds σ/√{needed - strategy.dp_colluders} of the noise, enough for a sum "
+            f"over as few as {needed} of the {sites} sites (strategy.secagg_threshold={strategy.secagg_threshold:g}"
+            f"{f', {strategy.dp_colluders} colluding' if strategy.dp_colluders else ''}); a round that sums all "
+            f"{sites} carries {full:.3f}σ" + ("" if full <= 1 + 1e-9 else ": less accurate than central DP-SGD at "
+                                              "σ (secagg_threshold=1.0 gives σ when no site drops)"))
 
 def register_simulate_schemas() -> None:
     """Register the root and the federated groups' schemas (the shared ones come from simulations.config)."""
@@ -180,6 +197,8 @@ def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.nd
                      if strategy.distributed_dp else "DP-SGD per user at every site")
         log.info("privacy: %s; each site's budget ε = %g over all rounds; %s", mechanism, cfg.privacy.epsilon,
                  rng_note(cfg.privacy.secure_mode))
+        if strategy.distributed_dp and strategy.secure_aggregation:
+            log.info(dropout_margin_note(server, len(sites)))
     mods = None
     if cfg.attack.kind != "none":
         bad = attackers(cfg.attack, len(sites))

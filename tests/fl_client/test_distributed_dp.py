@@ -11,7 +11,7 @@ import torch
 from fl_client.distributed_dp import dp_step_round, gradient_step, noise_share
 from fl_client.round_config import RoundConfig, build_global_model
 from fl_client.site import SiteStartError, load_site_data
-from shared_model import wire
+from shared_model import secure_sum, wire
 from shared_model.catalog import ItemCatalog
 from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
@@ -39,6 +39,19 @@ def test_each_site_adds_sigma_over_root_of_the_honest_sites_it_is_summed_with():
     assert noise_share(cfg, 5) == pytest.approx(2.0 / math.sqrt(4))
     with pytest.raises(SiteStartError, match="no site's noise would be left"):
         noise_share(cfg, 1)
+
+
+def test_a_sum_over_more_sites_than_the_shares_cover_carries_more_noise_than_sigma():
+    """Each site's share covers a sum over the fewest sites that unmask it (n), so m > n honest sites add
+    σ·√((m − t)/(n − t)): the dropout margin costs accuracy, never privacy."""
+    catalog = ItemCatalog.from_items(["a", "b", "c"])
+    cfg, _ = ddp_round(catalog, sigma=2.0, colluders=1)
+    share = noise_share(cfg, 7)
+    for summed in (7, 8, 10):  # the colluder's share is known to the server: the others' shares add up to
+        honest = math.sqrt((summed - 1) * share ** 2)
+        assert secure_sum.sum_noise_multiplier(2.0, summed, 7, 1) == pytest.approx(honest)
+    assert secure_sum.sum_noise_multiplier(2.0, 7, 7, 1) == pytest.approx(2.0)  # the fewest: exactly σ
+    assert secure_sum.sum_noise_multiplier(2.0, 10, 7, 1) == pytest.approx(2.0 * math.sqrt(9 / 6))
 
 
 def test_without_noise_the_update_is_minus_the_clipped_gradient_sum_over_the_expected_batch(site):

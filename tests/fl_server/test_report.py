@@ -45,6 +45,13 @@ def test_a_distributed_dp_run_claims_dp_over_the_union_and_names_its_assumption(
     assert "each site added all of σ·C itself" in clear and "collude" not in clear
     mixed = privacy_sentence([ROWS[0], secure[1]])  # resumed with other settings
     assert "1 round trained without distributed DP" in mixed
+    assert "noise multipliers" not in privacy_sentence([{**r, "distributed_dp": {
+        **ddp, "sum_noise_multiplier": 0.8}, "secure_aggregation": {"sites_summed": 3}} for r in ROWS])
+    margin = privacy_sentence([{**r, "distributed_dp": {**ddp, "sum_noise_multiplier": s},
+                                "secure_aggregation": {"sites_summed": 3}} for r, s in
+                                zip(ROWS, (0.98, 1.1), strict=True)])
+    assert "The sums carried noise multipliers 0.98 to 1.1 (the claim counts σ = 0.8)" in margin
+    assert "strategy.secagg_threshold=1.0" in margin
 
 
 def test_report_names_the_item_row_weighting_and_counts_sites_left_out_as_failed(tmp_path):

@@ -155,9 +155,11 @@ def test_a_site_dropping_after_sharing_keys_is_recovered_on_a_sparse_graph(feder
     grid, messages, start, updates, users = federation
     settings = SecureSumSettings(neighbours=2, threshold=0.6)  # each site shares with 2 of the 4 others
     grid.silent[MessageType.TRAIN] = {14}
-    replies = list(SecureAggregationGrid(grid, settings).send_and_receive(messages))
+    secure = SecureAggregationGrid(grid, settings)
+    replies = list(secure.send_and_receive(messages))
     kept = [11, 12, 13, 15]
     assert_average(replies, fedavg(start, updates, users, kept), kept, settings)
+    assert secure.last["sites_summed"] == 4 and secure.last["shares_needed"] == 2  # ⌈0.6 × 3⌉
     shares = [r for r in grid.seen if r.metadata.message_type.endswith(wire.SECAGG_SHARES_QUERY)]
     assert all(len(r.content.config_records[wire.SECAGG]["destinations"]) == 2 for r in shares)
 

@@ -194,7 +194,9 @@ def test_distributed_dp_rounds_are_one_dp_sgd_step_of_the_union_under_secure_agg
     assert all(r["train_replies"] == 3 and r["train_failures"] == 0 and r["dropped"] == 0 for r in rows)
     secure = [r["secure_aggregation"] for r in rows]
     assert [{k: v for k, v in s.items() if k != "protocol_bytes_max"} for s in secure] == [
-        {"sites_summed": 3, "dropped_after_sharing": 0, "clipped_coordinates": 0}] * 3
+        {"sites_summed": 3, "dropped_after_sharing": 0, "shares_needed": 3, "clipped_coordinates": 0}] * 3
+    # ⌈0.67 × 3⌉ = 3 of 3: each site's σ/√3 adds up to exactly σ (none to spare for a dropout)
+    assert all(r["distributed_dp"]["sum_noise_multiplier"] == 1.0 for r in rows)
     # keys, shares and unmask: about 1.4 kB a site with 3 sites, next to the model's (masked) update
     assert all(0 < s["protocol_bytes_max"] < 5000 < r["bytes_from_each_site"]
                for s, r in zip(secure, rows, strict=True))
@@ -206,6 +208,7 @@ def test_distributed_dp_rounds_are_one_dp_sgd_step_of_the_union_under_secure_agg
     assert "evaluation figures too" in report
     assert "Distributed DP: (ε ≤ " in report and "per user of any site, over the union" in report  # not per site
     assert "q = 0.1, σ = 1, C = 1" in report and "at most 0 sites collude with the server" in report
+    assert "noise multipliers" not in report  # the sums carried exactly σ
     for site in sites:  # every site charged the sum's (σ, q) for one step a round, and sent each round once
         entries = json.loads(Path(site.ledger_path).read_text())["entries"]
         assert [e["history"] for e in entries] == [[[1.0, 0.1, 1]]] * 3

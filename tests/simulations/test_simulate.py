@@ -93,3 +93,19 @@ TUNED_LEVERS = ["federation.share_optimizer_state=true", "federation.decay_lr=0.
 def test_tuned_presets_are_their_base_preset_with_the_measured_levers(preset, base, levers):
     # BENCHMARKS.md records the runs as these overrides; the preset must be exactly that run
     assert typed([f"+experiment={preset}"]) == typed([f"+experiment={base}", *TUNED_LEVERS, *levers])
+
+
+def test_the_start_log_says_what_distributed_dps_dropout_margin_costs_in_noise():
+    from fl_server.config import ServerConfig, StrategyConfig
+    from simulations.simulate import dropout_margin_note
+
+    def note(sites, **strategy):
+        return dropout_margin_note(ServerConfig(out_dir="/x", catalog_path="c", strategy=StrategyConfig(
+            name="fedadam", secure_aggregation=True, distributed_dp=True, **strategy)), sites)
+
+    # 10 merchants at the default threshold: each adds σ/√7, so all 10 summed carry √(10/7) σ
+    assert "σ/√7" in note(10) and "all 10 carries 1.195σ: less accurate" in note(10)
+    assert "carries 1.000σ" in note(10, secagg_threshold=1.0) and "less accurate" not in note(10, secagg_threshold=1.0)
+    assert "σ/√6" in note(10, dp_colluders=1) and "1.225σ" in note(10, dp_colluders=1)
+    # a sparse SecAgg+ graph: the shares cover one neighbourhood's threshold, ⌈0.67 × 5⌉ = 4 sites
+    assert "as few as 4 of the 100 sites" in note(100, secagg_neighbours=4)
