@@ -213,7 +213,8 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
                 if reply.declined and round_cfg.ddp_sample_rate:
                     raise SecureSumError(f"distributed DP: declined ({reply.declined}); a site that takes no step "
                                          "sends nothing, so the others count noise only from sites that add it")
-                start = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+                # the global trainable weights, as decoded above (training copied them into its own model)
+                start = {name: state[name] for name in msg.content.array_records[wire.ARRAYS]}
                 content = masked_content(reply, record, secure_state, start)
                 secagg.mark_released(site.state_dir, tag)
         except tuple(REFUSALS) as err:
