@@ -53,7 +53,8 @@ class SiteConfig:
     privacy: PrivacyConfig = field(default_factory=lambda: PrivacyConfig(enabled=True))
     device: str = "auto"  # (str) auto (CUDA when present), cpu or cuda
     min_events: int = 3  # (int) users with fewer events are dropped (counted)
-    micro_batch_tokens: int = 8192  # (int) padded positions per micro-batch (bounds this site's memory)
+    micro_batch_tokens: int = 8192  # (int) padded positions per micro-batch (bounds this site's memory; fewer where
+    # their scores over the catalog would pass 2^28 floats)
     micro_batch_users: int = 128  # (int) DP in hooks mode: users per micro-batch (Opacus' per-user gradients)
     cache_keep: int = 3  # (int) preprocessing caches and frozen-tensor copies kept, each kind: the latest used
     min_users: int = MIN_USERS  # (int) fewer trainable users and the site refuses DP training (δ, noise vs signal)

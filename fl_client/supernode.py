@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--accountant", default="prv", choices=ACCOUNTANTS,
                         help="Opacus accountant for σ and the ledger (keep it for the site's lifetime)")
     parser.add_argument("--grad-sample-mode", default="bookkeeping", choices=GRAD_SAMPLE_MODES,
-                        help="per-user clipping: bookkeeping (fast) or hooks (Opacus' own, 3-4x slower)")
-    parser.add_argument("--micro-batch-tokens", type=int, default=8192, help="padded positions per micro-batch")
+                        help="per-user clipping: bookkeeping (fast) or hooks (Opacus' own, about 5x slower)")
+    parser.add_argument("--micro-batch-tokens", type=int, default=8192,
+                        help="padded positions per micro-batch (fewer where their catalog scores would pass 2^28)")
     parser.add_argument("--micro-batch-users", type=int, default=128, help="DP in hooks mode: users per micro-batch")
     parser.add_argument("--cache-keep", type=int, default=3,
                         help="preprocessing caches and frozen-tensor copies this site keeps, each kind (latest used)")

@@ -21,7 +21,7 @@ from shared_model import wire
 from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, without_moments
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
-from shared_model.sequences import UserSequences, length_chunks, make_batch
+from shared_model.sequences import UserSequences, length_chunks, make_batch, micro_batch_positions
 
 
 @dataclass
@@ -39,7 +39,8 @@ class TrainConfig:
     device: str = "auto"  # (str) auto, cpu or cuda
     seed: int = 0  # (int) seed for sampling and dropout
     num_threads: int = 0  # (int) torch CPU threads; 0 = torch default
-    micro_batch_tokens: int = 8192  # (int) padded positions per length-sorted micro-batch (memory bound)
+    micro_batch_tokens: int = 8192  # (int) padded positions per length-sorted micro-batch (memory bound; fewer
+    # where their scores over the catalog would pass 2^28 floats: 256 positions at a million items)
     micro_batch_users: int = 128  # (int) DP in hooks mode: users per micro-batch (Opacus' per-user gradients)
     proximal_mu: float = 0.0  # (float) FedProx: pull towards the weights training started from; 0 = off
     clip_stats: bool = False  # (bool) DP: record per-user gradient norms before clipping (local diagnostic)
@@ -205,7 +206,8 @@ def plain_step(model: FedRecModel, seqs: UserSequences, users: list[int], optimi
                config: TrainConfig, device: torch.device) -> float:
     """One non-private step on the mean loss over the batch's positions, in length-sorted micro-batches (each
     weighted by its share of the positions, so the gradient is the whole batch's); returns that mean loss."""
-    chunks = length_chunks(seqs, users, model.config.max_len, config.micro_batch_tokens)
+    scores = 1 + config.num_negatives if config.num_negatives else model.config.num_item_rows
+    chunks = length_chunks(seqs, users, model.config.max_len, micro_batch_positions(config.micro_batch_tokens, scores))
     batches = [make_batch(seqs, chunk, "train", model.config.max_len) for chunk in chunks]
     positions = [int((batch["labels"] != 0).sum()) for batch in batches]
     all_positions = max(sum(positions), 1)

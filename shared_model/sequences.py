@@ -160,6 +160,15 @@ def make_batch(seqs: UserSequences, users: np.ndarray | list[int], split: Split,
 
 
 PADDING_SLACK = 64  # padded positions a user may add to a micro-batch (a new one costs a pass of small matmuls)
+# the most scores one micro-batch may hold (positions × catalog rows): 1 GiB of float32, and as much again for
+# their gradient; 256 positions at a million items, no limit below Beauty's 12,102 items at 8,192 positions
+MAX_SCORES = 2**28
+
+
+def micro_batch_positions(max_tokens: int, scores_per_position: int) -> int:
+    """`max_tokens` (train.micro_batch_tokens), lowered where a micro-batch's scores (positions ×
+    `scores_per_position`: the catalog's rows, or 1 + the sampled negatives) would exceed MAX_SCORES."""
+    return max(1, min(max_tokens, MAX_SCORES // max(1, scores_per_position)))
 
 
 def length_chunks(seqs: UserSequences, users: list[int], max_len: int, max_tokens: int,

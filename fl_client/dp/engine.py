@@ -100,7 +100,7 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
                  ) -> tuple[PrivacyEngine, StepModel, DPOptimizer, DataLoader]:
     """Wrap model, optimizer and loader for DP-SGD (Poisson sampling, flat per-user clipping, Opacus' noise and
     accountant): per-user clipping by book-keeping (fl_client.dp.bookkeeping) or by Opacus' hooks, which form
-    every user's gradient (3-4× slower; the reference the book-keeping is tested against)."""
+    every user's gradient (about 5× slower; the reference the book-keeping is tested against)."""
     # secure_mode is ours (fl_client.dp.secure_rng): Opacus' needs torchcsprng, which no current torch has.
     with warnings.catch_warnings():
         if config.secure_mode:  # Opacus warns that *its* secure RNG is off; ours replaces it just below

@@ -14,7 +14,7 @@ from fl_client.dp.bookkeeping import PerUserClipping
 from fl_client.dp.engine import StepModel
 from fl_client.dp.settings import PrivacyConfig
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
-from shared_model.sequences import UserSequences, length_chunks, make_batch
+from shared_model.sequences import UserSequences, length_chunks, make_batch, micro_batch_positions
 
 
 class MicroBatchLimits(Protocol):
@@ -71,7 +71,8 @@ def private_step(step_model: StepModel, model: FedRecModel, seqs: UserSequences,
     dp_optimizer: DPOptimizer = optimizer
     # book-keeping holds no per-user gradient, so only Opacus' modes need the bound on users
     max_users = (1 << 30) if isinstance(step_model, PerUserClipping) else config.micro_batch_users
-    chunks = length_chunks(seqs, users, model.config.max_len, config.micro_batch_tokens, max_users)
+    positions = micro_batch_positions(config.micro_batch_tokens, model.config.num_item_rows)  # DP: full softmax
+    chunks = length_chunks(seqs, users, model.config.max_len, positions, max_users)
     if not chunks:  # an empty Poisson batch: still a step the accountant must count
         if dp_optimizer.step_hook is not None:
             dp_optimizer.step_hook(dp_optimizer)

@@ -280,3 +280,33 @@ def test_fedprox_proximal_step_keeps_local_weights_near_the_global_ones(seqs, dp
               PrivacyConfig(enabled=dp, epsilon=8.0))
         distances.append(torch.cat([(p.detach() - start[k]).flatten() for k, p in model.named_parameters()]).norm())
     assert distances[1] < 0.7 * distances[0]
+
+
+def test_micro_batches_shrink_where_their_catalog_scores_would_pass_the_bound(seqs, monkeypatch):
+    """A large catalog: train.micro_batch_tokens positions would each hold a score per item (8,192 × 1M floats:
+    32 GiB), so both steps cap a micro-batch's positions at MAX_SCORES / item rows."""
+    from fl_client import train as train_module
+    from fl_client.dp import step as step_module
+
+    assert sequences.micro_batch_positions(8192, 12_102) == 8192  # Beauty: no change
+    assert sequences.micro_batch_positions(8192, 1_000_001) == 268
+    assert sequences.micro_batch_positions(8192, 10**10) == 1  # one user a micro-batch, whatever it holds
+    assert sequences.micro_batch_positions(8192, 1 + 100) == 8192  # sampled softmax: 1 + K scores a position
+    monkeypatch.setattr(sequences, "MAX_SCORES", 31 * 16)  # the tiny model's 31 rows: 16 positions
+    asked = []
+
+    def spy(seqs_, users_, max_len, max_tokens, *rest):
+        asked.append(max_tokens)
+        return length_chunks(seqs_, users_, max_len, max_tokens, *rest)
+
+    monkeypatch.setattr(train_module, "length_chunks", spy)
+    monkeypatch.setattr(step_module, "length_chunks", spy)
+    users = seqs.trainable_users()[:12].tolist()
+    model = tiny_model(True)
+    plain_step(model, seqs, users, torch.optim.SGD(model.parameters(), lr=1.0), TrainConfig(), torch.device("cpu"))
+    config = PrivacyConfig(enabled=True, max_grad_norm=0.05)
+    _, private, optimizer, _ = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                                            user_loader(seqs.trainable_users(), 12, torch.Generator()), config,
+                                            noise_multiplier=0.0)
+    private_step(private, model, seqs, users, optimizer, config, TrainConfig(), torch.device("cpu"))
+    assert asked == [16, 16]
