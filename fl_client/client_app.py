@@ -201,7 +201,7 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
             if round_cfg.ddp_sample_rate:  # distributed DP: one DP-SGD step, with this site's share of the noise
                 from fl_client.distributed_dp import dp_step_round, noise_share
 
-                share = noise_share(round_cfg, secure_state.needed if secure else None)
+                share = noise_share(round_cfg, secure_state.fewest_summed() if secure else None)
                 reply = dp_step_round(site, data, round_cfg, state, share)
             else:
                 shared = msg.content.array_records.get(wire.OPTIMIZER_STATE)

@@ -67,6 +67,11 @@ class SecAggState:
                                                    strict=True), strict=True)),
                    alive=ints("alive"))
 
+    def fewest_summed(self) -> int:
+        """The fewest sites of this round's roster whose secure sum can be unmasked (secure_sum.fewest_unmasked):
+        what this site's share of distributed DP's noise must cover."""
+        return secure_sum.fewest_unmasked(len(self.roster), len(self.neighbours) + 1, self.needed)
+
     def expect(self, tag: bytes, stage: int) -> None:
         """Refuse a message for another round, or out of order (a repeated stage included)."""
         if self.tag != tag:

@@ -45,7 +45,7 @@ class RoundRecord:
     privacy: dict[str, Any] | None = None
     # distributed DP's sample_rate q, noise_multiplier σ, max_grad_norm C and colluders t; with secure aggregation
     # also sum_noise_multiplier, the noise the round's sum carried in units of C: each of the m sites summed added
-    # σ/√(n − t), n the shares that rebuild a site's masks (a sum is never unmasked over fewer than n sites), so
+    # σ/√(n − t), n the fewest sites a secure sum can be unmasked over (secure_aggregation's fewest_summed), so
     # σ·√((m − t)/(n − t)): σ when m = n, more (a less accurate step than central DP-SGD's) when m > n
     distributed_dp: dict[str, float] | None = None
     # the slowest and mean site training time (s) and the largest peak memory (MB)
@@ -55,8 +55,9 @@ class RoundRecord:
     item_rows: dict[str, Any] | None = None
     # share_optimizer_state: sites whose Adam moments were averaged, and their step
     shared_moments: dict[str, float] | None = None
-    # the secure sum of the updates: sites summed, dropped after sharing, shares_needed (the most shares any
-    # summed site's masks needed: a sum over fewer sites could not have been unmasked), clipped coordinates, and
+    # the secure sum of the updates: sites summed, dropped after sharing, fewest_summed (the fewest sites a sum of
+    # this round could have been unmasked over: the shares one site's masks need on the complete graph, more on a
+    # SecAgg+ ring), clipped coordinates, and
     # protocol_bytes_max: the largest site's bytes in the key, share and unmask exchanges, both directions (the train
     # message and the masked reply are bytes_to_each_site and bytes_from_each_site); empty when the sum could not be
     # recovered

@@ -192,9 +192,9 @@ class RoundRecorder:
                                      "max_grad_norm": strategy.dp_max_grad_norm, "colluders": strategy.dp_colluders}
         if isinstance(self.grid, SecureAggregationGrid):
             record.secure_aggregation = dict(self.grid.last)
-            if record.distributed_dp and "shares_needed" in self.grid.last:  # the noise the sum carried
+            if record.distributed_dp and "fewest_summed" in self.grid.last:  # the noise the sum carried
                 record.distributed_dp["sum_noise_multiplier"] = round(secure_sum.sum_noise_multiplier(
-                    strategy.dp_noise_multiplier, self.grid.last["sites_summed"], self.grid.last["shares_needed"],
+                    strategy.dp_noise_multiplier, self.grid.last["sites_summed"], self.grid.last["fewest_summed"],
                     strategy.dp_colluders), 6)
             # the strategy counted its own train message and the rebuilt replies; what crossed the network is the
             # message with the sealed shares and the masked update

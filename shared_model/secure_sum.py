@@ -89,10 +89,24 @@ class SecureSumSettings:
         return max(2, math.ceil(self.threshold * neighbourhood))
 
 
+def fewest_unmasked(sites: int, neighbourhood: int, needed: int) -> int:
+    """The fewest of a round's `sites` whose secure sum a server following the protocol can unmask, each site's
+    secrets shared over its `neighbourhood` (itself included) of which `needed` rebuild them (more than half:
+    SecureSumSettings.check). On the complete graph that is `needed`. On SecAgg+'s ring, where a sum of
+    `needed` sites cannot be unmasked, it is at least ⌈sites × needed / neighbourhood⌉ (100 sites, 4 neighbours,
+    4 of 5 shares: 80, not 4). Proof, h = (neighbourhood − 1) / 2 sites on each side: a survivor's private mask
+    needs `needed` shares from survivors of its window, and a dropped site beside a survivor needs `needed`
+    shares of its pairwise key from the survivors of its window, itself excluded; so a run of more than h
+    dropped sites cannot border a survivor (its end would see at most h survivors, fewer than `needed`), every
+    site is within h of a survivor, and every window holds at most neighbourhood − needed dropped sites.
+    Summing over the `sites` windows, dropped × neighbourhood ≤ sites × (neighbourhood − needed)."""
+    return max(needed, math.ceil(sites * needed / neighbourhood))
+
+
 def sum_noise_multiplier(noise_multiplier: float, summed: int, needed: int, colluders: int) -> float:
     """The noise of a distributed-DP secure sum (fl_client.distributed_dp), in units of the clipping bound: each
     of the `summed` sites added σ/√(needed − colluders), enough for a sum unmasked over as few as `needed` sites
-    (the shares that rebuild a site's masks) when `colluders` of them told the server their noise. σ when
+    (fewest_unmasked) when `colluders` of them told the server their noise. σ when
     summed == needed; more when more sites are summed, so a federation whose sites all stay pays for the
     dropouts it tolerates in accuracy: σ·√((summed − colluders) / (needed − colluders))."""
     return noise_multiplier * math.sqrt(max(0, summed - colluders) / (needed - colluders))

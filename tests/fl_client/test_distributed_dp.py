@@ -144,3 +144,19 @@ def test_in_secure_mode_the_sample_comes_from_the_os_csprng(site, monkeypatch):
     secure = dataclasses.replace(site, privacy=dataclasses.replace(site.privacy, secure_mode=True))
     reply = gradient_step(secure, data, cfg, build_global_model(cfg, state), share=0.5)
     assert drawn == [len(data.sequences.trainable_users())] and reply.train_loss == 0.0 and reply.train_seconds > 0
+
+
+def test_on_a_secagg_ring_a_sites_share_covers_the_fewest_sites_a_sum_can_be_unmasked_over():
+    """Before: the share covered one neighbourhood's threshold (100 sites on a ring of 4 neighbours: σ/√4, so a
+    round of all 100 carried 5σ); a ring's sum cannot be unmasked over fewer than 80 of them."""
+    from fl_client.secagg import SecAggState
+
+    nodes = list(range(100))
+    state = SecAggState(node=7, roster={n: (b"e", b"m") for n in nodes}, neighbours=[5, 6, 8, 9], needed=4)
+    assert state.fewest_summed() == 80
+    catalog = ItemCatalog.from_items(["a", "b", "c"])
+    cfg, _ = ddp_round(catalog, sigma=2.0)
+    assert noise_share(cfg, state.fewest_summed()) == pytest.approx(2.0 / math.sqrt(80))
+    complete = SecAggState(node=7, roster={n: (b"e", b"m") for n in range(10)}, neighbours=[n for n in range(10)
+                                                                                              if n != 7], needed=7)
+    assert complete.fewest_summed() == 7

@@ -159,7 +159,9 @@ def test_a_site_dropping_after_sharing_keys_is_recovered_on_a_sparse_graph(feder
     replies = list(secure.send_and_receive(messages))
     kept = [11, 12, 13, 15]
     assert_average(replies, fedavg(start, updates, users, kept), kept, settings)
-    assert secure.last["sites_summed"] == 4 and secure.last["shares_needed"] == 2  # ⌈0.6 × 3⌉
+    # ⌈0.6 × 3⌉ = 2 shares rebuild a site's masks, but on this ring no sum of fewer than ⌈5 × 2 / 3⌉ = 4 sites
+    # can be unmasked: what distributed DP's noise shares cover
+    assert secure.last["sites_summed"] == 4 and secure.last["fewest_summed"] == 4
     shares = [r for r in grid.seen if r.metadata.message_type.endswith(wire.SECAGG_SHARES_QUERY)]
     assert all(len(r.content.config_records[wire.SECAGG]["destinations"]) == 2 for r in shares)
 
@@ -251,6 +253,31 @@ def test_under_distributed_dp_a_declining_site_sends_nothing_so_no_survivor_lack
     assert_average(replies, fedavg(start, updates, users, kept), kept, SecureSumSettings())
     # 5 sites, threshold 0.67: a sum is unmasked over at least 4, so each adds σ / √4
     assert shares == [pytest.approx(0.5)] * 5
+
+
+def test_under_distributed_dp_on_a_ring_each_share_covers_the_fewest_sites_a_sum_unmasks(federation, monkeypatch):
+    """5 sites on a ring of 2 neighbours at threshold 0.6: 2 of 3 shares rebuild a site's masks, but no sum of
+    fewer than 4 sites can be unmasked, so each site adds σ/√4 (before: σ/√2, a sum of 5 carrying 1.58σ)."""
+    import fl_client.distributed_dp
+
+    grid, messages, start, updates, users = federation
+    for msg in messages:
+        msg.content.config_records[wire.CONFIG].update({wire.DDP_SAMPLE_RATE: 0.1, wire.DDP_NOISE: 1.0,
+                                                        wire.DDP_CLIP: 1.0, wire.DDP_COLLUDERS: 0})
+    shares: list[float] = []
+
+    def step(site, data, round_cfg, state, share):
+        shares.append(share)
+        node = int(site.state_dir.rsplit("state", 1)[1])
+        trained = {k: state[k] + updates[node][k] for k in start}
+        return RoundReply(state=trained, num_examples=users[node], train_loss=1.0, dp=True, epsilon=1.0, delta=1e-5)
+
+    monkeypatch.setattr(fl_client.distributed_dp, "dp_step_round", step)
+    secure = SecureAggregationGrid(grid, SecureSumSettings(neighbours=2, threshold=0.6))
+    replies = list(secure.send_and_receive(messages))
+    assert not any(r.has_error() for r in replies)
+    assert shares == [pytest.approx(0.5)] * 5
+    assert secure.last["fewest_summed"] == 4 and secure.last["sites_summed"] == 5
 
 
 @pytest.fixture

@@ -113,3 +113,34 @@ def test_evaluation_sums_pool_per_user_means_and_refuse_what_cannot_be_summed():
             secure_sum.encode_sums(bad, 10)
     with pytest.raises(SecureSumError, match="out of range"):  # more than two honest sites could send
         secure_sum.decode_sums(np.array([2 * secure_sum.SUM_LIMIT, 3], dtype=np.uint64), 2)
+
+
+def unmaskable(survivors: set[int], graph: dict[int, list[int]], needed: int) -> bool:
+    """Whether a server following the protocol can unmask the sum of `survivors`: each survivor's private mask
+    from `needed` shares held by survivors of its closed neighbourhood, and each dropped site next to a survivor
+    its pairwise key from `needed` shares held by survivors among its neighbours (it answers nothing itself)."""
+    for node, neighbours in graph.items():
+        holders = len(survivors & {node, *neighbours})
+        if node in survivors and holders < needed:
+            return False
+        if node not in survivors and survivors & set(neighbours) and holders < needed:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("sites,degree", [(7, 0), (9, 2), (10, 2), (11, 4), (12, 4), (13, 6)])
+@pytest.mark.parametrize("threshold", [0.51, 0.67, 0.8, 1.0])
+def test_fewest_unmasked_never_exceeds_the_smallest_sum_a_server_can_unmask(sites, degree, threshold):
+    """Distributed DP calibrates each site's noise share to the fewest sites in an unmasked sum: the bound must
+    hold for every set of survivors (all of them, by brute force), on the complete graph and on rings."""
+    graph = secure_sum.neighbourhoods(list(range(sites)), degree, b"tag")
+    neighbourhood = len(graph[0]) + 1
+    needed = SecureSumSettings(threshold=threshold).shares_needed(neighbourhood)
+    smallest = min(size for size in range(1, sites + 1) for group in itertools.combinations(range(sites), size)
+                   if unmaskable(set(group), graph, needed))
+    bound = secure_sum.fewest_unmasked(sites, neighbourhood, needed)
+    assert bound == smallest  # safe (never above) and tight (on these graphs, exactly the smallest)
+    if degree == 0:  # the complete graph: the shares needed
+        assert bound == needed
+    else:  # a ring: above one neighbourhood's threshold, which a ring's sum can never be unmasked over
+        assert bound > needed

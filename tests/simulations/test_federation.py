@@ -194,7 +194,7 @@ def test_distributed_dp_rounds_are_one_dp_sgd_step_of_the_union_under_secure_agg
     assert all(r["train_replies"] == 3 and r["train_failures"] == 0 and r["dropped"] == 0 for r in rows)
     secure = [r["secure_aggregation"] for r in rows]
     assert [{k: v for k, v in s.items() if k != "protocol_bytes_max"} for s in secure] == [
-        {"sites_summed": 3, "dropped_after_sharing": 0, "shares_needed": 3, "clipped_coordinates": 0}] * 3
+        {"sites_summed": 3, "dropped_after_sharing": 0, "fewest_summed": 3, "clipped_coordinates": 0}] * 3
     # ⌈0.67 × 3⌉ = 3 of 3: each site's σ/√3 adds up to exactly σ (none to spare for a dropout)
     assert all(r["distributed_dp"]["sum_noise_multiplier"] == 1.0 for r in rows)
     # keys, shares and unmask: about 1.4 kB a site with 3 sites, next to the model's (masked) update

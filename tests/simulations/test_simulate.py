@@ -107,5 +107,7 @@ def test_the_start_log_says_what_distributed_dps_dropout_margin_costs_in_noise()
     assert "σ/√7" in note(10) and "all 10 carries 1.195σ: less accurate" in note(10)
     assert "carries 1.000σ" in note(10, secagg_threshold=1.0) and "less accurate" not in note(10, secagg_threshold=1.0)
     assert "σ/√6" in note(10, dp_colluders=1) and "1.225σ" in note(10, dp_colluders=1)
-    # a sparse SecAgg+ graph: the shares cover one neighbourhood's threshold, ⌈0.67 × 5⌉ = 4 sites
-    assert "as few as 4 of the 100 sites" in note(100, secagg_neighbours=4)
+    # a SecAgg+ ring of 4 neighbours: 4 of 5 shares rebuild a site's masks, and no sum of fewer than 80 sites can
+    # be unmasked (shared_model.secure_sum.fewest_unmasked), so each site adds σ/√80, not σ/√4
+    sparse = note(100, secagg_neighbours=4)
+    assert "σ/√80" in sparse and "as few as 80 of the 100 sites" in sparse and "carries 1.118σ" in sparse
