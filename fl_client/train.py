@@ -40,7 +40,7 @@ class TrainConfig:
     seed: int = 0  # (int) seed for sampling and dropout
     num_threads: int = 0  # (int) torch CPU threads; 0 = torch default
     micro_batch_tokens: int = 8192  # (int) padded positions per length-sorted micro-batch (memory bound; fewer
-    # where their scores over the catalog would pass 2^28 floats: 256 positions at a million items)
+    # where their scores over the catalog would pass 2^28 floats: 268 positions at a million items)
     micro_batch_users: int = 128  # (int) DP in hooks mode: users per micro-batch (Opacus' per-user gradients)
     proximal_mu: float = 0.0  # (float) FedProx: pull towards the weights training started from; 0 = off
     clip_stats: bool = False  # (bool) DP: record per-user gradient norms before clipping (local diagnostic)

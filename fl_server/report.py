@@ -71,7 +71,7 @@ def distributed_dp_sentence(trained: list[dict[str, Any]], distributed: list[dic
             low, high = min(sums), max(sums)
             text += (f" The sums carried noise multipliers {low:g}" + (f" to {high:g}" if high > low else "") +
                      f" (the claim counts σ = {last['noise_multiplier']:g}): each site's share covers a sum over "
-                     "the fewest sites that rebuild its masks, so each site that stays beyond them adds noise "
+                     "the fewest sites it can be unmasked over, so each site that stays beyond them adds noise "
                      "the claim does not count, at a cost in accuracy (strategy.secagg_threshold=1.0 makes the "
                      "shares add up to σ when no site drops).")
     else:
