@@ -66,12 +66,18 @@ def site_processes(port: int) -> list[int]:
 
 
 def kill_site(client: subprocess.Popen, port: int) -> None:
-    """SIGKILL a site as a crash of its machine would: fedrec-client, its SuperNode and SuperExec, its ClientApp."""
+    """SIGKILL a site as a crash of its machine would: fedrec-client, its SuperNode and SuperExec, its ClientApp;
+    returns once none of them is left (a killed process leaves /proc a moment later, on a loaded machine)."""
     os.killpg(client.pid, signal.SIGKILL)
-    for pid in site_processes(port):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
     client.wait(10)
+    deadline = time.monotonic() + 10
+    while pids := site_processes(port):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"site processes {pids} outlived SIGKILL")
+        time.sleep(0.1)
 
 
 def training_process(site: SiteConfig) -> int:
