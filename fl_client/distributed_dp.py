@@ -14,6 +14,7 @@ noise multiplier σ for every user of the union, and each site's ledger records 
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Mapping
@@ -32,7 +33,7 @@ from fl_client.round_config import RoundConfig, build_global_model
 from fl_client.site import SiteConfig, SiteData, SiteStartError, check_users
 from fl_client.train import TrainConfig, peak_memory_mb, user_loader
 from fl_client.training_round import RoundReply, declined, keep_reply, resent_reply
-from shared_model import secure_sum, wire
+from shared_model import wire
 from shared_model.device import resolve_device
 from shared_model.modeling_fedrec import FedRecModel
 
@@ -45,9 +46,7 @@ def noise_share(round_cfg: RoundConfig, summed_sites: int | None) -> float:
     if summed_sites - round_cfg.ddp_colluders < 1:
         raise SiteStartError(f"distributed DP: {round_cfg.ddp_colluders} colluding sites assumed, but a sum is "
                              f"unmasked over as few as {summed_sites} sites: no site's noise would be left")
-    # what one honest site adds: the noise of a sum of it and the colluders, calibrated to `summed_sites`
-    return secure_sum.sum_noise_multiplier(round_cfg.ddp_noise_multiplier, 1 + round_cfg.ddp_colluders,
-                                           summed_sites, round_cfg.ddp_colluders)
+    return round_cfg.ddp_noise_multiplier / math.sqrt(summed_sites - round_cfg.ddp_colluders)
 
 
 def dp_step_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, state: Mapping[str, torch.Tensor],

@@ -157,9 +157,7 @@ class SecureRound:
         except SecureSumError as err:
             return self.failed + [self.refused(r, str(err)) for r in replies]
         outcome = {"sites_summed": len(masked), "dropped_after_sharing": len(shares) - len(masked),
-                   "fewest_summed": max(secure_sum.fewest_unmasked(len(listed), len(graph[n]) + 1,
-                                                                   self.settings.shares_needed(len(graph[n]) + 1))
-                                        for n in masked),
+                   "fewest_summed": max(self.settings.fewest_summed(len(listed), len(graph[n]) + 1) for n in masked),
                    "protocol_bytes_max": max(self.traffic.values())}
         if self.evaluation:
             self.stats.update(outcome)

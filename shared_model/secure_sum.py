@@ -88,6 +88,10 @@ class SecureSumSettings:
         """How many of a site's `neighbourhood` share holders (itself included) rebuild its secrets."""
         return max(2, math.ceil(self.threshold * neighbourhood))
 
+    def fewest_summed(self, sites: int, neighbourhood: int) -> int:
+        """fewest_unmasked for a round of `sites` whose sites share over `neighbourhood` holders each."""
+        return fewest_unmasked(sites, neighbourhood, self.shares_needed(neighbourhood))
+
 
 def fewest_unmasked(sites: int, neighbourhood: int, needed: int) -> int:
     """The fewest of a round's `sites` whose secure sum a server following the protocol can unmask, each site's

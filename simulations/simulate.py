@@ -86,7 +86,7 @@ def dropout_margin_note(server: ServerConfig, sites: int) -> str:
     settings = secure_settings(server)
     assert settings is not None
     graph = secure_sum.neighbourhoods(list(range(sites)), strategy.secagg_neighbours, b"")  # every site's size
-    needed = secure_sum.fewest_unmasked(sites, len(graph[0]) + 1, settings.shares_needed(len(graph[0]) + 1))
+    needed = settings.fewest_summed(sites, len(graph[0]) + 1)
     full = secure_sum.sum_noise_multiplier(1.0, sites, needed, strategy.dp_colluders)
     return (f"distributed DP: each site adds σ/√{needed - strategy.dp_colluders} of the noise, enough for a sum "
             f"over as few as {needed} of the {sites} sites (strategy.secagg_threshold={strategy.secagg_threshold:g}"
