@@ -11,6 +11,9 @@
 # σC·√(k/n): at 1.0 exactly σC, as central DP-SGD (no site may drop after key sharing); at 0.67 with 10 sites,
 # 1.20 σC (three may drop). STEPS: DP steps (default per data set; the central run takes STEPS × q epochs).
 # DROPOUT: the model's hidden and attention dropout on both sides (default: Beauty 0, others their presets').
+# POPULARITY: σ_p of a DP release of item popularity before the first step that starts the item bias (central:
+# privacy.popularity_noise, distributed: strategy.dp_popularity_noise in round 0); the steps' σ is then calibrated
+# to what the release leaves of ε (default 0: no release).
 # Run from the repository root with fedrec installed; the data sets are read from ../shared/data. Meant for a GPU
 # (Beauty: 60 steps of about 4,000 users each, about an hour a run on the 2-core CPU box).
 set -u
@@ -49,25 +52,32 @@ THRESHOLD=${THRESHOLD:-1.0}
 MODEL=${DROPOUT:+"model.hidden_dropout_prob=$DROPOUT model.attention_probs_dropout_prob=$DROPOUT"}
 # δ: the union's default, min(1e-5, 1 / (10 × users)), for both runs (each site is told it explicitly)
 DELTA=$(python -c "print(min(1e-5, 1 / (10 * $USERS)))")
-# σ spending at most ε over T steps at q (Opacus' PRV accountant, the one both sides account with)
-SIGMA=$(python -c "from opacus.accountants.utils import get_noise_multiplier as g
-print(g(target_epsilon=$EPS, target_delta=$DELTA, sample_rate=$Q, steps=$T, accountant='prv'))")
+POPULARITY=${POPULARITY:-0}
+# σ spending at most ε over T steps at q, after the popularity release if any (Opacus' PRV accountant, the one
+# both sides account with)
+SIGMA=$(python -c "from fl_client.dp.engine import calibrate_noise, PrivacyConfig
+p = $POPULARITY
+print(calibrate_noise(PrivacyConfig(enabled=True, epsilon=$EPS), $Q, $T, $DELTA, before=[(p, 1.0, 1)] if p else None))" \
+  2>/dev/null)
 mkdir -p "$OUT"
-echo "ε $EPS, δ $DELTA, q $Q, T $T, σ $SIGMA, dropout ${DROPOUT:-preset}, SecAgg threshold $THRESHOLD" | tee "$OUT/plan.txt"
+echo "ε $EPS, δ $DELTA, q $Q, T $T, σ $SIGMA, popularity release σ_p $POPULARITY, dropout ${DROPOUT:-preset}," \
+  "SecAgg threshold $THRESHOLD" | tee "$OUT/plan.txt"
 PRIVACY="privacy=dp privacy.epsilon=$EPS privacy.delta=$DELTA"  # the sites' budget; σ comes from the server
+CENTRAL_RELEASE="privacy.popularity_noise=$POPULARITY"
+FEDERATED_RELEASE="strategy.dp_popularity_noise=$POPULARITY"
 RUNS=${RUNS:-central distributed}
 for seed in "${SEEDS[@]}"; do
   if [[ " $RUNS " == *" central "* ]]; then
   echo "== central, seed $seed  $(date -u +%FT%TZ)"
   # shellcheck disable=SC2086
-  fedrec-centralized $CENTRAL $MODEL train.epochs=$EPOCHS $PRIVACY privacy.noise_multiplier=$SIGMA train.lr=$LR train.patience=0 train.seed=$seed \
+  fedrec-centralized $CENTRAL $MODEL train.epochs=$EPOCHS $PRIVACY $CENTRAL_RELEASE privacy.noise_multiplier=$SIGMA train.lr=$LR train.patience=0 train.seed=$seed \
     hydra.run.dir="$OUT/central-$seed" > "$OUT/central-$seed.log" 2>&1
   echo "   rc=$?  $(date -u +%FT%TZ)"
   fi
   [[ " $RUNS " == *" distributed "* ]] || continue
   echo "== distributed, seed $seed  $(date -u +%FT%TZ)"
   # shellcheck disable=SC2086
-  fedrec-simulate $FEDERATED $MODEL $PRIVACY train.seed=$seed federation.num_rounds=$T federation.eval_every=1000 \
+  fedrec-simulate $FEDERATED $MODEL $PRIVACY $FEDERATED_RELEASE train.seed=$seed federation.num_rounds=$T federation.eval_every=1000 \
     strategy.name=fedadam strategy.server_lr=$LR strategy.server_tau=1e-8 strategy.server_beta_2=0.999 \
     strategy.secure_aggregation=true strategy.secagg_threshold=$THRESHOLD strategy.distributed_dp=true strategy.dp_sample_rate=$Q \
     strategy.dp_noise_multiplier=$SIGMA hydra.run.dir="$OUT/distributed-$seed" > "$OUT/distributed-$seed.log" 2>&1

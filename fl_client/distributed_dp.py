@@ -27,6 +27,7 @@ from opacus.optimizers.optimizer import _generate_noise
 from fl_client.dp.engine import make_private
 from fl_client.dp.enrolment import site_lock
 from fl_client.dp.ledger import BudgetExceededError
+from fl_client.dp.popularity import private_popularity
 from fl_client.dp.secure_rng import secure_gaussian, secure_uniform
 from fl_client.dp.step import private_step
 from fl_client.round_config import RoundConfig, build_global_model
@@ -40,26 +41,33 @@ from shared_model.modeling_fedrec import FedRecModel
 
 def noise_share(round_cfg: RoundConfig, summed_sites: int | None) -> float:
     """This site's noise multiplier: σ / √(n − t) when its update is summed with at least n - 1 others under
-    secure aggregation (`summed_sites` = n), the whole σ without it (None)."""
+    secure aggregation (`summed_sites` = n), the whole σ without it (None). σ is the round's: the popularity
+    release's σ_p in a release round, the step's otherwise."""
+    sigma = round_cfg.ddp_popularity_noise or round_cfg.ddp_noise_multiplier
     if summed_sites is None:
-        return round_cfg.ddp_noise_multiplier
+        return sigma
     if summed_sites - round_cfg.ddp_colluders < 1:
         raise SiteStartError(f"distributed DP: {round_cfg.ddp_colluders} colluding sites assumed, but a sum is "
                              f"unmasked over as few as {summed_sites} sites: no site's noise would be left")
-    return round_cfg.ddp_noise_multiplier / math.sqrt(summed_sites - round_cfg.ddp_colluders)
+    return sigma / math.sqrt(summed_sites - round_cfg.ddp_colluders)
 
 
 def dp_step_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, state: Mapping[str, torch.Tensor],
                   share: float) -> RoundReply:
     """One distributed-DP round at the site against its ledger (held under its lock): a resent round from its
-    kept reply, else check (σ, q, 1 step) against the budget, take the step, record it, keep the reply."""
+    kept reply, else check (σ, q, 1 step) against the budget, take the step, record it, keep the reply. A
+    release round (round 0 with `ddp_popularity_noise`) releases item popularity instead: (σ_p, 1, 1)."""
     data.catalog.check_matches(round_cfg.catalog_fingerprint)
     check_users(site, data)
     if not site.privacy.enabled:
         raise SiteStartError("distributed DP: this site runs without DP, so it would add no noise while the "
                              "other sites count on its share; start it with a privacy budget")
     model = build_global_model(round_cfg, state, site.max_model_parameters)
-    planned = [(round_cfg.ddp_noise_multiplier, round_cfg.ddp_sample_rate, 1)]
+    release = round_cfg.ddp_popularity_noise
+    if release and (model.output.bias is None or not model.output.bias.requires_grad):
+        raise SiteStartError("distributed DP: the server asks for a popularity release, which starts the item "
+                             "bias, but its model trains none (model.item_bias=true)")
+    planned = [(release, 1.0, 1)] if release else [(round_cfg.ddp_noise_multiplier, round_cfg.ddp_sample_rate, 1)]
     with site_lock(site.state_dir):
         ledger = site.open_ledger(len(data.sequences))
         resent = resent_reply(site, round_cfg, model, ledger)
@@ -69,10 +77,28 @@ def dp_step_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, stat
             ledger.check(planned, site.privacy.epsilon)
         except BudgetExceededError as err:
             return declined(model, ledger.delta, ledger.spent(), str(err))
-        reply = gradient_step(site, data, round_cfg, model, share)
+        reply = popularity_reply(site, data, model, share) if release else \
+            gradient_step(site, data, round_cfg, model, share)
         reply.epsilon = ledger.record(round_cfg.training_id, round_cfg.server_round, planned).epsilon_after
         reply.delta = ledger.delta
         return keep_reply(site, round_cfg, reply)
+
+
+def popularity_reply(site: SiteConfig, data: SiteData, model: FedRecModel, share: float) -> RoundReply:
+    """The popularity release (fl_client.dp.popularity) with this site's share of σ_p, over its k users, sent as
+    the global item bias plus release / k with k as the reply's users: the server's users-weighted average of
+    the replies is then the global bias plus the union's release over all its users."""
+    started = time.perf_counter()
+    users = len(data.sequences.trainable_users())  # the users it releases, as the secure sum's roster counts them
+    generator = torch.Generator().manual_seed(secrets.randbits(63))  # fresh entropy: the server cannot derive it
+    released = private_popularity(data.sequences, model.config.num_item_rows, share, site.privacy.secure_mode,
+                                  generator)
+    bias = model.output.bias
+    assert bias is not None  # dp_step_round refused a model without one
+    with torch.no_grad():
+        bias.add_(released.to(bias.dtype) / users)
+    return RoundReply(state=wire.trainable_state(model), num_examples=users, train_loss=0.0, dp=True, epsilon=0.0,
+                      delta=0.0, train_seconds=time.perf_counter() - started, peak_memory_mb=0.0)
 
 
 def gradient_step(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, model: FedRecModel,

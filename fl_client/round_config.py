@@ -35,7 +35,7 @@ OPTIONAL_ROUND_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "share_optimizer_state": (wire.SHARE_OPTIMIZER_STATE, bool), "frozen_digest": (wire.FROZEN_DIGEST, str),
     "ddp_sample_rate": (wire.DDP_SAMPLE_RATE, float), "ddp_noise_multiplier": (wire.DDP_NOISE, float),
     "ddp_max_grad_norm": (wire.DDP_CLIP, float), "ddp_colluders": (wire.DDP_COLLUDERS, int),
-    "update_precision": (wire.UPDATE_PRECISION, str),
+    "ddp_popularity_noise": (wire.DDP_POPULARITY, float), "update_precision": (wire.UPDATE_PRECISION, str),
 }
 
 # A training id names files in the site's state dir: lowercase letters, digits and "-" only (the server sends a
@@ -105,6 +105,7 @@ class RoundConfig:
     ddp_noise_multiplier: float = 0.0  # σ of the sum over the sites
     ddp_max_grad_norm: float = 0.0  # C
     ddp_colluders: int = 0  # sites assumed to collude with the server
+    ddp_popularity_noise: float = 0.0  # > 0: this round releases item popularity at σ_p instead of a step
     update_precision: str = "float32"  # wire.UPDATE_PRECISIONS: float16 replies with the update in half precision
 
     @classmethod
@@ -135,6 +136,11 @@ class RoundConfig:
             raise RoundConfigError(f"round config asks for distributed DP with q = {parsed.ddp_sample_rate}, "
                                    f"σ = {parsed.ddp_noise_multiplier}, C = {parsed.ddp_max_grad_norm}, "
                                    f"{parsed.ddp_colluders} colluders: needs 0 < q <= 1, σ > 0, C > 0, colluders >= 0")
+        if parsed.ddp_popularity_noise and not (parsed.ddp_popularity_noise > 0 and parsed.ddp_sample_rate
+                                                and parsed.server_round == 0):
+            raise RoundConfigError(f"round config asks for a popularity release ({wire.DDP_POPULARITY}="
+                                   f"{parsed.ddp_popularity_noise}) in round {parsed.server_round}: a release is "
+                                   "round 0 of a distributed-DP training, at a positive σ")
         return parsed
 
 

@@ -66,6 +66,9 @@ class SiteConfig:
         if self.min_users < 1 or self.max_model_parameters < 1:
             raise ValueError(f"site min_users={self.min_users} and max_model_parameters={self.max_model_parameters} "
                              "must be at least 1")
+        if self.privacy.popularity_noise:  # its ledger records the rounds' steps only, never such a release
+            raise ValueError("privacy.popularity_noise is a release for centralized training (fedrec-centralized, "
+                             "or fedrec-simulate federation.mode=local); a federation's sites do not make it")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object]) -> SiteConfig:

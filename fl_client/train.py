@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fl_client.dp.engine import PrivacyConfig, PrivacySpent, StepModel, calibrate_noise, make_private, spent
-from fl_client.dp.settings import resolve_delta
+from fl_client.dp.popularity import private_popularity
+from fl_client.dp.settings import AccountantHistory, resolve_delta
 from fl_client.dp.step import ClippingStats, private_step
 from fl_client.round_config import TrainingDivergedError
 from shared_model import wire
@@ -150,9 +151,11 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
         if config.num_negatives:
             raise ValueError("sampled softmax is not supported under DP yet; set train.num_negatives=0")
         delta = resolve_delta(privacy, len(seqs))
+        before = release_popularity(model, seqs, privacy, generator)
         # Opacus' Poisson loader samples each user with rate 1/len(loader), len(loader) steps per epoch.
         steps_per_epoch = len(loader)
-        sigma = calibrate_noise(privacy, 1.0 / steps_per_epoch, config.epochs * steps_per_epoch, delta)
+        sigma = calibrate_noise(privacy, 1.0 / steps_per_epoch, config.epochs * steps_per_epoch, delta,
+                                before=before)
         engine, step_model, optimizer, loader = make_private(model, optimizer, loader, privacy, sigma)
         if config.clip_stats:
             result.clipping = ClippingStats(privacy.max_grad_norm)
@@ -185,9 +188,21 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
     if best_state is not None and config.patience:
         model.load_state_dict(best_state)
     if engine is not None:
-        result.privacy = spent(engine, privacy, delta, sigma)
+        result.privacy = spent(engine, privacy, delta, sigma, before)
     result.optimizer_state = optimizer.state_dict()  # Opacus' DPOptimizer hands over the wrapped one's
     return result
+
+
+def release_popularity(model: FedRecModel, seqs: UserSequences, privacy: PrivacyConfig,
+                       generator: torch.Generator) -> AccountantHistory:
+    """With `privacy.popularity_noise`, start the item bias from a DP release of item popularity
+    (fl_client.dp.popularity); returns what the release spent, for the accountant (nothing without it)."""
+    if not privacy.popularity_noise:
+        return []
+    popularity = private_popularity(seqs, model.config.num_item_rows, privacy.popularity_noise,
+                                    privacy.secure_mode, generator)
+    model.start_item_bias(popularity.to(model.output.weight.device))
+    return [(float(privacy.popularity_noise), 1.0, 1)]
 
 
 @torch.no_grad()

@@ -53,6 +53,8 @@ class StrategyConfig:
     dp_noise_multiplier: float = 1.0  # (float) distributed DP: σ of the summed gradient (units of dp_max_grad_norm)
     dp_max_grad_norm: float = 1.0  # (float) distributed DP: per-user clipping bound C
     dp_colluders: int = 0  # (int) distributed DP: sites assumed to collude with the server (their noise not counted)
+    dp_popularity_noise: float = 0.0  # (float) distributed DP: σ of a popularity release in round 0 that starts
+    # the item bias (fl_server.popularity_release; 0 = none); the rounds' σ must leave room for it in the budget
 
 
 @dataclass

@@ -57,7 +57,9 @@ def distributed_dp_sentence(trained: list[dict[str, Any]], distributed: list[dic
     text = "Distributed DP: " + privacy_claim(
         spent["epsilon_max"], spent["delta_max"], unit="user of any site", upper_bound=True,
         mechanism=f"over the union of the sites' users, one DP-SGD step a round (q = {last['sample_rate']:g}, "
-                  f"σ = {last['noise_multiplier']:g}, C = {last['max_grad_norm']:g}); cumulative over all rounds as "
+                  f"σ = {last['noise_multiplier']:g}, C = {last['max_grad_norm']:g})"
+                  + (f" after one release of item popularity in round 0 (σ = {last['popularity_noise']:g}, every user)"
+                     if last.get("popularity_noise") else "") + "; cumulative over all rounds as "
                   f"each site's ledger records it (ε max {spent['epsilon_max']:.3f} over {spent['sites_with_dp']} "
                   "sites)") + ". "
     if secure:

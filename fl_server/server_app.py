@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_server import initial_model
 from fl_server.checkpoint import RunStore
 from fl_server.config import ServerConfig, server_config_from_run_config
+from fl_server.popularity_release import check_release, release_popularity
 from fl_server.report import progress_line, write_report
 from fl_server.round_record import RoundRecord
 from fl_server.schedule import Decay
@@ -93,6 +94,7 @@ def check_run(cfg: ServerConfig, item_row_names: list[str] | None = None) -> Non
     build_strategy(cfg.strategy, RunSetup(item_row_names=item_row_names,
                                           decay=Decay(cfg.decay_from_round, cfg.decay_lr, cfg.decay_server_lr)))
     distributed_dp_config(cfg)
+    check_release(cfg)
     secure_settings(cfg)
 
 
@@ -111,6 +113,7 @@ def distributed_dp_config(cfg: ServerConfig) -> dict[str, float | int]:
 
 def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
     """Train for the configured rounds (continuing from the last checkpoint), then export the model."""
+    check_release(cfg)
     store = RunStore(cfg.out_dir)
     catalog = ItemCatalog.load(cfg.catalog_path)
     torch.manual_seed(cfg.seed)  # the global model's initial weights (train.seed)
@@ -144,6 +147,8 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         if score_start:
             recorder.scored_start = score_starting_model(train_grid, strategy, store, model, trainable, train_config,
                                                          cfg, evaluate_centrally)
+        if cfg.strategy.dp_popularity_noise and done == 0:  # round 0: the item bias from a DP popularity release
+            trainable = release_popularity(train_grid, strategy, model, trainable, train_config, cfg)
         try:
             strategy.start(grid=train_grid, initial_arrays=ArrayRecord(trainable), num_rounds=cfg.num_rounds - done,
                            timeout=cfg.round_timeout, train_config=train_config,
@@ -190,6 +195,8 @@ class RoundRecorder:
             record.distributed_dp = {"sample_rate": strategy.dp_sample_rate,
                                      "noise_multiplier": strategy.dp_noise_multiplier,
                                      "max_grad_norm": strategy.dp_max_grad_norm, "colluders": strategy.dp_colluders}
+            if strategy.dp_popularity_noise:
+                record.distributed_dp["popularity_noise"] = strategy.dp_popularity_noise
         if isinstance(self.grid, SecureAggregationGrid):
             record.secure_aggregation = dict(self.grid.last)
             if record.distributed_dp and "fewest_summed" in self.grid.last:  # the noise the sum carried

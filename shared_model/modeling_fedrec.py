@@ -12,6 +12,8 @@ from transformers.models.bert.modeling_bert import BertLayer
 
 from shared_model.configuration_fedrec import FedRecConfig
 
+POPULARITY_FLOOR = 1.0  # one user's whole weight in a popularity release: noisier counts start the bias level
+
 
 class FedRecPreTrainedModel(PreTrainedModel):
     """HF plumbing: config class and weight init."""
@@ -71,6 +73,17 @@ class FedRecModel(FedRecPreTrainedModel):
         if not self.config.feature_dim:
             raise ValueError("this model was configured without item features (feature_dim=0)")
         self.item_features.copy_(features.to(self.item_features.dtype))
+
+    @torch.no_grad()
+    def start_item_bias(self, counts: torch.Tensor) -> None:
+        """Set the item bias to log(max(count, POPULARITY_FLOOR)) from a (DP) release of item popularity, so the
+        softmax ranks items by their released count; items below one user's whole weight start level."""
+        if self.output.bias is None:
+            raise ValueError("a popularity release starts the item bias, which this model has none of: set "
+                             "model.item_bias=true")
+        if counts.shape != self.output.bias.shape:
+            raise ValueError(f"popularity has {counts.shape[0]} rows, the item bias {self.output.bias.shape[0]}")
+        self.output.bias.copy_(counts.clamp(min=POPULARITY_FLOOR).log().to(self.output.bias))
 
     def item_row_parameters(self) -> list[str]:
         """Names of the trainable tensors with one row per catalog row (item table, output layer), each

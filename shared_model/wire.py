@@ -65,6 +65,7 @@ FROZEN_DIGEST = "frozen-digest"  # tensors_digest of the run's frozen tensors ("
 DDP_SAMPLE_RATE = "ddp-sample-rate"  # q: every site Poisson-samples its users at this rate (present = a DDP round)
 DDP_NOISE = "ddp-noise-multiplier"  # σ of the summed update, in units of DDP_CLIP
 DDP_CLIP = "ddp-max-grad-norm"  # C: every site clips each user's gradient to this L2 norm
+DDP_POPULARITY = "ddp-popularity-noise"  # σ_p: round 0 releases item popularity, no step (fl_client.distributed_dp)
 DDP_COLLUDERS = "ddp-colluders"  # t: sites assumed to collude with the server (their noise shares do not count)
 
 # How the server aggregates the rows of the item table (item embeddings, output layer):

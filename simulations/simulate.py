@@ -151,6 +151,9 @@ def write_popularity(data: PreparedData, max_len: int, path: Path) -> dict[str, 
 def check_federation(cfg: SimulateConfig, out: Path) -> Resources:
     """The federation's settings, checked before any data is read or site written: what the sites' privacy needs
     from the server, what the ServerApp would refuse, and the simulation engine's CPUs and GPUs."""
+    if cfg.privacy.popularity_noise:  # every site would refuse
+        raise ValueError("privacy.popularity_noise is for centralized training (fedrec-centralized, or "
+                         "federation.mode=local): a federation's sites do not release popularity")
     if cfg.strategy.distributed_dp and not cfg.privacy.enabled:  # every site would refuse
         raise ValueError("strategy.distributed_dp needs DP at the sites (privacy=dp): each adds a share of the noise")
     if cfg.privacy.enabled and cfg.strategy.item_rows != "average":  # every site would decline

@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeAlias
 
+import numpy as np
 import opacus
 import torch
 from opacus import GradSampleModule, PrivacyEngine
@@ -40,22 +41,28 @@ class PrivacySpent:
     noise_multiplier: float
     max_grad_norm: float
     history: AccountantHistory
+    popularity_noise: float = 0.0  # σ of the popularity release before the steps (the history's first entry)
 
     def claim(self) -> str:
         """The exact sentence a report prints."""
-        steps = sum(h[2] for h in self.history)
+        steps = sum(h[2] for h in self.history) - (1 if self.popularity_noise else 0)
+        release = f", after one release of item popularity (σ = {self.popularity_noise:.3f})" \
+            if self.popularity_noise else ""
         return privacy_claim(self.epsilon, self.delta, mechanism=f"over {steps} DP-SGD steps "
-                             f"(σ = {self.noise_multiplier:.3f}, C = {self.max_grad_norm:g})")
+                             f"(σ = {self.noise_multiplier:.3f}, C = {self.max_grad_norm:g}){release}")
 
 
 def calibrate_noise(config: PrivacyConfig, sample_rate: float, steps: int, delta: float,
-                    cache_path: Path | None = None) -> float:
+                    cache_path: Path | None = None, before: AccountantHistory | None = None) -> float:
     """σ that spends exactly the configured ε over `steps` Poisson-sampled steps (or the fixed σ).
 
     `cache_path`: a JSON file of σ plans already searched (a site's state dir), for processes that plan the
-    same σ again: a deployed site starts a fresh process for every round."""
+    same σ again: a deployed site starts a fresh process for every round. `before`: what this training has
+    already spent on the same users (the popularity release), composed with the steps."""
     if config.noise_multiplier is not None:
         return config.noise_multiplier
+    if before:
+        return _sigma_after(tuple(before), config.epsilon, delta, sample_rate, steps, config.accountant)
     args = (config.epsilon, delta, sample_rate, steps, config.accountant)
     if cache_path is None:
         return _calibrated_sigma(*args)
@@ -90,6 +97,29 @@ def _calibrated_sigma(epsilon: float, delta: float, sample_rate: float, steps: i
     takes seconds (the accountants' fractional RDP orders), and a site plans the same σ every round."""
     return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
                                       steps=steps, accountant=accountant))
+
+
+@lru_cache(maxsize=64)
+def _sigma_after(before: tuple[tuple[float, float, int], ...], epsilon: float, delta: float, sample_rate: float,
+                 steps: int, accountant: str) -> float:
+    """The smallest σ (to 0.1%) whose `steps` at `sample_rate`, composed after `before`, spend at most ε: a
+    bisection on the accountant, as Opacus' get_noise_multiplier does for an empty `before`."""
+    def spends(sigma: float) -> float:
+        return composed_epsilon([*before, (sigma, sample_rate, steps)], delta, accountant)
+
+    already = composed_epsilon(before, delta, accountant)
+    if already >= epsilon:
+        raise ValueError(f"the releases before DP-SGD already spend ε = {already:.3f} of the budget {epsilon:g}: "
+                         "raise privacy.popularity_noise")
+    low, high = 0.0, 1.0
+    while spends(high) > epsilon:
+        low, high = high, 2 * high
+        if high > 1e4:
+            raise ValueError(f"no σ below 1e4 keeps ε within {epsilon:g} after the releases before DP-SGD")
+    while high - low > 1e-3 * high:
+        middle = (low + high) / 2
+        low, high = (middle, high) if spends(middle) > epsilon else (low, middle)
+    return high
 
 
 StepModel: TypeAlias = GradSampleModule | PerUserClipping  # what fl_client.dp.step.private_step runs a DP step with
@@ -136,12 +166,14 @@ def _bookkeeping(engine: PrivacyEngine, model: torch.nn.Module, optimizer: torch
     return PerUserClipping(model, config.max_grad_norm), private_optimizer, private_loader
 
 
-def spent(engine: PrivacyEngine, config: PrivacyConfig, delta: float, noise_multiplier: float) -> PrivacySpent:
-    """The (ε, δ) the engine's accountant has recorded so far."""
-    history = [(float(s), float(q), int(n)) for s, q, n in getattr(engine.accountant, "history", [])]
+def spent(engine: PrivacyEngine, config: PrivacyConfig, delta: float, noise_multiplier: float,
+          before: AccountantHistory | None = None) -> PrivacySpent:
+    """The (ε, δ) the engine's accountant has recorded so far, after what was spent `before` it."""
+    steps = [(float(s), float(q), int(n)) for s, q, n in getattr(engine.accountant, "history", [])]
+    history = [*(before or []), *steps]
     return PrivacySpent(epsilon=composed_epsilon(tuple(history), delta, engine.accountant.mechanism()),
                         delta=delta, noise_multiplier=noise_multiplier, max_grad_norm=config.max_grad_norm,
-                        history=history)
+                        history=history, popularity_noise=before[0][0] if before else 0.0)
 
 
 def composed_epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountant: str) -> float:
@@ -165,4 +197,5 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # PRV takes log(1 - q), -inf for a release of everyone (q = 1): as meant
+        return float(acc.get_epsilon(delta=delta))

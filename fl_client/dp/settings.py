@@ -33,6 +33,7 @@ class PrivacyConfig:
     accountant: str = "prv"  # (str) Opacus accountant: prv, rdp or gdp
     secure_mode: bool = False  # (bool) sampling and noise from the OS CSPRNG (production; slower)
     grad_sample_mode: str = "bookkeeping"  # (str) per-user clipping: bookkeeping (fast) or hooks (Opacus' own)
+    popularity_noise: float = 0.0  # (float) σ of a release of item popularity starting the item bias (0 = none)
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:
@@ -40,6 +41,8 @@ class PrivacyConfig:
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"privacy grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got "
                              f"{self.grad_sample_mode!r}")
+        if not self.popularity_noise >= 0:
+            raise ValueError(f"privacy.popularity_noise must be 0 (off) or a positive σ, got {self.popularity_noise}")
 
 
 def resolve_delta(config: PrivacyConfig, num_users: int) -> float:

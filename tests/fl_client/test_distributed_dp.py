@@ -160,3 +160,47 @@ def test_on_a_secagg_ring_a_sites_share_covers_the_fewest_sites_a_sum_can_be_unm
     complete = SecAggState(node=7, roster={n: (b"e", b"m") for n in range(10)}, neighbours=[n for n in range(10)
                                                                                               if n != 7], needed=7)
     assert complete.fewest_summed() == 7
+
+
+def release_round(catalog: ItemCatalog, sigma_p: float = 2.0, server_round: int = 0,
+                  item_bias: bool = True) -> tuple[RoundConfig, dict]:
+    record, _ = round_record(catalog, server_round)
+    config = FedRecConfig(num_items=len(catalog.item_ids), hidden_size=16, max_len=10, item_bias=item_bias,
+                          catalog_fingerprint=catalog.fingerprint)
+    torch.manual_seed(0)
+    state = FedRecModel(config).state_dict()
+    record.update({wire.MODEL_CONFIG: config.to_json_string(), wire.DDP_SAMPLE_RATE: 0.2, wire.DDP_NOISE: 1.0,
+                   wire.DDP_CLIP: 1.0, wire.DDP_COLLUDERS: 0, wire.DDP_POPULARITY: sigma_p})
+    return RoundConfig.from_record(record), state
+
+
+def test_a_release_round_sends_the_bias_plus_its_users_counts_and_is_charged_once_as_sigma_p_at_rate_1(site):
+    from fl_client.dp.popularity import user_normalised_counts
+
+    data = load_site_data(site)
+    cfg, state = release_round(data.catalog, sigma_p=2.0)
+    assert noise_share(cfg, 4) == pytest.approx(2.0 / 2)  # the release's σ_p is what the shares add up to
+    reply = dp_step_round(site, data, cfg, state, share=1e-9)  # a negligible share: the counts themselves
+    users = data.sequences.trainable_users()
+    assert reply.num_examples == len(users) and not reply.declined
+    changed = [k for k in reply.state if not torch.equal(reply.state[k], state[k])]
+    assert changed == ["output.bias"]  # nothing is trained
+    exact = user_normalised_counts(data.sequences, len(state["output.bias"]), users)
+    np.testing.assert_allclose((reply.state["output.bias"] - state["output.bias"]).double().numpy() * len(users),
+                               exact, atol=1e-4)
+    again = dp_step_round(site, data, cfg, state, share=1e-9)
+    assert torch.equal(again.state["output.bias"], reply.state["output.bias"])  # a resend spends nothing more
+    entries = json.loads(site.ledger_path.read_text())["entries"]
+    assert [e["history"] for e in entries] == [[[2.0, 1.0, 1]]] and reply.epsilon > 0
+
+
+def test_a_release_is_refused_after_round_0_and_without_an_item_bias(site):
+    from fl_client.round_config import RoundConfigError
+
+    data = load_site_data(site)
+    with pytest.raises(RoundConfigError, match="round 0"):
+        release_round(data.catalog, server_round=3)
+    cfg, state = release_round(data.catalog, item_bias=False)
+    with pytest.raises(SiteStartError, match="item_bias"):
+        dp_step_round(site, data, cfg, state, share=1.0)
+    assert not site.ledger_path.exists() or json.loads(site.ledger_path.read_text())["entries"] == []

@@ -215,3 +215,42 @@ def test_distributed_dp_rounds_are_one_dp_sgd_step_of_the_union_under_secure_agg
         assert len(json.loads(Path(site.state_dir, "secagg_released.json").read_text())) == 3 + 3  # + evaluations
     eps = [e["epsilon_after"] for e in entries]
     assert eps[0] < eps[1] < eps[2] == pytest.approx(rows[-1]["privacy"]["epsilon_max"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_popularity_release_in_round_0_starts_the_item_bias_through_the_secure_sum(tmp_path):
+    """Round 0 of distributed DP with strategy.dp_popularity_noise: every site sends its users' unit-norm item
+    counts with its share of σ_p, only as a secure sum; the global bias starts at the log of the total, and
+    each ledger holds the release as (σ_p, 1, 1) before the rounds' steps."""
+    from fl_client.dp.popularity import user_normalised_counts
+
+    data, _, sites = synthetic_sites(tmp_path, users=180, items=40, seed=8, num_sites=3, epsilon=8.0)
+    out = tmp_path / "server"
+    server = server_config(tmp_path, num_rounds=1, model=ModelConfig(hidden_size=16, max_len=20, item_features=[],
+                                                                     item_bias=True),
+                           strategy=StrategyConfig(name="fedadam", server_lr=1e-7, server_tau=1e-8, min_nodes=3,
+                                                   secure_aggregation=True, distributed_dp=True, dp_sample_rate=0.1,
+                                                   dp_noise_multiplier=1.0, dp_popularity_noise=2.0))
+    run_federation(sites, server)
+    rows = round_records(out)
+    assert len(rows) == 1 and rows[0]["train_replies"] == 3 and rows[0]["distributed_dp"]["popularity_noise"] == 2.0
+    for site in sites:
+        entries = json.loads(Path(site.ledger_path).read_text())["entries"]
+        assert [(e["round"], e["history"]) for e in entries] == [(0, [[2.0, 1.0, 1]]), (1, [[1.0, 0.1, 1]])]
+    assert "after one release of item popularity in round 0 (σ = 2, every user)" in (out / "report.md").read_text()
+    model, _ = load_model_dir(out / "model")  # one server step of 1e-7 after the release: the release's bias
+    exact = torch.from_numpy(user_normalised_counts(data.sequences, model.config.num_item_rows,
+                                                    data.sequences.trainable_users()))
+    popular = exact > 8  # the noise (σ_p = 2) moves their log count by under 0.6 (3 σ_p)
+    assert popular.sum() >= 10
+    assert torch.allclose(model.output.bias.detach().double()[popular], exact[popular].log(), atol=0.6)
+    assert not torch.allclose(model.output.bias[popular], torch.zeros(int(popular.sum())))
+
+
+def test_a_popularity_release_needs_distributed_dp_and_an_item_bias(tmp_path):
+    from fl_server.server_app import check_run
+
+    with pytest.raises(ValueError, match="distributed_dp"):
+        check_run(server_config(tmp_path, strategy=StrategyConfig(dp_popularity_noise=1.0)))
+    with pytest.raises(ValueError, match="item_bias"):
+        check_run(server_config(tmp_path, strategy=StrategyConfig(distributed_dp=True, dp_popularity_noise=1.0)))

@@ -46,6 +46,15 @@ def test_training_settings_only_the_centralized_trainer_uses_are_refused_not_ign
         refuse_centralized_only(typed(["train.epochs=3", "train.patience=0"]).train)
 
 
+def test_a_popularity_release_is_refused_for_a_federation_of_dp_sites(tmp_path):
+    """privacy.popularity_noise is centralized training's (sites would not record it in their ledgers); a
+    federation releases popularity under distributed DP (strategy.dp_popularity_noise) instead."""
+    from simulations.simulate import check_federation
+
+    with pytest.raises(ValueError, match="popularity_noise"):
+        check_federation(typed(["privacy.popularity_noise=5"]), tmp_path)
+
+
 def centralized(overrides: list[str]):
     from simulations.config import CentralizedConfig, register_schemas
 

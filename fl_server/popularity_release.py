@@ -1,0 +1,71 @@
+"""Round 0 of a distributed-DP training with `strategy.dp_popularity_noise`: the sites release item popularity
+once (fl_client.dp.popularity: each user's training-part item counts at unit L2 norm, Gaussian noise σ_p on the
+sum, each site adding its share under secure aggregation), and the global item bias starts at the log of the
+released counts. Each site's ledger records the release as (σ_p, 1, 1) before the DP-SGD rounds.
+
+The sites answer a train message whose config carries wire.DDP_POPULARITY, through the same grid as the rounds
+(secure aggregation included); the replies pass the strategy's reply checks, and their users-weighted average
+(plain FedAvg, never the server optimiser's step) is the global bias plus the release over all the users.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import FedAvg
+
+from fl_server.config import ServerConfig
+from fl_server.replies import failure, reply_metrics
+from fl_server.strategy import RoundsFailedError
+from shared_model import wire
+from shared_model.modeling_fedrec import POPULARITY_FLOOR, FedRecModel
+
+log = logging.getLogger(__name__)
+BIAS = "output.bias"
+
+
+def check_release(cfg: ServerConfig) -> None:
+    """ValueError for a release the run cannot make: it needs distributed DP, a positive σ_p and an item bias."""
+    noise = cfg.strategy.dp_popularity_noise
+    if noise and not (noise > 0 and cfg.strategy.distributed_dp):
+        raise ValueError(f"strategy.dp_popularity_noise={noise}: a popularity release needs strategy.distributed_dp "
+                         "and a positive σ (0 = no release)")
+    if noise and not cfg.model.item_bias:
+        raise ValueError("strategy.dp_popularity_noise starts the item bias: set model.item_bias=true")
+
+
+def release_popularity(grid: Any, strategy: Any, model: FedRecModel, trainable: dict[str, torch.Tensor],
+                       config: ConfigRecord, cfg: ServerConfig) -> dict[str, torch.Tensor]:
+    """Ask every site the strategy samples for its share of the release, set the global item bias from the
+    sum, and return the new trainable weights; RoundsFailedError when fewer than strategy.min_nodes sites
+    sent a usable share (their spending is in their ledgers; nothing is trained)."""
+    noise = cfg.strategy.dp_popularity_noise
+    release = ConfigRecord({**dict(config), wire.DDP_POPULARITY: noise})
+    start = ArrayRecord(trainable)
+    kept = {name: getattr(strategy, name) for name in ("accepted_norms", "declared_users")}
+    messages = list(strategy.configure_train(0, start, release, grid))
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    failures = [reason for m in replies if (reason := failure(m))]
+    strategy.count_silent("train", 0, len(replies))
+    shares, dropped = strategy.usable_replies([m for m in replies if not failure(m)], failures)
+    for name, value in kept.items():  # a release's norms and user counts are not a training round's
+        setattr(strategy, name, value)
+    if len(shares) < strategy.min_train_nodes:
+        raise RoundsFailedError(f"the popularity release (round 0) got {len(shares)} usable shares ({len(dropped)} "
+                                f"dropped, {len(failures)} failed), fewer than strategy.min_nodes="
+                                f"{strategy.min_train_nodes}: {'; '.join((failures + dropped)[:3])}")
+    average, _ = FedAvg.aggregate_train(strategy, 0, shares)
+    if average is None:
+        raise RoundsFailedError("the popularity release (round 0): the shares could not be averaged (see the log)")
+    users = sum(int(reply_metrics(m)[wire.NUM_EXAMPLES]) for m in shares)
+    counts = (torch.from_numpy(average[BIAS].numpy()).double() - trainable[BIAS].double()) * users
+    if not bool(counts.isfinite().all()):
+        raise RoundsFailedError("the popularity release (round 0): the summed counts are not finite")
+    model.start_item_bias(counts)
+    log.info("popularity release: %d sites, %d users, σ_p = %g; the item bias starts at the log of the released "
+             "counts (%d of %d rows above %g)", len(shares), users, noise, int((counts > POPULARITY_FLOOR).sum()),
+             counts.numel(), POPULARITY_FLOOR)
+    return {**trainable, BIAS: model.output.bias.detach().clone()}
