@@ -6,6 +6,8 @@ released counts. Each site's ledger records the release as (σ_p, 1, 1) before t
 The sites answer a train message whose config carries wire.DDP_POPULARITY, through the same grid as the rounds
 (secure aggregation included); the replies pass the strategy's reply checks, and their users-weighted average
 (plain FedAvg, never the server optimiser's step) is the global bias plus the release over all the users.
+The release is checkpointed as round 0 (its row has `popularity_release`), so a resumed training never asks
+for it again; a site asked again (the server stopped before that checkpoint) answers from its kept reply.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fl_server.config import ServerConfig
 from fl_server.replies import failure, reply_metrics
+from fl_server.round_record import RoundRecord
 from fl_server.strategy import RoundsFailedError
 from shared_model import wire
 from shared_model.modeling_fedrec import POPULARITY_FLOOR, FedRecModel
@@ -35,13 +38,17 @@ def check_release(cfg: ServerConfig) -> None:
                          "and a positive σ (0 = no release)")
     if noise and not cfg.model.item_bias:
         raise ValueError("strategy.dp_popularity_noise starts the item bias: set model.item_bias=true")
+    if noise and cfg.initial_model:
+        raise ValueError("strategy.dp_popularity_noise starts the item bias of a new model; the starting model "
+                         f"{cfg.initial_model} has a trained one (drop the release, or start afresh)")
 
 
 def release_popularity(grid: Any, strategy: Any, model: FedRecModel, trainable: dict[str, torch.Tensor],
-                       config: ConfigRecord, cfg: ServerConfig) -> dict[str, torch.Tensor]:
+                       config: ConfigRecord, cfg: ServerConfig) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Ask every site the strategy samples for its share of the release, set the global item bias from the
-    sum, and return the new trainable weights; RoundsFailedError when fewer than strategy.min_nodes sites
-    sent a usable share (their spending is in their ledgers; nothing is trained)."""
+    sum; the new trainable weights and the release's figures (strategy.last_round holds the round's record).
+    RoundsFailedError when fewer than strategy.min_nodes sites sent a usable share (their spending is in their
+    ledgers; nothing is trained)."""
     noise = cfg.strategy.dp_popularity_noise
     release = ConfigRecord({**dict(config), wire.DDP_POPULARITY: noise})
     start = ArrayRecord(trainable)
@@ -49,6 +56,8 @@ def release_popularity(grid: Any, strategy: Any, model: FedRecModel, trainable: 
     messages = list(strategy.configure_train(0, start, release, grid))
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     failures = [reason for m in replies if (reason := failure(m))]
+    strategy.last_round = RoundRecord(round=0, train_replies=len(replies), train_failures=len(failures),
+                                      bytes_to_each_site=strategy.bytes_sent)
     strategy.count_silent("train", 0, len(replies))
     shares, dropped = strategy.usable_replies([m for m in replies if not failure(m)], failures)
     for name, value in kept.items():  # a release's norms and user counts are not a training round's
@@ -65,7 +74,9 @@ def release_popularity(grid: Any, strategy: Any, model: FedRecModel, trainable: 
     if not bool(counts.isfinite().all()):
         raise RoundsFailedError("the popularity release (round 0): the summed counts are not finite")
     model.start_item_bias(counts)
+    figures = {"noise_multiplier": noise, "sites": len(shares), "users": users,
+               "rows_above_floor": int((counts[1:] > POPULARITY_FLOOR).sum())}  # row 0 is padding
     log.info("popularity release: %d sites, %d users, σ_p = %g; the item bias starts at the log of the released "
-             "counts (%d of %d rows above %g)", len(shares), users, noise, int((counts > POPULARITY_FLOOR).sum()),
+             "counts (%d of %d rows above %g)", len(shares), users, noise, figures["rows_above_floor"],
              counts.numel(), POPULARITY_FLOOR)
-    return {**trainable, BIAS: model.output.bias.detach().clone()}
+    return {**trainable, BIAS: model.output.bias.detach().clone()}, figures

@@ -103,6 +103,10 @@ def progress_line(row: dict[str, Any], num_rounds: int) -> str:
               if "central_eval" in row or "federated_eval" in row else "not evaluated (eval-every)")
     if row.get("starting_model"):
         return f"round 0/{num_rounds} (the starting model, before any training): {scores}"
+    if row.get("popularity_release"):
+        release = row["popularity_release"]
+        return (f"round 0/{num_rounds} (popularity release, σ_p = {release['noise_multiplier']:g}): "
+                f"{release['sites']} sites, {release['users']} users{eps}")
     return (f"round {row['round']}/{num_rounds}: {row.get('train_replies', 0)} sites answered, "
             f"{row.get('declined', 0)} declined, {failed}; {scores}{eps}")
 
@@ -176,7 +180,8 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, A
         unusable = r.get("train_failures", 0) + left_out + r.get("dropped", 0)  # replied, but nothing to aggregate
         failed = unusable + r.get("train_no_reply", 0)
         trained = r.get("train_replies", 0) - unusable - r.get("declined", 0)
-        label = f"{r['round']} (start)" if r.get("starting_model") else r["round"]
+        label = f"{r['round']} (start)" if r.get("starting_model") else \
+            f"{r['round']} (popularity release)" if r.get("popularity_release") else r["round"]
         lines.append(f"| {label} | {trained} | {r.get('declined', 0)} | {failed} | "
                      f"{_fmt(r.get('train', {}).get('train-loss'))} | {_fmt(fed.get(TRAIN_CE))} | "
                      f"{_fmt(fed.get('hr@10'))} | "

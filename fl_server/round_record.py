@@ -14,7 +14,8 @@ from typing import Any
 class RoundRecord:
     """One round. A field left at None does not apply to the round and is not written."""
 
-    # the round's number, counted across resumes (0: an exported starting model, scored before training)
+    # the round's number, counted across resumes (0: an exported starting model, scored before training, or a
+    # popularity release)
     round: int = 0
     # seconds since the ServerApp started (fedrec-server's own start-up before it submits the run not included)
     seconds: float | None = None
@@ -48,6 +49,9 @@ class RoundRecord:
     # σ/√(n − t), n the fewest sites a secure sum can be unmasked over (secure_aggregation's fewest_summed), so
     # σ·√((m − t)/(n − t)): σ when m = n, more (a less accurate step than central DP-SGD's) when m > n
     distributed_dp: dict[str, float] | None = None
+    # round 0 of a training with strategy.dp_popularity_noise: the release's noise_multiplier σ_p, the sites and
+    # users it summed, and rows_above_floor (items whose released count passed one user's weight)
+    popularity_release: dict[str, float] | None = None
     # the slowest and mean site training time (s) and the largest peak memory (MB)
     site_cost: dict[str, float] | None = None
     train: dict[str, float] | None = None  # the sites' training metrics, weighted by users (train-loss, ...)

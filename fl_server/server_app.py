@@ -147,8 +147,9 @@ def run_server(grid: Grid, cfg: ServerConfig) -> dict[str, Any]:
         if score_start:
             recorder.scored_start = score_starting_model(train_grid, strategy, store, model, trainable, train_config,
                                                          cfg, evaluate_centrally)
-        if cfg.strategy.dp_popularity_noise and done == 0:  # round 0: the item bias from a DP popularity release
-            trainable = release_popularity(train_grid, strategy, model, trainable, train_config, cfg)
+        if cfg.strategy.dp_popularity_noise and checkpoint is None:  # round 0: the item bias from a DP release
+            trainable, figures = release_popularity(train_grid, strategy, model, trainable, train_config, cfg)
+            write_round(store, model, strategy, recorder.release_record(figures), None, cfg.num_rounds)
         try:
             strategy.start(grid=train_grid, initial_arrays=ArrayRecord(trainable), num_rounds=cfg.num_rounds - done,
                            timeout=cfg.round_timeout, train_config=train_config,
@@ -186,6 +187,17 @@ class RoundRecorder:
         write_round(self.store, self.model, self.strategy, record, score, self.cfg.num_rounds)
         self.strategy.raise_if_failing()  # only now: the unchanged model of the last good round is on disk
         return MetricRecord(central) if central else None
+
+    def release_record(self, figures: dict[str, float]) -> RoundRecord:
+        """Round 0 of a training with a popularity release (fl_server.popularity_release)."""
+        record = replace(self.strategy.last_round, round=0, seconds=round(time.time() - self.started, 2),
+                         popularity_release=figures)
+        if isinstance(self.grid, SecureAggregationGrid):
+            record.secure_aggregation = dict(self.grid.last)
+            record.bytes_to_each_site = record.secure_aggregation.pop("bytes_to_site", record.bytes_to_each_site)
+            record.bytes_from_each_site = record.secure_aggregation.pop("bytes_from_site",
+                                                                        record.bytes_from_each_site)
+        return record
 
     def record(self, server_round: int, evaluated: bool, central: dict[str, Any]) -> RoundRecord:
         """The round's record (metrics.jsonl, the report): what the strategy saw, and what the run adds."""
