@@ -8,6 +8,7 @@ message's process never pays for importing the DP machinery (fl_client.training_
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -136,11 +137,11 @@ class RoundConfig:
             raise RoundConfigError(f"round config asks for distributed DP with q = {parsed.ddp_sample_rate}, "
                                    f"σ = {parsed.ddp_noise_multiplier}, C = {parsed.ddp_max_grad_norm}, "
                                    f"{parsed.ddp_colluders} colluders: needs 0 < q <= 1, σ > 0, C > 0, colluders >= 0")
-        if parsed.ddp_popularity_noise and not (parsed.ddp_popularity_noise > 0 and parsed.ddp_sample_rate
+        if parsed.ddp_popularity_noise and not (0 < parsed.ddp_popularity_noise < math.inf and parsed.ddp_sample_rate
                                                 and parsed.server_round == 0):
             raise RoundConfigError(f"round config asks for a popularity release ({wire.DDP_POPULARITY}="
                                    f"{parsed.ddp_popularity_noise}) in round {parsed.server_round}: a release is "
-                                   "round 0 of a distributed-DP training, at a positive σ")
+                                   "round 0 of a distributed-DP training, at a finite positive σ")
         return parsed
 
 

@@ -198,8 +198,9 @@ def test_a_release_is_refused_after_round_0_and_without_an_item_bias(site):
     from fl_client.round_config import RoundConfigError
 
     data = load_site_data(site)
-    with pytest.raises(RoundConfigError, match="round 0"):
-        release_round(data.catalog, server_round=3)
+    for sigma_p, server_round in ((2.0, 3), (float("inf"), 0), (float("nan"), 0), (-1.0, 0)):
+        with pytest.raises(RoundConfigError, match="round 0"):
+            release_round(data.catalog, sigma_p=sigma_p, server_round=server_round)
     cfg, state = release_round(data.catalog, item_bias=False)
     with pytest.raises(SiteStartError, match="item_bias"):
         dp_step_round(site, data, cfg, state, share=1.0)
