@@ -17,17 +17,19 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
-from flwr.serverapp.strategy import FedAvg
 
 from fl_server.config import ServerConfig
 from fl_server.replies import failure, reply_metrics
 from fl_server.round_record import RoundRecord
+from fl_server.secure_round import SecureAggregationGrid
 from fl_server.strategy import RoundsFailedError
 from shared_model import wire
 from shared_model.modeling_fedrec import POPULARITY_FLOOR, FedRecModel
 
 log = logging.getLogger(__name__)
 BIAS = "output.bias"
+NOISE_MARGIN = 6.0  # standard deviations of a site's noise beyond its users' counts before its share is clipped
+UNTOUCHED = ("accepted_norms", "declared_users", "norm_bound_factor", "max_update_norm")
 
 
 def check_release(cfg: ServerConfig) -> None:
@@ -43,6 +45,25 @@ def check_release(cfg: ServerConfig) -> None:
                          f"{cfg.initial_model} has a trained one (drop the release, or start afresh)")
 
 
+def summed_counts(grid: Any, strategy: Any, shares: list, start: torch.Tensor, noise: float) -> torch.Tensor:
+    """The released counts summed over the sites. Under secure aggregation every reply carries the one secure
+    average (each site bounded by strategy.secagg_clip). Without it each site's counts, (its bias - the global
+    one) × its users, are clipped to what its k users could add to an item, [0, k], widened by NOISE_MARGIN σ_p
+    for its noise: a site that lies moves an item's count by no more than an honest site of its size could."""
+    def bias(msg: Any) -> torch.Tensor:
+        return torch.from_numpy(msg.content.array_records[wire.ARRAYS][BIAS].numpy()).double()
+
+    if isinstance(grid, SecureAggregationGrid):
+        users = sum(int(reply_metrics(m)[wire.NUM_EXAMPLES]) for m in shares)
+        return (bias(shares[0]) - start) * users
+    total = torch.zeros_like(start)
+    for msg in shares:
+        users = int(reply_metrics(msg)[wire.NUM_EXAMPLES])
+        margin = NOISE_MARGIN * noise
+        total += ((bias(msg) - start) * users).clamp(min=-margin, max=users + margin)
+    return total
+
+
 def release_popularity(grid: Any, strategy: Any, model: FedRecModel, trainable: dict[str, torch.Tensor],
                        config: ConfigRecord, cfg: ServerConfig) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Ask every site the strategy samples for its share of the release, set the global item bias from the
@@ -52,7 +73,11 @@ def release_popularity(grid: Any, strategy: Any, model: FedRecModel, trainable: 
     noise = cfg.strategy.dp_popularity_noise
     release = ConfigRecord({**dict(config), wire.DDP_POPULARITY: noise})
     start = ArrayRecord(trainable)
-    kept = {name: getattr(strategy, name) for name in ("accepted_norms", "declared_users")}
+    # The norm bound judges training updates against each other: a share's norm is its noise over its users, so
+    # an honest small site's share would look like an attack. Each share is bounded by what its users could
+    # have contributed instead (below); the rounds' norm history and declared users are left as they were.
+    kept = {name: getattr(strategy, name) for name in UNTOUCHED}
+    strategy.norm_bound_factor, strategy.max_update_norm, strategy.accepted_norms = 0.0, 0.0, []
     messages = list(strategy.configure_train(0, start, release, grid))
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     failures = [reason for m in replies if (reason := failure(m))]
@@ -66,11 +91,8 @@ def release_popularity(grid: Any, strategy: Any, model: FedRecModel, trainable: 
         raise RoundsFailedError(f"the popularity release (round 0) got {len(shares)} usable shares ({len(dropped)} "
                                 f"dropped, {len(failures)} failed), fewer than strategy.min_nodes="
                                 f"{strategy.min_train_nodes}: {'; '.join((failures + dropped)[:3])}")
-    average, _ = FedAvg.aggregate_train(strategy, 0, shares)
-    if average is None:
-        raise RoundsFailedError("the popularity release (round 0): the shares could not be averaged (see the log)")
     users = sum(int(reply_metrics(m)[wire.NUM_EXAMPLES]) for m in shares)
-    counts = (torch.from_numpy(average[BIAS].numpy()).double() - trainable[BIAS].double()) * users
+    counts = summed_counts(grid, strategy, shares, trainable[BIAS].double(), noise)
     if not bool(counts.isfinite().all()):
         raise RoundsFailedError("the popularity release (round 0): the summed counts are not finite")
     model.start_item_bias(counts)
