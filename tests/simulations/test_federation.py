@@ -183,21 +183,40 @@ def test_secure_aggregation_with_a_rule_that_needs_each_sites_update_is_refused(
 
 @pytest.mark.slow
 def test_distributed_dp_rounds_are_one_dp_sgd_step_of_the_union_under_secure_aggregation(tmp_path):
-    """Secure aggregation on the simulation engine (with DP sites), and distributed DP on top."""
-    _, _, sites = synthetic_sites(tmp_path, users=180, items=40, seed=8, num_sites=3, epsilon=8.0)
+    """Secure aggregation on the simulation engine (with DP sites), distributed DP on top, and its popularity
+    release in round 0 (strategy.dp_popularity_noise): every site sends its users' unit-norm item counts with its
+    share of σ_p, only as a secure sum; the global bias starts at the log of the total, each ledger holds the
+    release as (σ_p, 1, 1) before the steps, and a resumed run does not release again."""
+    from fl_client.dp.popularity import user_normalised_counts
+
+    data, _, sites = synthetic_sites(tmp_path, users=180, items=40, seed=8, num_sites=3, epsilon=8.0)
     out = tmp_path / "server"
-    server = server_config(tmp_path, num_rounds=3, model=ModelConfig(hidden_size=16, max_len=20, item_features=[]),
+    server = server_config(tmp_path, num_rounds=2, model=ModelConfig(hidden_size=16, max_len=20, item_features=[],
+                                                                     item_bias=True),
                            strategy=StrategyConfig(name="fedadam", server_lr=0.01, server_tau=1e-8, min_nodes=3,
                                                    secure_aggregation=True, distributed_dp=True, dp_sample_rate=0.1,
-                                                   dp_noise_multiplier=1.0))
+                                                   dp_noise_multiplier=1.0, dp_popularity_noise=1.0))
     run_federation(sites, server)
-    rows = round_records(out)
+    model, _ = load_model_dir(out / "model")  # two server steps of at most 0.01 a weight after the release
+    exact = torch.from_numpy(user_normalised_counts(data.sequences, model.config.num_item_rows,
+                                                    data.sequences.trainable_users()))
+    popular = exact > 8  # the noise (σ_p = 1) moves their log count by under 0.75 (4 σ_p at a count of 8)
+    assert popular.sum() >= 10
+    assert torch.allclose(model.output.bias.detach().double()[popular], exact[popular].log(), atol=0.75)
+    run_federation(sites, replace(server, num_rounds=3))  # resumed: one more step, and no second release
+    release, *rows = round_records(out)  # round 0 (the release, checkpointed), then the steps
+    assert release["round"] == 0 and {k: v for k, v in release["popularity_release"].items()
+                                      if k != "rows_above_floor"} == {"noise_multiplier": 1.0, "sites": 3, "users": 180}
+    assert 30 <= release["popularity_release"]["rows_above_floor"] <= 40
+    assert release["secure_aggregation"]["sites_summed"] == 3 and release["privacy"]["epsilon_max"] > 0
+    assert [r["round"] for r in rows] == [1, 2, 3]
     assert all(r["train_replies"] == 3 and r["train_failures"] == 0 and r["dropped"] == 0 for r in rows)
     secure = [r["secure_aggregation"] for r in rows]
     assert [{k: v for k, v in s.items() if k != "protocol_bytes_max"} for s in secure] == [
         {"sites_summed": 3, "dropped_after_sharing": 0, "fewest_summed": 3, "clipped_coordinates": 0}] * 3
     # ⌈0.67 × 3⌉ = 3 of 3: each site's σ/√3 adds up to exactly σ (none to spare for a dropout)
     assert all(r["distributed_dp"]["sum_noise_multiplier"] == 1.0 for r in rows)
+    assert all(r["distributed_dp"]["popularity_noise"] == 1.0 for r in rows)
     # keys, shares and unmask: about 1.4 kB a site with 3 sites, next to the model's (masked) update
     assert all(0 < s["protocol_bytes_max"] < 5000 < r["bytes_from_each_site"]
                for s, r in zip(secure, rows, strict=True))
@@ -209,53 +228,15 @@ def test_distributed_dp_rounds_are_one_dp_sgd_step_of_the_union_under_secure_agg
     assert "evaluation figures too" in report
     assert "Distributed DP: (ε ≤ " in report and "per user of any site, over the union" in report  # not per site
     assert "q = 0.1, σ = 1, C = 1" in report and "at most 0 sites collude with the server" in report
+    assert "after one release of item popularity in round 0 (σ = 1, every user)" in report
     assert "noise multipliers" not in report  # the sums carried exactly σ
-    for site in sites:  # every site charged the sum's (σ, q) for one step a round, and sent each round once
+    for site in sites:  # the release, then the sum's (σ, q) for one step a round; each round sent once
         entries = json.loads(Path(site.ledger_path).read_text())["entries"]
-        assert [e["history"] for e in entries] == [[[1.0, 0.1, 1]]] * 3
-        assert len(json.loads(Path(site.state_dir, "secagg_released.json").read_text())) == 3 + 3  # + evaluations
+        assert [(e["round"], e["history"]) for e in entries] == [(0, [[1.0, 1.0, 1]])] + [
+            (r, [[1.0, 0.1, 1]]) for r in (1, 2, 3)]
+        assert len(json.loads(Path(site.state_dir, "secagg_released.json").read_text())) == 1 + 3 + 3  # + evaluations
     eps = [e["epsilon_after"] for e in entries]
-    assert eps[0] < eps[1] < eps[2] == pytest.approx(rows[-1]["privacy"]["epsilon_max"], rel=1e-6)
-
-
-@pytest.mark.slow
-def test_a_popularity_release_in_round_0_starts_the_item_bias_through_the_secure_sum(tmp_path):
-    """Round 0 of distributed DP with strategy.dp_popularity_noise: every site sends its users' unit-norm item
-    counts with its share of σ_p, only as a secure sum; the global bias starts at the log of the total, and
-    each ledger holds the release as (σ_p, 1, 1) before the rounds' steps."""
-    from fl_client.dp.popularity import user_normalised_counts
-
-    data, _, sites = synthetic_sites(tmp_path, users=180, items=40, seed=8, num_sites=3, epsilon=8.0)
-    out = tmp_path / "server"
-    server = server_config(tmp_path, num_rounds=1, model=ModelConfig(hidden_size=16, max_len=20, item_features=[],
-                                                                     item_bias=True),
-                           strategy=StrategyConfig(name="fedadam", server_lr=1e-7, server_tau=1e-8, min_nodes=3,
-                                                   secure_aggregation=True, distributed_dp=True, dp_sample_rate=0.1,
-                                                   dp_noise_multiplier=1.0, dp_popularity_noise=1.0))
-    run_federation(sites, server)
-    release, step = round_records(out)  # round 0 (the release, checkpointed: a resume never asks again), round 1
-    assert release["round"] == 0 and {k: v for k, v in release["popularity_release"].items()
-                                      if k != "rows_above_floor"} == {"noise_multiplier": 1.0, "sites": 3, "users": 180}
-    assert 30 <= release["popularity_release"]["rows_above_floor"] <= 40
-    assert release["secure_aggregation"]["sites_summed"] == 3 and release["train_replies"] == 3
-    assert release["privacy"]["epsilon_max"] > 0  # the sites' ledgers after the release
-    assert step["round"] == 1 and step["distributed_dp"]["popularity_noise"] == 1.0
-    for site in sites:
-        entries = json.loads(Path(site.ledger_path).read_text())["entries"]
-        assert [(e["round"], e["history"]) for e in entries] == [(0, [[1.0, 1.0, 1]]), (1, [[1.0, 0.1, 1]])]
-    assert "after one release of item popularity in round 0 (σ = 1, every user)" in (out / "report.md").read_text()
-    model, _ = load_model_dir(out / "model")  # one server step of 1e-7 after the release: the release's bias
-    exact = torch.from_numpy(user_normalised_counts(data.sequences, model.config.num_item_rows,
-                                                    data.sequences.trainable_users()))
-    popular = exact > 8  # the noise (σ_p = 1) moves their log count by under 0.75 (4 σ_p at a count of 8)
-    assert popular.sum() >= 10
-    assert torch.allclose(model.output.bias.detach().double()[popular], exact[popular].log(), atol=0.75)
-    assert not torch.allclose(model.output.bias[popular], torch.zeros(int(popular.sum())))
-    run_federation(sites, replace(server, num_rounds=2))  # resumed: one more step, the release is not asked again
-    assert [r["round"] for r in round_records(out)] == [0, 1, 2]
-    for site in sites:
-        entries = json.loads(Path(site.ledger_path).read_text())["entries"]
-        assert [e["round"] for e in entries] == [0, 1, 2]
+    assert eps[0] < eps[1] < eps[2] < eps[3] == pytest.approx(rows[-1]["privacy"]["epsilon_max"], rel=1e-6)
 
 
 def test_a_popularity_release_needs_distributed_dp_and_an_item_bias(tmp_path):
