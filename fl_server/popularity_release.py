@@ -4,8 +4,9 @@ sum, each site adding its share under secure aggregation), and the global item b
 released counts. Each site's ledger records the release as (σ_p, 1, 1) before the DP-SGD rounds.
 
 The sites answer a train message whose config carries wire.DDP_POPULARITY, through the same grid as the rounds
-(secure aggregation included); the replies pass the strategy's reply checks, and their users-weighted average
-(plain FedAvg, never the server optimiser's step) is the global bias plus the release over all the users.
+(secure aggregation included); the replies pass the strategy's reply checks (not its norm bound), and the
+summed counts set the bias directly (never through the server optimiser's step): under secure aggregation from
+the one secure average, without it from each site's counts, clipped to what its users could add.
 The release is checkpointed as round 0 (its row has `popularity_release`), so a resumed training never asks
 for it again; a site asked again (the server stopped before that checkpoint) answers from its kept reply.
 """
@@ -45,7 +46,7 @@ def check_release(cfg: ServerConfig) -> None:
                          f"{cfg.initial_model} has a trained one (drop the release, or start afresh)")
 
 
-def summed_counts(grid: Any, strategy: Any, shares: list, start: torch.Tensor, noise: float) -> torch.Tensor:
+def summed_counts(grid: Any, shares: list, start: torch.Tensor, noise: float) -> torch.Tensor:
     """The released counts summed over the sites. Under secure aggregation every reply carries the one secure
     average (each site bounded by strategy.secagg_clip). Without it each site's counts, (its bias - the global
     one) × its users, are clipped to what its k users could add to an item, [0, k], widened by NOISE_MARGIN σ_p
@@ -92,7 +93,7 @@ def release_popularity(grid: Any, strategy: Any, model: FedRecModel, trainable: 
                                 f"dropped, {len(failures)} failed), fewer than strategy.min_nodes="
                                 f"{strategy.min_train_nodes}: {'; '.join((failures + dropped)[:3])}")
     users = sum(int(reply_metrics(m)[wire.NUM_EXAMPLES]) for m in shares)
-    counts = summed_counts(grid, strategy, shares, trainable[BIAS].double(), noise)
+    counts = summed_counts(grid, shares, trainable[BIAS].double(), noise)
     if not bool(counts.isfinite().all()):
         raise RoundsFailedError("the popularity release (round 0): the summed counts are not finite")
     model.start_item_bias(counts)
