@@ -32,8 +32,7 @@ MIN_USERS = 50  # fewer trainable users than this and a site refuses DP training
 MAX_MODEL_PARAMETERS = 50_000_000  # the largest global model a site builds by default (200 MB of float32)
 START_LOCK_TIMEOUT_S = 60.0  # fedrec-client's start waits this long for a round in progress on the same state dir
 # A SuperNode's --node-config names the site's privacy settings flat: PrivacyConfig's fields in kebab case, with
-# `dp` for `enabled`.
-# a site's DP settings as SuperNode node-config keys (the popularity release is centralized training's only)
+# `dp` for `enabled`; not popularity_noise, a release of centralized training only.
 NODE_PRIVACY_KEYS = {("dp" if f.name == "enabled" else f.name.replace("_", "-")): f.name for f in fields(PrivacyConfig)
                      if f.name != "popularity_noise"}
 

@@ -46,7 +46,7 @@ def check_release(cfg: ServerConfig) -> None:
                          f"{cfg.initial_model} has a trained one (drop the release, or start afresh)")
 
 
-def summed_counts(grid: Any, shares: list, start: torch.Tensor, noise: float) -> torch.Tensor:
+def summed_counts(grid: Any, shares: list, users: int, start: torch.Tensor, noise: float) -> torch.Tensor:
     """The released counts summed over the sites. Under secure aggregation every reply carries the one secure
     average (each site bounded by strategy.secagg_clip). Without it each site's counts, (its bias - the global
     one) × its users, are clipped to what its k users could add to an item, [0, k], widened by NOISE_MARGIN σ_p
@@ -55,13 +55,12 @@ def summed_counts(grid: Any, shares: list, start: torch.Tensor, noise: float) ->
         return torch.from_numpy(msg.content.array_records[wire.ARRAYS][BIAS].numpy()).double()
 
     if isinstance(grid, SecureAggregationGrid):
-        users = sum(int(reply_metrics(m)[wire.NUM_EXAMPLES]) for m in shares)
-        return (bias(shares[0]) - start) * users
+        return (bias(shares[0]) - start) * users  # the secure average over all `users`
+    margin = NOISE_MARGIN * noise
     total = torch.zeros_like(start)
     for msg in shares:
-        users = int(reply_metrics(msg)[wire.NUM_EXAMPLES])
-        margin = NOISE_MARGIN * noise
-        total += ((bias(msg) - start) * users).clamp(min=-margin, max=users + margin)
+        site_users = int(reply_metrics(msg)[wire.NUM_EXAMPLES])
+        total += ((bias(msg) - start) * site_users).clamp(min=-margin, max=site_users + margin)
     return total
 
 
@@ -93,7 +92,7 @@ def release_popularity(grid: Any, strategy: Any, model: FedRecModel, trainable: 
                                 f"dropped, {len(failures)} failed), fewer than strategy.min_nodes="
                                 f"{strategy.min_train_nodes}: {'; '.join((failures + dropped)[:3])}")
     users = sum(int(reply_metrics(m)[wire.NUM_EXAMPLES]) for m in shares)
-    counts = summed_counts(grid, shares, trainable[BIAS].double(), noise)
+    counts = summed_counts(grid, shares, users, trainable[BIAS].double(), noise)
     if not bool(counts.isfinite().all()):
         raise RoundsFailedError("the popularity release (round 0): the summed counts are not finite")
     model.start_item_bias(counts)

@@ -188,10 +188,12 @@ class RoundRecorder:
         self.strategy.raise_if_failing()  # only now: the unchanged model of the last good round is on disk
         return MetricRecord(central) if central else None
 
-    def release_record(self, figures: dict[str, float]) -> RoundRecord:
-        """Round 0 of a training with a popularity release (fl_server.popularity_release)."""
-        record = replace(self.strategy.last_round, round=0, seconds=round(time.time() - self.started, 2),
-                         popularity_release=figures)
+    def strategy_record(self, server_round: int, **fields: Any) -> RoundRecord:
+        """What the strategy saw of the round, numbered and timed (with `fields`); under secure aggregation with
+        the secure sum's figures and the bytes that crossed the network: the strategy counted its own train
+        message and the rebuilt replies, what crossed is the message with the sealed shares and the masked update."""
+        record = replace(self.strategy.last_round, round=server_round, seconds=round(time.time() - self.started, 2),
+                         **fields)
         if isinstance(self.grid, SecureAggregationGrid):
             record.secure_aggregation = dict(self.grid.last)
             record.bytes_to_each_site = record.secure_aggregation.pop("bytes_to_site", record.bytes_to_each_site)
@@ -199,10 +201,14 @@ class RoundRecorder:
                                                                         record.bytes_from_each_site)
         return record
 
+    def release_record(self, figures: dict[str, float]) -> RoundRecord:
+        """Round 0 of a training with a popularity release (fl_server.popularity_release)."""
+        return self.strategy_record(0, popularity_release=figures)
+
     def record(self, server_round: int, evaluated: bool, central: dict[str, Any]) -> RoundRecord:
         """The round's record (metrics.jsonl, the report): what the strategy saw, and what the run adds."""
         strategy = self.cfg.strategy
-        record = replace(self.strategy.last_round, round=server_round, seconds=round(time.time() - self.started, 2))
+        record = self.strategy_record(server_round)
         if strategy.distributed_dp:  # what the report's privacy claim states (fl_server.report)
             record.distributed_dp = {"sample_rate": strategy.dp_sample_rate,
                                      "noise_multiplier": strategy.dp_noise_multiplier,
@@ -210,16 +216,10 @@ class RoundRecorder:
             if strategy.dp_popularity_noise:
                 record.distributed_dp["popularity_noise"] = strategy.dp_popularity_noise
         if isinstance(self.grid, SecureAggregationGrid):
-            record.secure_aggregation = dict(self.grid.last)
             if record.distributed_dp and "fewest_summed" in self.grid.last:  # the noise the sum carried
                 record.distributed_dp["sum_noise_multiplier"] = round(secure_sum.sum_noise_multiplier(
                     strategy.dp_noise_multiplier, self.grid.last["sites_summed"], self.grid.last["fewest_summed"],
                     strategy.dp_colluders), 6)
-            # the strategy counted its own train message and the rebuilt replies; what crossed the network is the
-            # message with the sealed shares and the masked update
-            record.bytes_to_each_site = record.secure_aggregation.pop("bytes_to_site", record.bytes_to_each_site)
-            record.bytes_from_each_site = record.secure_aggregation.pop("bytes_from_site",
-                                                                        record.bytes_from_each_site)
             if evaluated and self.strategy.asked.get("evaluate"):
                 record.secure_evaluation = dict(self.grid.last_evaluation)
         if evaluated:
