@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch; a GPU user installs their CUDA build into the venv first (see docs/operations.md).
 TORCH ?= torch==2.13.0
 # pytest workers: the deployment tests mostly wait on their processes, so two workers halve the suite on 2 cores.
+# --maxschedchunk 1: tests are handed out one by one, so the slow ones spread over the workers (tests/conftest.py).
 # The 20 slowest tests are listed after the run: CI must stay under 15 min on 2 cores.
 TEST_WORKERS ?= 2
 
@@ -30,4 +31,4 @@ lint: install
 	$(BIN)/lint-imports
 
 test: lint
-	$(BIN)/pytest -n $(TEST_WORKERS) --durations=20
+	$(BIN)/pytest -n $(TEST_WORKERS) --maxschedchunk 1 --durations=20

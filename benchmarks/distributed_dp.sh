@@ -14,6 +14,9 @@
 # POPULARITY: σ_p of a DP release of item popularity before the first step that starts the item bias (central:
 # privacy.popularity_noise, distributed: strategy.dp_popularity_noise in round 0); the steps' σ is then calibrated
 # to what the release leaves of ε (default 0: no release).
+# MODULUS, BITS: the secure sum's modulus and quantization (strategy.secagg_modulus_bits, default 32, and
+# strategy.secagg_bits, default 16). MODULUS=16 halves the bytes a site sends; it needs sites x 2^(BITS-1) < 2^15
+# (BITS=12 for 11 or 10 sites).
 # Run from the repository root with fedrec installed; the data sets are read from ../shared/data. Meant for a GPU
 # (Beauty: 60 steps of about 4,000 users each, about an hour a run on the 2-core CPU box).
 set -u
@@ -49,6 +52,8 @@ T=${STEPS:-$T}
 EPOCHS=$(python -c "t, q = $T, $Q; e = round(t * q); assert abs(e - t * q) < 1e-9, f'STEPS={t} is not whole epochs at q={q}'; print(e)") || exit 2
 DROPOUT=${DROPOUT:-${DROP:-}}
 THRESHOLD=${THRESHOLD:-1.0}
+MODULUS=${MODULUS:-32}
+BITS=${BITS:-16}
 MODEL=${DROPOUT:+"model.hidden_dropout_prob=$DROPOUT model.attention_probs_dropout_prob=$DROPOUT"}
 # δ: the union's default, min(1e-5, 1 / (10 × users)), for both runs (each site is told it explicitly)
 DELTA=$(python -c "print(min(1e-5, 1 / (10 * $USERS)))")
@@ -61,7 +66,7 @@ print(calibrate_noise(PrivacyConfig(enabled=True, epsilon=$EPS), $Q, $T, $DELTA,
   2>/dev/null)
 mkdir -p "$OUT"
 echo "ε $EPS, δ $DELTA, q $Q, T $T, σ $SIGMA, popularity release σ_p $POPULARITY, dropout ${DROPOUT:-preset}," \
-  "SecAgg threshold $THRESHOLD" | tee "$OUT/plan.txt"
+  "SecAgg threshold $THRESHOLD, modulus 2^$MODULUS, $BITS bits" | tee "$OUT/plan.txt"
 PRIVACY="privacy=dp privacy.epsilon=$EPS privacy.delta=$DELTA"  # the sites' budget; σ comes from the server
 CENTRAL_RELEASE="privacy.popularity_noise=$POPULARITY"
 FEDERATED_RELEASE="strategy.dp_popularity_noise=$POPULARITY"
@@ -79,7 +84,7 @@ for seed in "${SEEDS[@]}"; do
   # shellcheck disable=SC2086
   fedrec-simulate $FEDERATED $MODEL $PRIVACY $FEDERATED_RELEASE train.seed=$seed federation.num_rounds=$T federation.eval_every=1000 \
     strategy.name=fedadam strategy.server_lr=$LR strategy.server_tau=1e-8 strategy.server_beta_2=0.999 \
-    strategy.secure_aggregation=true strategy.secagg_threshold=$THRESHOLD strategy.distributed_dp=true strategy.dp_sample_rate=$Q \
+    strategy.secure_aggregation=true strategy.secagg_threshold=$THRESHOLD strategy.secagg_modulus_bits=$MODULUS strategy.secagg_bits=$BITS strategy.distributed_dp=true strategy.dp_sample_rate=$Q \
     strategy.dp_noise_multiplier=$SIGMA hydra.run.dir="$OUT/distributed-$seed" > "$OUT/distributed-$seed.log" 2>&1
   echo "   rc=$?  $(date -u +%FT%TZ)"
 done

@@ -182,12 +182,11 @@ def flat_update(trained: dict[str, torch.Tensor], start: dict[str, torch.Tensor]
 def mask_update(state: SecAggState, update: np.ndarray, weight: int, max_weight: int,
                 settings: SecureSumSettings, rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """Stage 3: the update × weight / max_weight, quantized, then the weight and the count of coordinates the
-    quantizer clipped (the server learns only their sums), all under the private mask and one pairwise mask per
-    live neighbour; and that count."""
+    quantizer clipped (as secure_sum.encode_counts digits; the server learns only their sums), all under the
+    private mask and one pairwise mask per live neighbour; and that count."""
     weight = min(weight, max_weight)
     levels, clipped = secure_sum.encode(update, weight / max_weight, settings, rng)
-    dtype = secure_sum.MODULUS_BITS[settings.modulus_bits]
-    vector = np.concatenate([levels, np.array([weight, clipped], dtype=dtype)])  # (D + 2,)
+    vector = np.concatenate([levels, secure_sum.encode_counts([weight, clipped], settings)])  # (D + 2 digits,)
     return add_masks(state, vector, settings), clipped
 
 

@@ -43,7 +43,7 @@ class StrategyConfig:
     secagg_clip: float = 0.5  # (float) secure aggregation: largest |coordinate| of a site's update (weighted by
     # its users over the round's largest site's); larger ones are clipped
     secagg_bits: int = 16  # (int) secure aggregation: quantization levels 2^bits over ±secagg_clip
-    secagg_modulus_bits: int = 32  # (int) secure aggregation: the sum is taken mod 2^32 (as float32's bytes) or 2^64
+    secagg_modulus_bits: int = 32  # (int) secure aggregation: the sum mod 2^16, 2^32 or 2^64 (2, 4 or 8 bytes a value)
     secagg_threshold: float = 0.67  # (float) secure aggregation: share of a site's neighbourhood whose shares rebuild
     # its masks; the rest may drop out
     secagg_neighbours: int = 0  # (int) secure aggregation: SecAgg+ neighbours per site (even); 0 = every site

@@ -154,6 +154,10 @@ class SecureRound:
             total = self.unmask(tag, common, masked, sorted(set(shares) - set(masked)), graph, roster)
             if self.evaluation:
                 means, users = secure_sum.decode_sums(total, len(replies))
+            else:  # the levels, then the weight's and the clipped count's digits
+                tail = 2 * self.settings.count_digits
+                summed = secure_sum.decode(total[:-tail], self.settings)
+                weight, clipped = secure_sum.decode_counts(total[-tail:], len(replies), self.settings)
         except SecureSumError as err:
             return self.failed + [self.refused(r, str(err)) for r in replies]
         outcome = {"sites_summed": len(masked), "dropped_after_sharing": len(shares) - len(masked),
@@ -163,7 +167,6 @@ class SecureRound:
             self.stats.update(outcome)
             return self.failed + with_pooled_metrics(replies, dict(zip(names, means, strict=True)), users,
                                                      self.sent)
-        summed, weight, clipped = secure_sum.decode(total[:-2], self.settings), int(total[-2]), int(total[-1])
         problem = sum_problem(summed, weight, clipped, len(replies), max_weight, self.settings)
         if problem:
             return self.failed + [self.refused(r, problem) for r in replies]
@@ -190,9 +193,10 @@ class SecureRound:
             common = Counter(tuple(n) for _, _, n in got if n).most_common(1)
             names = common[0][0] if common else ()
             length, what = len(names) + 1, f"sums of the metrics {list(names)} and the users,"
-        else:  # levels, weight, clipped count
+        else:  # levels, then the weight's and the clipped count's digits
             start = stage3[0].content.array_records[wire.ARRAYS] if stage3 else ArrayRecord({})
-            names, length, what = (), sum(int(np.prod(a.shape)) for a in start.values()) + 2, "update of"
+            length = sum(int(np.prod(a.shape)) for a in start.values()) + 2 * self.settings.count_digits
+            names, what = (), "update of"
         masked, kept = {}, []
         for reply, vector, sent_names in got:
             if vector.shape != (length,) or vector.dtype != dtype or tuple(sent_names) != names:

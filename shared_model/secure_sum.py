@@ -28,7 +28,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 SECRET_BYTES = 32  # private mask seeds and X25519 private keys: two 16-byte Shamir chunks
-MODULUS_BITS = {32: np.uint32, 64: np.uint64}  # unsigned wrap-around arithmetic is the modular sum
+MODULUS_BITS = {16: np.uint16, 32: np.uint32, 64: np.uint64}  # unsigned wrap-around arithmetic is the modular sum
+SIGNED = {16: np.int16, 32: np.int32, 64: np.int64}  # the same bits read as two's complement
+COUNT_BITS = 48  # a site's weight and clipped count (encode_counts) are below 2^48
 RAW = serialization.Encoding.Raw
 SUM_FRACTION_BITS = 16  # evaluation sums (encode_sums) are fixed point: 2^-16 a unit
 SUM_LIMIT = 2 ** 47  # the largest value one site may put in an evaluation sum: 2^16 sites stay below 2^63
@@ -44,14 +46,14 @@ class SecureSumSettings:
 
     clip: float = 0.5  # (float) largest |coordinate| of a site's weighted update; larger ones are clipped (counted)
     bits: int = 16  # (int) quantization: 2^bits levels over [-clip, clip]
-    modulus_bits: int = 32  # (int) the sum is taken mod 2^32 (4 bytes a coordinate, as float32) or 2^64
+    modulus_bits: int = 32  # (int) the sum is taken mod 2^16, 2^32 (2 or 4 bytes a coordinate) or 2^64
     threshold: float = 0.67  # (float) fraction of a site's neighbourhood (itself included) whose shares rebuild it
     neighbours: int = 0  # (int) SecAgg+ graph degree (even); 0 = every other site (SecAgg)
 
     def check(self, num_sites: int) -> None:
         """Refuse settings that are unsafe or would overflow the modular sum for `num_sites` sites."""
         if self.modulus_bits not in MODULUS_BITS:
-            raise SecureSumError(f"secagg.modulus_bits={self.modulus_bits}: use 32 or 64")
+            raise SecureSumError(f"secagg.modulus_bits={self.modulus_bits}: use 16, 32 or 64")
         if not (math.isfinite(self.clip) and self.clip > 0):
             raise SecureSumError(f"secagg.clip={self.clip}: must be a positive number")
         if not 2 <= self.bits <= self.modulus_bits - 2:
@@ -63,12 +65,17 @@ class SecureSumSettings:
             raise SecureSumError(f"secagg.neighbours={self.neighbours}: must be 0 (all) or a positive even number")
         if num_sites * 2 ** (self.bits - 1) >= 2 ** (self.modulus_bits - 1):
             raise SecureSumError(f"{num_sites} sites x 2^{self.bits - 1} overflows a sum mod 2^{self.modulus_bits}: "
-                                 "lower secagg.bits or use secagg.modulus_bits=64")
+                                 f"lower secagg.bits or use a wider secagg.modulus_bits")
 
     @property
     def step(self) -> float:
         """The value of one quantization level."""
         return 2 * self.clip / 2 ** self.bits
+
+    @property
+    def count_digits(self) -> int:
+        """How many values one count takes in a masked vector (encode_counts)."""
+        return math.ceil(COUNT_BITS / (self.bits - 1))
 
     def to_record(self) -> dict[str, float | int]:
         """The settings as a flat ConfigRecord content (every stage message names them)."""
@@ -129,6 +136,29 @@ def encode(update: np.ndarray, scale: float, settings: SecureSumSettings,
     return levels.astype(MODULUS_BITS[settings.modulus_bits]), clipped
 
 
+def encode_counts(counts: list[int], settings: SecureSumSettings) -> np.ndarray:
+    """Counts (a site's weight, its clipped coordinates) for the masked vector: each as `count_digits` digits in
+    base 2^(bits − 1), least significant first. A digit lies within a level's range, so the digits of as many
+    sites as `check` allows sum without wrapping, and the counts add up exactly whatever the modulus (at 16 bits
+    a count itself would wrap at 65,536)."""
+    width = settings.bits - 1
+    if any(not 0 <= count < 2 ** COUNT_BITS for count in counts):
+        raise SecureSumError(f"counts {counts} for a secure sum must lie in [0, 2^{COUNT_BITS})")
+    digits = [(count >> (width * i)) & (2 ** width - 1) for count in counts for i in range(settings.count_digits)]
+    return np.array(digits, dtype=MODULUS_BITS[settings.modulus_bits])
+
+
+def decode_counts(total: np.ndarray, sites: int, settings: SecureSumSettings) -> list[int]:
+    """The counts that `sites` sites' encode_counts vectors summed to (mod 2^modulus_bits); a SecureSumError
+    when a digit's sum is more than `sites` honest sites can send."""
+    width, digits = settings.bits - 1, settings.count_digits
+    sums = [int(d) for d in total]
+    if len(sums) % digits or any(d > sites * (2 ** width - 1) for d in sums):
+        raise SecureSumError("the unmasked counts lie outside what honest sites can send (a site sent integers out "
+                             "of range)")
+    return [sum(d << (width * i) for i, d in enumerate(sums[j:j + digits])) for j in range(0, len(sums), digits)]
+
+
 def encode_sums(means: list[float], count: int) -> np.ndarray:
     """A site's evaluation for a secure sum: each per-user mean × `count` (its sum over the site's users) in
     fixed point (2^-SUM_FRACTION_BITS a unit), then `count`, as uint64 (a 64-bit modulus: the sums are summed,
@@ -155,8 +185,7 @@ def decode_sums(total: np.ndarray, sites: int) -> tuple[np.ndarray, int]:
 
 def decode(total: np.ndarray, settings: SecureSumSettings) -> np.ndarray:
     """The signed sum (two's complement mod 2^modulus_bits) back in the updates' units."""
-    signed = total.astype(MODULUS_BITS[settings.modulus_bits]).view(
-        np.int32 if settings.modulus_bits == 32 else np.int64)
+    signed = total.astype(MODULUS_BITS[settings.modulus_bits]).view(SIGNED[settings.modulus_bits])
     return signed.astype(np.float64) * settings.step
 
 

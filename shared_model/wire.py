@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 # 4: under secure aggregation the evaluation is a secure sum too (its MASKED reply and the metrics' names).
 # 5: the item-count query (model.trained_item_rows) and the model fields trained_item_rows and position_encoding
 #    are gone (docs/tried.md).
-VERSION = 5
+# 6: a masked update ends with its weight's and clipped count's digits (secure_sum.encode_counts), not the two
+#    counts themselves, so that a 16-bit secure sum (strategy.secagg_modulus_bits=16) adds them without wrapping.
+VERSION = 6
 
 # Record keys inside a Message's RecordDict.
 ARRAYS = "arrays"  # ArrayRecord: trainable weights, no Opacus `_module.`

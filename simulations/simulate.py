@@ -190,6 +190,8 @@ def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.nd
         central = str(out / "sites" / "central_test_events.parquet")
         data.events.frame.to_parquet(central, index=False)
     server = server_config(cfg, out, data.events.has_timestamps, central)
+    if (settings := secure_settings(server)) is not None:
+        settings.check(len(sites))  # a round may sum every site: a modulus they would overflow fails here, not there
     if cfg.privacy.enabled:
         strategy = cfg.strategy
         mechanism = (f"distributed DP, one DP-SGD step a round over the union of the sites' users (q = "

@@ -35,11 +35,23 @@ u1,b,{T0 + 60},cart,north
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked `slow` run first (with two workers the longest then overlap the many short ones instead of
-    running alone at the end); tests marked `gpu` are skipped, with the reason, where torch sees no CUDA device
-    (CI)."""
-    # stable, so the same order on every worker; GPU tests (skipped in CI) after the slow CPU ones
-    items.sort(key=lambda item: (item.get_closest_marker("slow") is None or item.get_closest_marker("gpu") is not None))
+    """Tests marked `slow` start first, longest first (`slow(seconds=...)`, for the few that run minutes), each
+    followed by a short test; tests marked `gpu` are skipped, with the reason, where torch sees no CUDA device (CI).
+
+    `make test` runs xdist with `--maxschedchunk 1`: each worker is handed the first two tests of the list, then
+    one more as each finishes. So the two longest tests start at once on different workers and everything else
+    fills in around them (xdist's default hands each worker a quarter of its share at once: all the slow tests
+    landed on one worker, which ran them one after another while the other sat idle)."""
+    def expected_seconds(item: pytest.Item) -> float:
+        slow = item.get_closest_marker("slow")
+        return -1.0 if slow is None or item.get_closest_marker("gpu") else float(slow.kwargs.get("seconds", 0))
+
+    # stable, so the same order on every worker; GPU tests (skipped in CI) among the short ones
+    slow = sorted((item for item in items if expected_seconds(item) >= 0), key=expected_seconds, reverse=True)
+    short = [item for item in items if expected_seconds(item) < 0]
+    paired = min(len(slow), len(short))
+    items[:] = [item for pair in zip(slow[:paired], short[:paired], strict=True) for item in pair] + \
+        slow[paired:] + short[paired:]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

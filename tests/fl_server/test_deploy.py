@@ -117,7 +117,7 @@ def wait_until(condition, timeout_s: float, what: str) -> None:
 ON_GPU = pytest.param("cuda", ' model.item-features="" model.feature-scoring=false', id="cuda", marks=pytest.mark.gpu)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=300)
 @pytest.mark.parametrize(("device", "features"), [pytest.param("cpu", "", id="cpu"), ON_GPU])
 def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(tmp_path, device, features):
     data = prepare_data(DataConfig(name="synthetic", synthetic={"num_users": 60 * SITES, "num_items": 40, "seed": 5}))

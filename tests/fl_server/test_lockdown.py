@@ -349,7 +349,7 @@ def flwr_cli(home: Path, address: str, ca: Path, *args: str) -> subprocess.Compl
                           capture_output=True, text=True, timeout=120, check=False)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=140)
 def test_the_deployment_guide_on_loopback_trains_only_registered_sites_and_runs_no_stranger_app(tmp_path):
     public = non_loopback_address()
     if public is None:

@@ -113,15 +113,18 @@ def assert_average(replies, expected, nodes, settings):
         assert metrics[wire.NUM_EXAMPLES] > 0 and wire.NOTES in reply.content.config_records
 
 
-def test_the_secure_average_equals_fedavg_within_quantization_error(federation):
+@pytest.mark.parametrize(("settings", "dtype"), [(SecureSumSettings(), np.uint32),
+                                               (SecureSumSettings(bits=12, modulus_bits=16), np.uint16)],
+                         ids=["mod 2^32", "mod 2^16"])
+def test_the_secure_average_equals_fedavg_within_quantization_error(federation, settings, dtype):
     grid, messages, start, updates, users = federation
-    settings = SecureSumSettings()
     replies = list(SecureAggregationGrid(grid, settings).send_and_receive(messages))
     assert_average(replies, fedavg(start, updates, users, NODES), NODES, settings)
-    # no reply the server received carried a site's own weights, only masked integers
+    # no reply the server received carried a site's own weights, only masked integers (2 bytes each mod 2^16)
     trains = [r for r in grid.seen if r.metadata.message_type == MessageType.TRAIN]
     assert len(trains) == len(NODES)
     assert all(list(r.content.array_records) == [wire.MASKED] for r in trains)
+    assert all(r.content.array_records[wire.MASKED][wire.MASKED].numpy().dtype == dtype for r in trains)
 
 
 def test_the_round_counts_the_bytes_that_crossed_the_network_not_the_rebuilt_replies(federation):
@@ -189,6 +192,15 @@ def test_a_site_sending_integers_out_of_range_fails_the_round_not_the_model(fede
     grid, messages, *_ = federation
     grid.tamper[(MessageType.TRAIN, 13)] = shifted(slice(None, -2), np.uint32(2 ** 31))  # far outside any update
     replies = list(SecureAggregationGrid(grid, SecureSumSettings()).send_and_receive(messages))
+    assert all(r.has_error() and "out of range" in r.error.reason for r in replies)
+
+
+def test_a_weight_out_of_range_in_a_16_bit_sum_fails_the_round(federation):
+    grid, messages, *_ = federation
+    settings = SecureSumSettings(bits=12, modulus_bits=16)
+    grid.tamper[(MessageType.TRAIN, 13)] = shifted(slice(-2 * settings.count_digits, -settings.count_digits),
+                                                  np.uint16(2 ** 12))  # a weight digit past its 11 bits
+    replies = list(SecureAggregationGrid(grid, settings).send_and_receive(messages))
     assert all(r.has_error() and "out of range" in r.error.reason for r in replies)
 
 

@@ -40,6 +40,33 @@ def test_signed_sums_survive_the_modular_wrap_around():
     assert np.abs(secure_sum.decode(total, settings) - np.sum(parts, axis=0)).max() <= 7 * settings.step
 
 
+def test_a_16_bit_sum_adds_levels_and_counts_past_65536_exactly():
+    # 15 sites at 11 bits fill the signed 16-bit range (15 x 2^10 < 2^15); their weights and clipped counts sum
+    # far past 2^16 and still come back exact, as digits of 11 bits.
+    settings = SecureSumSettings(clip=0.5, bits=11, modulus_bits=16)
+    settings.check(15)
+    rng = np.random.default_rng(2)
+    parts = [rng.uniform(-0.5, 0.5, 300) for _ in range(15)]
+    counts = [(40_000 + 1_000 * i, 2 ** 40 + i) for i in range(15)]  # weights, clipped counts
+    vectors = [np.concatenate([secure_sum.encode(p, 1.0, settings, rng)[0],
+                               secure_sum.encode_counts(list(c), settings)])
+               for p, c in zip(parts, counts, strict=True)]
+    masks = [secure_sum.mask(os.urandom(32), len(vectors[0]), settings) for _ in vectors]
+    sent = [v + m for v, m in zip(vectors, masks, strict=True)]
+    assert all(v.dtype == np.uint16 for v in sent)  # 2 bytes a value on the wire
+    total = np.sum(np.stack(sent), axis=0, dtype=np.uint16) - np.sum(np.stack(masks), axis=0, dtype=np.uint16)
+    tail = 2 * settings.count_digits
+    assert np.abs(secure_sum.decode(total[:-tail], settings) - np.sum(parts, axis=0)).max() <= 15 * settings.step
+    weight, clipped = secure_sum.decode_counts(total[-tail:], 15, settings)
+    assert (weight, clipped) == (sum(c[0] for c in counts), sum(c[1] for c in counts))
+    bad = secure_sum.encode_counts([5, 7], settings)
+    bad[1] = 2 ** 10  # one site's digit past its 10 bits: a weight that honest sites could not send
+    with pytest.raises(SecureSumError, match="outside what honest sites can send"):
+        secure_sum.decode_counts(bad, 1, settings)
+    with pytest.raises(SecureSumError, match="must lie in"):
+        secure_sum.encode_counts([-1, 0], settings)
+
+
 def test_pairwise_masks_cancel_in_the_sum():
     settings = SecureSumSettings()
     keys = {n: secure_sum.new_key_pair() for n in (3, 8, 20)}
@@ -58,7 +85,7 @@ def test_pairwise_masks_cancel_in_the_sum():
 
 
 @pytest.mark.parametrize(("changes", "problem"), [
-    ({"modulus_bits": 48}, "use 32 or 64"), ({"clip": 0.0}, "positive"), ({"clip": float("nan")}, "positive"),
+    ({"modulus_bits": 48}, "use 16, 32 or 64"), ({"clip": 0.0}, "positive"), ({"clip": float("nan")}, "positive"),
     ({"bits": 31}, "must be 2..30"), ({"threshold": 0.5}, "majority"), ({"neighbours": 3}, "even"),
 ])
 def test_unsafe_settings_are_refused_naming_the_setting(changes, problem):
@@ -71,6 +98,9 @@ def test_a_sum_that_could_overflow_the_modulus_is_refused():
     with pytest.raises(SecureSumError, match="overflows"):
         SecureSumSettings(bits=16, modulus_bits=32).check(65_536)
     SecureSumSettings(bits=16, modulus_bits=64).check(65_536)
+    SecureSumSettings(bits=12, modulus_bits=16).check(15)  # 15 x 2^11 < 2^15
+    with pytest.raises(SecureSumError, match="overflows a sum mod 2\\^16"):
+        SecureSumSettings(bits=12, modulus_bits=16).check(16)
 
 
 def test_settings_round_trip_through_a_record_and_a_broken_record_is_named():

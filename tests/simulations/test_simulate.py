@@ -55,6 +55,18 @@ def test_a_popularity_release_is_refused_for_a_federation_of_dp_sites(tmp_path):
         check_federation(typed(["privacy.popularity_noise=5"]), tmp_path)
 
 
+def test_a_secure_sum_the_sites_would_overflow_is_refused_before_the_run(tmp_path):
+    """The embedded data's 4 regions at 14 bits would wrap a 16-bit sum (4 x 2^13 = 2^15): refused once the sites
+    are known, before Ray starts; 13 bits fit."""
+    from simulations.simulate import run_simulate
+
+    cfg = typed(["strategy.secure_aggregation=true", "strategy.secagg_modulus_bits=16", "strategy.secagg_bits=14"])
+    cfg.output_dir = str(tmp_path)
+    with pytest.raises(ValueError, match=r"4 sites x 2\^13 overflows a sum mod 2\^16"):
+        run_simulate(cfg)
+    assert not (tmp_path / "server").exists()
+
+
 def centralized(overrides: list[str]):
     from simulations.config import CentralizedConfig, register_schemas
 
