@@ -12,6 +12,8 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from fl_client.site import MAX_MODEL_PARAMETERS
@@ -154,23 +156,15 @@ def build_global_model(round_cfg: RoundConfig, state: Mapping[str, torch.Tensor]
     """The server's model, rebuilt from its config and weights once both pass the site's checks: the config
     within `max_parameters` numbers (counted before anything is allocated), every tensor of the right shape
     and dtype, all finite. Raises a GlobalModelError naming what is wrong."""
-    import torch
-
     from shared_model.configuration_fedrec import FedRecConfig
     from shared_model.modeling_fedrec import FedRecModel
 
-    try:
-        config = FedRecConfig.from_dict(json.loads(round_cfg.model_config))
-        with torch.device("meta"):  # shapes and dtypes only: no memory, whatever size the config asks for
-            skeleton = FedRecModel(config)
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, OverflowError) as err:
-        raise ModelMismatchError(f"the server's model config ({wire.MODEL_CONFIG}) cannot be built: {err}") from err
-    size = sum(t.numel() for t in skeleton.parameters()) + sum(t.numel() for t in skeleton.buffers())
+    size, expected = config_shapes(round_cfg.model_config)
     if size > max_parameters:
         raise ModelTooLargeError(f"the server's model config asks for {size:,} weights and buffers, over this site's "
                                  f"max_model_parameters={max_parameters:,} (--max-model-parameters)")
-    check_global_state(skeleton.state_dict(), state)
-    model = FedRecModel(config)
+    check_global_state(expected, state)
+    model = FedRecModel(FedRecConfig.from_dict(json.loads(round_cfg.model_config)))
     try:
         wire.load_state(model, state)
     except (ValueError, RuntimeError) as err:
@@ -178,12 +172,32 @@ def build_global_model(round_cfg: RoundConfig, state: Mapping[str, torch.Tensor]
     return model
 
 
-def check_global_state(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
-    """Every tensor of the global state has the shape and dtype the model config gives it, and is finite
-    (missing and unexpected names are wire.load_state's to refuse)."""
-    wrong = [f"{name}: {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(expected[name].shape)} "
-             f"{expected[name].dtype}" for name, tensor in state.items()
-             if name in expected and (tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype)]
+@lru_cache(maxsize=4)
+def config_shapes(model_config: str) -> tuple[int, Mapping[str, tuple[tuple[int, ...], torch.dtype]]]:
+    """The number of weights and buffers a model config asks for, and each state tensor's shape and dtype, from a
+    skeleton on the meta device (no memory, whatever size the config asks for). Cached per process: a simulated
+    site's worker answers many messages of one config (a refused config raises and is not cached)."""
+    import torch
+
+    from shared_model.configuration_fedrec import FedRecConfig
+    from shared_model.modeling_fedrec import FedRecModel
+
+    try:
+        with torch.device("meta"):
+            skeleton = FedRecModel(FedRecConfig.from_dict(json.loads(model_config)))
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, OverflowError) as err:
+        raise ModelMismatchError(f"the server's model config ({wire.MODEL_CONFIG}) cannot be built: {err}") from err
+    size = sum(t.numel() for t in skeleton.parameters()) + sum(t.numel() for t in skeleton.buffers())
+    return size, MappingProxyType({name: (tuple(t.shape), t.dtype) for name, t in skeleton.state_dict().items()})
+
+
+def check_global_state(expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                       state: Mapping[str, torch.Tensor]) -> None:
+    """Every tensor of the global state has the shape and dtype the model config gives it (`expected`, from
+    config_shapes), and is finite (missing and unexpected names are wire.load_state's to refuse)."""
+    wrong = [f"{name}: {tuple(tensor.shape)} {tensor.dtype}, expected {expected[name][0]} {expected[name][1]}"
+             for name, tensor in state.items()
+             if name in expected and (tuple(tensor.shape) != expected[name][0] or tensor.dtype != expected[name][1])]
     if wrong:
         raise ModelMismatchError(f"the server's global weights do not fit its model config: {'; '.join(wrong[:5])}"
                                  + (f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""))

@@ -80,7 +80,7 @@ def test_every_reply_names_the_sites_catalog_fingerprint(site, kind):
     catalog = ItemCatalog.load(site.catalog_path)
     reply = call(site, message(kind, catalog))
     notes = reply.content.config_records[wire.NOTES]
-    assert notes[wire.CATALOG_FINGERPRINT] == catalog.fingerprint and notes[wire.WIRE_VERSION] == wire.VERSION == 5
+    assert notes[wire.CATALOG_FINGERPRINT] == catalog.fingerprint and notes[wire.WIRE_VERSION] == wire.VERSION == 6
 
 
 def test_a_traversing_frozen_digest_or_training_id_is_refused_and_no_file_outside_is_touched(site, tmp_path):

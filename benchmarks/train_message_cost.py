@@ -1,0 +1,85 @@
+"""What one train message costs a site beyond its training (issue: scale and speed, item 2).
+
+python benchmarks/train_message_cost.py [--rounds 8] [--users 20] [--hidden 64]
+
+A DP site (ε = 8) of `users` users of the embedded synthetic generator, with its state dir, answers `rounds` train
+messages through the ClientApp's handler, driven by hand as tests/fl_client/test_client_app.py does (no Flower
+engine, no Ray): the model is the demo's size without title features (hidden 64, 2 blocks, item bias). Prints
+each message's handler time and the site's reported training time; then a profile of the last message (the
+first also parses the events and searches σ, which the site then keeps on disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fl_client.client_app import build_client_app
+from fl_client.dp.settings import PrivacyConfig
+from fl_client.round_config import RoundConfig, build_global_model
+from fl_client.site import SiteConfig
+from shared_model import wire
+from shared_model.catalog import ItemCatalog
+from shared_model.configuration_fedrec import FedRecConfig
+from shared_model.modeling_fedrec import FedRecModel
+from simulations.synthetic import generate_events, write_events
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--users", type=int, default=20)
+    parser.add_argument("--hidden", type=int, default=64)
+    args = parser.parse_args()
+    for name in ("_run_id", "_node_id", "_task_id"):  # what a running ClientApp process has set
+        setattr(TaskIdentity, name, 1)
+    folder = Path(tempfile.mkdtemp())
+    log = generate_events(num_users=args.users, num_items=200, seed=3)
+    catalog = ItemCatalog.from_events(log.frame)
+    catalog.save(folder)
+    site = SiteConfig(data_path=str(write_events(log, folder / "events.csv")),
+                      catalog_path=str(folder / "catalog.json"), state_dir=str(folder / "state"),
+                      privacy=PrivacyConfig(enabled=True, epsilon=8.0), device="cpu", min_users=min(args.users, 50))
+    config = FedRecConfig(num_items=len(catalog.item_ids), hidden_size=args.hidden, max_len=50, item_bias=True,
+                          catalog_fingerprint=catalog.fingerprint)
+    torch.manual_seed(0)
+    initial = FedRecModel(config).state_dict()
+    app = build_client_app(lambda _context: site)
+    profile = cProfile.Profile()
+    for server_round in range(1, args.rounds + 1):
+        record: dict[str, Any] = {
+            wire.WIRE_VERSION: wire.VERSION, wire.SERVER_ROUND: server_round, wire.TRAINING_ID: "train-1",
+            wire.NUM_ROUNDS: 20, wire.LOCAL_EPOCHS: 1, wire.BATCH_SIZE: 32, wire.LEARNING_RATE: 0.003,
+            wire.OPTIMIZER: "adam", wire.MODEL_CONFIG: config.to_json_string(),
+            wire.CATALOG_FINGERPRINT: catalog.fingerprint}
+        state = wire.full_state(build_global_model(RoundConfig.from_record(record), initial))
+        msg = Message(content=RecordDict({wire.ARRAYS: ArrayRecord(state), wire.CONFIG: ConfigRecord(record)}),
+                      message_type="train", dst_node_id=2)
+        context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
+        last = server_round == args.rounds
+        start = time.perf_counter()
+        if last:
+            profile.enable()
+        reply = app(msg, context)
+        if last:
+            profile.disable()
+        seconds = time.perf_counter() - start
+        if reply.has_error():
+            raise SystemExit(f"round {server_round}: {reply.error.reason}")
+        trained = float(reply.content.metric_records[wire.METRICS][wire.TRAIN_SECONDS])  # type: ignore[arg-type]
+        print(f"round {server_round}: handler {seconds * 1000:.0f} ms, training {trained * 1000:.0f} ms, "
+              f"the rest {(seconds - trained) * 1000:.0f} ms")
+    pstats.Stats(profile).sort_stats("cumulative").print_stats(30)
+
+
+if __name__ == "__main__":
+    main()
