@@ -16,6 +16,8 @@ from fl_client.round_config import (
     NonFiniteModelError,
     RoundConfig,
     RoundConfigError,
+    build_global_model,
+    config_shapes,
 )
 from fl_client.site import SiteStartError, check_site_start, load_site_data
 from fl_client.supernode import parse_args
@@ -51,6 +53,20 @@ def test_global_weights_of_the_wrong_shape_or_dtype_are_refused(site):
     with pytest.raises(ModelMismatchError, match="float64"):
         train_round(site, data, cfg, doubled)
     assert spent_rounds(site) == []
+
+
+def test_a_process_checks_each_model_config_on_one_skeleton_and_still_checks_every_state(site):
+    """A simulated site's worker answers many messages of one config: the meta-device skeleton is built once;
+    each message's weights are still checked against it."""
+    record, state = round_record(load_site_data(site).catalog)
+    cfg = RoundConfig.from_record(record)
+    config_shapes.cache_clear()
+    build_global_model(cfg, state)
+    with pytest.raises(NonFiniteModelError):
+        build_global_model(cfg, {**state, "item_embeddings.weight": state["item_embeddings.weight"] * float("nan")})
+    with pytest.raises(ModelMismatchError, match="float64"):
+        build_global_model(cfg, {k: v.double() if v.is_floating_point() else v for k, v in state.items()})
+    assert (config_shapes.cache_info().misses, config_shapes.cache_info().hits) == (1, 2)
 
 
 def test_a_model_config_over_the_sites_bound_is_refused_before_it_is_built(site):
