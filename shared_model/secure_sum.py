@@ -65,7 +65,7 @@ class SecureSumSettings:
             raise SecureSumError(f"secagg.neighbours={self.neighbours}: must be 0 (all) or a positive even number")
         if num_sites * 2 ** (self.bits - 1) >= 2 ** (self.modulus_bits - 1):
             raise SecureSumError(f"{num_sites} sites x 2^{self.bits - 1} overflows a sum mod 2^{self.modulus_bits}: "
-                                 f"lower secagg.bits or use a wider secagg.modulus_bits")
+                                 "lower secagg.bits or use a wider secagg.modulus_bits")
 
     @property
     def step(self) -> float:
@@ -84,12 +84,17 @@ class SecureSumSettings:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> SecureSumSettings:
-        """The settings `to_record` wrote; a SecureSumError naming a missing or mistyped one."""
+        """The settings `to_record` wrote; a SecureSumError naming a missing, mistyped or unsafe one (`check`: a
+        site parses every stage's settings from the server's message and must not act on ones no honest server
+        sends, such as 1-bit levels)."""
         try:
-            return cls(clip=float(record["clip"]), bits=int(record["bits"]), modulus_bits=int(record["modulus-bits"]),
-                       threshold=float(record["threshold"]), neighbours=int(record["neighbours"]))
+            settings = cls(clip=float(record["clip"]), bits=int(record["bits"]),
+                           modulus_bits=int(record["modulus-bits"]), threshold=float(record["threshold"]),
+                           neighbours=int(record["neighbours"]))
         except (KeyError, TypeError, ValueError) as err:
             raise SecureSumError(f"secure aggregation settings: missing or mistyped {err}") from None
+        settings.check(1)  # what any number of sites needs; the sum's range is checked against the roster
+        return settings
 
     def shares_needed(self, neighbourhood: int) -> int:
         """How many of a site's `neighbourhood` share holders (itself included) rebuild its secrets."""

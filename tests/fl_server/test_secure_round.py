@@ -204,6 +204,26 @@ def test_a_weight_out_of_range_in_a_16_bit_sum_fails_the_round(federation):
     assert all(r.has_error() and "out of range" in r.error.reason for r in replies)
 
 
+def test_sites_refuse_a_train_message_whose_settings_no_honest_server_sends(federation, monkeypatch):
+    """A rogue server that passed stage 2 with sound settings and asks for 1-bit levels in the train message:
+    every site answers with a refusal naming the setting (its count digits would have 0 bits: it crashed)."""
+    grid, messages, *_ = federation
+    deliver = grid.send_and_receive
+
+    def rogue(batch, *, timeout=None):
+        for msg in batch:
+            if msg.metadata.message_type == MessageType.TRAIN:
+                record = msg.content.config_records[wire.SECAGG]
+                msg.content.config_records[wire.SECAGG] = ConfigRecord({**dict(record), "bits": 1})
+        return deliver(batch, timeout=timeout)
+
+    monkeypatch.setattr(grid, "send_and_receive", rogue)
+    list(SecureAggregationGrid(grid, SecureSumSettings()).send_and_receive(messages))
+    trains = [r for r in grid.seen if r.metadata.message_type == MessageType.TRAIN]
+    assert len(trains) == len(NODES)
+    assert all(r.has_error() and r.error.code == SECURE_SUM and "secagg.bits=1" in r.error.reason for r in trains)
+
+
 def test_a_round_sent_again_after_its_updates_were_sent_is_declined_by_every_site(federation):
     grid, messages, start, *_ = federation
     secure = SecureAggregationGrid(grid, SecureSumSettings())

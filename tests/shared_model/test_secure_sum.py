@@ -108,6 +108,8 @@ def test_settings_round_trip_through_a_record_and_a_broken_record_is_named():
     assert SecureSumSettings.from_record(settings.to_record()) == settings
     with pytest.raises(SecureSumError, match="'bits'"):
         SecureSumSettings.from_record({k: v for k, v in settings.to_record().items() if k != "bits"})
+    with pytest.raises(SecureSumError, match=r"secagg.bits=1: must be 2..62"):  # a rogue server's record
+        SecureSumSettings.from_record({**settings.to_record(), "bits": 1})
 
 
 @pytest.mark.parametrize("degree", [0, 2, 4, 6])
