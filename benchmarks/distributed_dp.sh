@@ -17,6 +17,8 @@
 # MODULUS, BITS: the secure sum's modulus and quantization (strategy.secagg_modulus_bits, default 32, and
 # strategy.secagg_bits, default 16). MODULUS=16 halves the bytes a site sends; it needs sites x 2^(BITS-1) < 2^15
 # (BITS=12 for 11 or 10 sites).
+# NEGATIVES: a sampled softmax over that many negatives drawn once a step (train.num_negatives, book-keeping
+# clipping) on both sides instead of the full-catalog softmax (default 0: the full catalog).
 # Run from the repository root with fedrec installed; the data sets are read from ../shared/data. Meant for a GPU
 # (Beauty: 60 steps of about 4,000 users each, about an hour a run on the 2-core CPU box).
 set -u
@@ -53,6 +55,7 @@ EPOCHS=$(python -c "t, q = $T, $Q; e = round(t * q); assert abs(e - t * q) < 1e-
 DROPOUT=${DROPOUT:-${DROP:-}}
 THRESHOLD=${THRESHOLD:-1.0}
 MODULUS=${MODULUS:-32}
+NEGATIVES=${NEGATIVES:-0}
 BITS=${BITS:-16}
 MODEL=${DROPOUT:+"model.hidden_dropout_prob=$DROPOUT model.attention_probs_dropout_prob=$DROPOUT"}
 # δ: the union's default, min(1e-5, 1 / (10 × users)), for both runs (each site is told it explicitly)
@@ -66,7 +69,7 @@ print(calibrate_noise(PrivacyConfig(enabled=True, epsilon=$EPS), $Q, $T, $DELTA,
   2>/dev/null)
 mkdir -p "$OUT"
 echo "ε $EPS, δ $DELTA, q $Q, T $T, σ $SIGMA, popularity release σ_p $POPULARITY, dropout ${DROPOUT:-preset}," \
-  "SecAgg threshold $THRESHOLD, modulus 2^$MODULUS, $BITS bits" | tee "$OUT/plan.txt"
+  "SecAgg threshold $THRESHOLD, modulus 2^$MODULUS, $BITS bits, negatives $NEGATIVES" | tee "$OUT/plan.txt"
 PRIVACY="privacy=dp privacy.epsilon=$EPS privacy.delta=$DELTA"  # the sites' budget; σ comes from the server
 CENTRAL_RELEASE="privacy.popularity_noise=$POPULARITY"
 FEDERATED_RELEASE="strategy.dp_popularity_noise=$POPULARITY"
@@ -75,14 +78,14 @@ for seed in "${SEEDS[@]}"; do
   if [[ " $RUNS " == *" central "* ]]; then
   echo "== central, seed $seed  $(date -u +%FT%TZ)"
   # shellcheck disable=SC2086
-  fedrec-centralized $CENTRAL $MODEL train.epochs=$EPOCHS $PRIVACY $CENTRAL_RELEASE privacy.noise_multiplier=$SIGMA train.lr=$LR train.patience=0 train.seed=$seed \
+  fedrec-centralized $CENTRAL $MODEL train.num_negatives=$NEGATIVES train.epochs=$EPOCHS $PRIVACY $CENTRAL_RELEASE privacy.noise_multiplier=$SIGMA train.lr=$LR train.patience=0 train.seed=$seed \
     hydra.run.dir="$OUT/central-$seed" > "$OUT/central-$seed.log" 2>&1
   echo "   rc=$?  $(date -u +%FT%TZ)"
   fi
   [[ " $RUNS " == *" distributed "* ]] || continue
   echo "== distributed, seed $seed  $(date -u +%FT%TZ)"
   # shellcheck disable=SC2086
-  fedrec-simulate $FEDERATED $MODEL $PRIVACY $FEDERATED_RELEASE train.seed=$seed federation.num_rounds=$T federation.eval_every=1000 \
+  fedrec-simulate $FEDERATED $MODEL train.num_negatives=$NEGATIVES $PRIVACY $FEDERATED_RELEASE train.seed=$seed federation.num_rounds=$T federation.eval_every=1000 \
     strategy.name=fedadam strategy.server_lr=$LR strategy.server_tau=1e-8 strategy.server_beta_2=0.999 \
     strategy.secure_aggregation=true strategy.secagg_threshold=$THRESHOLD strategy.secagg_modulus_bits=$MODULUS strategy.secagg_bits=$BITS strategy.distributed_dp=true strategy.dp_sample_rate=$Q \
     strategy.dp_noise_multiplier=$SIGMA hydra.run.dir="$OUT/distributed-$seed" > "$OUT/distributed-$seed.log" 2>&1

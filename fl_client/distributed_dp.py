@@ -108,7 +108,8 @@ def gradient_step(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, mode
     users = data.sequences.trainable_users()
     expected = max(1, int(len(users) * round_cfg.ddp_sample_rate))  # Opacus' expected batch: what it divides by
     config = TrainConfig(batch_size=expected, lr=1.0, optimizer="sgd", epochs=1, device=site.device,
-                         micro_batch_tokens=site.micro_batch_tokens, micro_batch_users=site.micro_batch_users)
+                         num_negatives=round_cfg.num_negatives, micro_batch_tokens=site.micro_batch_tokens,
+                         micro_batch_users=site.micro_batch_users)
     privacy = replace(site.round_privacy(0.0, share), max_grad_norm=round_cfg.ddp_max_grad_norm)
     device = resolve_device(site.device)
     torch.nn.Module.to(model, device).train()

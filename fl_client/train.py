@@ -21,7 +21,7 @@ from fl_client.round_config import TrainingDivergedError
 from shared_model import wire
 from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, without_moments
-from shared_model.modeling_fedrec import FedRecModel, sequence_loss
+from shared_model.modeling_fedrec import FedRecModel, draw_negatives, sequence_loss
 from shared_model.sequences import UserSequences, length_chunks, make_batch, micro_batch_positions
 
 
@@ -34,7 +34,7 @@ class TrainConfig:
     lr: float = 1e-3  # (float) learning rate
     weight_decay: float = 0.0  # (float) decoupled weight decay (AdamW)
     optimizer: str = "adam"  # (str) adam or sgd
-    num_negatives: int = 0  # (int) sampled-softmax negatives; 0 = full-catalog cross-entropy
+    num_negatives: int = 0  # (int) sampled-softmax negatives, drawn once a step; 0 = full-catalog cross-entropy
     patience: int = 5  # (int) stop after this many epochs without a better valid NDCG@10; 0 = never
     eval_every: int = 1  # (int) validate every N epochs (0 = only at the end)
     device: str = "auto"  # (str) auto, cpu or cuda
@@ -148,8 +148,9 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
     result = TrainResult()
     engine = None
     if privacy.enabled:
-        if config.num_negatives:
-            raise ValueError("sampled softmax is not supported under DP yet; set train.num_negatives=0")
+        if config.num_negatives and privacy.grad_sample_mode != "bookkeeping":
+            raise ValueError("a sampled softmax under DP needs privacy.grad_sample_mode=bookkeeping: Opacus' hooks "
+                             "do not see the output rows it gathers")
         delta = resolve_delta(privacy, len(seqs))
         before = release_popularity(model, seqs, privacy, generator)
         # Opacus' Poisson loader samples each user with rate 1/len(loader), len(loader) steps per epoch.
@@ -220,8 +221,11 @@ def proximal_step(model: torch.nn.Module, anchor: dict[str, torch.Tensor], rate:
 def plain_step(model: FedRecModel, seqs: UserSequences, users: list[int], optimizer: torch.optim.Optimizer,
                config: TrainConfig, device: torch.device) -> float:
     """One non-private step on the mean loss over the batch's positions, in length-sorted micro-batches (each
-    weighted by its share of the positions, so the gradient is the whole batch's); returns that mean loss."""
-    scores = 1 + config.num_negatives if config.num_negatives else model.config.num_item_rows
+    weighted by its share of the positions, so the gradient is the whole batch's); returns that mean loss. A sampled
+    softmax draws its negatives once for the step, as the DP step does."""
+    negatives = draw_negatives(model.config.num_item_rows, config.num_negatives, device) \
+        if config.num_negatives else None
+    scores = model.config.num_item_rows if negatives is None else 1 + len(negatives)
     chunks = length_chunks(seqs, users, model.config.max_len, micro_batch_positions(config.micro_batch_tokens, scores))
     batches = [make_batch(seqs, chunk, "train", model.config.max_len) for chunk in chunks]
     positions = [int((batch["labels"] != 0).sum()) for batch in batches]
@@ -231,7 +235,7 @@ def plain_step(model: FedRecModel, seqs: UserSequences, users: list[int], optimi
         if not count:
             continue
         inputs = {k: v.to(device) for k, v in batch.items()}
-        loss = sequence_loss(model, inputs, num_negatives=config.num_negatives) * (count / all_positions)
+        loss = sequence_loss(model, inputs, negatives=negatives) * (count / all_positions)
         loss.backward()
         total += float(loss.detach())
     optimizer.step()

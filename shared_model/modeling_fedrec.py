@@ -60,6 +60,7 @@ class FedRecModel(FedRecPreTrainedModel):
         self.layers = nn.ModuleList([BertLayer(bert, layer_idx=i) for i in range(config.num_hidden_layers)])
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.output = nn.Linear(d, config.num_item_rows, bias=config.item_bias)
+        self.candidate_scores = CandidateScores()  # the sampled softmax's use of the output layer
         self.post_init()
         if not config.train_item_embeddings:
             # Items are then known only through public features and the bias: under DP this removes the
@@ -141,39 +142,67 @@ class FedRecModel(FedRecPreTrainedModel):
         """Scores for the item after the last event of each sequence.  # (B, T) -> (B, V)"""
         return self.logits(self.forward(item_ids, event_types, time_buckets)[:, -1])
 
-    def sampled_logits(self, hidden: torch.Tensor, labels: torch.Tensor, num_negatives: int,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sampled softmax for large catalogs: column 0 is the positive, then shared uniform negatives.
+    def sampled_logits(self, hidden: torch.Tensor, labels: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """Sampled softmax for large catalogs: column 0 is each position's label, then the negatives shared by the
+        whole batch (`draw_negatives`); a negative equal to the position's label scores -inf.
 
-        # hidden (B, T, d), labels (B, T) -> (B, T, 1 + K). Not usable under DP (functional weight use).
-        """
-        negatives = torch.randint(1, self.config.num_item_rows, (num_negatives,), generator=generator,
-                                  device=hidden.device)  # (K,)
-        weight, bias = self.output.weight, self.output.bias
-        positive = (hidden * weight[labels]).sum(-1, keepdim=True)  # (B, T, 1)
+        # hidden (B, T, d), labels (B, T), negatives (K,) -> (B, T, 1 + K)"""
+        logits = self.candidate_scores(hidden, labels, negatives, self.output.weight, self.output.bias)
+        if self.config.feature_scoring:
+            # The frozen feature table is public: only feature_output (a Linear, clipped as usual) is trained.
+            features = self.feature_output(hidden)  # (B, T, F)
+            logits = logits + torch.cat([(features * self.item_features[labels]).sum(-1, keepdim=True),
+                                         features @ self.item_features[negatives].T], dim=-1)
+        own = torch.cat([torch.zeros_like(labels, dtype=torch.bool).unsqueeze(-1),
+                         negatives.view(1, 1, -1) == labels.unsqueeze(-1)], dim=-1)  # (B, T, 1 + K)
+        return logits.masked_fill(own, float("-inf"))
+
+
+class CandidateScores(nn.Module):
+    """h · W[c] + b[c] for each position's label c and for negatives shared by the batch, with (W, b) the output
+    layer's weight and bias passed in: the sampled softmax's only use of them. It is a layer of its own (without
+    parameters) so that per-user clipping (fl_client.dp.bookkeeping) records which rows each user's gradient
+    touches: the label rows of the user's positions, and the negatives' rows.
+
+    # hidden (B, T, d), labels (B, T), negatives (K,) distinct -> (B, T, 1 + K)"""
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, negatives: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        positive = (hidden * F.embedding(labels, weight)).sum(-1, keepdim=True)  # (B, T, 1)
         negative = hidden @ weight[negatives].T  # (B, T, K)
         if bias is not None:
             positive, negative = positive + bias[labels].unsqueeze(-1), negative + bias[negatives]
-        if self.config.feature_scoring:
-            features = self.feature_output(hidden)  # (B, T, F)
-            positive = positive + (features * self.item_features[labels]).sum(-1, keepdim=True)
-            negative = negative + features @ self.item_features[negatives].T
-        negative = negative.masked_fill(negatives.view(1, 1, -1) == labels.unsqueeze(-1), float("-inf"))
         return torch.cat([positive, negative], dim=-1)
 
 
+def draw_negatives(num_item_rows: int, count: int, device: torch.device | str = "cpu",
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """`count` distinct catalog rows (never the padding row 0), uniform over the catalog and drawn from no data.
+
+    Under DP one draw serves a whole step, every micro-batch of it: each user's clipped gradient is then a function
+    of their own events and of this data-independent draw only, so adding or removing a user changes the step's
+    clipped sum by at most C, as DP-SGD's accounting assumes. (Draws per micro-batch would not: the micro-batches
+    depend on which users were sampled, so one user's presence would change the negatives another user gets.)
+    # -> (count,)"""
+    if not 0 < count < num_item_rows:
+        raise ValueError(f"train.num_negatives={count}: a sampled softmax needs 1 to {num_item_rows - 1} negatives "
+                         f"(the catalog's items)")
+    return torch.randperm(num_item_rows - 1, generator=generator)[:count].to(device) + 1
+
+
 def sequence_loss(model: FedRecModel, batch: dict[str, torch.Tensor], per_user: bool = False,
-                  num_negatives: int = 0, padded: bool = False) -> torch.Tensor:
+                  negatives: torch.Tensor | None = None, padded: bool = False) -> torch.Tensor:
     """Next-item cross-entropy at every non-padding position.
 
     Returns the mean over positions, or with `per_user` the (B,) per-user mean that DP-SGD clips. Only real
     positions are scored (the (N, V) output layer dominates the cost), so the output layer's rows are the
     positions `labels != 0` of the users in order; `padded` scores every (user, position) instead, for Opacus'
-    hooks, which need every layer's leading dimension to be the user's.
+    hooks, which need every layer's leading dimension to be the user's. `negatives` (`draw_negatives`): a sampled
+    softmax over each position's label and those rows instead of the whole catalog (scored padded).
     """
     hidden = model(batch["item_ids"], batch["event_types"], batch["time_buckets"])  # (B, T, d)
     labels = batch["labels"]  # (B, T)
-    if not padded and not num_negatives:
+    if not padded and negatives is None:
         keep = labels != 0
         losses = F.cross_entropy(model.logits(hidden[keep]), labels[keep],
                                  reduction="none" if per_user else "mean")  # (N, d) -> (N, V) -> (N,)
@@ -181,8 +210,8 @@ def sequence_loss(model: FedRecModel, batch: dict[str, torch.Tensor], per_user: 
             return losses
         users = keep.nonzero()[:, 0]  # (N,) the user of each scored position
         return losses.new_zeros(len(labels)).index_add(0, users, losses) / keep.sum(1).clamp(min=1)
-    if num_negatives:
-        logits = model.sampled_logits(hidden, labels, num_negatives)  # (B, T, 1 + K)
+    if negatives is not None:
+        logits = model.sampled_logits(hidden, labels, negatives)  # (B, T, 1 + K)
         targets = torch.zeros_like(labels)
     else:
         logits, targets = model.logits(hidden), labels  # (B, T, V)

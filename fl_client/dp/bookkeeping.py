@@ -1,5 +1,6 @@
 """Per-user clipping without per-user gradients ("book-keeping", Bu, Wang, Zha & Karypis, ICML 2023) for the
-behaviour model's layers: Linear, Embedding and LayerNorm, the tied item table included.
+behaviour model's layers: Linear, Embedding and LayerNorm, the tied item table included, and the sampled
+softmax's gathered output rows (shared_model.modeling_fedrec.CandidateScores).
 
 One forward pass records each layer's input and output; one backward pass computes the gradient of the summed
 per-user losses with respect to each layer's *output* (autograd skips the weight gradients). Every weight
@@ -9,7 +10,8 @@ gradient of user i is a sum over i's positions of (output gradient ⊗ input), s
   (g_t·g_s), per user (the "ghost norm" of Li et al. 2022 that Opacus' ghost clipping uses) where that is
   cheaper than forming the user's (out × in) gradient; an embedding row gets Σ over the positions holding it;
   a table used twice (the tied item table: input embedding and output layer) adds the cross term of its two
-  uses, which Opacus' ghost clipping cannot do;
+  uses, which Opacus' ghost clipping cannot do; a sampled softmax's use of the table is row-sparse (the rows of
+  the user's labels, and the negatives' rows), and its norm and cross terms sum over the pairs of equal rows;
 - the clipped sum Σ_i c_i ∇L_i with c_i = min(1, C / (‖∇L_i‖ + 1e-6)) (Opacus' factor) is one matmul (or one
   row scatter) of the records per layer, the cost of an ordinary weight gradient.
 
@@ -22,12 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import combinations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from shared_model.modeling_fedrec import CandidateScores
 
 LAYERS = (nn.Linear, nn.Embedding, nn.LayerNorm)
 
@@ -40,16 +45,37 @@ class _Record:
     output: torch.Tensor
 
 
+@dataclass
+class _Candidates:
+    """One CandidateScores call: hidden (b, T, d), labels (b, T), the shared distinct negatives (K,), the table and
+    bias it read, and its (b, T, 1 + K) scores."""
+
+    hidden: torch.Tensor
+    labels: torch.Tensor
+    negatives: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    output: torch.Tensor
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for p in (self.weight, self.bias) if p is not None and p.requires_grad]
+
+
 class PerUserClipping:
-    """Records a model's trainable Linear, Embedding and LayerNorm layers during a forward pass and turns the
-    per-user losses into clipped gradient sums (set as `.grad`) and per-user norms.
+    """Records a model's trainable Linear, Embedding and LayerNorm layers (and its CandidateScores layers, which read
+    the output layer's parameters) during a forward pass and turns the per-user losses into clipped gradient sums
+    (set as `.grad`) and per-user norms.
 
     Every trainable parameter must belong to one of those layers (else ValueError names it); a parameter shared by
-    two layers must be an Embedding's weight reused as a Linear's weight (the tied item table)."""
+    two layers must be an Embedding's weight reused as a Linear's weight (the tied item table). In one forward
+    pass a table may be used by its embedding and by its linear layer or by a CandidateScores layer; a layer may
+    skip a forward pass only if a CandidateScores layer read all its trainable parameters in it."""
 
     def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
         self.max_grad_norm = max_grad_norm
         self.layers: dict[str, nn.Module] = {}
+        self.candidates = {name: module for name, module in model.named_modules()
+                           if isinstance(module, CandidateScores)}
         owners: dict[int, list[str]] = {}
         for name, module in model.named_modules(remove_duplicate=False):
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
@@ -68,18 +94,12 @@ class PerUserClipping:
             for p in own:
                 owners.setdefault(id(p), []).append(name)
         self.names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
-        self.ties: list[tuple[str, str]] = []  # (embedding, linear) sharing one weight
         for pid, users in owners.items():
-            if len(users) == 1:
-                continue
             kinds = {type(self.layers[u]) for u in users}
-            if len(users) != 2 or kinds != {nn.Embedding, nn.Linear}:
+            if len(users) > 1 and (len(users) != 2 or kinds != {nn.Embedding, nn.Linear}):
                 raise ValueError(f"per-user clipping: parameter {self.names[pid]!r} is shared by {users}; only "
                                  f"an embedding table reused as a linear layer's weight is supported")
-            embedding = next(u for u in users if isinstance(self.layers[u], nn.Embedding))
-            linear = next(u for u in users if isinstance(self.layers[u], nn.Linear))
-            self.ties.append((embedding, linear))
-        self.records: dict[str, _Record] = {}
+        self.records: dict[str, _Record | _Candidates] = {}
 
     @contextmanager
     def recording(self) -> Iterator[None]:
@@ -91,10 +111,17 @@ class PerUserClipping:
             def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
                 if name in self.records:
                     raise ValueError(f"per-user clipping: layer {name!r} ran twice in one forward pass")
-                self.records[name] = _Record(args[0].detach(), output)
+                if name in self.layers:
+                    self.records[name] = _Record(args[0].detach(), output)
+                    return
+                if len(args) != 5:
+                    raise ValueError(f"per-user clipping: {name!r} must be called with its five arguments "
+                                     f"positionally (hidden, labels, negatives, weight, bias)")
+                hidden, labels, negatives, weight, bias = args
+                self.records[name] = _Candidates(hidden.detach(), labels, negatives, weight, bias, output)
             return hook
 
-        for name, module in self.layers.items():
+        for name, module in {**self.layers, **self.candidates}.items():
             handles.append(module.register_forward_hook(hook_for(name)))
         try:
             yield
@@ -109,38 +136,66 @@ class PerUserClipping:
         `rows`: the user of each row of a layer that ran on the batch's positions flattened to (rows, features),
         users in order and each user's rows together (`hidden[labels != 0]`: the output layer scores only real
         positions). Every other layer's leading dimension is the user's."""
-        missing = [name for name in self.layers if name not in self.records]
+        records, self.records = self.records, {}
+        read = {id(p) for r in records.values() if isinstance(r, _Candidates) for p in r.parameters()}
+        unknown = [name for name, r in records.items() if isinstance(r, _Candidates)
+                   and any(id(p) not in self.names for p in r.parameters())]
+        if unknown:
+            raise ValueError(f"per-user clipping: {unknown} read a tensor that is not a trainable parameter of the "
+                             f"model")
+        missing = [name for name, module in self.layers.items() if name not in records
+                   and not all(id(p) in read for p in module.parameters(recurse=False) if p.requires_grad)]
         if missing:
             raise ValueError(f"per-user clipping: trainable layers {missing} did not run in the forward pass")
         if rows is not None and bool((rows[1:] < rows[:-1]).any()):
             raise ValueError("per-user clipping: `rows` must list each user's rows together, users in order")
-        recorded = list(self.records.values())
-        grads = torch.autograd.grad(per_user_loss.sum(), [r.output for r in recorded], allow_unused=True)
+        grads = torch.autograd.grad(per_user_loss.sum(), [r.output for r in records.values()], allow_unused=True)
         users = len(per_user_loss)
-        views = {}
-        for name, record, grad in zip(self.records, recorded, grads, strict=True):
-            views[name] = _Rows.of(record, torch.zeros_like(record.output) if grad is None else grad, users, rows)
-        self.records = {}
-        squared: dict[str, torch.Tensor] = {}
-        for name, module in self.layers.items():
-            squared.update(_squared_norms(name, module, views[name], users))
-        for embedding, linear in self.ties:
-            weight = self.names[id(self.layers[linear].weight)]
-            module = self.layers[embedding]
-            assert isinstance(module, nn.Embedding)
-            cross = _tied_cross_term(module, views[embedding], views[linear], users)
-            squared[weight] = squared.pop(f"{embedding}.weight") + squared.pop(f"{linear}.weight") + 2 * cross
+        views: dict[str, _Rows | _Sampled] = {}
+        for (name, record), grad in zip(records.items(), grads, strict=True):
+            grad = torch.zeros_like(record.output) if grad is None else grad
+            views[name] = _Sampled.of(record, grad, users) if isinstance(record, _Candidates) \
+                else _Rows.of(record, grad, users, rows)
+        parts: dict[int, list[torch.Tensor]] = {}
+        used_by: dict[int, list[str]] = {}
+        params: dict[int, torch.Tensor] = {}
+        for name, view in views.items():
+            own = _sampled_norms(view) if isinstance(view, _Sampled) else \
+                _squared_norms(self.layers[name], view, users)
+            for p, part in own:
+                parts.setdefault(id(p), []).append(part)
+                used_by.setdefault(id(p), []).append(name)
+                params[id(p)] = p
+        for pid, names in used_by.items():
+            for first, second in combinations(names, 2):
+                parts[pid].append(2 * self._cross_term(pid, first, second, views, users))
+        squared = {self.names[pid]: torch.stack(each).sum(0) for pid, each in parts.items()}
         norms = torch.stack(list(squared.values())).sum(0).clamp(min=0).sqrt()  # (b,)
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' clipping factor
         sums: dict[int, torch.Tensor] = {}
-        for name, module in self.layers.items():
-            for p, total in _clipped_sums(module, views[name], factors):
+        for name, view in views.items():
+            totals = _sampled_sums(view, factors) if isinstance(view, _Sampled) else \
+                _clipped_sums(self.layers[name], view, factors)
+            for p, total in totals:
                 sums[id(p)] = sums[id(p)] + total if id(p) in sums else total
-        for module in self.layers.values():
-            for p in module.parameters(recurse=False):
-                if p.requires_grad:
-                    p.grad = sums[id(p)]
+        for pid, p in params.items():
+            p.grad = sums[pid]
         return squared
+
+    def _cross_term(self, pid: int, first: str, second: str, views: dict[str, _Rows | _Sampled],
+                    users: int) -> torch.Tensor:
+        """(b,) ⟨one use's per-user gradient of a shared table, the other's⟩: an embedding with its tied linear
+        layer, or with a sampled softmax's rows."""
+        embedding, other = (first, second) if isinstance(self.layers.get(first), nn.Embedding) else (second, first)
+        module, rows, view = self.layers.get(embedding), views[embedding], views[other]
+        if isinstance(module, nn.Embedding) and isinstance(rows, _Rows):
+            if isinstance(self.layers.get(other), nn.Linear) and isinstance(view, _Rows):
+                return _tied_cross_term(module, rows, view, users)
+            if isinstance(view, _Sampled):
+                return _sampled_cross_term(module, rows, view, users)
+        raise ValueError(f"per-user clipping: parameter {self.names[pid]!r} is used by {first!r} and {second!r} in "
+                         f"one forward pass; only an embedding table also used by its linear layer or by a sampled "
+                         f"softmax is supported")
 
 
 @dataclass
@@ -203,9 +258,10 @@ def _normalized(module: nn.LayerNorm, rows: _Rows) -> torch.Tensor:
     return F.layer_norm(rows.inputs, module.normalized_shape, None, None, module.eps)
 
 
-def _squared_norms(name: str, module: nn.Module, rows: _Rows, users: int) -> dict[str, torch.Tensor]:
-    """The (b,) squared per-user norm of each trainable parameter of one layer (a tied weight: this use's part)."""
-    out: dict[str, torch.Tensor] = {}
+def _squared_norms(module: nn.Module, rows: _Rows, users: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, its (b,) squared per-user norms) for each trainable parameter of one layer (a tied weight: this
+    use's part)."""
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
     g = _embedding_grad(module, rows) if isinstance(module, nn.Embedding) else rows.grad
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.requires_grad:
@@ -224,10 +280,10 @@ def _squared_norms(name: str, module: nn.Module, rows: _Rows, users: int) -> dic
                     total[u0:u1] = grams.sum((1, 2))
                 else:
                     total[u0:u1] = torch.bmm(gv.transpose(1, 2), a).square().sum((1, 2))
-        out[f"{name}.weight"] = total
+        out.append((weight, total))
     bias = getattr(module, "bias", None)
     if isinstance(bias, torch.Tensor) and bias.requires_grad:
-        out[f"{name}.bias"] = rows.per_user_sum(g, users).square().sum(1)
+        out.append((bias, rows.per_user_sum(g, users).square().sum(1)))
     return out
 
 
@@ -245,6 +301,97 @@ def _tied_cross_term(module: nn.Embedding, embedding: _Rows, linear: _Rows, user
         at_ids = g.gather(2, ids[u0:u1].unsqueeze(1).expand(-1, g.shape[1], -1))  # (n, S, T): g_s[id_t]
         total[u0:u1] = (at_ids * torch.bmm(a, e[u0:u1].transpose(1, 2))).sum((1, 2))
     return total
+
+
+@dataclass
+class _Sampled:
+    """One CandidateScores call per user: hidden (b, T, d), labels (b, T), negatives (K,), the output gradients of
+    the label's score (b, T) and of the negatives' (b, T, K), and `slot`, each table row's place among the
+    negatives (-1 if none). User i's gradient of the table has rows labels[i, t] += g[i, t] h[i, t] and
+    negatives[k] += rows[i, k] (`rows`: Σ_t the negative's output gradient × h, (b, K, d))."""
+
+    record: _Candidates
+    hidden: torch.Tensor
+    labels: torch.Tensor
+    negatives: torch.Tensor
+    label_grad: torch.Tensor
+    negative_grad: torch.Tensor
+    slot: torch.Tensor
+    rows: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = torch.bmm(self.negative_grad.transpose(1, 2), self.hidden)  # (b, K, d)
+
+    @staticmethod
+    def of(record: _Candidates, grad: torch.Tensor, users: int) -> _Sampled:
+        negatives = record.negatives
+        if record.hidden.dim() != 3 or record.hidden.shape[0] != users:
+            raise ValueError(f"per-user clipping: a sampled softmax's hidden states must be (users, positions, d), "
+                             f"got {tuple(record.hidden.shape)} for {users} users")
+        if negatives.dim() != 1 or len(negatives.unique()) != len(negatives):
+            raise ValueError("per-user clipping: a sampled softmax's negatives must be distinct rows, one list for "
+                             "the whole batch")
+        slot = torch.full((record.weight.shape[0],), -1, dtype=torch.long, device=negatives.device)
+        slot[negatives] = torch.arange(len(negatives), device=negatives.device)
+        return _Sampled(record, record.hidden, record.labels, negatives, grad[..., 0], grad[..., 1:], slot)
+
+    def at(self, ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For (b, S) table rows: values' (b, K, ...) entry of each row's negative slot (zero where the row is no
+        negative) and that mask, (b, S, ...) and (b, S)."""
+        slots = self.slot[ids]  # (b, S)
+        hit = slots >= 0
+        index = slots.clamp(min=0)
+        if values.dim() == 3:
+            index = index.unsqueeze(-1).expand(-1, -1, values.shape[-1])
+        return values.gather(1, index), hit
+
+
+def _sampled_norms(view: _Sampled) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, (b,) squared per-user norm) of the table and bias a sampled softmax read: Σ over pairs of equal
+    rows among the user's label rows and the negatives (distinct, so they pair only with label rows)."""
+    record, h, g = view.record, view.hidden, view.label_grad
+    same = view.labels.unsqueeze(2) == view.labels.unsqueeze(1)  # (b, T, T)
+    pairs = g.unsqueeze(2) * g.unsqueeze(1) * same
+    out = []
+    if record.weight.requires_grad:
+        at, hit = view.at(view.labels, view.rows)  # (b, T, d): the negative row a label coincides with
+        total = (torch.bmm(h, h.transpose(1, 2)) * pairs).sum((1, 2)) + view.rows.square().sum((1, 2)) \
+            + 2 * (g * (h * at).sum(-1) * hit).sum(1)
+        out.append((record.weight, total))
+    if record.bias is not None and record.bias.requires_grad:
+        per_negative = view.negative_grad.sum(1)  # (b, K)
+        at, hit = view.at(view.labels, per_negative)
+        out.append((record.bias, pairs.sum((1, 2)) + per_negative.square().sum(1) + 2 * (g * at * hit).sum(1)))
+    return out
+
+
+def _sampled_cross_term(module: nn.Embedding, embedding: _Rows, view: _Sampled, users: int) -> torch.Tensor:
+    """(b,) ⟨the embedding use's per-user gradient, the sampled softmax's⟩ of one shared table: positions t of the
+    input and s of the labels pair where id_t = label_s (e_t · g_s h_s), and where id_t is a negative's row."""
+    if len(embedding.runs) != 1:
+        raise ValueError("per-user clipping: a tied embedding must run on the batch's (users, positions) ids")
+    ids = embedding.inputs.view(users, -1)
+    e = _embedding_grad(module, embedding).view(users, ids.shape[1], -1)  # (b, T', d)
+    same = ids.unsqueeze(2) == view.labels.unsqueeze(1)  # (b, T', T)
+    labelled = (torch.bmm(e, view.hidden.transpose(1, 2)) * view.label_grad.unsqueeze(1) * same).sum((1, 2))
+    at, hit = view.at(ids, view.rows)  # (b, T', d)
+    return labelled + ((e * at).sum(-1) * hit).sum(1)
+
+
+def _sampled_sums(view: _Sampled, factors: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, Σ_i c_i × user i's gradient) for the table and bias a sampled softmax read."""
+    record = view.record
+    label_grad = view.label_grad * factors.unsqueeze(1)  # (b, T)
+    negative_grad = view.negative_grad * factors.view(-1, 1, 1)  # (b, T, K)
+    labels = view.labels.reshape(-1)
+    if record.weight.requires_grad:
+        total = torch.zeros_like(record.weight)
+        total.index_add_(0, labels, (label_grad.unsqueeze(-1) * view.hidden).reshape(labels.numel(), -1))
+        yield record.weight, total.index_add_(0, view.negatives, torch.einsum("btk,btd->kd", negative_grad,
+                                                                              view.hidden))
+    if record.bias is not None and record.bias.requires_grad:
+        total = torch.zeros_like(record.bias).index_add_(0, labels, label_grad.reshape(-1))
+        yield record.bias, total.index_add_(0, view.negatives, negative_grad.sum((0, 1)))
 
 
 def _clipped_sums(module: nn.Module, rows: _Rows,

@@ -13,7 +13,7 @@ from opacus.optimizers import DPOptimizer
 from fl_client.dp.bookkeeping import PerUserClipping
 from fl_client.dp.engine import StepModel
 from fl_client.dp.settings import PrivacyConfig
-from shared_model.modeling_fedrec import FedRecModel, sequence_loss
+from shared_model.modeling_fedrec import FedRecModel, draw_negatives, sequence_loss
 from shared_model.sequences import UserSequences, length_chunks, make_batch, micro_batch_positions
 
 
@@ -22,6 +22,7 @@ class MicroBatchLimits(Protocol):
 
     micro_batch_tokens: int  # padded positions per micro-batch
     micro_batch_users: int  # users per micro-batch
+    num_negatives: int  # sampled-softmax negatives (0: the full catalog)
 
 
 @dataclass
@@ -65,13 +66,21 @@ def private_step(step_model: StepModel, model: FedRecModel, seqs: UserSequences,
 
     Each micro-batch's clipped per-user gradients are summed by Opacus (skipped steps); noise is added
     and the accountant records the step once, at the last micro-batch. `clipping` records the per-user
-    norms before clipping (hooks mode).
+    norms before clipping (hooks mode). With `config.num_negatives` the loss is a sampled softmax over negatives
+    drawn once for the whole step (shared_model.modeling_fedrec.draw_negatives says why), book-keeping only.
     """
     names = {id(p): n for n, p in model.named_parameters()} if clipping is not None else {}
     dp_optimizer: DPOptimizer = optimizer
     # book-keeping holds no per-user gradient, so only Opacus' modes need the bound on users
     max_users = (1 << 30) if isinstance(step_model, PerUserClipping) else config.micro_batch_users
-    positions = micro_batch_positions(config.micro_batch_tokens, model.config.num_item_rows)  # DP: full softmax
+    negatives = None
+    if config.num_negatives:
+        if not isinstance(step_model, PerUserClipping):
+            raise ValueError("a sampled softmax under DP needs privacy.grad_sample_mode=bookkeeping: Opacus' hooks "
+                             "do not see the output rows it gathers")
+        negatives = draw_negatives(model.config.num_item_rows, config.num_negatives, device)
+    scores = model.config.num_item_rows if negatives is None else 1 + len(negatives)
+    positions = micro_batch_positions(config.micro_batch_tokens, scores)
     chunks = length_chunks(seqs, users, model.config.max_len, positions, max_users)
     if not chunks:  # an empty Poisson batch: still a step the accountant must count
         if dp_optimizer.step_hook is not None:
@@ -82,7 +91,7 @@ def private_step(step_model: StepModel, model: FedRecModel, seqs: UserSequences,
         inputs = {k: v.to(device) for k, v in make_batch(seqs, chunk, "train", model.config.max_len).items()}
         if isinstance(step_model, PerUserClipping):  # book-keeping: sets the clipped sums as .grad
             with step_model.recording():
-                per_user = sequence_loss(model, inputs, per_user=True)  # (b,) one loss per user
+                per_user = sequence_loss(model, inputs, per_user=True, negatives=negatives)  # (b,) one per user
             squared = step_model.clip(per_user, rows=(inputs["labels"] != 0).nonzero()[:, 0])
             if clipping is not None:
                 clipping.add(squared)

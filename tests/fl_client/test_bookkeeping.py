@@ -10,7 +10,7 @@ from fl_client.dp.engine import PrivacyConfig, make_private
 from fl_client.dp.step import private_step
 from fl_client.train import TrainConfig, user_loader
 from shared_model.configuration_fedrec import FedRecConfig
-from shared_model.modeling_fedrec import FedRecModel, sequence_loss
+from shared_model.modeling_fedrec import FedRecModel, draw_negatives, sequence_loss
 from shared_model.sequences import make_batch
 
 MODELS = {
@@ -33,28 +33,37 @@ def model_pair(**kwargs) -> tuple[FedRecModel, FedRecModel]:
     return model, reference
 
 
-def own_gradients(reference: FedRecModel, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+def own_gradients(reference: FedRecModel, batch: dict[str, torch.Tensor],
+                  negatives: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
     """Each user's gradient of their own loss, one backward pass per user."""
     grads = []
     for i in range(len(batch["item_ids"])):
         reference.zero_grad()
-        sequence_loss(reference, {k: v[i:i + 1] for k, v in batch.items()}, per_user=True).sum().backward()
+        sequence_loss(reference, {k: v[i:i + 1] for k, v in batch.items()}, per_user=True,
+                      negatives=negatives).sum().backward()
         grads.append({n: p.grad.clone() for n, p in reference.named_parameters() if p.requires_grad})
     return grads
 
 
-@pytest.mark.parametrize("padded", [False, True], ids=["real positions", "padded"])
+@pytest.mark.parametrize("loss", ["real positions", "padded", "sampled softmax"])
 @pytest.mark.parametrize("kind", MODELS)
-def test_norms_and_clipped_sum_are_those_of_each_users_own_gradient(seqs, kind, padded):
+def test_norms_and_clipped_sum_are_those_of_each_users_own_gradient(seqs, kind, loss):
     model, reference = model_pair(**MODELS[kind])
     batch = make_batch(seqs, seqs.trainable_users()[:8], "train", 8)
-    grads = own_gradients(reference, batch)
+    negatives = None
+    if loss == "sampled softmax":
+        # 12 of the 30 items: negatives that are also some users' labels and inputs (the cross terms)
+        negatives = draw_negatives(model.config.num_item_rows, 12, generator=torch.Generator().manual_seed(0))
+        assert bool(torch.isin(batch["labels"], negatives).any()) and bool(torch.isin(batch["item_ids"],
+                                                                                      negatives).any())
+    grads = own_gradients(reference, batch, negatives)
     norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in user.values())) for user in grads])
     bound = float(norms.median())  # half the users are clipped, half are not
     clipping = PerUserClipping(model, bound)
     with clipping.recording():
-        per_user = sequence_loss(model, batch, per_user=True, padded=padded)
-    squared = clipping.clip(per_user, rows=None if padded else (batch["labels"] != 0).nonzero()[:, 0])
+        per_user = sequence_loss(model, batch, per_user=True, padded=loss == "padded", negatives=negatives)
+    squared = clipping.clip(per_user, rows=(batch["labels"] != 0).nonzero()[:, 0] if loss == "real positions"
+                            else None)
     assert set(squared) == {n for n, p in model.named_parameters() if p.requires_grad}
     for name in squared:  # each parameter's share, the tied table's two uses and their cross term included
         assert torch.allclose(squared[name], torch.stack([user[name].square().sum() for user in grads]),
@@ -86,6 +95,60 @@ def test_a_dp_step_by_bookkeeping_equals_one_by_opacus_hooks(seqs):
         updates.append(torch.cat([(before[k] - p.detach()).flatten() for k, p in model.named_parameters()]))
     assert updates[0].norm() > 0
     assert torch.allclose(updates[0], updates[1], atol=1e-7)
+
+
+def sampled_step_update(seqs, users: list[int], micro_batch_tokens: int, seed: int = 0) -> torch.Tensor:
+    """The weights' change after one DP step (σ = 0, half the users clipped) with a sampled softmax."""
+    model, _ = model_pair(tie_item_embeddings=True, feature_dim=4, feature_scoring=True, item_bias=True)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    privacy = PrivacyConfig(enabled=True, max_grad_norm=0.05)
+    loader = user_loader(seqs.trainable_users(), len(users), torch.Generator())
+    _, step_model, optimizer, _ = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), loader,
+                                               privacy, noise_multiplier=0.0)
+    torch.manual_seed(seed)
+    private_step(step_model, model, seqs, users, optimizer, privacy,
+                 TrainConfig(micro_batch_tokens=micro_batch_tokens, num_negatives=10), torch.device("cpu"))
+    return torch.cat([(before[k] - p.detach()).flatten() for k, p in model.named_parameters()])
+
+
+def test_a_sampled_dp_step_draws_its_negatives_once_for_every_micro_batch(seqs):
+    """Each user's clipped gradient depends on their own events and the step's draw only: split into many
+    micro-batches or one, the step is the same sum. (Negatives drawn per micro-batch would make a user's
+    gradient depend on which other users share the micro-batch, beyond the bound C the accounting assumes.)"""
+    users = seqs.trainable_users()[:12].tolist()
+    one = sampled_step_update(seqs, users, micro_batch_tokens=1 << 20)
+    many = sampled_step_update(seqs, users, micro_batch_tokens=16)  # one or two users a micro-batch
+    assert one.norm() > 0
+    assert torch.allclose(one, many, atol=1e-7)
+    assert not torch.allclose(one, sampled_step_update(seqs, users, 1 << 20, seed=1), atol=1e-7)  # a new draw
+
+
+def test_opacus_hooks_refuse_a_sampled_softmax_they_cannot_clip(seqs):
+    model, _ = model_pair(tie_item_embeddings=True)
+    privacy = PrivacyConfig(enabled=True, grad_sample_mode="hooks")
+    loader = user_loader(seqs.trainable_users(), 12, torch.Generator())
+    _, step_model, optimizer, _ = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), loader,
+                                               privacy, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match=r"sampled softmax under DP needs privacy\.grad_sample_mode=bookkeeping"):
+        private_step(step_model, model, seqs, [0, 1], optimizer, privacy, TrainConfig(num_negatives=5),
+                     torch.device("cpu"))
+
+
+def test_a_sampled_softmax_must_read_the_table_through_its_layer():
+    """A functional use of the output layer's weight is invisible to the hooks: refused, not clipped wrong."""
+    model, _ = model_pair(tie_item_embeddings=False, item_bias=True)
+    clipping = PerUserClipping(model, 1.0)
+    ids = torch.randint(1, 30, (3, 5))
+    with clipping.recording():
+        hidden = model(ids, torch.ones_like(ids), torch.ones_like(ids))
+        loss = (hidden @ model.output.weight[:4].T).sum((1, 2))  # the output layer never ran
+    with pytest.raises(ValueError, match=r"\['output'\] did not run"):
+        clipping.clip(loss)
+    with clipping.recording():
+        hidden = model(ids, torch.ones_like(ids), torch.ones_like(ids))
+        scores = model.candidate_scores(hidden, ids, torch.tensor([3, 3]), model.output.weight, model.output.bias)
+    with pytest.raises(ValueError, match="negatives must be distinct"):
+        clipping.clip(scores.sum((1, 2)))
 
 
 def test_layers_it_cannot_clip_exactly_are_refused_by_name():

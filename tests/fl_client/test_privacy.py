@@ -310,3 +310,15 @@ def test_micro_batches_shrink_where_their_catalog_scores_would_pass_the_bound(se
                                             noise_multiplier=0.0)
     private_step(private, model, seqs, users, optimizer, config, TrainConfig(), torch.device("cpu"))
     assert asked == [16, 16]
+
+
+def test_dp_training_with_a_sampled_softmax_spends_the_budget_and_learns(seqs):
+    """Sampled softmax under DP (book-keeping): trained, accounted as every DP run, and the loss goes down; with
+    Opacus' hooks, which cannot see the gathered output rows, it is refused before any step."""
+    model = tiny_model(True)
+    config = TrainConfig(epochs=6, batch_size=26, lr=3e-3, num_negatives=8)
+    result = train(model, seqs, config, PrivacyConfig(enabled=True, epsilon=8.0, max_grad_norm=1.0))
+    assert result.privacy is not None and result.privacy.epsilon == pytest.approx(8.0, rel=0.02)
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    with pytest.raises(ValueError, match=r"needs privacy\.grad_sample_mode=bookkeeping"):
+        train(tiny_model(True), seqs, config, PrivacyConfig(enabled=True, grad_sample_mode="hooks"))

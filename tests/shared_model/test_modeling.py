@@ -5,7 +5,7 @@ import torch
 from opacus.validators import ModuleValidator
 
 from shared_model.configuration_fedrec import FedRecConfig
-from shared_model.modeling_fedrec import FedRecModel, sequence_loss
+from shared_model.modeling_fedrec import FedRecModel, draw_negatives, sequence_loss
 
 
 def tiny(**overrides) -> FedRecModel:
@@ -77,7 +77,7 @@ def test_loss_ignores_padding_and_per_user_mean():
     token_mean = sequence_loss(model, batch)
     expected = (per_user[0] * 2 + per_user[1] * 4) / 6
     assert torch.allclose(token_mean, expected, atol=1e-5)
-    sampled = sequence_loss(model, batch, num_negatives=20)
+    sampled = sequence_loss(model, batch, negatives=draw_negatives(model.config.num_item_rows, 20))
     assert torch.isfinite(sampled) and sampled < token_mean  # fewer competitors than the full catalog
 
 
@@ -122,9 +122,24 @@ def test_sampled_logits_agree_with_full_logits_on_the_positive():
     model.set_item_features(torch.randn(100, 8))
     hidden = model(*inputs(torch.randint(1, 100, (2, 3))))
     labels = torch.randint(1, 100, (2, 3))
-    sampled = model.sampled_logits(hidden, labels, num_negatives=5)
-    full = model.logits(hidden).gather(-1, labels.unsqueeze(-1))
-    assert torch.allclose(sampled[..., :1], full, atol=1e-5)
+    negatives = torch.cat([labels[0, :1], draw_negatives(100, 5)]).unique()  # one negative is a label
+    sampled = model.sampled_logits(hidden, labels, negatives)
+    full = model.logits(hidden)
+    assert torch.allclose(sampled[..., :1], full.gather(-1, labels.unsqueeze(-1)), atol=1e-5)
+    own = negatives.view(1, 1, -1) == labels.unsqueeze(-1)
+    assert torch.equal(torch.isinf(sampled[..., 1:]), own) and bool(own.any())  # a label is no negative of itself
+    expected = full[..., negatives]
+    assert torch.allclose(sampled[..., 1:][~own], expected[~own], atol=1e-5)
+
+
+def test_negatives_are_distinct_catalog_rows_drawn_uniformly():
+    draws = torch.stack([draw_negatives(11, 4, generator=torch.Generator().manual_seed(s)) for s in range(2000)])
+    assert all(len(row.unique()) == 4 for row in draws) and int(draws.min()) >= 1 and int(draws.max()) <= 10
+    counts = torch.bincount(draws.flatten(), minlength=11)[1:].float()
+    assert float((counts / counts.mean() - 1).abs().max()) < 0.1  # 800 expected per row
+    for count in (0, 11, -1):
+        with pytest.raises(ValueError, match=rf"train.num_negatives={count}: .* 1 to 10 negatives"):
+            draw_negatives(11, count)
 
 
 @pytest.mark.parametrize("name,value", [("item_embedding_size", 8), ("position_encoding", "sinusoidal"),
