@@ -4,6 +4,8 @@ Dropout (HF BertLayer blocks, attention through SDPA)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -144,7 +146,9 @@ class FedRecModel(FedRecPreTrainedModel):
 
     def sampled_logits(self, hidden: torch.Tensor, labels: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
         """Sampled softmax for large catalogs: column 0 is each position's label, then the negatives shared by the
-        whole batch (`draw_negatives`); a negative equal to the position's label scores -inf.
+        whole batch (`draw_negatives`); a negative equal to the position's label scores -inf. Each negative stands
+        for (items / K) items: its score is raised by log(items / K) (the correction for uniform sampling, Jean et
+        al. 2015), so that the sampled normaliser estimates the full softmax's.
 
         # hidden (B, T, d), labels (B, T), negatives (K,) -> (B, T, 1 + K)"""
         logits = self.candidate_scores(hidden, labels, negatives, self.output.weight, self.output.bias)
@@ -153,6 +157,8 @@ class FedRecModel(FedRecPreTrainedModel):
             features = self.feature_output(hidden)  # (B, T, F)
             logits = logits + torch.cat([(features * self.item_features[labels]).sum(-1, keepdim=True),
                                          features @ self.item_features[negatives].T], dim=-1)
+        stands_for = math.log((self.config.num_item_rows - 1) / len(negatives))
+        logits = logits + torch.cat([logits.new_zeros(1), logits.new_full((len(negatives),), stands_for)])
         own = torch.cat([torch.zeros_like(labels, dtype=torch.bool).unsqueeze(-1),
                          negatives.view(1, 1, -1) == labels.unsqueeze(-1)], dim=-1)  # (B, T, 1 + K)
         return logits.masked_fill(own, float("-inf"))
