@@ -21,7 +21,7 @@ from fl_client.round_config import TrainingDivergedError
 from shared_model import wire
 from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, without_moments
-from shared_model.modeling_fedrec import FedRecModel, draw_negatives, sequence_loss
+from shared_model.modeling_fedrec import FedRecModel, StepNegatives, sequence_loss
 from shared_model.sequences import UserSequences, length_chunks, make_batch, micro_batch_positions
 
 
@@ -34,7 +34,7 @@ class TrainConfig:
     lr: float = 1e-3  # (float) learning rate
     weight_decay: float = 0.0  # (float) decoupled weight decay (AdamW)
     optimizer: str = "adam"  # (str) adam or sgd
-    num_negatives: int = 0  # (int) sampled-softmax negatives, drawn once a step; 0 = full-catalog cross-entropy
+    num_negatives: int = 0  # (int) sampled-softmax negatives a user, drawn each step; 0 = full-catalog cross-entropy
     patience: int = 5  # (int) stop after this many epochs without a better valid NDCG@10; 0 = never
     eval_every: int = 1  # (int) validate every N epochs (0 = only at the end)
     device: str = "auto"  # (str) auto, cpu or cuda
@@ -222,20 +222,21 @@ def plain_step(model: FedRecModel, seqs: UserSequences, users: list[int], optimi
                config: TrainConfig, device: torch.device) -> float:
     """One non-private step on the mean loss over the batch's positions, in length-sorted micro-batches (each
     weighted by its share of the positions, so the gradient is the whole batch's); returns that mean loss. A sampled
-    softmax draws its negatives once for the step, as the DP step does."""
-    negatives = draw_negatives(model.config.num_item_rows, config.num_negatives, device) \
+    softmax draws the users' negatives for the step, as the DP step does."""
+    negatives = StepNegatives(model.config.num_item_rows, config.num_negatives, users, device) \
         if config.num_negatives else None
-    scores = model.config.num_item_rows if negatives is None else 1 + len(negatives)
+    scores = model.config.num_item_rows if negatives is None else 1 + config.num_negatives
     chunks = length_chunks(seqs, users, model.config.max_len, micro_batch_positions(config.micro_batch_tokens, scores))
     batches = [make_batch(seqs, chunk, "train", model.config.max_len) for chunk in chunks]
     positions = [int((batch["labels"] != 0).sum()) for batch in batches]
     all_positions = max(sum(positions), 1)
     total = 0.0
-    for batch, count in zip(batches, positions, strict=True):
+    for chunk, batch, count in zip(chunks, batches, positions, strict=True):
         if not count:
             continue
         inputs = {k: v.to(device) for k, v in batch.items()}
-        loss = sequence_loss(model, inputs, negatives=negatives) * (count / all_positions)
+        loss = sequence_loss(model, inputs, negatives=None if negatives is None else negatives.of(chunk)) * (
+            count / all_positions)
         loss.backward()
         total += float(loss.detach())
     optimizer.step()

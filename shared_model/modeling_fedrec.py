@@ -5,6 +5,7 @@ Dropout (HF BertLayer blocks, attention through SDPA)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -145,55 +146,82 @@ class FedRecModel(FedRecPreTrainedModel):
         return self.logits(self.forward(item_ids, event_types, time_buckets)[:, -1])
 
     def sampled_logits(self, hidden: torch.Tensor, labels: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-        """Sampled softmax for large catalogs: column 0 is each position's label, then the negatives shared by the
-        whole batch (`draw_negatives`); a negative equal to the position's label scores -inf. Each negative stands
-        for (items / K) items: its score is raised by log(items / K) (the correction for uniform sampling, Jean et
-        al. 2015), so that the sampled normaliser estimates the full softmax's.
+        """Sampled softmax for large catalogs: column 0 is each position's label, then the user's negatives
+        (`draw_negatives`); a negative equal to the position's label scores -inf. Each negative stands for
+        items / K items: its score is raised by log(items / K) (the correction for uniform sampling, Jean et al.
+        2015), so that the sampled normaliser estimates the full softmax's.
 
-        # hidden (B, T, d), labels (B, T), negatives (K,) -> (B, T, 1 + K)"""
+        # hidden (B, T, d), labels (B, T), negatives (B, K) -> (B, T, 1 + K)"""
         logits = self.candidate_scores(hidden, labels, negatives, self.output.weight, self.output.bias)
         if self.config.feature_scoring:
             # The frozen feature table is public: only feature_output (a Linear, clipped as usual) is trained.
             features = self.feature_output(hidden)  # (B, T, F)
             logits = logits + torch.cat([(features * self.item_features[labels]).sum(-1, keepdim=True),
-                                         features @ self.item_features[negatives].T], dim=-1)
-        stands_for = math.log((self.config.num_item_rows - 1) / len(negatives))
-        logits = logits + torch.cat([logits.new_zeros(1), logits.new_full((len(negatives),), stands_for)])
+                                         torch.bmm(features, self.item_features[negatives].transpose(1, 2))], -1)
+        count = negatives.shape[1]
+        stands_for = math.log((self.config.num_item_rows - 1) / count)
+        logits = logits + torch.cat([logits.new_zeros(1), logits.new_full((count,), stands_for)])
         own = torch.cat([torch.zeros_like(labels, dtype=torch.bool).unsqueeze(-1),
-                         negatives.view(1, 1, -1) == labels.unsqueeze(-1)], dim=-1)  # (B, T, 1 + K)
+                         negatives.unsqueeze(1) == labels.unsqueeze(-1)], dim=-1)  # (B, T, 1 + K)
         return logits.masked_fill(own, float("-inf"))
 
 
 class CandidateScores(nn.Module):
-    """h · W[c] + b[c] for each position's label c and for negatives shared by the batch, with (W, b) the output
+    """h · W[c] + b[c] for each position's label c and for each of the user's negatives c, with (W, b) the output
     layer's weight and bias passed in: the sampled softmax's only use of them. It is a layer of its own (without
     parameters) so that per-user clipping (fl_client.dp.bookkeeping) records which rows each user's gradient
-    touches: the label rows of the user's positions, and the negatives' rows.
+    touches: the labels of the user's positions and the user's negatives.
 
-    # hidden (B, T, d), labels (B, T), negatives (K,) distinct -> (B, T, 1 + K)"""
+    # hidden (B, T, d), labels (B, T), negatives (B, K), distinct within a row -> (B, T, 1 + K)"""
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor, negatives: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
         positive = (hidden * F.embedding(labels, weight)).sum(-1, keepdim=True)  # (B, T, 1)
-        negative = hidden @ weight[negatives].T  # (B, T, K)
+        negative = torch.bmm(hidden, F.embedding(negatives, weight).transpose(1, 2))  # (B, T, d) x (B, d, K)
         if bias is not None:
-            positive, negative = positive + bias[labels].unsqueeze(-1), negative + bias[negatives]
+            positive, negative = positive + bias[labels].unsqueeze(-1), negative + bias[negatives].unsqueeze(1)
         return torch.cat([positive, negative], dim=-1)
 
 
-def draw_negatives(num_item_rows: int, count: int, device: torch.device | str = "cpu",
+def draw_negatives(num_item_rows: int, count: int, users: int, device: torch.device | str = "cpu",
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """`count` distinct catalog rows (never the padding row 0), uniform over the catalog and drawn from no data.
+    """For each of `users` users, `count` distinct catalog rows (never the padding row 0), every K-subset of the
+    items equally likely, drawn from no data and independently of the other users. # -> (users, count), sorted
 
-    Under DP one draw serves a whole step, every micro-batch of it: each user's clipped gradient is then a function
-    of their own events and of this data-independent draw only, so adding or removing a user changes the step's
-    clipped sum by at most C, as DP-SGD's accounting assumes. (Draws per micro-batch would not: the micro-batches
-    depend on which users were sampled, so one user's presence would change the negatives another user gets.)
-    # -> (count,)"""
-    if not 0 < count < num_item_rows:
-        raise ValueError(f"train.num_negatives={count}: a sampled softmax needs 1 to {num_item_rows - 1} negatives "
+    Under DP a step draws them once for all its sampled users, before the micro-batches: each user's clipped
+    gradient is then a function of their own events and their own data-independent draw, so adding or removing a
+    user changes the step's clipped sum by at most C, as DP-SGD's accounting assumes. (Negatives shared by a
+    micro-batch would not: who shares a micro-batch depends on who was sampled. Negatives shared by the whole step
+    are DP-safe but cost HR@10 under DP: their sampling error is the same for every user of the step; BENCHMARKS.md,
+    "Sampled softmax under DP".)"""
+    items = num_item_rows - 1
+    if not 0 < count <= items:
+        raise ValueError(f"train.num_negatives={count}: a sampled softmax needs 1 to {items} negatives "
                          f"(the catalog's items)")
-    return torch.randperm(num_item_rows - 1, generator=generator)[:count].to(device) + 1
+    if 2 * count > items:  # most of the catalog: a permutation per user
+        keys = torch.rand(users, items, generator=generator)
+        return (keys.topk(count, dim=1).indices + 1).sort(1).values.to(device)
+    rows = torch.randint(1, num_item_rows, (users, count), generator=generator).sort(1).values
+    while True:  # redraw repeats until each row is distinct: by symmetry every K-subset stays equally likely
+        repeat = torch.zeros_like(rows, dtype=torch.bool)
+        repeat[:, 1:] = rows[:, 1:] == rows[:, :-1]
+        if not bool(repeat.any()):
+            return rows.to(device)
+        rows[repeat] = torch.randint(1, num_item_rows, (int(repeat.sum()),), generator=generator)
+        rows = rows.sort(1).values
+
+
+class StepNegatives:
+    """One `draw_negatives` for the users of a step, handed out micro-batch by micro-batch: which micro-batch a user
+    falls in changes nothing about the negatives the user gets."""
+
+    def __init__(self, num_item_rows: int, count: int, users: Sequence[int], device: torch.device | str) -> None:
+        self.negatives = draw_negatives(num_item_rows, count, len(users), device)  # (users, K)
+        self.row = {int(u): i for i, u in enumerate(users)}
+
+    def of(self, users: Sequence[int]) -> torch.Tensor:
+        """(len(users), K): the negatives of these users of the step, in this order."""
+        return self.negatives[[self.row[int(u)] for u in users]]
 
 
 def sequence_loss(model: FedRecModel, batch: dict[str, torch.Tensor], per_user: bool = False,
@@ -203,8 +231,9 @@ def sequence_loss(model: FedRecModel, batch: dict[str, torch.Tensor], per_user: 
     Returns the mean over positions, or with `per_user` the (B,) per-user mean that DP-SGD clips. Only real
     positions are scored (the (N, V) output layer dominates the cost), so the output layer's rows are the
     positions `labels != 0` of the users in order; `padded` scores every (user, position) instead, for Opacus'
-    hooks, which need every layer's leading dimension to be the user's. `negatives` (`draw_negatives`): a sampled
-    softmax over each position's label and those rows instead of the whole catalog (scored padded).
+    hooks, which need every layer's leading dimension to be the user's. `negatives` (`draw_negatives`, a row per
+    user): a sampled softmax over each position's label and the user's negatives instead of the whole catalog
+    (scored padded).
     """
     hidden = model(batch["item_ids"], batch["event_types"], batch["time_buckets"])  # (B, T, d)
     labels = batch["labels"]  # (B, T)

@@ -11,7 +11,7 @@ gradient of user i is a sum over i's positions of (output gradient ⊗ input), s
   cheaper than forming the user's (out × in) gradient; an embedding row gets Σ over the positions holding it;
   a table used twice (the tied item table: input embedding and output layer) adds the cross term of its two
   uses, which Opacus' ghost clipping cannot do; a sampled softmax's use of the table is row-sparse (the rows of
-  the user's labels, and the negatives' rows), and its norm and cross terms sum over the pairs of equal rows;
+  the user's labels and of the user's negatives), and its norm and cross terms sum over the pairs of equal rows;
 - the clipped sum Σ_i c_i ∇L_i with c_i = min(1, C / (‖∇L_i‖ + 1e-6)) (Opacus' factor) is one matmul (or one
   row scatter) of the records per layer, the cost of an ordinary weight gradient.
 
@@ -47,8 +47,8 @@ class _Record:
 
 @dataclass
 class _Candidates:
-    """One CandidateScores call: hidden (b, T, d), labels (b, T), the shared distinct negatives (K,), the table and
-    bias it read, and its (b, T, 1 + K) scores."""
+    """One CandidateScores call: hidden (b, T, d), labels (b, T), each user's distinct negatives (b, K), the table
+    and bias it read, and its (b, T, 1 + K) scores."""
 
     hidden: torch.Tensor
     labels: torch.Tensor
@@ -305,10 +305,10 @@ def _tied_cross_term(module: nn.Embedding, embedding: _Rows, linear: _Rows, user
 
 @dataclass
 class _Sampled:
-    """One CandidateScores call per user: hidden (b, T, d), labels (b, T), negatives (K,), the output gradients of
-    the label's score (b, T) and of the negatives' (b, T, K), and `slot`, each table row's place among the
-    negatives (-1 if none). User i's gradient of the table has rows labels[i, t] += g[i, t] h[i, t] and
-    negatives[k] += rows[i, k] (`rows`: Σ_t the negative's output gradient × h, (b, K, d))."""
+    """One CandidateScores call per user: hidden (b, T, d), labels (b, T), each user's distinct negatives (b, K),
+    and the output gradients of the label's score (b, T) and of the negatives' (b, T, K). User i's gradient of the
+    table has rows labels[i, t] += label_grad[i, t] h[i, t] and negatives[i, k] += rows[i, k] (`rows`: Σ_t the
+    negative's output gradient × h, (b, K, d)); of the bias, the same without h."""
 
     record: _Candidates
     hidden: torch.Tensor
@@ -316,7 +316,6 @@ class _Sampled:
     negatives: torch.Tensor
     label_grad: torch.Tensor
     negative_grad: torch.Tensor
-    slot: torch.Tensor
     rows: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -324,74 +323,66 @@ class _Sampled:
 
     @staticmethod
     def of(record: _Candidates, grad: torch.Tensor, users: int) -> _Sampled:
-        negatives = record.negatives
-        if record.hidden.dim() != 3 or record.hidden.shape[0] != users:
-            raise ValueError(f"per-user clipping: a sampled softmax's hidden states must be (users, positions, d), "
-                             f"got {tuple(record.hidden.shape)} for {users} users")
-        if negatives.dim() != 1 or len(negatives.unique()) != len(negatives):
-            raise ValueError("per-user clipping: a sampled softmax's negatives must be distinct rows, one list for "
-                             "the whole batch")
-        slot = torch.full((record.weight.shape[0],), -1, dtype=torch.long, device=negatives.device)
-        slot[negatives] = torch.arange(len(negatives), device=negatives.device)
-        return _Sampled(record, record.hidden, record.labels, negatives, grad[..., 0], grad[..., 1:], slot)
+        hidden, negatives = record.hidden, record.negatives
+        if hidden.dim() != 3 or hidden.shape[0] != users or negatives.dim() != 2 or negatives.shape[0] != users:
+            raise ValueError(f"per-user clipping: a sampled softmax needs hidden states (users, positions, d) and "
+                             f"negatives (users, K), got {tuple(hidden.shape)} and {tuple(negatives.shape)} for "
+                             f"{users} users")
+        ordered = negatives.sort(1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise ValueError("per-user clipping: a sampled softmax's negatives must be distinct rows for each user")
+        return _Sampled(record, hidden, record.labels, negatives, grad[..., 0], grad[..., 1:])
 
-    def at(self, ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For (b, S) table rows: values' (b, K, ...) entry of each row's negative slot (zero where the row is no
-        negative) and that mask, (b, S, ...) and (b, S)."""
-        slots = self.slot[ids]  # (b, S)
-        hit = slots >= 0
-        index = slots.clamp(min=0)
-        if values.dim() == 3:
-            index = index.unsqueeze(-1).expand(-1, -1, values.shape[-1])
-        return values.gather(1, index), hit
+    def matches(self, ids: torch.Tensor) -> torch.Tensor:
+        """(b, S, K): whether row ids[i, s] is user i's negative k."""
+        return ids.unsqueeze(2) == self.negatives.unsqueeze(1)
 
 
 def _sampled_norms(view: _Sampled) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(parameter, (b,) squared per-user norm) of the table and bias a sampled softmax read: Σ over pairs of equal
-    rows among the user's label rows and the negatives (distinct, so they pair only with label rows)."""
+    rows among the user's label rows and negatives (distinct, so they pair only with label rows)."""
     record, h, g = view.record, view.hidden, view.label_grad
     same = view.labels.unsqueeze(2) == view.labels.unsqueeze(1)  # (b, T, T)
     pairs = g.unsqueeze(2) * g.unsqueeze(1) * same
+    coincide = view.matches(view.labels) * g.unsqueeze(2)  # (b, T, K): label t's row is negative k, × its grad
     out = []
     if record.weight.requires_grad:
-        at, hit = view.at(view.labels, view.rows)  # (b, T, d): the negative row a label coincides with
         total = (torch.bmm(h, h.transpose(1, 2)) * pairs).sum((1, 2)) + view.rows.square().sum((1, 2)) \
-            + 2 * (g * (h * at).sum(-1) * hit).sum(1)
+            + 2 * (coincide * torch.bmm(h, view.rows.transpose(1, 2))).sum((1, 2))
         out.append((record.weight, total))
     if record.bias is not None and record.bias.requires_grad:
         per_negative = view.negative_grad.sum(1)  # (b, K)
-        at, hit = view.at(view.labels, per_negative)
-        out.append((record.bias, pairs.sum((1, 2)) + per_negative.square().sum(1) + 2 * (g * at * hit).sum(1)))
+        out.append((record.bias, pairs.sum((1, 2)) + per_negative.square().sum(1)
+                    + 2 * (coincide * per_negative.unsqueeze(1)).sum((1, 2))))
     return out
 
 
 def _sampled_cross_term(module: nn.Embedding, embedding: _Rows, view: _Sampled, users: int) -> torch.Tensor:
-    """(b,) ⟨the embedding use's per-user gradient, the sampled softmax's⟩ of one shared table: positions t of the
-    input and s of the labels pair where id_t = label_s (e_t · g_s h_s), and where id_t is a negative's row."""
+    """(b,) ⟨the embedding use's per-user gradient, the sampled softmax's⟩ of one shared table: input position t
+    and label position s pair where id_t = label_s (e_t · g_s h_s), and t and negative k where id_t is its row."""
     if len(embedding.runs) != 1:
         raise ValueError("per-user clipping: a tied embedding must run on the batch's (users, positions) ids")
     ids = embedding.inputs.view(users, -1)
     e = _embedding_grad(module, embedding).view(users, ids.shape[1], -1)  # (b, T', d)
     same = ids.unsqueeze(2) == view.labels.unsqueeze(1)  # (b, T', T)
     labelled = (torch.bmm(e, view.hidden.transpose(1, 2)) * view.label_grad.unsqueeze(1) * same).sum((1, 2))
-    at, hit = view.at(ids, view.rows)  # (b, T', d)
-    return labelled + ((e * at).sum(-1) * hit).sum(1)
+    return labelled + (view.matches(ids) * torch.bmm(e, view.rows.transpose(1, 2))).sum((1, 2))
 
 
 def _sampled_sums(view: _Sampled, factors: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(parameter, Σ_i c_i × user i's gradient) for the table and bias a sampled softmax read."""
     record = view.record
     label_grad = view.label_grad * factors.unsqueeze(1)  # (b, T)
-    negative_grad = view.negative_grad * factors.view(-1, 1, 1)  # (b, T, K)
-    labels = view.labels.reshape(-1)
+    labels, negatives = view.labels.reshape(-1), view.negatives.reshape(-1)
     if record.weight.requires_grad:
         total = torch.zeros_like(record.weight)
         total.index_add_(0, labels, (label_grad.unsqueeze(-1) * view.hidden).reshape(labels.numel(), -1))
-        yield record.weight, total.index_add_(0, view.negatives, torch.einsum("btk,btd->kd", negative_grad,
-                                                                              view.hidden))
+        yield record.weight, total.index_add_(0, negatives, (view.rows * factors.view(-1, 1, 1)).reshape(
+            negatives.numel(), -1))
     if record.bias is not None and record.bias.requires_grad:
         total = torch.zeros_like(record.bias).index_add_(0, labels, label_grad.reshape(-1))
-        yield record.bias, total.index_add_(0, view.negatives, negative_grad.sum((0, 1)))
+        yield record.bias, total.index_add_(0, negatives, (view.negative_grad.sum(1) * factors.unsqueeze(1))
+                                            .reshape(-1))
 
 
 def _clipped_sums(module: nn.Module, rows: _Rows,

@@ -13,7 +13,7 @@ from opacus.optimizers import DPOptimizer
 from fl_client.dp.bookkeeping import PerUserClipping
 from fl_client.dp.engine import StepModel
 from fl_client.dp.settings import PrivacyConfig
-from shared_model.modeling_fedrec import FedRecModel, draw_negatives, sequence_loss
+from shared_model.modeling_fedrec import FedRecModel, StepNegatives, sequence_loss
 from shared_model.sequences import UserSequences, length_chunks, make_batch, micro_batch_positions
 
 
@@ -66,8 +66,9 @@ def private_step(step_model: StepModel, model: FedRecModel, seqs: UserSequences,
 
     Each micro-batch's clipped per-user gradients are summed by Opacus (skipped steps); noise is added
     and the accountant records the step once, at the last micro-batch. `clipping` records the per-user
-    norms before clipping (hooks mode). With `config.num_negatives` the loss is a sampled softmax over negatives
-    drawn once for the whole step (shared_model.modeling_fedrec.draw_negatives says why), book-keeping only.
+    norms before clipping (hooks mode). With `config.num_negatives` the loss is a sampled softmax over each user's
+    negatives, drawn for the whole step before its micro-batches (shared_model.modeling_fedrec.draw_negatives says
+    why), book-keeping only.
     """
     names = {id(p): n for n, p in model.named_parameters()} if clipping is not None else {}
     dp_optimizer: DPOptimizer = optimizer
@@ -78,8 +79,8 @@ def private_step(step_model: StepModel, model: FedRecModel, seqs: UserSequences,
         if not isinstance(step_model, PerUserClipping):
             raise ValueError("a sampled softmax under DP needs privacy.grad_sample_mode=bookkeeping: Opacus' hooks "
                              "do not see the output rows it gathers")
-        negatives = draw_negatives(model.config.num_item_rows, config.num_negatives, device)
-    scores = model.config.num_item_rows if negatives is None else 1 + len(negatives)
+        negatives = StepNegatives(model.config.num_item_rows, config.num_negatives, users, device)
+    scores = model.config.num_item_rows if negatives is None else 1 + config.num_negatives
     positions = micro_batch_positions(config.micro_batch_tokens, scores)
     chunks = length_chunks(seqs, users, model.config.max_len, positions, max_users)
     if not chunks:  # an empty Poisson batch: still a step the accountant must count
@@ -91,7 +92,8 @@ def private_step(step_model: StepModel, model: FedRecModel, seqs: UserSequences,
         inputs = {k: v.to(device) for k, v in make_batch(seqs, chunk, "train", model.config.max_len).items()}
         if isinstance(step_model, PerUserClipping):  # book-keeping: sets the clipped sums as .grad
             with step_model.recording():
-                per_user = sequence_loss(model, inputs, per_user=True, negatives=negatives)  # (b,) one per user
+                per_user = sequence_loss(model, inputs, per_user=True,
+                                         negatives=None if negatives is None else negatives.of(chunk))  # (b,)
             squared = step_model.clip(per_user, rows=(inputs["labels"] != 0).nonzero()[:, 0])
             if clipping is not None:
                 clipping.add(squared)

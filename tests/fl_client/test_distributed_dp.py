@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from fl_client.distributed_dp import dp_step_round, gradient_step, noise_share
-from fl_client.dp import step
 from fl_client.round_config import RoundConfig, build_global_model
 from fl_client.site import SiteStartError, load_site_data
-from shared_model import secure_sum, wire
+from shared_model import modeling_fedrec, secure_sum, wire
 from shared_model.catalog import ItemCatalog
 from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.modeling_fedrec import FedRecModel, draw_negatives, sequence_loss
@@ -65,8 +64,8 @@ def test_without_noise_the_update_is_minus_the_clipped_gradient_sum_over_the_exp
     negatives, draws = None, []
     if num_negatives:  # the round's recipe asks for a sampled softmax: one draw for the step
         cfg = replace(cfg, num_negatives=num_negatives)
-        negatives = draw_negatives(len(catalog.item_ids) + 1, num_negatives)
-        monkeypatch.setattr(step, "draw_negatives", lambda *args: draws.append(args) or negatives)
+        negatives = draw_negatives(len(catalog.item_ids) + 1, num_negatives, len(data.sequences.trainable_users()))
+        monkeypatch.setattr(modeling_fedrec, "draw_negatives", lambda *args: draws.append(args[:3]) or negatives)
     model = build_global_model(cfg, state)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     reply = gradient_step(site, data, cfg, model, share=0.0)
@@ -74,17 +73,18 @@ def test_without_noise_the_update_is_minus_the_clipped_gradient_sum_over_the_exp
     assert reply.num_examples == len(users)
     expected = {k: torch.zeros_like(v) for k, v in reply.state.items()}
     reference = build_global_model(cfg, state)
-    for user in users:  # each user's own gradient, clipped to C = 1, summed
+    for index, user in enumerate(users):  # each user's own gradient, clipped to C = 1, summed
         reference.zero_grad()
         batch = make_batch(data.sequences, [int(user)], "train", reference.config.max_len)
-        sequence_loss(reference, batch, per_user=True, negatives=negatives).sum().backward()
+        sequence_loss(reference, batch, per_user=True,
+                      negatives=None if negatives is None else negatives[index:index + 1]).sum().backward()
         grads = {n: p.grad.clone() for n, p in reference.named_parameters() if n in expected}
         norm = torch.sqrt(sum(g.square().sum() for g in grads.values()))
         for n, g in grads.items():
             expected[n] += g * min(1.0, 1.0 / float(norm))
     for name, trained in reply.state.items():
         assert torch.allclose((start[name] - trained) * len(users), expected[name], atol=1e-4), name
-    assert len(draws) == (1 if num_negatives else 0)
+    assert draws == ([(len(catalog.item_ids) + 1, num_negatives, len(users))] if num_negatives else [])  # one draw
 
 
 def test_an_empty_sample_is_a_step_of_noise_alone_with_this_sites_share(site):

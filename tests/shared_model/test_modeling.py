@@ -79,9 +79,9 @@ def test_loss_ignores_padding_and_per_user_mean():
     token_mean = sequence_loss(model, batch)
     expected = (per_user[0] * 2 + per_user[1] * 4) / 6
     assert torch.allclose(token_mean, expected, atol=1e-5)
-    sampled = sequence_loss(model, batch, negatives=draw_negatives(model.config.num_item_rows, 20))
+    sampled = sequence_loss(model, batch, negatives=draw_negatives(model.config.num_item_rows, 20, 2))
     assert torch.isfinite(sampled)
-    every_item = draw_negatives(model.config.num_item_rows, model.config.num_item_rows - 1)
+    every_item = draw_negatives(model.config.num_item_rows, model.config.num_item_rows - 1, 2)
     assert torch.allclose(sequence_loss(model, batch, negatives=every_item), token_mean, atol=1e-5)
 
 
@@ -126,24 +126,28 @@ def test_sampled_logits_agree_with_full_logits_on_the_positive():
     model.set_item_features(torch.randn(100, 8))
     hidden = model(*inputs(torch.randint(1, 100, (2, 3))))
     labels = torch.randint(1, 100, (2, 3))
-    negatives = torch.cat([labels[0, :1], draw_negatives(100, 5)]).unique()  # one negative is a label
+    negatives = draw_negatives(100, 5, 2)
+    negatives[0, 0] = labels[0, 0] if labels[0, 0] not in negatives[0] else negatives[0, 0]  # one is a label
     sampled = model.sampled_logits(hidden, labels, negatives)
     full = model.logits(hidden)
     assert torch.allclose(sampled[..., :1], full.gather(-1, labels.unsqueeze(-1)), atol=1e-5)
-    own = negatives.view(1, 1, -1) == labels.unsqueeze(-1)
+    own = negatives.unsqueeze(1) == labels.unsqueeze(-1)  # (2, 3, 5)
     assert torch.equal(torch.isinf(sampled[..., 1:]), own) and bool(own.any())  # a label is no negative of itself
-    expected = full[..., negatives] + math.log(99 / len(negatives))  # each negative stands for 99 / K items
+    expected = full.gather(-1, negatives.unsqueeze(1).expand(-1, 3, -1)) + math.log(99 / 5)  # each stands for 99/5
     assert torch.allclose(sampled[..., 1:][~own], expected[~own], atol=1e-5)
 
 
-def test_negatives_are_distinct_catalog_rows_drawn_uniformly():
-    draws = torch.stack([draw_negatives(11, 4, generator=torch.Generator().manual_seed(s)) for s in range(2000)])
-    assert all(len(row.unique()) == 4 for row in draws) and int(draws.min()) >= 1 and int(draws.max()) <= 10
-    counts = torch.bincount(draws.flatten(), minlength=11)[1:].float()
-    assert float((counts / counts.mean() - 1).abs().max()) < 0.1  # 800 expected per row
-    for count in (0, 11, -1):
-        with pytest.raises(ValueError, match=rf"train.num_negatives={count}: .* 1 to 10 negatives"):
-            draw_negatives(11, count)
+@pytest.mark.parametrize("count", [3, 7], ids=["redrawn repeats", "a permutation"])
+def test_each_users_negatives_are_distinct_items_every_subset_equally_likely(count):
+    draws = draw_negatives(9, count, 40_000, generator=torch.Generator().manual_seed(0))  # 8 items
+    assert draws.shape == (40_000, count) and int(draws.min()) >= 1 and int(draws.max()) <= 8
+    assert bool((draws[:, 1:] > draws[:, :-1]).all())  # distinct (sorted)
+    subsets = torch.unique(draws, dim=0, return_counts=True)[1].float()
+    assert len(subsets) == math.comb(8, count)  # C(8, 3) = 56, C(8, 7) = 8 subsets
+    assert float((subsets / subsets.mean() - 1).abs().max()) < 0.15  # 714 or 5,000 draws each expected
+    for bad in (0, 9, -1):
+        with pytest.raises(ValueError, match=rf"train.num_negatives={bad}: .* 1 to 8 negatives"):
+            draw_negatives(9, bad, 1)
 
 
 @pytest.mark.parametrize("name,value", [("item_embedding_size", 8), ("position_encoding", "sinusoidal"),
