@@ -132,6 +132,9 @@ class RoundConfig:
             raise RoundConfigError(f"round config asks for {wire.UPDATE_PRECISION}={parsed.update_precision!r}; this "
                                    f"site knows {', '.join(wire.UPDATE_PRECISIONS)}")
         check_training_id(parsed.training_id)
+        if parsed.num_negatives < 0:
+            raise RoundConfigError(f"round config asks for {wire.NUM_NEGATIVES}={parsed.num_negatives}: needs 0 (the "
+                                   f"full softmax) or a number of negatives")
         if parsed.frozen_digest:
             check_frozen_digest(parsed.frozen_digest)
         if parsed.ddp_sample_rate and not (parsed.ddp_sample_rate <= 1 and parsed.ddp_noise_multiplier > 0
@@ -165,6 +168,9 @@ def build_global_model(round_cfg: RoundConfig, state: Mapping[str, torch.Tensor]
                                  f"max_model_parameters={max_parameters:,} (--max-model-parameters)")
     check_global_state(expected, state)
     model = FedRecModel(FedRecConfig.from_dict(json.loads(round_cfg.model_config)))
+    if round_cfg.num_negatives > model.config.num_items:
+        raise RoundConfigError(f"round config asks for {wire.NUM_NEGATIVES}={round_cfg.num_negatives} negatives of "
+                               f"a catalog of {model.config.num_items} items")
     try:
         wire.load_state(model, state)
     except (ValueError, RuntimeError) as err:

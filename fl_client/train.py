@@ -22,7 +22,13 @@ from shared_model import wire
 from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, without_moments
 from shared_model.modeling_fedrec import FedRecModel, StepNegatives, sequence_loss
-from shared_model.sequences import UserSequences, length_chunks, make_batch, micro_batch_positions
+from shared_model.sequences import (
+    UserSequences,
+    length_chunks,
+    make_batch,
+    micro_batch_positions,
+    sampled_softmax_users,
+)
 
 
 @dataclass
@@ -225,8 +231,12 @@ def plain_step(model: FedRecModel, seqs: UserSequences, users: list[int], optimi
     softmax draws the users' negatives for the step, as the DP step does."""
     negatives = StepNegatives(model.config.num_item_rows, config.num_negatives, users, device) \
         if config.num_negatives else None
-    scores = model.config.num_item_rows if negatives is None else 1 + config.num_negatives
-    chunks = length_chunks(seqs, users, model.config.max_len, micro_batch_positions(config.micro_batch_tokens, scores))
+    scores, max_users = model.config.num_item_rows, 1 << 30
+    if negatives is not None:
+        scores, max_users = 1 + config.num_negatives, sampled_softmax_users(config.num_negatives,
+                                                                             model.config.hidden_size)
+    chunks = length_chunks(seqs, users, model.config.max_len, micro_batch_positions(config.micro_batch_tokens, scores),
+                           max_users)
     batches = [make_batch(seqs, chunk, "train", model.config.max_len) for chunk in chunks]
     positions = [int((batch["labels"] != 0).sum()) for batch in batches]
     all_positions = max(sum(positions), 1)

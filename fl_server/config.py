@@ -89,6 +89,9 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be at least 1 (evaluate every k-th round), got {self.eval_every}")
+        if self.num_negatives < 0:
+            raise ValueError(f"num-negatives must be 0 (the full softmax) or a number of negatives, got "
+                             f"{self.num_negatives}")
 
     def evaluates(self, server_round: int) -> bool:
         """Whether round `server_round` is evaluated: every eval_every-th round, and always the last."""

@@ -171,6 +171,12 @@ def micro_batch_positions(max_tokens: int, scores_per_position: int) -> int:
     return max(1, min(max_tokens, MAX_SCORES // max(1, scores_per_position)))
 
 
+def sampled_softmax_users(negatives: int, hidden_size: int) -> int:
+    """Users a micro-batch of a sampled softmax may hold: each gathers the (negatives × hidden_size) rows of the
+    item table its negatives name (and under DP their gradients), which stay within MAX_SCORES numbers."""
+    return max(1, MAX_SCORES // max(1, negatives * hidden_size))
+
+
 def length_chunks(seqs: UserSequences, users: list[int], max_len: int, max_tokens: int,
                   max_users: int = 1 << 30) -> list[list[int]]:
     """Split a batch into micro-batches of similar length: at most `max_tokens` padded positions and

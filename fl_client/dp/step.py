@@ -14,7 +14,13 @@ from fl_client.dp.bookkeeping import PerUserClipping
 from fl_client.dp.engine import StepModel
 from fl_client.dp.settings import PrivacyConfig
 from shared_model.modeling_fedrec import FedRecModel, StepNegatives, sequence_loss
-from shared_model.sequences import UserSequences, length_chunks, make_batch, micro_batch_positions
+from shared_model.sequences import (
+    UserSequences,
+    length_chunks,
+    make_batch,
+    micro_batch_positions,
+    sampled_softmax_users,
+)
 
 
 class MicroBatchLimits(Protocol):
@@ -82,6 +88,8 @@ def private_step(step_model: StepModel, model: FedRecModel, seqs: UserSequences,
         negatives = StepNegatives(model.config.num_item_rows, config.num_negatives, users, device)
     scores = model.config.num_item_rows if negatives is None else 1 + config.num_negatives
     positions = micro_batch_positions(config.micro_batch_tokens, scores)
+    if negatives is not None:
+        max_users = min(max_users, sampled_softmax_users(config.num_negatives, model.config.hidden_size))
     chunks = length_chunks(seqs, users, model.config.max_len, positions, max_users)
     if not chunks:  # an empty Poisson batch: still a step the accountant must count
         if dp_optimizer.step_hook is not None:

@@ -312,6 +312,35 @@ def test_micro_batches_shrink_where_their_catalog_scores_would_pass_the_bound(se
     assert asked == [16, 16]
 
 
+def test_a_sampled_softmax_bounds_the_users_of_a_micro_batch_by_the_rows_they_gather(seqs, monkeypatch):
+    """Each user of a sampled softmax gathers K × d rows of the item table: short histories would otherwise put
+    thousands of users (K × d numbers each) in one micro-batch of train.micro_batch_tokens positions."""
+    from fl_client import train as train_module
+    from fl_client.dp import step as step_module
+
+    assert sequences.sampled_softmax_users(1000, 64) == 4194  # 1 GiB of float32 rows
+    monkeypatch.setattr(sequences, "MAX_SCORES", 3 * 8 * 16)  # 8 negatives of width 16: 3 users
+    sizes = []
+
+    def spy(*args):
+        chunks = length_chunks(*args)
+        sizes.append(max(len(c) for c in chunks))
+        return chunks
+
+    monkeypatch.setattr(train_module, "length_chunks", spy)
+    monkeypatch.setattr(step_module, "length_chunks", spy)
+    users = seqs.trainable_users()[:12].tolist()
+    model = tiny_model(True)
+    config = TrainConfig(num_negatives=8)
+    plain_step(model, seqs, users, torch.optim.SGD(model.parameters(), lr=1.0), config, torch.device("cpu"))
+    privacy = PrivacyConfig(enabled=True, max_grad_norm=0.05)
+    _, private, optimizer, _ = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                                            user_loader(seqs.trainable_users(), 12, torch.Generator()), privacy,
+                                            noise_multiplier=0.0)
+    private_step(private, model, seqs, users, optimizer, privacy, config, torch.device("cpu"))
+    assert sizes == [3, 3]
+
+
 def test_dp_training_with_a_sampled_softmax_spends_the_budget_and_learns(seqs):
     """Sampled softmax under DP (book-keeping): trained, accounted as every DP run, and the loss goes down; with
     Opacus' hooks, which cannot see the gathered output rows, it is refused before any step."""

@@ -98,6 +98,18 @@ def test_unsafe_ids_and_digests_from_the_server_are_refused_and_touch_no_file(si
     assert victim.read_bytes() == b"keep me"
 
 
+@pytest.mark.parametrize("negatives", [-1, 41], ids=["negative", "more than the catalog's 40 items"])
+def test_a_sampled_softmax_the_catalog_cannot_hold_is_refused_before_the_ledger(site, negatives):
+    data = load_site_data(site)
+    record, state = round_record(data.catalog)
+    record[wire.NUM_NEGATIVES] = negatives
+    with pytest.raises(RoundConfigError, match=rf"{wire.NUM_NEGATIVES}={negatives}"):
+        train_round(site, data, RoundConfig.from_record(record), state)
+    assert spent_rounds(site) == []
+    record[wire.NUM_NEGATIVES] = 40  # every item: allowed
+    assert train_round(site, data, RoundConfig.from_record(record), state).dp
+
+
 def test_a_site_without_trainable_users_or_below_the_dp_minimum_is_refused_at_start(site, tmp_path):
     data = load_site_data(site)
     with pytest.raises(SiteStartError, match="min_users=500"):

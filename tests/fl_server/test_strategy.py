@@ -94,6 +94,11 @@ def test_every_kth_round_and_the_last_are_evaluated():
         server_config_from_run_config({"out-dir": "/abs/out", "catalog-path": "/abs/c.json", "eval-every": 0})
 
 
+def test_a_negative_number_of_negatives_is_refused_at_start():
+    with pytest.raises(ValueError, match="num-negatives must be 0"):
+        server_config_from_run_config({"out-dir": "/abs/out", "catalog-path": "/abs/c.json", "num-negatives": -5})
+
+
 def test_frozen_tensors_go_beside_the_weights_to_sites_that_do_not_keep_them(serverapp_identity):
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
