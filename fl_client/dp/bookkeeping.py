@@ -172,14 +172,14 @@ class PerUserClipping:
         squared = {self.names[pid]: torch.stack(each).sum(0) for pid, each in parts.items()}
         norms = torch.stack(list(squared.values())).sum(0).clamp(min=0).sqrt()  # (b,)
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' clipping factor
-        sums: dict[int, torch.Tensor] = {}
+        sums = _Sums()
         for name, view in views.items():
-            totals = _sampled_sums(view, factors) if isinstance(view, _Sampled) else \
-                _clipped_sums(self.layers[name], view, factors)
-            for p, total in totals:
-                sums[id(p)] = sums[id(p)] + total if id(p) in sums else total
+            if isinstance(view, _Sampled):
+                _sampled_sums(view, factors, sums)
+            else:
+                _clipped_sums(self.layers[name], view, factors, sums)
         for pid, p in params.items():
-            p.grad = sums[pid]
+            p.grad = sums.totals[pid]
         return squared
 
     def _cross_term(self, pid: int, first: str, second: str, views: dict[str, _Rows | _Sampled],
@@ -369,39 +369,56 @@ def _sampled_cross_term(module: nn.Embedding, embedding: _Rows, view: _Sampled, 
     return labelled + (view.matches(ids) * torch.bmm(e, view.rows.transpose(1, 2))).sum((1, 2))
 
 
-def _sampled_sums(view: _Sampled, factors: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(parameter, Σ_i c_i × user i's gradient) for the table and bias a sampled softmax read."""
+def _sampled_sums(view: _Sampled, factors: torch.Tensor, sums: _Sums) -> None:
+    """Add Σ_i c_i × user i's gradient of the table and bias a sampled softmax read to `sums`."""
     record = view.record
     label_grad = view.label_grad * factors.unsqueeze(1)  # (b, T)
     labels, negatives = view.labels.reshape(-1), view.negatives.reshape(-1)
     if record.weight.requires_grad:
-        total = torch.zeros_like(record.weight)
+        total = sums.dense(record.weight)
         total.index_add_(0, labels, (label_grad.unsqueeze(-1) * view.hidden).reshape(labels.numel(), -1))
-        yield record.weight, total.index_add_(0, negatives, (view.rows * factors.view(-1, 1, 1)).reshape(
-            negatives.numel(), -1))
+        total.index_add_(0, negatives, (view.rows * factors.view(-1, 1, 1)).reshape(negatives.numel(), -1))
     if record.bias is not None and record.bias.requires_grad:
-        total = torch.zeros_like(record.bias).index_add_(0, labels, label_grad.reshape(-1))
-        yield record.bias, total.index_add_(0, negatives, (view.negative_grad.sum(1) * factors.unsqueeze(1))
-                                            .reshape(-1))
+        total = sums.dense(record.bias).index_add_(0, labels, label_grad.reshape(-1))
+        total.index_add_(0, negatives, (view.negative_grad.sum(1) * factors.unsqueeze(1)).reshape(-1))
 
 
-def _clipped_sums(module: nn.Module, rows: _Rows,
-                  factors: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(parameter, Σ_i c_i × user i's gradient of it) for one layer's trainable parameters; the factors scale the
+class _Sums:
+    """Σ_i c_i ∇L_i per parameter, each use of a parameter added in place: one dense tensor per parameter however
+    many layers use it (a million-item table is 256 MB)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[int, torch.Tensor] = {}
+
+    def dense(self, p: torch.Tensor) -> torch.Tensor:
+        """The parameter's running sum, to add rows into (zeros at first)."""
+        if id(p) not in self.totals:
+            self.totals[id(p)] = torch.zeros_like(p)
+        return self.totals[id(p)]
+
+    def add(self, p: torch.Tensor, total: torch.Tensor) -> None:
+        """Add one use's sum (a fresh tensor: kept, and added to in place later)."""
+        if id(p) in self.totals:
+            self.totals[id(p)].add_(total)
+        else:
+            self.totals[id(p)] = total
+
+
+def _clipped_sums(module: nn.Module, rows: _Rows, factors: torch.Tensor, sums: _Sums) -> None:
+    """Add Σ_i c_i × user i's gradient of each of one layer's trainable parameters to `sums`; the factors scale the
     inputs, not the output gradients, which for the output layer are catalog-wide."""
     per_row = factors[rows.user]  # (R,)
     scale = per_row.unsqueeze(-1)
     if isinstance(module, nn.Embedding):
         if module.weight.requires_grad:
-            total = torch.zeros_like(module.weight)
-            yield module.weight, total.index_add_(0, rows.inputs, _embedding_grad(module, rows) * scale)
+            sums.dense(module.weight).index_add_(0, rows.inputs, _embedding_grad(module, rows) * scale)
         return
     g = rows.grad
     if isinstance(module, nn.LayerNorm):
         if module.weight is not None and module.weight.requires_grad:
-            yield module.weight, (g * _normalized(module, rows) * scale).sum(0)
+            sums.add(module.weight, (g * _normalized(module, rows) * scale).sum(0))
     elif isinstance(module, nn.Linear) and module.weight.requires_grad:
-        yield module.weight, g.T @ (rows.inputs * scale)
+        sums.add(module.weight, g.T @ (rows.inputs * scale))
     bias = getattr(module, "bias", None)
     if isinstance(bias, torch.Tensor) and bias.requires_grad:
-        yield bias, per_row @ g
+        sums.add(bias, per_row @ g)
