@@ -12,7 +12,7 @@ features (encoding a million titles is not what is measured); training caps a mi
 and each way of training, a fresh process builds the data and the model and times K steps of train.batch_size
 users after a warm-up step (benchmarks/dp_step_cost.py's variants: the non-private step in length-sorted
 micro-batches, DP-SGD with book-keeping clipping), with the full-catalog softmax and, for each --negatives K, a
-sampled softmax over K negatives drawn once a step (train.num_negatives; its ratio is to the non-private step
+sampled softmax over K negatives a user, drawn each step (train.num_negatives; its ratio is to the non-private step
 of the same loss). Reported: the median step, the process's resident memory
 before training (the data) and its peak, the accelerator's peak, the trainable weights, the bytes of a site's
 update a round (float32; float16 with strategy.update_precision=float16; secure aggregation sends 32-bit

@@ -17,7 +17,7 @@
 # MODULUS, BITS: the secure sum's modulus and quantization (strategy.secagg_modulus_bits, default 32, and
 # strategy.secagg_bits, default 16). MODULUS=16 halves the bytes a site sends; it needs sites x 2^(BITS-1) < 2^15
 # (BITS=12 for 11 or 10 sites).
-# NEGATIVES: a sampled softmax over that many negatives drawn once a step (train.num_negatives, book-keeping
+# NEGATIVES: a sampled softmax over that many negatives a user, drawn each step (train.num_negatives, book-keeping
 # clipping) on both sides instead of the full-catalog softmax (default 0: the full catalog).
 # Run from the repository root with fedrec installed; the data sets are read from ../shared/data. Meant for a GPU
 # (Beauty: 60 steps of about 4,000 users each, about an hour a run on the 2-core CPU box).

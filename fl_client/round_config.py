@@ -167,10 +167,11 @@ def build_global_model(round_cfg: RoundConfig, state: Mapping[str, torch.Tensor]
         raise ModelTooLargeError(f"the server's model config asks for {size:,} weights and buffers, over this site's "
                                  f"max_model_parameters={max_parameters:,} (--max-model-parameters)")
     check_global_state(expected, state)
-    model = FedRecModel(FedRecConfig.from_dict(json.loads(round_cfg.model_config)))
-    if round_cfg.num_negatives > model.config.num_items:
+    config = FedRecConfig.from_dict(json.loads(round_cfg.model_config))
+    if round_cfg.num_negatives > config.num_items:
         raise RoundConfigError(f"round config asks for {wire.NUM_NEGATIVES}={round_cfg.num_negatives} negatives of "
-                               f"a catalog of {model.config.num_items} items")
+                               f"a catalog of {config.num_items} items")
+    model = FedRecModel(config)
     try:
         wire.load_state(model, state)
     except (ValueError, RuntimeError) as err:

@@ -16,19 +16,13 @@ from tqdm.auto import tqdm
 from fl_client.dp.engine import PrivacyConfig, PrivacySpent, StepModel, calibrate_noise, make_private, spent
 from fl_client.dp.popularity import private_popularity
 from fl_client.dp.settings import AccountantHistory, resolve_delta
-from fl_client.dp.step import ClippingStats, private_step
+from fl_client.dp.step import ClippingStats, micro_batches, private_step
 from fl_client.round_config import TrainingDivergedError
 from shared_model import wire
 from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, without_moments
-from shared_model.modeling_fedrec import FedRecModel, StepNegatives, sequence_loss
-from shared_model.sequences import (
-    UserSequences,
-    length_chunks,
-    make_batch,
-    micro_batch_positions,
-    sampled_softmax_users,
-)
+from shared_model.modeling_fedrec import FedRecModel, sequence_loss
+from shared_model.sequences import UserSequences, make_batch
 
 
 @dataclass
@@ -229,14 +223,7 @@ def plain_step(model: FedRecModel, seqs: UserSequences, users: list[int], optimi
     """One non-private step on the mean loss over the batch's positions, in length-sorted micro-batches (each
     weighted by its share of the positions, so the gradient is the whole batch's); returns that mean loss. A sampled
     softmax draws the users' negatives for the step, as the DP step does."""
-    negatives = StepNegatives(model.config.num_item_rows, config.num_negatives, users, device) \
-        if config.num_negatives else None
-    scores, max_users = model.config.num_item_rows, 1 << 30
-    if negatives is not None:
-        scores, max_users = 1 + config.num_negatives, sampled_softmax_users(config.num_negatives,
-                                                                             model.config.hidden_size)
-    chunks = length_chunks(seqs, users, model.config.max_len, micro_batch_positions(config.micro_batch_tokens, scores),
-                           max_users)
+    chunks, negatives = micro_batches(model, seqs, users, config, device)
     batches = [make_batch(seqs, chunk, "train", model.config.max_len) for chunk in chunks]
     positions = [int((batch["labels"] != 0).sum()) for batch in batches]
     all_positions = max(sum(positions), 1)

@@ -69,7 +69,7 @@ class ServerConfig:
     lr: float = 0.003  # (float) local learning rate
     optimizer: str = "adam"  # (str) local optimizer: adam or sgd
     weight_decay: float = 0.0  # (float) local decoupled weight decay (AdamW)
-    num_negatives: int = 0  # (int) sampled-softmax negatives, drawn once a step; 0 = full-catalog cross-entropy
+    num_negatives: int = 0  # (int) sampled-softmax negatives a user, drawn each step; 0 = full-catalog cross-entropy
     seed: int = 0  # (int) seeds the sites' sampling and dropout without DP (DP sites draw fresh entropy)
     keep_optimizer_state: bool = False  # (bool) sites carry their Adam moments across rounds (moot with share)
     share_optimizer_state: bool = False  # (bool) sites start each round from the average of their optimiser states

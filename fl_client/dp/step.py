@@ -65,6 +65,20 @@ class ClippingStats:
                 "squared_norm_share": {name: round(v / total, 4) for name, v in shares}}
 
 
+def micro_batches(model: FedRecModel, seqs: UserSequences, users: list[int], config: MicroBatchLimits,
+                  device: torch.device, max_users: int = 1 << 30) -> tuple[list[list[int]], StepNegatives | None]:
+    """A step's length-sorted micro-batches (at most `max_users` users each), and with `config.num_negatives` the
+    users' negatives, drawn for the whole step. A micro-batch's scores (a position's catalog, or its 1 + K
+    candidates) and a sampled softmax's gathered rows (K × d a user) stay within shared_model.sequences.MAX_SCORES."""
+    if not config.num_negatives:
+        positions = micro_batch_positions(config.micro_batch_tokens, model.config.num_item_rows)
+        return length_chunks(seqs, users, model.config.max_len, positions, max_users), None
+    negatives = StepNegatives(model.config.num_item_rows, config.num_negatives, users, device)
+    positions = micro_batch_positions(config.micro_batch_tokens, 1 + config.num_negatives)
+    max_users = min(max_users, sampled_softmax_users(config.num_negatives, model.config.hidden_size))
+    return length_chunks(seqs, users, model.config.max_len, positions, max_users), negatives
+
+
 def private_step(step_model: StepModel, model: FedRecModel, seqs: UserSequences, users: list[int],
                  optimizer: torch.optim.Optimizer, privacy: PrivacyConfig, config: MicroBatchLimits,
                  device: torch.device, clipping: ClippingStats | None = None) -> float:
@@ -80,17 +94,10 @@ def private_step(step_model: StepModel, model: FedRecModel, seqs: UserSequences,
     dp_optimizer: DPOptimizer = optimizer
     # book-keeping holds no per-user gradient, so only Opacus' modes need the bound on users
     max_users = (1 << 30) if isinstance(step_model, PerUserClipping) else config.micro_batch_users
-    negatives = None
-    if config.num_negatives:
-        if not isinstance(step_model, PerUserClipping):
-            raise ValueError("a sampled softmax under DP needs privacy.grad_sample_mode=bookkeeping: Opacus' hooks "
-                             "do not see the output rows it gathers")
-        negatives = StepNegatives(model.config.num_item_rows, config.num_negatives, users, device)
-    scores = model.config.num_item_rows if negatives is None else 1 + config.num_negatives
-    positions = micro_batch_positions(config.micro_batch_tokens, scores)
-    if negatives is not None:
-        max_users = min(max_users, sampled_softmax_users(config.num_negatives, model.config.hidden_size))
-    chunks = length_chunks(seqs, users, model.config.max_len, positions, max_users)
+    if config.num_negatives and not isinstance(step_model, PerUserClipping):
+        raise ValueError("a sampled softmax under DP needs privacy.grad_sample_mode=bookkeeping: Opacus' hooks "
+                         "do not see the output rows it gathers")
+    chunks, negatives = micro_batches(model, seqs, users, config, device, max_users)
     if not chunks:  # an empty Poisson batch: still a step the accountant must count
         if dp_optimizer.step_hook is not None:
             dp_optimizer.step_hook(dp_optimizer)

@@ -285,8 +285,7 @@ def test_fedprox_proximal_step_keeps_local_weights_near_the_global_ones(seqs, dp
 def test_micro_batches_shrink_where_their_catalog_scores_would_pass_the_bound(seqs, monkeypatch):
     """A large catalog: train.micro_batch_tokens positions would each hold a score per item (8,192 × 1M floats:
     32 GiB), so both steps cap a micro-batch's positions at MAX_SCORES / item rows."""
-    from fl_client import train as train_module
-    from fl_client.dp import step as step_module
+    from fl_client.dp import step as step_module  # both steps cut their micro-batches there
 
     assert sequences.micro_batch_positions(8192, 12_102) == 8192  # Beauty: no change
     assert sequences.micro_batch_positions(8192, 1_000_001) == 268
@@ -299,7 +298,6 @@ def test_micro_batches_shrink_where_their_catalog_scores_would_pass_the_bound(se
         asked.append(max_tokens)
         return length_chunks(seqs_, users_, max_len, max_tokens, *rest)
 
-    monkeypatch.setattr(train_module, "length_chunks", spy)
     monkeypatch.setattr(step_module, "length_chunks", spy)
     users = seqs.trainable_users()[:12].tolist()
     model = tiny_model(True)
@@ -315,8 +313,7 @@ def test_micro_batches_shrink_where_their_catalog_scores_would_pass_the_bound(se
 def test_a_sampled_softmax_bounds_the_users_of_a_micro_batch_by_the_rows_they_gather(seqs, monkeypatch):
     """Each user of a sampled softmax gathers K × d rows of the item table: short histories would otherwise put
     thousands of users (K × d numbers each) in one micro-batch of train.micro_batch_tokens positions."""
-    from fl_client import train as train_module
-    from fl_client.dp import step as step_module
+    from fl_client.dp import step as step_module  # both steps cut their micro-batches there
 
     assert sequences.sampled_softmax_users(1000, 64) == 4194  # 1 GiB of float32 rows
     monkeypatch.setattr(sequences, "MAX_SCORES", 3 * 8 * 16)  # 8 negatives of width 16: 3 users
@@ -327,7 +324,6 @@ def test_a_sampled_softmax_bounds_the_users_of_a_micro_batch_by_the_rows_they_ga
         sizes.append(max(len(c) for c in chunks))
         return chunks
 
-    monkeypatch.setattr(train_module, "length_chunks", spy)
     monkeypatch.setattr(step_module, "length_chunks", spy)
     users = seqs.trainable_users()[:12].tolist()
     model = tiny_model(True)
