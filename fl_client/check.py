@@ -59,7 +59,8 @@ def check_site(site: SiteConfig, plan: Plan) -> list[str]:
         with site_lock(site.state_dir):
             ledger = site.open_ledger(len(sequences))
         delta = ledger.delta
-        spent = f"{ledger.spent():.3f} of ε = {site.privacy.epsilon} spent in {len(ledger.entries)} rounds"
+        rounds = f"{len(ledger.entries)} round{'' if len(ledger.entries) == 1 else 's'}"
+        spent = f"{ledger.spent():.3f} of ε = {site.privacy.epsilon} spent in {rounds}"
     else:
         delta = resolve_delta(site.privacy, len(sequences))
         check_delta(state / LEDGER_FILE, delta, len(sequences))

@@ -87,12 +87,37 @@ def test_noise_is_calibrated_to_the_requested_epsilon(seqs):
         PrivacyConfig(epsilon=8.0), 0.1, 100, 1e-5)
 
 
+@pytest.mark.parametrize(("accountant", "epsilon", "sample_rate", "steps"), [
+    ("prv", 1.0, 0.01, 1000), ("rdp", 8.0, 1 / 6, 60), ("rdp", 0.5, 0.001, 100), ("gdp", 2.0, 0.1, 50)])
+def test_the_sigma_search_spends_the_budget_to_opacus_tolerance_in_few_accountant_calls(
+        accountant, epsilon, sample_rate, steps):
+    """σ spends at most ε and within 0.01 of it (Opacus' get_noise_multiplier's tolerance), in at most 7 calls of
+    the accountant, each of which takes 0.1-1 s: Opacus' bisection makes 10-16 (benchmarks/sigma_search.py)."""
+    calls: list[float] = []
+
+    def spends(sigma: float) -> float:
+        calls.append(sigma)
+        return privacy.composed_epsilon([(sigma, sample_rate, steps)], 1e-5, accountant)
+
+    sigma = privacy.smallest_sigma(spends, epsilon)
+    assert epsilon - 0.01 <= spends(sigma) <= epsilon
+    assert len(calls) - 1 <= 7
+
+
+def test_a_budget_no_noise_can_keep_is_refused_and_any_budget_is_never_overspent():
+    with pytest.raises(ValueError, match="the budget is too low"):
+        privacy.smallest_sigma(lambda sigma: 1.0, 0.5)  # ε that no σ lowers
+    # an ε that jumps over the budget's last 0.01: still answered, with a σ that keeps it
+    assert privacy.smallest_sigma(lambda sigma: 10.0 if sigma < 3.3 else 7.0, 8.0) >= 3.3
+
+
 @pytest.fixture
 def sigma_searches(monkeypatch):
-    """The calls Opacus' σ search receives from here on (the per-process cache starts empty)."""
-    calls: list[dict] = []
-    search = privacy.get_noise_multiplier
-    monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **kw: calls.append(kw) or search(**kw))
+    """The σ searches from here on (the per-process cache starts empty)."""
+    calls: list[float] = []
+    search = privacy.smallest_sigma
+    monkeypatch.setattr(privacy, "smallest_sigma",
+                        lambda spends, epsilon: calls.append(epsilon) or search(spends, epsilon))
     privacy._calibrated_sigma.cache_clear()
     return calls
 

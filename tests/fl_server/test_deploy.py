@@ -1,6 +1,7 @@
 """A real deployment on loopback: `fedrec-server` (SuperLink + ServerApp) and three `fedrec-client` SuperNodes as
-separate processes, each site with its own events file. A site is killed while it trains round 1 and restarted;
-the server side is killed mid-round 2 and restarted."""
+separate processes, each site with its own events file. Training starts from an exported model, which the sites
+score as round 0; a site is killed while it trains round 1 and restarted; the server side is killed mid-round 2
+and restarted."""
 
 import contextlib
 import fcntl
@@ -14,11 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
+from flwr.common.config import parse_config_args
 
 from fl_client.site import SiteConfig
-from fl_server.deploy import parse_args, stall_seconds
+from fl_server.config import server_config_from_run_config
+from fl_server.deploy import PROJECT_ROOT, app_defaults, parse_args, stall_seconds
+from shared_model.catalog import ItemCatalog
+from shared_model.factory import create_model
 from shared_model.launch import running_commands
-from shared_model.serialization import load_model_dir
+from shared_model.serialization import load_model_dir, save_model_dir
 from simulations.config import DataConfig
 from simulations.federation import write_sites
 from simulations.partition import PartitionConfig, partition_users
@@ -104,6 +109,13 @@ def ledger_rounds(site: SiteConfig) -> list[int]:
     return [e["round"] for e in json.loads(path.read_text())["entries"]] if path.exists() else []
 
 
+def exported_model(directory: Path, catalog_path: str, run_config: str) -> Path:
+    """What an earlier training exported (fresh weights here) for the model `run_config` describes."""
+    settings = {**app_defaults(PROJECT_ROOT), **parse_config_args([run_config]), "out-dir": "o", "catalog-path": "c"}
+    catalog = ItemCatalog.load(catalog_path)
+    return save_model_dir(create_model(server_config_from_run_config(settings).model, catalog), catalog, directory)
+
+
 def wait_until(condition, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -125,11 +137,12 @@ def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(t
     sites = write_sites(data, parts, tmp_path / "sites", SiteConfig(data_path="", catalog_path="", state_dir=""))
     link, *site_ports = free_ports(1 + SITES)
     out = tmp_path / "server"
+    run_config = "batch-size=32 lr=0.005 model.hidden-size=16 model.max-len=20 round-timeout=120.0" + features
+    initial = exported_model(tmp_path / "exported", sites[0].catalog_path, run_config)
     server_cmd = [str(BIN / "fedrec-server"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
                   "--catalog", sites[0].catalog_path, "--out-dir", str(out), "--num-rounds", "2",
-                  "--min-sites", str(SITES),
-                  "--stall-timeout", "300", "--run-config",
-                  "batch-size=32 lr=0.005 model.hidden-size=16 model.max-len=20 round-timeout=120.0" + features]
+                  "--min-sites", str(SITES), "--initial-model", str(initial),
+                  "--stall-timeout", "300", "--run-config", run_config]
     logs = tmp_path / "logs"
     logs.mkdir()
 
@@ -145,8 +158,10 @@ def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(t
     try:
         first = subprocess.Popen(server_cmd, stdout=(logs / "server1.log").open("w"), stderr=subprocess.STDOUT,
                                  start_new_session=True)
-        # Kill site 0 (every process of it) while it trains round 1, past its budget check, and start it again:
-        # round 1 completes with the other two sites, and site 0 rejoins for round 2.
+        # The sites score the exported model as round 0 (fresh ClientApp processes, the frozen tensors with the
+        # evaluate message), spending nothing. Then kill site 0 (every process of it) while it trains round 1,
+        # past its budget check, and start it again: round 1 completes with the other two sites, and site 0
+        # rejoins for round 2.
         def site_zero_trains() -> bool:
             assert first.poll() is None, (logs / "server1.log").read_text()[-3000:]  # fail fast, with the log
             return training_process(sites[0]) != 0
@@ -164,34 +179,29 @@ def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(t
         wait_until(round_two_trained, 400, "no site trained round 2")
         kill_server_side(first, link)
         rows = (out / "metrics.jsonl").read_text().splitlines()
-        assert [json.loads(r)["round"] for r in rows] == [1]
+        assert [json.loads(r)["round"] for r in rows] == [0, 1]
         second = subprocess.run(server_cmd, stdout=(logs / "server2.log").open("w"), stderr=subprocess.STDOUT,
-                                timeout=500, check=False)
+                                timeout=500, check=False)  # the same command: it resumes, keeping its round 0
         assert second.returncode == 0, (logs / "server2.log").read_text()[-3000:]
-        # A new training from the exported model: the sites score it as round 0 (fresh ClientApp processes, the
-        # frozen tensors with the evaluate message), then decline round 1: their ε = 8 was spent above.
-        started = out.parent / "from_exported"
-        third = subprocess.run([*server_cmd[:server_cmd.index("--out-dir")], "--out-dir", str(started),
-                                "--num-rounds", "1", "--initial-model", str(out / "model"),
-                                *server_cmd[server_cmd.index("--min-sites"):]],
-                               stdout=(logs / "server3.log").open("w"), stderr=subprocess.STDOUT, timeout=500,
-                               check=False)
-        assert third.returncode == 0, (logs / "server3.log").read_text()[-3000:]
     finally:
         for client in clients:
             client.send_signal(signal.SIGTERM)
         for client in clients:
             client.wait(30)
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2]  # round 1 kept, round 2 completed once
+    assert [r["round"] for r in rows] == [0, 1, 2]  # round 0 and 1 kept, round 2 completed once
+    assert rows[0]["starting_model"] and rows[0]["evaluate_failures"] == 0
+    assert rows[0]["federated_eval"]["users"] == len(data.sequences)
+    assert "round 0/2 (the starting model, before any training): HR@10 0." in (logs / "server1.log").read_text()
+    rows = rows[1:]
     # Round 1 went on without the killed site: silent until round-timeout, or reported unavailable by the
     # SuperLink once its heartbeats stopped (whichever came first); the other two trained and were aggregated.
     dead = rows[0].get("train_no_reply", 0) + rows[0]["train_failures"]
     assert (rows[0]["train_replies"] - rows[0]["train_failures"], dead, rows[0]["declined"]) == (SITES - 1, 1, 0)
     assert rows[0]["privacy"]["sites"] == SITES - 1
     assert rows[1]["train_replies"] == SITES and rows[1]["train_failures"] == 0 and rows[1]["declined"] == 0
-    # Every site paid for each round it trained exactly once, crashes or not; site 0 paid nothing for the round
-    # it was killed in, and trained round 2 after it rejoined.
+    # Every site paid for each round it trained exactly once, crashes or not; scoring round 0 cost nothing; site 0
+    # paid nothing for the round it was killed in, and trained round 2 after it rejoined.
     assert [ledger_rounds(site) for site in sites] == [[2], [1, 2], [1, 2]]
     if not features:  # title features: sent with each server process' first messages, kept by the sites
         assert [r["frozen_sent_to"] for r in rows] == [SITES, SITES]  # the restarted server knew no site yet
@@ -201,12 +211,6 @@ def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(t
     model, catalog = load_model_dir(out / "model")
     assert model.config.hidden_size == 16 and catalog.fingerprint == data.catalog.fingerprint
     assert (out / "report.md").exists() and "ε max" in (out / "report.md").read_text()
-    rows = [json.loads(r) for r in (started / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1] and rows[0]["starting_model"]
-    assert rows[0]["evaluate_failures"] == 0 and rows[0]["federated_eval"]["users"] == len(data.sequences)
-    assert rows[1]["declined"] == SITES  # scoring spends no ε, nor does declining
-    assert [ledger_rounds(site) for site in sites] == [[2], [1, 2], [1, 2]]
-    assert "round 0/1 (the starting model, before any training): HR@10 0." in (logs / "server3.log").read_text()
     for log_name in [f"client{i}.log" for i in range(SITES)] + ["client0_restarted.log"]:  # as each site started
         assert f"training device: {device}" in (logs / log_name).read_text()
 
