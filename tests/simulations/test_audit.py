@@ -81,19 +81,7 @@ def test_canaries_are_random_sequences_of_real_catalog_rows():
 
 
 @pytest.mark.slow
-def test_the_control_without_dp_is_caught_memorising_and_a_dp_run_stays_below_its_claim(tmp_path, monkeypatch):
-    trained: dict[tuple, tuple] = {}
-    train = simulations.audit.train_central
-
-    def train_once(cfg, data, members, initial):
-        """The white-box audit scores the control's training (the same seed and settings train the same model)
-        instead of training it again."""
-        key = (cfg.privacy.enabled, cfg.train.epochs)
-        if key not in trained:
-            trained[key] = train(cfg, data, members, initial)
-        return trained[key]
-
-    monkeypatch.setattr(simulations.audit, "train_central", train_once)
+def test_the_control_without_dp_is_caught_memorising_and_a_dp_run_stays_below_its_claim(tmp_path):
     control = run_audit(audit_config(tmp_path / "control", ["privacy=disabled", "train.epochs=20"]))
     assert control["claimed_epsilon"] is None and control["epsilon_lower_bound"] > 0.5
     white = run_audit(audit_config(tmp_path / "white", ["privacy=disabled", "train.epochs=20", "audit.score=gradient"]))
