@@ -110,6 +110,7 @@ def _sigma_after(before: tuple[tuple[float, float, int], ...], epsilon: float, d
 
 
 MAX_SIGMA = 1e6  # as Opacus' search: a budget that needs more noise than this is refused
+MAX_SEARCH_CALLS = 100  # accountant calls before the σ search gives up (it takes 4-6)
 
 
 def smallest_sigma(spends: Callable[[float], float], epsilon: float, tolerance: float = 0.01) -> float:
@@ -120,12 +121,20 @@ def smallest_sigma(spends: Callable[[float], float], epsilon: float, tolerance: 
     [0, 20]; this brackets from σ = 1 and then interpolates log ε against log σ (nearly a line: ε falls about as 1/σ),
     regula falsi with the Illinois rule, so a slow side cannot stall it. The answer is always a σ whose ε the
     accountant computed to be within the budget."""
+    calls = 0
+
+    def spent_at(sigma: float) -> float:
+        nonlocal calls
+        calls += 1
+        if calls > MAX_SEARCH_CALLS:
+            raise RuntimeError(f"the σ search did not settle within {MAX_SEARCH_CALLS} accountant calls")
+        return spends(sigma)
+
     low: tuple[float, float] | None = None  # (σ, ε) spending more than the budget
     high: tuple[float, float] | None = None  # (σ, ε) within it
-    sigma, calls = 1.0, 0
+    sigma = 1.0
     while low is None or high is None:  # bracket: up by the ratio ε suggests (at least 2x), down by halves
-        spent = spends(sigma)
-        calls += 1
+        spent = spent_at(sigma)
         if spent > epsilon:
             low = (sigma, spent)
             sigma *= min(max(2.0, 1.2 * spent / epsilon), 1e3)
@@ -138,14 +147,13 @@ def smallest_sigma(spends: Callable[[float], float], epsilon: float, tolerance: 
             sigma /= 2.0
     kept = 0  # which end the last two steps both moved (Illinois: halve the other end's distance to the budget)
     y_low, y_high = math.log(low[1] / epsilon), math.log(max(high[1], 1e-300) / epsilon)
-    while calls < 100:
+    while True:
         x_low, x_high = math.log(low[0]), math.log(high[0])
         x = x_low + (x_high - x_low) * y_low / (y_low - y_high)
         if not min(x_low, x_high) < x < max(x_low, x_high):
             x = (x_low + x_high) / 2
         sigma = math.exp(x)
-        spent = spends(sigma)
-        calls += 1
+        spent = spent_at(sigma)
         if spent > epsilon:
             low, y_low = (sigma, spent), math.log(spent / epsilon)
             y_high = y_high / 2 if kept == -1 else y_high
@@ -156,7 +164,6 @@ def smallest_sigma(spends: Callable[[float], float], epsilon: float, tolerance: 
                 return sigma
             y_low = y_low / 2 if kept == 1 else y_low
             kept = 1
-    raise RuntimeError(f"the σ search did not settle within {calls} accountant calls")
 
 
 StepModel: TypeAlias = GradSampleModule | PerUserClipping  # what fl_client.dp.step.private_step runs a DP step with
