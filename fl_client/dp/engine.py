@@ -128,7 +128,10 @@ def smallest_sigma(spends: Callable[[float], float], epsilon: float, tolerance: 
         calls += 1
         if calls > MAX_SEARCH_CALLS:
             raise RuntimeError(f"the σ search did not settle within {MAX_SEARCH_CALLS} accountant calls")
-        return spends(sigma)
+        try:
+            return spends(sigma)
+        except MemoryError:  # PRV's domain at a σ far below the answer (a plan of many steps): not within budget
+            return math.inf
 
     low: tuple[float, float] | None = None  # (σ, ε) spending more than the budget
     high: tuple[float, float] | None = None  # (σ, ε) within it

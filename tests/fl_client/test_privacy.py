@@ -109,6 +109,12 @@ def test_a_budget_no_noise_can_keep_is_refused_and_any_budget_is_never_overspent
         privacy.smallest_sigma(lambda sigma: 1.0, 0.5)  # ε that no σ lowers
     # an ε that jumps over the budget's last 0.01: still answered, with a σ that keeps it
     assert privacy.smallest_sigma(lambda sigma: 10.0 if sigma < 3.3 else 7.0, 8.0) >= 3.3
+    def too_wide_below_3(sigma: float) -> float:  # as PRV's domain for many steps at a small σ
+        if sigma < 3.0:
+            raise MemoryError("Unable to allocate 84.1 GiB")
+        return 30.0 / sigma
+
+    assert privacy.smallest_sigma(too_wide_below_3, 8.0) == pytest.approx(3.75, abs=0.01)  # searched from above
     with pytest.raises(RuntimeError, match="did not settle within 100 accountant calls"):
         privacy.smallest_sigma(lambda sigma: 0.0, 1.0)  # no σ ever spends near the budget: bounded, not endless
 
