@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from fl_server.app_bundle import build_fab
 from fl_server.certificates import make_ca, make_server_certificate
 from fl_server.control import cli_env, cli_home, flwr
 from fl_server.sites import add_site, json_answer, list_command, register, registered, registry, remove_site, unregister
@@ -97,11 +98,9 @@ def run_signing_key(args: argparse.Namespace) -> None:
 
 def run_sign_app(args: argparse.Namespace) -> None:
     """Build the app's FAB as `flwr run` does and sign its hash."""
-    from flwr.cli.build import build_fab_from_disk  # Flower's own deterministic FAB builder
-
     key = Path(args.key)
     public = Path(args.public_key) if args.public_key else key.with_suffix(".pub")
-    fab = build_fab_from_disk(Path(args.app).resolve())
+    fab = build_fab(Path(args.app))
     signature = sign_fab(fab, key, public)
     signature.save(Path(args.out))
     print(f"signed FAB sha256 {hashlib.sha256(fab).hexdigest()} with {signature.key_id}: {args.out}")

@@ -15,6 +15,7 @@ import logging
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -22,8 +23,9 @@ from typing import Any
 
 from flwr.common.config import parse_config_args
 
+from fl_server.app_bundle import stage_app
 from fl_server.config import server_config_from_run_config
-from fl_server.control import CONNECTION, flwr, local_host, write_connection
+from fl_server.control import CONNECTION, ControlAPI, flwr, local_host, write_connection
 from fl_server.initial_model import load_initial_model
 from fl_server.lockdown import (
     add_security_args,
@@ -170,12 +172,11 @@ def wait_for_port(host: str, port: int, process: subprocess.Popen, timeout_s: fl
     raise TimeoutError(f"the SuperLink did not open {host}:{port} within {timeout_s:.0f} s")
 
 
-def wait_for_control(env: dict[str, str], tries: int = 10) -> None:
+def wait_for_control(control: ControlAPI, tries: int = 10) -> None:
     """Block until the Control API answers the operator (the port opens a moment before it does)."""
     for attempt in range(tries):
         try:
-            command = ["ls", CONNECTION, "--format", "json"]
-            json_answer(flwr(command, env), command)  # `--format json` exits 0 on errors too: read the answer
+            control.run_statuses()
             return
         except RuntimeError as err:
             if attempt == tries - 1:
@@ -196,19 +197,15 @@ def submit(app_dir: Path, run_config: Path, env: dict[str, str]) -> int:
     raise RuntimeError(f"could not submit the run: {last_error}")
 
 
-def run_status(run_id: int, env: dict[str, str]) -> dict[str, Any]:
-    """Flower's record of the run (status: pending, starting, running, finished:completed|failed|stopped)."""
-    return dict(json.loads(flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env))["runs"][0])
-
-
-def follow(run_id: int, env: dict[str, str], out_dir: Path, num_rounds: int, stall_timeout: float) -> str:
+def follow(run_id: int, control: ControlAPI, env: dict[str, str], out_dir: Path, num_rounds: int,
+           stall_timeout: float) -> str:
     """Wait for the run to end, printing each completed round; stop it when nothing happens for too long."""
     metrics = out_dir / "metrics.jsonl"
     seen = len(metrics.read_text(encoding="utf-8").splitlines()) if metrics.exists() else 0
     status, last_progress = "", time.monotonic()
     while not status.startswith("finished"):
-        time.sleep(3.0)
-        current = run_status(run_id, env)["status"]
+        time.sleep(1.0)
+        current = control.run_status(run_id)
         if current != status:
             status, last_progress = current, time.monotonic()
             log.info("run %d: %s", run_id, status)
@@ -227,7 +224,7 @@ def follow(run_id: int, env: dict[str, str], out_dir: Path, num_rounds: int, sta
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Start the SuperLink, submit the app, follow the run, and clean up whatever happens."""
+    """Check the settings, stage the app and serve the run."""
     # force: importing opacus already configured the root logger (at WARNING), which hid these lines
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     args = parse_args(argv)
@@ -235,14 +232,23 @@ def main(argv: list[str] | None = None) -> int:
     defaults = app_defaults(app_dir)
     overrides = run_overrides(args, defaults)
     stall_s = stall_seconds(args, float(overrides.get("round-timeout", defaults["round-timeout"])))
-    if args.insecure:
-        warn_insecure()
-    else:
-        check_lockdown_files(args, app_dir)
+    num_rounds = int(overrides.get("num-rounds", defaults["num-rounds"]))
+    with tempfile.TemporaryDirectory(prefix="fedrec-app-") as staging:
+        app = stage_app(app_dir, Path(staging) / "app")  # the signature is checked on the files `flwr run` packs
+        if args.insecure:
+            warn_insecure()
+        else:
+            check_lockdown_files(args, app)
+        return serve(args, app, overrides, num_rounds, stall_s)
+
+
+def serve(args: argparse.Namespace, app: Path, overrides: dict[str, Any], num_rounds: int, stall_s: float) -> int:
+    """Start the SuperLink, submit the app, follow the run, and clean up whatever happens."""
     out_dir = Path(overrides["out-dir"])
     flower_dir = out_dir / "flower"
     env = flower_env({"FLWR_HOME": str(flower_dir / "cli")})
     write_connection(flower_dir / "cli", args.host, args.port, None if args.insecure else args.ssl_ca_certfile)
+    control = ControlAPI(flower_dir / "cli")
     run_config = write_toml(flower_dir / "run_config.toml", overrides)
     exit_on_sigterm()
     superlink = start(superlink_command(args), flower_dir / "superlink.log",
@@ -250,16 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     run_id, status = 0, ""
     try:
         wait_for_port(args.host, args.port, superlink)
-        wait_for_control(env)
+        wait_for_control(control)
         if args.sites:
             register_all(Path(args.sites), flower_dir, env)
         log.info("SuperLink listening on %s:%d (log: %s); sites connect with "
                  "fedrec-client --superlink <this host>:%d", args.host, args.port, flower_dir / "superlink.log",
                  args.port)
-        run_id = submit(app_dir, run_config, env)
+        run_id = submit(app, run_config, env)
         log.info("submitted run %d; outputs go to %s", run_id, out_dir)
-        num_rounds = int(overrides.get("num-rounds", defaults["num-rounds"]))
-        status = follow(run_id, env, out_dir, num_rounds, stall_s)
+        status = follow(run_id, control, env, out_dir, num_rounds, stall_s)
     finally:
         if run_id:
             save_serverapp_log(run_id, env, flower_dir / "serverapp.log")

@@ -4,11 +4,11 @@ keys, a signed app, and Control/Runtime APIs only for this machine. `--insecure`
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 from pathlib import Path
 
+from fl_server.app_bundle import fab_sha256
 from fl_server.sites import registry
 from shared_model.app_signature import AppSignature
 from shared_model.key_files import check_private_file
@@ -76,10 +76,8 @@ def check_lockdown_files(args: argparse.Namespace, app_dir: Path) -> AppSignatur
 def check_app_signature(app_dir: Path, signature_path: str) -> AppSignature:
     """The app's signature, checked against the FAB `flwr run` will build from `app_dir` (a FAB is
     deterministic), so a changed app fails here rather than at every site."""
-    from flwr.cli.build import build_fab_from_disk  # Flower's own FAB builder, as `flwr run` uses it
-
     signature = AppSignature.load(Path(signature_path))
-    signature.verify(hashlib.sha256(build_fab_from_disk(app_dir)).hexdigest(), f"--app-signature {signature_path}")
+    signature.verify(fab_sha256(app_dir), f"--app-signature {signature_path}")
     log.info("app signed by %s (FAB %s...): sites that trust this key run it, and nothing else",
              signature.key_id, signature.fab_sha256[:12])
     return signature

@@ -19,6 +19,7 @@ from fl_server import initial_model
 from fl_server.checkpoint import RunStore
 from fl_server.config import ServerConfig, server_config_from_run_config
 from fl_server.popularity_release import check_release, release_popularity
+from fl_server.prompt_grid import prompt_grid
 from fl_server.report import progress_line, write_report
 from fl_server.round_record import RoundRecord
 from fl_server.schedule import Decay
@@ -287,7 +288,7 @@ def build_server_app(resolve: Callable[[Context], ServerConfig]) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, resolve(context))
+        run_server(prompt_grid(grid), resolve(context))
 
     return app
 

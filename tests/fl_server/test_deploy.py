@@ -137,7 +137,9 @@ def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(t
     sites = write_sites(data, parts, tmp_path / "sites", SiteConfig(data_path="", catalog_path="", state_dir=""))
     link, *site_ports = free_ports(1 + SITES)
     out = tmp_path / "server"
-    run_config = "batch-size=32 lr=0.005 model.hidden-size=16 model.max-len=20 round-timeout=120.0" + features
+    # eval-every=2: round 1 is trained and checkpointed, not scored (the sites score the starting model and round 2)
+    run_config = ("batch-size=32 lr=0.005 model.hidden-size=16 model.max-len=20 round-timeout=120.0 eval-every=2"
+                  + features)
     initial = exported_model(tmp_path / "exported", sites[0].catalog_path, run_config)
     server_cmd = [str(BIN / "fedrec-server"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
                   "--catalog", sites[0].catalog_path, "--out-dir", str(out), "--num-rounds", "2",
@@ -160,8 +162,8 @@ def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(t
                                  start_new_session=True)
         # The sites score the exported model as round 0 (fresh ClientApp processes, the frozen tensors with the
         # evaluate message), spending nothing. Then kill site 0 (every process of it) while it trains round 1,
-        # past its budget check, and start it again: round 1 completes with the other two sites, and site 0
-        # rejoins for round 2.
+        # past its budget check, and start it again: round 1 completes with the other two sites (not scored:
+        # eval-every=2), and site 0 rejoins for round 2.
         def site_zero_trains() -> bool:
             assert first.poll() is None, (logs / "server1.log").read_text()[-3000:]  # fail fast, with the log
             return training_process(sites[0]) != 0
@@ -192,6 +194,7 @@ def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(t
     assert [r["round"] for r in rows] == [0, 1, 2]  # round 0 and 1 kept, round 2 completed once
     assert rows[0]["starting_model"] and rows[0]["evaluate_failures"] == 0
     assert rows[0]["federated_eval"]["users"] == len(data.sequences)
+    assert "federated_eval" not in rows[1] and rows[2]["federated_eval"]["users"] == len(data.sequences)
     assert "round 0/2 (the starting model, before any training): HR@10 0." in (logs / "server1.log").read_text()
     rows = rows[1:]
     # Round 1 went on without the killed site: silent until round-timeout, or reported unavailable by the

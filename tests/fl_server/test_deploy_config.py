@@ -1,10 +1,13 @@
 """fedrec-server's command line: run settings are checked against the app's own defaults before anything starts."""
 
+import os
 import re
+import socket
 import tomllib
 
 import pytest
 
+from fl_server.control import ControlAPI, write_connection
 from fl_server.deploy import PROJECT_ROOT, app_defaults, parse_args, run_overrides, superlink_command
 from fl_server.lockdown import warn_insecure
 from fl_server.report import progress_line
@@ -130,3 +133,16 @@ def test_the_progress_line_names_privacy_and_the_sites_cost():
                                                "2 silent (round timeout); HR@10 0.2500")
     start = {"round": 0, "starting_model": True, "federated_eval": {"hr@10": 0.25, "ndcg@10": 0.125}}
     assert progress_line(start, 5) == "round 0/5 (the starting model, before any training): HR@10 0.2500 NDCG@10 0.1250"
+
+
+def test_the_control_api_client_reads_its_own_connection_and_names_a_superlink_that_does_not_answer(tmp_path,
+                                                                                                    monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", "/elsewhere")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    write_connection(tmp_path / "cli", "0.0.0.0", port, None)
+    control = ControlAPI(tmp_path / "cli")
+    assert os.environ["FLWR_HOME"] == "/elsewhere"  # read from tmp_path/cli, and the process' own left as it was
+    with pytest.raises(RuntimeError, match="Control API did not answer"):
+        control.run_statuses()

@@ -121,13 +121,15 @@ def test_sites_send_which_items_they_hold_and_share_their_optimiser_moments_when
 
 
 @pytest.mark.slow
-def test_rounds_between_evaluations_are_trained_and_checkpointed_but_not_scored(tmp_path):
+def test_rounds_between_evaluations_are_not_scored_and_a_training_from_the_export_scores_it_as_round_zero(tmp_path):
+    """Two trainings (each a start of the simulation engine, so they share one test): 3 rounds evaluated every
+    2nd and the last, then a training that starts from the first one's exported model."""
     from fl_server.report import progress_line
 
-    _, _, sites = synthetic_sites(tmp_path, users=120, items=30, seed=5, num_sites=2, enabled=False)
+    data, parts, sites = synthetic_sites(tmp_path, users=120, items=30, seed=5, num_sites=2, enabled=False)
+    model = ModelConfig(hidden_size=16, max_len=20, item_features=["text"], feature_dim=8, feature_scoring=True)
     out = tmp_path / "server"
-    server = server_config(tmp_path, num_rounds=3, eval_every=2, central_eval_path=sites[0].data_path,
-                           model=ModelConfig(hidden_size=16, max_len=20, item_features=[]),
+    server = server_config(tmp_path, num_rounds=3, eval_every=2, central_eval_path=sites[0].data_path, model=model,
                            strategy=StrategyConfig(min_nodes=2, update_precision="float16"))
     run_federation(sites, server)
     rows = round_records(out)
@@ -140,20 +142,13 @@ def test_rounds_between_evaluations_are_trained_and_checkpointed_but_not_scored(
     assert "not evaluated (eval-every)" in progress_line(rows[0], 3) and "HR@10 0." in progress_line(rows[1], 3)
     assert "| 1 | 2 | 0 | 0 |" in (out / "report.md").read_text()
 
-
-@pytest.mark.slow
-def test_a_training_from_an_exported_model_scores_it_as_round_zero_before_training(tmp_path):
-    data, parts, sites = synthetic_sites(tmp_path, users=120, items=30, seed=6, num_sites=2, enabled=False)
-    model = ModelConfig(hidden_size=16, max_len=20, item_features=["text"], feature_dim=8, feature_scoring=True)
-    run_federation(sites, server_config(tmp_path, num_rounds=1, model=model, strategy=StrategyConfig(min_nodes=2)))
-    exported = tmp_path / "server" / "model"
-    out = tmp_path / "fine_tuned"
-    run_federation(sites, server_config(tmp_path, out_dir=str(out), num_rounds=1, model=model,
+    exported, fine_tuned = out / "model", tmp_path / "fine_tuned"
+    run_federation(sites, server_config(tmp_path, out_dir=str(fine_tuned), num_rounds=1, model=model,
                                         initial_model=str(exported), central_eval_path=sites[0].data_path,
                                         strategy=StrategyConfig(min_nodes=2)))
-    rows = round_records(out)
+    scored_before, rows = rows[-1], round_records(fine_tuned)
     assert [r["round"] for r in rows] == [0, 1] and rows[0]["starting_model"] and "train_replies" not in rows[0]
-    start, scored_before = rows[0], json.loads((tmp_path / "server" / "metrics.jsonl").read_text())
+    start = rows[0]
     # Both sites scored the exported model (the frozen title features went with the evaluate message): the
     # same figures the first training's last round gave for those weights; the server scored its users too.
     assert start["evaluate_failures"] == 0 and start["federated_eval"]["users"] == len(data.sequences)
@@ -161,12 +156,12 @@ def test_a_training_from_an_exported_model_scores_it_as_round_zero_before_traini
     assert start["central_eval"]["users"] == len(parts[0])
     assert rows[1]["train_replies"] == 2 and rows[1]["frozen_sent_to"] == 2  # evaluate replies name no digest
     valid = [r["central_eval"]["valid-ndcg@10"] for r in rows]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((fine_tuned / "summary.json").read_text())
     assert summary["best_round"] == valid.index(max(valid)) and summary["rounds"] == 1
-    best, _ = load_model_dir(out / "best_model")  # the starting model itself when round 1 did not beat it
-    expected = wire.trainable_state(load_model_dir(exported if summary["best_round"] == 0 else out / "model")[0])
+    best, _ = load_model_dir(fine_tuned / "best_model")  # the starting model itself when round 1 did not beat it
+    expected = wire.trainable_state(load_model_dir(exported if summary["best_round"] == 0 else fine_tuned / "model")[0])
     assert all(torch.equal(t, expected[k]) for k, t in wire.trainable_state(best).items())
-    assert (out / "report.md").read_text().count("| 0 (start) | 0 | 0 | 0 |") == 1
+    assert (fine_tuned / "report.md").read_text().count("| 0 (start) | 0 | 0 | 0 |") == 1
 
 
 def test_secure_aggregation_with_a_rule_that_needs_each_sites_update_is_refused(tmp_path):
