@@ -1,4 +1,4 @@
-"""What a site's σ search costs: Opacus' get_noise_multiplier against fl_client.dp.engine.smallest_sigma.
+"""What a site's σ search costs: Opacus' get_noise_multiplier against fl_client.dp.engine.sigma_search.
 
 python benchmarks/sigma_search.py
 
@@ -18,7 +18,7 @@ import warnings
 from opacus.accountants import create_accountant
 from opacus.accountants import utils as accountant_utils
 
-from fl_client.dp.engine import smallest_sigma
+from fl_client.dp.engine import sigma_search
 
 PLANS = [  # (accountant, ε, q, steps): the loopback tests' sites, the demo's, Beauty's, and far corners
     ("prv", 8.0, 32 / 60, 8), ("prv", 8.0, 0.1, 60), ("prv", 8.0, 1 / 6, 60), ("prv", 3.0, 0.5, 4),
@@ -64,16 +64,17 @@ def main() -> None:
         reference = accountant_utils.get_noise_multiplier(target_epsilon=epsilon, target_delta=DELTA,
                                                           sample_rate=q, steps=steps, accountant=mechanism)
         their_seconds = time.perf_counter() - start
-        ours = Counted(mechanism)
+        ours = {kind: Counted(kind) for kind in ("prv", "rdp", "gdp")}
         start = time.perf_counter()
-        sigma = smallest_sigma(lambda s: ours.epsilon(s, q, steps), epsilon)  # noqa: B023 (called here)
+        sigma = sigma_search(lambda s, kind: ours[kind].epsilon(s, q, steps), epsilon, mechanism)  # noqa: B023
         our_seconds = time.perf_counter() - start
+        our_calls = f"{ours['prv'].calls} + {ours['rdp'].calls} RDP" if mechanism == "prv" else ours[mechanism].calls
         check = Counted(mechanism)
         spent_theirs, spent_ours = check.epsilon(reference, q, steps), check.epsilon(sigma, q, steps)
         totals[0] += their_seconds
         totals[1] += our_seconds
         print(f"| {mechanism} | {epsilon:g} | {q:.4g} | {steps} | {reference:.4f} ({spent_theirs:.4f}) | "
-              f"{theirs.calls} | {their_seconds:.2f} | {sigma:.4f} ({spent_ours:.4f}) | {ours.calls} | "
+              f"{theirs.calls} | {their_seconds:.2f} | {sigma:.4f} ({spent_ours:.4f}) | {our_calls} | "
               f"{our_seconds:.2f} | {their_seconds / our_seconds:.1f}x |")
     print(f"total: Opacus {totals[0]:.1f} s, ours {totals[1]:.1f} s ({totals[0] / totals[1]:.1f}x)")
 

@@ -48,7 +48,8 @@ FROZEN_DIGEST = re.compile(r"[0-9a-f]{64}")  # a SHA-256 hex digest (wire.tensor
 
 
 class RoundConfigError(ValueError):
-    """The server's round settings are missing a key, have a value of the wrong type or an unsafe id."""
+    """The server's round settings are missing a key, have a value of the wrong type or out of range, an unsafe
+    id, or a plan of more steps than the site takes."""
 
 
 class GlobalModelError(ValueError):
@@ -132,6 +133,7 @@ class RoundConfig:
             raise RoundConfigError(f"round config asks for {wire.UPDATE_PRECISION}={parsed.update_precision!r}; this "
                                    f"site knows {', '.join(wire.UPDATE_PRECISIONS)}")
         check_training_id(parsed.training_id)
+        check_ranges(parsed)
         if parsed.num_negatives < 0:
             raise RoundConfigError(f"round config asks for {wire.NUM_NEGATIVES}={parsed.num_negatives}: needs 0 (the "
                                    f"full softmax) or a number of negatives")
@@ -148,6 +150,21 @@ class RoundConfig:
                                    f"{parsed.ddp_popularity_noise}) in round {parsed.server_round}: a release is "
                                    "round 0 of a distributed-DP training, at a finite positive σ")
         return parsed
+
+
+def check_ranges(cfg: RoundConfig) -> None:
+    """Refuse counts and rates no server means: a batch size or epoch count of 0 crashed the site's plan with a
+    division by zero, a negative round count made its σ search NaN, and a negative distributed-DP q passed."""
+    counts = {wire.SERVER_ROUND: (cfg.server_round, 0), wire.NUM_ROUNDS: (cfg.num_rounds, 1),
+              wire.LOCAL_EPOCHS: (cfg.local_epochs, 1), wire.BATCH_SIZE: (cfg.batch_size, 1)}
+    for key, (value, least) in counts.items():
+        if value < least:
+            raise RoundConfigError(f"round config {key}={value}: needs at least {least}")
+    rates = {wire.LEARNING_RATE: cfg.lr, wire.PROXIMAL_MU: cfg.proximal_mu, wire.WEIGHT_DECAY: cfg.weight_decay,
+             wire.DDP_SAMPLE_RATE: cfg.ddp_sample_rate}
+    for key, rate in rates.items():
+        if not (math.isfinite(rate) and rate >= 0):
+            raise RoundConfigError(f"round config {key}={rate}: needs a finite number >= 0")
 
 
 class TrainingDivergedError(ValueError):

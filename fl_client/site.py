@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: keyed by the data's content hash
 MIN_USERS = 50  # fewer trainable users than this and a site refuses DP training (SiteConfig.min_users)
 MAX_MODEL_PARAMETERS = 50_000_000  # the largest global model a site builds by default (200 MB of float32)
+# The most steps a site plans for by default (SiteConfig.max_plan_steps): its σ search over 10^5 steps takes
+# 2-28 s and up to 1.7 GB with the PRV accountant, over 10^6 steps 39 s and 3.9 GB (BENCHMARKS.md, "A site's σ
+# search"), and a ledger composes them again at every check.
+MAX_PLAN_STEPS = 100_000
 START_LOCK_TIMEOUT_S = 60.0  # fedrec-client's start waits this long for a round in progress on the same state dir
 # A SuperNode's --node-config names the site's privacy settings flat: PrivacyConfig's fields in kebab case, with
 # `dp` for `enabled`; not popularity_noise, a release of centralized training only.
@@ -60,13 +64,14 @@ class SiteConfig:
     cache_keep: int = 3  # (int) preprocessing caches and frozen-tensor copies kept, each kind: the latest used
     min_users: int = MIN_USERS  # (int) fewer trainable users and the site refuses DP training (δ, noise vs signal)
     max_model_parameters: int = MAX_MODEL_PARAMETERS  # (int) largest global model (weights + buffers) it builds
+    max_plan_steps: int = MAX_PLAN_STEPS  # (int) most steps it plans: all rounds' under DP, one round's without
 
     def __post_init__(self) -> None:
         if self.cache_keep < 1:
             raise ValueError(f"site cache_keep must be at least 1 (the copy in use), got {self.cache_keep}")
-        if self.min_users < 1 or self.max_model_parameters < 1:
-            raise ValueError(f"site min_users={self.min_users} and max_model_parameters={self.max_model_parameters} "
-                             "must be at least 1")
+        if min(self.min_users, self.max_model_parameters, self.max_plan_steps) < 1:
+            raise ValueError(f"site min_users={self.min_users}, max_model_parameters={self.max_model_parameters} "
+                             f"and max_plan_steps={self.max_plan_steps} must be at least 1")
         if self.privacy.popularity_noise:  # its ledger records the rounds' steps only, never such a release
             raise ValueError("privacy.popularity_noise is a release for centralized training (fedrec-centralized, "
                              "or fedrec-simulate federation.mode=local); a federation's sites do not make it")

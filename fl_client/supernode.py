@@ -18,7 +18,7 @@ from pathlib import Path
 from fl_client.check import DEFAULT_PLAN, Plan, check_site
 from fl_client.dp.settings import ACCOUNTANTS, GRAD_SAMPLE_MODES, PrivacyConfig
 from fl_client.lockdown import add_security_args, check_security_args, security_flags, warn_insecure
-from fl_client.site import MAX_MODEL_PARAMETERS, MIN_USERS, SiteConfig, check_site_start, load_site_data
+from fl_client.site import MAX_MODEL_PARAMETERS, MAX_PLAN_STEPS, MIN_USERS, SiteConfig, check_site_start, load_site_data
 from shared_model.console import EXPECTED_ERRORS, console_command, quiet_library_warnings, rng_note
 from shared_model.device import describe_device, resolve_device
 from shared_model.launch import (
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fewer trainable users and this site refuses DP training at start")
     parser.add_argument("--max-model-parameters", type=int, default=MAX_MODEL_PARAMETERS,
                         help="largest global model (weights + buffers) this site accepts from the server")
+    parser.add_argument("--max-plan-steps", type=int, default=MAX_PLAN_STEPS,
+                        help="most training steps this site accepts to plan: all rounds' under DP (its σ search "
+                             "and ledger compose them), one round's without")
     parser.add_argument("--no-dp", action="store_true", help="train without DP (no privacy claim is made)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="per-user clipping bound C")
     parser.add_argument("--noise-multiplier", type=float, default=None,
@@ -105,7 +108,7 @@ def site_config(args: argparse.Namespace) -> SiteConfig:
                       device=args.device, min_events=args.min_events,
                       micro_batch_tokens=args.micro_batch_tokens, micro_batch_users=args.micro_batch_users,
                       cache_keep=args.cache_keep, min_users=args.min_users,
-                      max_model_parameters=args.max_model_parameters)
+                      max_model_parameters=args.max_model_parameters, max_plan_steps=args.max_plan_steps)
 
 
 def supernode_command(args: argparse.Namespace, config_path: Path) -> list[str]:

@@ -94,7 +94,8 @@ def _read_plans(path: Path) -> dict[str, float]:
 def _calibrated_sigma(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """The σ search, done once per process for each plan: it is a pure function of its arguments and takes
     seconds (each accountant call computes fractional RDP orders), and a site plans the same σ every round."""
-    return smallest_sigma(lambda sigma: composed_epsilon([(sigma, sample_rate, steps)], delta, accountant), epsilon)
+    return sigma_search(lambda sigma, acc: composed_epsilon([(sigma, sample_rate, steps)], delta, acc), epsilon,
+                        accountant)
 
 
 @lru_cache(maxsize=64)
@@ -105,22 +106,31 @@ def _sigma_after(before: tuple[tuple[float, float, int], ...], epsilon: float, d
     if already >= epsilon:
         raise ValueError(f"the releases before DP-SGD already spend ε = {already:.3f} of the budget {epsilon:g}: "
                          "raise privacy.popularity_noise")
-    return smallest_sigma(lambda sigma: composed_epsilon([*before, (sigma, sample_rate, steps)], delta, accountant),
-                          epsilon)
+    return sigma_search(lambda sigma, acc: composed_epsilon([*before, (sigma, sample_rate, steps)], delta, acc),
+                        epsilon, accountant)
+
+
+def sigma_search(spends: Callable[[float, str], float], epsilon: float, accountant: str) -> float:
+    """`smallest_sigma` for `spends(σ, accountant)`. For PRV the search starts from RDP's answer (RDP's ε is an
+    upper bound, computed in closed form at any σ): PRV's domain grows with the ε it is asked about, and a plan of
+    10^5 steps at q = 0.1 asked at σ = 1 grew past 23 GB (killed), where started from RDP's σ it took 1.2 GB and 7 s."""
+    start = smallest_sigma(lambda sigma: spends(sigma, "rdp"), epsilon) if accountant == "prv" else 1.0
+    return smallest_sigma(lambda sigma: spends(sigma, accountant), epsilon, start=start)
 
 
 MAX_SIGMA = 1e6  # as Opacus' search: a budget that needs more noise than this is refused
 MAX_SEARCH_CALLS = 100  # accountant calls before the σ search gives up (it takes 4-6)
 
 
-def smallest_sigma(spends: Callable[[float], float], epsilon: float, tolerance: float = 0.01) -> float:
+def smallest_sigma(spends: Callable[[float], float], epsilon: float, tolerance: float = 0.01,
+                   start: float = 1.0) -> float:
     """A σ whose `spends(σ)` is at most `epsilon` and within `tolerance` of it, for an ε that falls as σ grows.
 
     What Opacus' get_noise_multiplier answers (its default tolerance is this 0.01), in fewer accountant calls:
     4-6 instead of 10-16 for benchmarks/sigma_search.py's plans, each 0.1-1 s (BENCHMARKS.md). Opacus bisects
-    [0, 20]; this brackets from σ = 1 and then interpolates log ε against log σ (nearly a line: ε falls about as 1/σ),
-    regula falsi with the Illinois rule, so a slow side cannot stall it. The answer is always a σ whose ε the
-    accountant computed to be within the budget."""
+    [0, 20]; this brackets from σ = `start` and then interpolates log ε against log σ (nearly a line: ε falls
+    about as 1/σ), regula falsi with the Illinois rule, so a slow side cannot stall it. The answer is always a σ
+    whose ε the accountant computed to be within the budget."""
     calls = 0
 
     def spent_at(sigma: float) -> float:
@@ -135,8 +145,9 @@ def smallest_sigma(spends: Callable[[float], float], epsilon: float, tolerance: 
 
     low: tuple[float, float] | None = None  # (σ, ε) spending more than the budget
     high: tuple[float, float] | None = None  # (σ, ε) within it
-    sigma = 1.0
-    while low is None or high is None:  # bracket: up by the ratio ε suggests (at least 2x), down by halves
+    sigma = start
+    while low is None or high is None:  # bracket by the ratio ε suggests (ε falls about as 1/σ): up at least 2x,
+        # down to just past the budget (at most halving), so no call is far below the answer
         spent = spent_at(sigma)
         if spent > epsilon:
             low = (sigma, spent)
@@ -147,7 +158,7 @@ def smallest_sigma(spends: Callable[[float], float], epsilon: float, tolerance: 
             high = (sigma, spent)
             if epsilon - spent <= tolerance:
                 return sigma
-            sigma /= 2.0
+            sigma *= max(0.5, 0.9 * spent / epsilon)
     kept = 0  # which end the last two steps both moved (Illinois: halve the other end's distance to the budget)
     y_low, y_high = math.log(low[1] / epsilon), math.log(max(high[1], 1e-300) / epsilon)
     while True:

@@ -3,6 +3,7 @@
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_client.client_app import CATALOG_MISMATCH, FROZEN_TENSORS, TRAINING_DIVERGED, WIRE_VERSION, build_client_app
+from fl_client.client_app import (
+    CATALOG_MISMATCH,
+    FROZEN_TENSORS,
+    ROUND_CONFIG,
+    TRAINING_DIVERGED,
+    WIRE_VERSION,
+    build_client_app,
+)
 from fl_client.frozen_cache import frozen_path
 from fl_client.round_config import RoundConfig, build_global_model
 from fl_client.site import SiteConfig
@@ -205,3 +213,34 @@ print(sorted(m for m in loaded if m in sys.modules))
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    (wire.BATCH_SIZE, 0, "batch-size=0: needs at least 1"),  # was a ZeroDivisionError in the σ plan
+    (wire.LOCAL_EPOCHS, 0, "local-epochs=0: needs at least 1"),
+    (wire.NUM_ROUNDS, -3, "num-rounds=-3: needs at least 1"),  # was a NaN σ
+    (wire.SERVER_ROUND, -1, "server-round=-1: needs at least 0"),
+    (wire.LEARNING_RATE, math.nan, "lr=nan: needs a finite number >= 0"),
+    (wire.DDP_SAMPLE_RATE, -0.5, "ddp-sample-rate=-0.5: needs a finite number >= 0"),  # passed as distributed DP
+    # Plans past max_plan_steps: before, the site searched σ for them for minutes (10^6 steps passed 19 GB).
+    (wire.NUM_ROUNDS, 10**7, "plan is 40,000,000 steps (10000000 rounds x 1 epochs x 4 steps of batch size 32"),
+    (wire.LOCAL_EPOCHS, 10**6, "plan is 8,000,000 steps (2 rounds x 1000000 epochs"),
+])
+def test_a_round_config_out_of_range_is_refused_before_anything_is_planned_or_spent(site, key, value, says):
+    msg = message("train", ItemCatalog.load(site.catalog_path))
+    msg.content.config_records[wire.CONFIG][key] = value
+    reply = call(site, msg)
+    assert reply.has_error() and reply.error.code == ROUND_CONFIG and says in reply.error.reason, reply.error
+    assert not (Path(site.state_dir) / "sigma_plans.json").exists() and not site.ledger_path.exists()
+
+
+def test_a_site_bounds_all_planned_steps_under_dp_and_one_rounds_without(site):
+    catalog = ItemCatalog.load(site.catalog_path)  # 120 users, batch 32: 4 steps an epoch
+    small = replace(site, max_plan_steps=8)
+    assert not call(small, message("train", catalog, num_rounds=2)).has_error()  # 2 rounds x 4 steps
+    refused = call(small, message("train", catalog, num_rounds=3))
+    assert refused.error.code == ROUND_CONFIG and "at most max_plan_steps=8 (--max-plan-steps)" in refused.error.reason
+    no_dp = replace(small, privacy=replace(site.privacy, enabled=False), state_dir=site.state_dir + "-no-dp")
+    assert not call(no_dp, message("train", catalog, num_rounds=10**7)).has_error()  # one round: 4 steps
+    many_epochs = call(no_dp, message("train", catalog, **{wire.LOCAL_EPOCHS: 3}))
+    assert many_epochs.error.code == ROUND_CONFIG and "one round: 3 epochs x 4 steps" in many_epochs.error.reason

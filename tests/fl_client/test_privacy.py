@@ -104,6 +104,26 @@ def test_the_sigma_search_spends_the_budget_to_opacus_tolerance_in_few_accountan
     assert len(calls) - 1 <= 7
 
 
+def test_the_prv_accountant_is_never_asked_about_a_sigma_far_below_the_answer(monkeypatch):
+    """PRV's domain grows with the ε it is asked about: from σ = 1 a plan of 10^5 steps at q = 0.1 grew past 23 GB
+    and was killed. The search starts from RDP's σ (closed form at any σ); here, from σ = 1, PRV was asked about
+    ε = 75.6 first, now never above 1.2x the budget."""
+    asked: list[tuple[str, float]] = []
+    epsilon_of = privacy._epsilon
+
+    def spy(history, delta, accountant):
+        spent = epsilon_of(history, delta, accountant)
+        asked.append((accountant, spent))
+        return spent
+
+    monkeypatch.setattr(privacy, "_epsilon", spy)
+    privacy._calibrated_sigma.cache_clear()
+    sigma = privacy.calibrate_noise(PrivacyConfig(epsilon=8.0, accountant="prv"), 0.1, 5000, 1e-5)
+    assert 7.99 <= privacy.composed_epsilon([(sigma, 0.1, 5000)], 1e-5, "prv") <= 8.0
+    prv = [spent for accountant, spent in asked if accountant == "prv"]
+    assert prv and max(prv) <= 1.2 * 8.0, asked
+
+
 def test_a_budget_no_noise_can_keep_is_refused_and_any_budget_is_never_overspent():
     with pytest.raises(ValueError, match="the budget is too low"):
         privacy.smallest_sigma(lambda sigma: 1.0, 0.5)  # ε that no σ lowers
@@ -123,9 +143,9 @@ def test_a_budget_no_noise_can_keep_is_refused_and_any_budget_is_never_overspent
 def sigma_searches(monkeypatch):
     """The σ searches from here on (the per-process cache starts empty)."""
     calls: list[float] = []
-    search = privacy.smallest_sigma
-    monkeypatch.setattr(privacy, "smallest_sigma",
-                        lambda spends, epsilon: calls.append(epsilon) or search(spends, epsilon))
+    search = privacy.sigma_search
+    monkeypatch.setattr(privacy, "sigma_search",
+                        lambda spends, eps, accountant: calls.append(eps) or search(spends, eps, accountant))
     privacy._calibrated_sigma.cache_clear()
     return calls
 

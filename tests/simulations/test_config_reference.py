@@ -53,4 +53,4 @@ def test_every_site_setting_has_a_client_flag_with_the_same_default():
         else:
             assert flags[name].default == getattr(site.privacy, name), f"--{name} vs PrivacyConfig.{name}"
         checked += 1
-    assert checked == len(plain_fields(SiteConfig)) + len(NODE_PRIVACY_KEYS) == 19
+    assert checked == len(plain_fields(SiteConfig)) + len(NODE_PRIVACY_KEYS) == 20
