@@ -49,6 +49,9 @@ class LedgerEntry:
     recorded_at: str
 
 
+FAR_PAST_BUDGET = 10.0  # PrivacyLedger.check declines, without PRV, steps whose RDP ε alone is this x the budget
+
+
 def epsilon_of(history: AccountantHistory, delta: float, accountant: str = "prv") -> float:
     """ε of a composition of DP-SGD steps (0 for no steps)."""
     if not history:
@@ -206,7 +209,18 @@ class PrivacyLedger:
         return any(e.run_id == run_id and e.round == server_round for e in self.entries)
 
     def check(self, planned: AccountantHistory, budget_epsilon: float) -> float:
-        """Raise BudgetExceededError unless the planned steps fit the budget; returns the ε they would reach."""
+        """Raise BudgetExceededError unless the planned steps fit the budget; returns the ε they would reach.
+
+        Steps whose ε alone is far past the budget by RDP's bound (closed form, cheap at any σ) are declined
+        before the PRV accountant sees them: its domain grows with the ε it must cover, and a distributed-DP
+        step at the server's σ = 10^-3 (q = 0.1) needed over 4 GB. Composition only adds ε, and PRV's ε is
+        nowhere near 1/FAR_PAST_BUDGET of RDP's for such steps, so this declines nothing that would fit."""
+        if self.accountant == "prv":
+            alone = epsilon_of(list(planned), self.delta, "rdp")
+            if alone > FAR_PAST_BUDGET * budget_epsilon:
+                raise BudgetExceededError(
+                    f"the planned steps {list(planned)} alone spend ε = {alone:.3g} (RDP's bound), over "
+                    f"{FAR_PAST_BUDGET:g}x this site's budget ε = {budget_epsilon}; declining to train")
         after = self.epsilon_with(planned)
         if after > budget_epsilon:
             raise BudgetExceededError(

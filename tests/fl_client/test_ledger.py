@@ -45,6 +45,21 @@ def test_budget_check_declines_a_round_that_would_overspend(tmp_path):
     assert ledger.spent() == pytest.approx(one_round)  # a refused check spends nothing
 
 
+def test_a_step_far_past_the_budget_is_declined_before_the_prv_accountant_sees_it(tmp_path, monkeypatch):
+    """A server chooses a distributed-DP round's σ: at σ = 10^-3 (q = 0.1) PRV's domain needed over 4 GB. RDP's
+    bound declines such a step first; a step that fits still goes to PRV."""
+    import fl_client.dp.engine as engine
+
+    asked: list[str] = []
+    real = engine._epsilon
+    monkeypatch.setattr(engine, "_epsilon", lambda history, delta, acc: asked.append(acc) or real(history, delta, acc))
+    ledger = PrivacyLedger(tmp_path / "ledger.json", DELTA, accountant="prv")
+    with pytest.raises(BudgetExceededError, match=r"alone spend ε = .* \(RDP's bound\), over 10x this site's budget"):
+        ledger.check([(0.05, 0.1, 1)], budget_epsilon=8.0)  # PRV: ε = 271, computed in 20-45 s
+    assert asked == ["rdp"] and ledger.spent() == 0.0
+    assert 0 < ledger.check([(1.0, 0.1, 1)], budget_epsilon=8.0) < 8.0 and asked[-1] == "prv"
+
+
 def test_the_same_round_cannot_be_recorded_twice(tmp_path):
     ledger = PrivacyLedger(tmp_path / "ledger.json", DELTA)
     ledger.record("run-a", 1, ROUND)
