@@ -86,7 +86,7 @@ def plan_steps(site: SiteConfig, data: SiteData, num_rounds: int, local_epochs: 
     planned = num_rounds * round_steps if site.privacy.enabled else round_steps
     if planned > site.max_plan_steps:
         scope = f"{num_rounds} rounds x " if site.privacy.enabled else "one round: "
-        raise RoundConfigError(f"the server's plan is {planned:,} steps ({scope}{local_epochs} epochs x "
+        raise RoundConfigError(f"the plan is {planned:,} steps ({scope}{local_epochs} epochs x "
                                f"{steps_per_epoch:,} steps of batch size {batch_size} over {users:,} users); this "
                                f"site takes at most max_plan_steps={site.max_plan_steps:,} (--max-plan-steps)")
     return steps_per_epoch, round_steps
