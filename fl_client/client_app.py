@@ -34,6 +34,7 @@ from fl_client.site import SiteConfig, SiteData, SiteStartError, load_site_data
 from shared_model import secure_sum, wire
 from shared_model.catalog import CatalogMismatchError
 from shared_model.console import quiet_library_warnings
+from shared_model.npy import ArrayDataError, decode_npy
 from shared_model.secure_sum import SecureSumError, SecureSumSettings
 
 if TYPE_CHECKING:
@@ -105,10 +106,23 @@ def decode(msg: Message, site: SiteConfig) -> tuple[SiteData, RoundConfig, dict[
     round_cfg = decode_config(msg)
     if wire.ARRAYS not in msg.content.array_records:
         raise ModelMismatchError(f"the server's message carries no global weights ({wire.ARRAYS!r})")
-    state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+    state = tensors(msg.content.array_records[wire.ARRAYS])
     sent = msg.content.array_records.get(wire.FROZEN)
-    state.update(frozen_tensors(site, round_cfg.frozen_digest, sent.to_torch_state_dict() if sent else None))
+    state.update(frozen_tensors(site, round_cfg.frozen_digest, tensors(sent) if sent else None))
     return load_site_data(site), round_cfg, state
+
+
+def tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The server's tensors, each decoded against the dtype and shape it declares (shared_model.npy, never
+    unpickling; a few µs a tensor where Flower's `to_torch_state_dict` parses every header); bytes that are not
+    what they declare refuse the message (ModelMismatchError)."""
+    import torch
+
+    try:
+        return {name: torch.from_numpy(decode_npy(array.data, array.dtype, tuple(array.shape), name))
+                for name, array in record.items()}
+    except ArrayDataError as err:
+        raise ModelMismatchError(f"the server's message: {err}") from err
 
 
 def secagg_fields(msg: Message) -> tuple[dict, bytes]:
@@ -142,7 +156,7 @@ def weights_content(reply: RoundReply, msg: Message, precision: str) -> dict[str
     themselves; float16 their change from the global weights `msg` carried (half the bytes)."""
     if precision == "float32":
         return {wire.ARRAYS: ArrayRecord(reply.state)}
-    start = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+    start = tensors(msg.content.array_records[wire.ARRAYS])
     return {wire.UPDATE: ArrayRecord({name: (tensor.float() - start[name].float()).half()
                                       for name, tensor in reply.state.items()})}
 
@@ -186,7 +200,11 @@ def masked_evaluation(metrics: Mapping[str, float], record: dict, state: secagg.
 def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) -> ClientApp:
     """A ClientApp whose handlers find their site through `resolve_site` (`mods`: Flower mods around every
     handler; simulations use one to make some sites misbehave)."""
-    app = ClientApp(mods=mods)
+    return serve_sites(ClientApp(mods=mods), resolve_site)
+
+
+def serve_sites(app: ClientApp, resolve_site: SiteResolver) -> ClientApp:
+    """Register fedrec's handlers on `app` (a ClientApp, or a subclass such as the simulation's); returns it."""
 
     @app.train()
     def handle_train(msg: Message, context: Context) -> Message:
@@ -205,7 +223,7 @@ def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) 
                 reply = dp_step_round(site, data, round_cfg, state, share)
             else:
                 shared = msg.content.array_records.get(wire.OPTIMIZER_STATE)
-                reply = train_round(site, data, round_cfg, state, shared.to_torch_state_dict() if shared else None)
+                reply = train_round(site, data, round_cfg, state, tensors(shared) if shared else None)
             if secure:
                 if secagg.released(site.state_dir, tag):
                     reply = replace(reply, num_examples=0, declined="this round's update was already sent into a "

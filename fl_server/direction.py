@@ -8,15 +8,17 @@ aggregation under attack"). The median is coordinate-wise, so a minority of atta
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from flwr.app import ArrayRecord
 
 MIN_SITES = 3  # with fewer updates there is no majority to take a median of: nothing is checked
 
 
-def flat_update(sent: ArrayRecord, start: ArrayRecord) -> np.ndarray:
-    """Sent weights minus the round's start, every tensor in name order, as one float32 vector."""
-    return np.concatenate([(sent[k].numpy().astype(np.float32) - start[k].numpy()).reshape(-1) for k in sorted(sent)])
+def flat_update(sent: ArrayRecord, start: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Sent weights (checked) minus the round's start, every tensor in name order, as one float32 vector."""
+    return np.concatenate([(sent[k].numpy().astype(np.float32) - start[k]).reshape(-1) for k in sorted(sent)])
 
 
 def median_cosines(updates: list[np.ndarray]) -> list[float]:

@@ -5,7 +5,8 @@ A reply that has no error and speaks this server's wire version (fl_server.repli
 with a reason naming its node and the field or tensor, unless:
 - its records are exactly the ones a site sends (arrays, metrics, notes; item weights and optimiser moments
   when present) and its notes name the run's catalog fingerprint (wire.CATALOG_FINGERPRINT);
-- its weights have exactly the round's tensor names, shapes and dtypes, all finite. With
+- its weights have exactly the round's tensor names, shapes and dtypes, their bytes decode (never unpickling)
+  to exactly the dtype and shape each declares (fl_server.replies.decoded), all finite. With
   strategy.update_precision=float16 a site may send, instead of its weights (arrays), their change from the
   round's global weights in float16 (update: the same names and shapes, all finite), which is added back to
   the float32 global weights before any other check: what follows sees float32 weights either way;
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from statistics import median
 
 import numpy as np
@@ -45,7 +47,7 @@ from flwr.app import Array, ArrayRecord, Message
 
 from fl_server.config import StrategyConfig
 from fl_server.direction import flat_update, median_cosines
-from fl_server.replies import payload_bytes, reply_metrics
+from fl_server.replies import ArrayDataError, checked_record, decoded, payload_bytes, reply_metrics
 from fl_server.round_record import RoundRecord
 from shared_model import wire
 
@@ -112,8 +114,11 @@ def arrays_problem(sent: ArrayRecord | None, start: ArrayRecord, dtype: str | No
         if tuple(array.shape) != tuple(expected.shape) or array.dtype != (dtype or expected.dtype):
             return (f"tensor {name}: {tuple(array.shape)} {array.dtype}, expected {tuple(expected.shape)} "
                     f"{dtype or expected.dtype}")
-        if not finite(array.numpy()):
-            return f"tensor {name} holds NaN or infinite values"
+        try:
+            if not finite(decoded(array, name)):
+                return f"tensor {name} holds NaN or infinite values"
+        except ArrayDataError as err:
+            return str(err)
     return ""
 
 
@@ -131,19 +136,25 @@ def weights_problem(msg: Message, start: ArrayRecord, precision: str) -> str:
 
 
 def with_weights(msg: Message, start: ArrayRecord) -> Message:
-    """`msg` with a float16 update replaced by the float32 weights it stands for (start + update)."""
+    """A checked `msg` with a float16 update replaced by the float32 weights it stands for (start + update), and
+    every tensor decoded once (fl_server.replies.CheckedArray)."""
     update = msg.content.array_records.get(wire.UPDATE)
     if update is not None:
         msg.content[wire.ARRAYS] = ArrayRecord({name: Array(start[name].numpy() + array.numpy().astype(np.float32))
-                                                for name, array in update.items()})
+                                                for name, array in checked_record(update).items()})
         del msg.content[wire.UPDATE]
+    for key, record in list(msg.content.array_records.items()):
+        msg.content[key] = checked_record(record)
     return msg
 
 
 def moments_problem(moments: ArrayRecord, start: ArrayRecord) -> str:
     """Why shared optimiser moments ("<param>:<moment>" and wire.MOMENTS_STEP) are unusable ("" when fine)."""
     for key, array in moments.items():
-        values = array.numpy()
+        try:
+            values = decoded(array, key)
+        except ArrayDataError as err:
+            return f"{wire.OPTIMIZER_STATE}: {err}"
         param = key.split(":", 1)[0]
         if key == wire.MOMENTS_STEP:
             expected: tuple[int, ...] | None = (1,)
@@ -162,7 +173,11 @@ def optional_problem(msg: Message, start: ArrayRecord, rows: int) -> str:
     """Why the per-item weights or optimiser moments a reply carries are unusable ("" when they are fine)."""
     weights = msg.content.array_records.get(wire.ITEM_WEIGHTS)
     if weights is not None:
-        values = weights[wire.ITEM_WEIGHTS].numpy() if set(weights) == {wire.ITEM_WEIGHTS} else None
+        try:
+            values = decoded(weights[wire.ITEM_WEIGHTS], wire.ITEM_WEIGHTS) if set(weights) == {wire.ITEM_WEIGHTS} \
+                else None
+        except ArrayDataError:
+            values = None
         if values is None or values.ndim != 1 or (rows and values.shape != (rows,)) or not finite(values) \
                 or (values < 0).any():
             return f"{wire.ITEM_WEIGHTS}: expected one finite, non-negative vector of {rows} rows"
@@ -220,10 +235,9 @@ def evaluation_problem(msg: Message, max_site_users: int) -> str:
     return f"node {msg.metadata.src_node_id}: {problem}"
 
 
-def update_norm(sent: ArrayRecord, start: ArrayRecord) -> float:
-    """L2 norm of the update (sent weights minus the round's start), over every trainable tensor."""
-    return math.sqrt(sum(float(np.sum((sent[k].numpy().astype(np.float64) - start[k].numpy()) ** 2))
-                         for k in sent))
+def update_norm(sent: ArrayRecord, start: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of the update (sent weights, checked, minus the round's start), over every trainable tensor."""
+    return math.sqrt(sum(float(np.sum((sent[k].numpy().astype(np.float64) - start[k]) ** 2)) for k in sent))
 
 
 def norm_bound(norms: list[float], earlier: list[float], factor: float, max_norm: float) -> float:
@@ -269,6 +283,7 @@ class ReplyGate:
     rounds in a row that left the global model unchanged."""
 
     round_start: ArrayRecord | None = None  # the global weights this round's training started from
+    decoded_start: tuple[ArrayRecord, dict[str, np.ndarray]] | None = None  # round_start, and as arrays
     last_round: RoundRecord  # what this round received (fl_server.round_record)
     catalog_fingerprint: str = ""  # the run's catalog: a reply naming another is dropped
     declared_users: dict[int, int]  # node -> the users it declared with its first accepted reply (checkpointed)
@@ -309,19 +324,26 @@ class ReplyGate:
         self.last_round.bytes_from_each_site = max((payload_bytes(m.content) for m in valid), default=0)
         return [with_weights(m, self.round_start) for m in valid], dropped
 
+    def start_values(self) -> dict[str, np.ndarray]:
+        """The round's start weights as NumPy arrays, decoded once per round (not once per reply)."""
+        if self.round_start is None:
+            raise RuntimeError("no round start weights: configure_train has not run")
+        if self.decoded_start is None or self.decoded_start[0] is not self.round_start:
+            self.decoded_start = (self.round_start, {k: decoded(v, k) for k, v in self.round_start.items()})
+        return self.decoded_start[1]
+
     def within_norm_bound(self, trained: list[Message]) -> tuple[list[Message], list[str]]:
         """The trained replies whose update norm is within this round's bound (norm_bound), and the reasons of
         those above it; the norms go into the round's row, and the accepted sites' user counts are pinned as
         their declared ones (see the module docstring)."""
-        assert self.round_start is not None
-        norms = [update_norm(m.content.array_records[wire.ARRAYS], self.round_start) for m in trained]
+        start = self.start_values()
+        norms = [update_norm(m.content.array_records[wire.ARRAYS], start) for m in trained]
         bound = norm_bound(norms, self.accepted_norms, self.norm_bound_factor, self.max_update_norm)
         kept = [(m, n) for m, n in zip(trained, norms, strict=True) if n <= bound]
         over = [f"node {m.metadata.src_node_id}: update norm {n:.4g} above this round's bound {bound:.4g}"
                 for m, n in zip(trained, norms, strict=True) if n > bound]
         if self.min_cosine > -1 and kept:
-            cosines = median_cosines([flat_update(m.content.array_records[wire.ARRAYS], self.round_start)
-                                      for m, _ in kept])
+            cosines = median_cosines([flat_update(m.content.array_records[wire.ARRAYS], start) for m, _ in kept])
             over += [f"node {m.metadata.src_node_id}: update at cosine {c:.3f} to the round's median update, below "
                      f"{self.min_cosine:g}" for (m, _), c in zip(kept, cosines, strict=True) if c < self.min_cosine]
             kept = [pair for pair, c in zip(kept, cosines, strict=True) if c >= self.min_cosine]

@@ -27,7 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from flwr.serverapp import Grid
 
 from fl_server.config import ServerConfig
-from fl_server.replies import payload_bytes
+from fl_server.replies import ArrayDataError, decoded, payload_bytes
 from fl_server.strategy import AVERAGING
 from shared_model import secure_sum, wire
 from shared_model.secure_sum import SecureSumError, SecureSumSettings
@@ -183,9 +183,14 @@ class SecureRound:
         got = []
         for reply in self.grid.send_and_receive(stage3, timeout=self.timeout):
             record = None if reply.has_error() else reply.content.array_records.get(wire.MASKED)
-            vector = record[wire.MASKED].numpy() if record is not None and wire.MASKED in record else None
+            vector, problem = None, "no masked vector"
+            if record is not None and wire.MASKED in record:
+                try:
+                    vector = decoded(record[wire.MASKED], wire.MASKED)
+                except ArrayDataError as err:
+                    problem = str(err)
             if vector is None:
-                self.failed.append(reply if reply.has_error() else self.refused(reply, "no masked vector"))
+                self.failed.append(reply if reply.has_error() else self.refused(reply, problem))
             else:
                 got.append((reply, vector, metric_names(reply) if self.evaluation else []))
                 self.wire_bytes["from_site"] = max(self.wire_bytes.get("from_site", 0), payload_bytes(reply.content))

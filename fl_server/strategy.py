@@ -34,6 +34,7 @@ from fl_server.replies import (
     failure,
     held_digest,
     payload_bytes,
+    plain_record,
     privacy_report,
     reply_metrics,
     site_cost,
@@ -288,7 +289,7 @@ class RoundHooks(ReplyGate):
             return self.unusable_round(label, problem)
         self.round_succeeded()
         self.last_round.train = dict(metrics) if metrics is not None else {}
-        return with_dtypes_of(arrays, self.round_start), metrics
+        return with_dtypes_of(plain_record(arrays), self.round_start), metrics
 
     def per_item_tensors(self) -> tuple[list[str], int]:
         """The per-item tensors this round trains and the item table's number of rows (none: [], 0)."""

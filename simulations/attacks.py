@@ -11,7 +11,7 @@ Its metrics (num-examples, ε, ...) stay honest, so only the defences that look 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,16 +83,17 @@ def rewrite_reply(config: AttackConfig, msg: Message, reply: Message, rng: np.ra
     return reply
 
 
-def attack_mod(config: AttackConfig, bad_sites: list[int]) -> Mod:
-    """A ClientApp mod under which the sites `bad_sites` (partition ids) attack every training reply."""
+def attack_mod(config: AttackConfig, bad_sites: Sequence[int]) -> Mod:
+    """A ClientApp mod under which the sites `bad_sites` (partition ids) attack every training reply (a reply's
+    noise from a generator seeded afresh by the attack's seed and the site, as when Ray shipped each message a
+    fresh copy of the mod)."""
     bad = set(bad_sites)
-    rngs = {site: np.random.default_rng([config.seed, site]) for site in bad}
 
     def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         reply = call_next(msg, context)
         site = int(context.node_config.get("partition-id", -1))
         if msg.metadata.message_type != MessageType.TRAIN or site not in bad:
             return reply
-        return rewrite_reply(config, msg, reply, rngs[site])
+        return rewrite_reply(config, msg, reply, np.random.default_rng([config.seed, site]))
 
     return mod

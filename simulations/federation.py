@@ -6,22 +6,26 @@ deployed site would; only the transport differs.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
+import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
-from fl_client.client_app import build_client_app
+from fl_client.client_app import serve_sites
 from fl_client.site import SiteConfig
 from fl_server.config import ServerConfig
 from fl_server.server_app import build_server_app
-from simulations.attacks import Mod
+from simulations.attacks import AttackConfig, attack_mod
 from simulations.prepare import PreparedData
 
 log = logging.getLogger(__name__)
@@ -102,15 +106,59 @@ class Resources:
         return f"{self.num_cpus} CPUs, no GPU; each site gets {self.cpus_per_client} CPU, {at_once} train at once"
 
 
+Attack = tuple[AttackConfig, Sequence[int]]  # how, and which sites (partition ids) misbehave
+
+
+class SimulatedClientApp(ClientApp):
+    """fedrec's ClientApp serving the simulated sites of a sites file (write_sites_file).
+
+    Flower's Ray backend pickles the ClientApp with every message it hands a site's worker, and cloudpickle
+    takes closures by value: the handlers, and through them every site's settings. That cost the driver 8.8 ms
+    a message at 100 sites and the worker another 74 ms to unpickle at 1,000 (BENCHMARKS.md, "Many simulated
+    sites"). This app pickles as the file's path and SHA-256 instead; each worker process builds it from the
+    file once (simulated_client_app) and refuses a file that changed since."""
+
+    def __init__(self, sites_file: str, digest: str) -> None:
+        path = Path(sites_file)
+        content = path.read_bytes()
+        if hashlib.sha256(content).hexdigest() != digest:
+            raise ValueError(f"{path}: the simulated sites file changed after the simulation wrote it")
+        payload = json.loads(content)
+        self.sites = [SiteConfig.from_node_config(node) for node in payload["sites"]]
+        self.attack: Attack | None = None
+        if payload["attack"]:
+            self.attack = (AttackConfig(**payload["attack"]["config"]), payload["attack"]["sites"])
+        super().__init__(mods=[attack_mod(*self.attack)] if self.attack else None)
+        self.sites_file, self.digest = sites_file, digest
+        serve_sites(self, lambda context: self.sites[int(context.node_config["partition-id"])])
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return simulated_client_app, (self.sites_file, self.digest)
+
+
+@functools.cache
+def simulated_client_app(sites_file: str, digest: str) -> SimulatedClientApp:
+    """The app of a sites file, built once per process (what a pickled SimulatedClientApp unpickles to)."""
+    return SimulatedClientApp(sites_file, digest)
+
+
+def write_sites_file(sites: Sequence[SiteConfig], folder: Path, attack: Attack | None = None) -> tuple[str, str]:
+    """Every simulated site's settings as a SuperNode's node config, and the attack, in `folder`; the file's path
+    and SHA-256."""
+    path = folder / "sites.json"
+    attack_fields = {"config": asdict(attack[0]), "sites": [int(s) for s in attack[1]]} if attack else None
+    path.write_text(json.dumps({"sites": [site.node_config() for site in sites], "attack": attack_fields}),
+                    encoding="utf-8")
+    return str(path), hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def run_federation(sites: Sequence[SiteConfig], server: ServerConfig, resources: Resources | None = None,
-                   mods: list[Mod] | None = None) -> None:
+                   attack: Attack | None = None) -> None:
     """Run the ServerApp and ClientApp in Flower's simulation engine; outputs land in server.out_dir
-    (`mods`: Flower mods around the sites' handlers, e.g. simulations.attacks)."""
+    (`attack`: sites that rewrite their training replies, simulations.attacks)."""
     resources = resources or Resources()
     log.info("simulation engine: %s", resources.describe())
-
-    def site_of(context: Context) -> SiteConfig:
-        return sites[int(context.node_config["partition-id"])]
-
-    run_simulation(server_app=build_server_app(lambda _context: server), client_app=build_client_app(site_of, mods),
-                   num_supernodes=len(sites), backend_config=resources.backend_config())
+    with tempfile.TemporaryDirectory(prefix="fedrec-sites-") as folder:
+        client_app = SimulatedClientApp(*write_sites_file(sites, Path(folder), attack))
+        run_simulation(server_app=build_server_app(lambda _context: server), client_app=client_app,
+                       num_supernodes=len(sites), backend_config=resources.backend_config())

@@ -28,7 +28,7 @@ from fl_server.server_app import check_run
 from shared_model import secure_sum
 from shared_model.console import console_command, exit_on_error, rng_note
 from shared_model.metrics import evaluate_popularity, with_standard_errors
-from simulations.attacks import AttackConfig, attack_mod, attackers
+from simulations.attacks import AttackConfig, attackers
 from simulations.config import RunConfig, register_schemas
 from simulations.console import quiet_console
 from simulations.federation import Resources, run_federation, write_sites
@@ -204,14 +204,14 @@ def run_federated(cfg: SimulateConfig, data: PreparedData, parts: Sequence[np.nd
                  rng_note(cfg.privacy.secure_mode))
         if strategy.distributed_dp and strategy.secure_aggregation:
             log.info(dropout_margin_note(server, len(sites)))
-    mods = None
+    attack = None
     if cfg.attack.kind != "none":
         bad = attackers(cfg.attack, len(sites))
         log.warning("attack: sites %s send %s updates (factor %g)", bad, cfg.attack.kind, cfg.attack.factor)
         (out / "attack.json").write_text(json.dumps({"kind": cfg.attack.kind, "sites": bad,
                                                      "factor": cfg.attack.factor}), encoding="utf-8")
-        mods = [attack_mod(cfg.attack, bad)]
-    run_federation(sites, server, resources, mods)
+        attack = (cfg.attack, bad)
+    run_federation(sites, server, resources, attack)
     return dict(json.loads((out / "server" / "summary.json").read_text(encoding="utf-8")))
 
 

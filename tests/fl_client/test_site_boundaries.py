@@ -3,6 +3,7 @@ its own Error code, the ledger unchanged), what every reply says about the site,
 trusts on its own disk (state files that would run code, a cache whose file changed under the same size and
 time); plus the user-count rules of a site whose data changes, and of simulated sites."""
 
+import io
 import json
 import os
 from dataclasses import replace
@@ -12,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_client.client_app import (
@@ -73,6 +74,27 @@ def test_a_bad_global_model_gets_its_own_error_code_and_spends_nothing(site):
     reply = call(huge, raw_message("train", record, state))
     assert reply.has_error() and reply.error.code == MODEL_TOO_LARGE and "1,000" in reply.error.reason
     assert json.loads(site.ledger_path.read_text()) == paid  # ε unchanged: nothing recorded for round 2
+
+
+@pytest.mark.parametrize("kind", ["train", "evaluate"])
+def test_global_weights_whose_bytes_are_not_what_they_declare_are_refused_not_a_crash(site, kind):
+    """Bytes that were no array raised out of the handler (np.load); now they, and bytes of another shape than
+    the tensor declares, are the model-mismatch refusal."""
+    catalog = ItemCatalog.load(site.catalog_path)
+    record, state = round_record(catalog)
+    wrong_shape = io.BytesIO()
+    np.save(wrong_shape, np.ones((3, 3), dtype=np.float32))
+    for data, says in ((b"garbage", "tensor embedding_norm.weight: its bytes are not a NumPy array"),
+                       (wrong_shape.getvalue(), "but its bytes hold (3, 3) float32")):
+        msg = raw_message(kind, record, state)
+        arrays = dict(msg.content.array_records[wire.ARRAYS].items())
+        declared = arrays["embedding_norm.weight"]
+        arrays["embedding_norm.weight"] = Array(dtype=declared.dtype, shape=tuple(declared.shape),
+                                                stype=declared.stype, data=data)
+        msg.content[wire.ARRAYS] = ArrayRecord(arrays)
+        reply = call(site, msg)
+        assert reply.has_error() and reply.error.code == MODEL_MISMATCH and says in reply.error.reason
+    assert ledger_rounds(site) == []
 
 
 @pytest.mark.parametrize("kind", ["train", "evaluate"])

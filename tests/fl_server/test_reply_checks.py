@@ -1,6 +1,8 @@
 """Every training reply is checked before it can touch the global model: a malformed, non-finite, foreign or
 outsized reply is dropped with a reason naming its node, and the round goes on with the good ones."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -57,7 +59,44 @@ def changed(key, values):
     return site_reply({**GOOD[0], key: values}, 10)
 
 
+def npy(values) -> bytes:
+    """`values` as the .npy bytes an Array carries."""
+    out = io.BytesIO()
+    np.save(out, values)
+    return out.getvalue()
+
+
+def lying(key, data, record=wire.ARRAYS, declared=None, **extra):
+    """GOOD[0]'s reply (with `extra` records: site_reply's weights, moments) whose tensor `key` in `record`
+    declares START's dtype and shape (or `declared`) over the bytes `data`."""
+    reply = site_reply(GOOD[0], 10, **extra)
+    arrays = dict(reply.content.array_records[record].items())
+    dtype, shape = declared or ("float32", START[key].shape)
+    arrays[key] = Array(dtype=dtype, shape=tuple(shape), stype="numpy.ndarray", data=data)
+    reply.content[record] = ArrayRecord(arrays)
+    return reply
+
+
+def npz() -> bytes:
+    out = io.BytesIO()
+    np.savez(out, w=START["w"])
+    return out.getvalue()
+
+
 BAD = {
+    # bytes that are not what the tensor declares: a (3, 3) array declared (3,) (rows of the start weights, so its
+    # broadcast update is short) made the average (3, 3) or crashed it; bytes that are no array crashed the server
+    "bytes of another shape": (lambda: lying("w", npy(np.tile(GOOD[0]["w"], (3, 1)))),
+                               "tensor w: declared (3,) float32, but its bytes hold (3, 3) float32"),
+    "bytes of another dtype": (lambda: lying("w", npy(GOOD[0]["w"].astype(np.float64))),
+                               "tensor w: declared (3,) float32, but its bytes hold (3,) float64"),
+    "bytes of no array": (lambda: lying("w", b"not an array"), "tensor w: its bytes are not a NumPy array"),
+    "bytes of an archive": (lambda: lying("w", npz()), "tensor w: declared (3,) float32, but its bytes hold NpzFile"),
+    "moments of no array": (lambda: lying("w:exp_avg", b"\x93NUMPY", wire.OPTIMIZER_STATE, ("float32", (3,)),
+                                          moments=moments()),
+                            "optimizer-state: tensor w:exp_avg: its bytes are not a NumPy array"),
+    "item weights of no array": (lambda: lying(wire.ITEM_WEIGHTS, b"", wire.ITEM_WEIGHTS, ("float32", (2,)),
+                                               weights=np.ones(2, dtype=np.float32)), "non-negative vector"),
     "nan weight": (lambda: changed("w", np.array([np.nan, 0, 0], dtype=np.float32)), "NaN or infinite"),
     "inf weight": (lambda: changed("w", np.array([np.inf, 0, 0], dtype=np.float32)), "NaN or infinite"),
     "wrong shape": (lambda: changed("w", np.zeros(4, dtype=np.float32)), "tensor w: (4,)"),
@@ -125,13 +164,16 @@ def test_each_malformed_reply_is_dropped_with_its_reason_and_the_good_ones_aggre
 
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg",
                                   "krum", "multikrum", "bulyan"])
-def test_a_nan_reply_never_reaches_any_strategys_global_model(serverapp_identity, name):
+@pytest.mark.parametrize("kind", ["nan weight", "bytes of another shape"])
+def test_a_nan_or_misshapen_reply_never_reaches_any_strategys_global_model(serverapp_identity, name, kind):
     knobs = {"num_malicious": 1} if name in ("krum", "multikrum", "bulyan") else {}
-    strategy = strategy_for(name, **knobs)
-    replies = [*good_replies(), *[site_reply(g, 10) for g in GOOD[:3]], BAD["nan weight"][0]()]
+    strategy = strategy_for(name, norm_bound_factor=0.0, **knobs)  # only the checks of the reply itself
+    replies = [BAD[kind][0](), *good_replies(), *[site_reply(g, 10) for g in GOOD[:3]]]  # first: it set the shape
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None and all(np.isfinite(a.numpy()).all() for a in arrays.values())
+    assert {k: a.numpy().shape for k, a in arrays.items()} == {k: v.shape for k, v in START.items()}
     assert strategy.last_round.dropped == 1
+    assert {type(a) for a in arrays.values()} == {Array}  # the next round's message carries no CheckedArray
 
 
 def test_a_site_cannot_claim_more_users_than_it_declared_first(serverapp_identity):

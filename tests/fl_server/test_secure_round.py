@@ -195,6 +195,27 @@ def test_a_site_sending_integers_out_of_range_fails_the_round_not_the_model(fede
     assert all(r.has_error() and "out of range" in r.error.reason for r in replies)
 
 
+def test_a_masked_vector_whose_bytes_are_no_array_leaves_its_site_out_not_the_server_down(federation):
+    """Such bytes crashed the server's secure sum (np.load's ValueError); now the site is left out, as one
+    that dropped before sending, and the others' sum is recovered."""
+    grid, messages, start, updates, users = federation
+
+    def garbled(reply):
+        declared = reply.content.array_records[wire.MASKED][wire.MASKED]
+        reply.content.array_records[wire.MASKED] = ArrayRecord({wire.MASKED: Array(
+            dtype=declared.dtype, shape=tuple(declared.shape), stype=declared.stype, data=b"garbage")})
+        return reply
+
+    grid.tamper[(MessageType.TRAIN, 13)] = garbled
+    settings = SecureSumSettings()
+    replies = list(SecureAggregationGrid(grid, settings).send_and_receive(messages))
+    refused = [r for r in replies if r.has_error()]
+    assert [r.metadata.src_node_id for r in refused] == [13]
+    assert "tensor masked: its bytes are not a NumPy array" in refused[0].error.reason
+    kept = [n for n in NODES if n != 13]
+    assert_average(replies, fedavg(start, updates, users, kept), kept, settings)
+
+
 def test_a_weight_out_of_range_in_a_16_bit_sum_fails_the_round(federation):
     grid, messages, *_ = federation
     settings = SecureSumSettings(bits=12, modulus_bits=16)
