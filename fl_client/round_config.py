@@ -188,7 +188,7 @@ def build_global_model(round_cfg: RoundConfig, state: Mapping[str, torch.Tensor]
     if round_cfg.num_negatives > config.num_items:
         raise RoundConfigError(f"round config asks for {wire.NUM_NEGATIVES}={round_cfg.num_negatives} negatives of "
                                f"a catalog of {config.num_items} items")
-    model = untrained_model(round_cfg.model_config, lambda: FedRecModel(config))
+    model = untrained_model(round_cfg.model_config, lambda: FedRecModel(config), keep=size <= TEMPLATE_MAX_NUMBERS)
     try:
         wire.load_state(model, state)
     except (ValueError, RuntimeError) as err:
@@ -198,20 +198,23 @@ def build_global_model(round_cfg: RoundConfig, state: Mapping[str, torch.Tensor]
 
 MODEL_TEMPLATES: dict[str, FedRecModel] = {}  # model config -> an untouched model of it (untrained_model)
 BUILT_ONCE: set[str] = set()  # the model config this process built once
+# The largest model (weights and buffers) a process keeps an untouched copy of: 16M numbers, 64 MB of float32.
+# Larger ones (a million-item catalog) are built each time rather than held twice in every simulated worker.
+TEMPLATE_MAX_NUMBERS = 16_000_000
 
 
-def untrained_model(model_config: str, build: Callable[[], FedRecModel]) -> FedRecModel:
+def untrained_model(model_config: str, build: Callable[[], FedRecModel], keep: bool = True) -> FedRecModel:
     """A new model of `model_config`, its weights about to be overwritten by the global ones. A process that
     builds the same config a second time (a simulated site's worker answers many messages) keeps one untouched
-    copy and deep-copies it from then on: 7 ms instead of 21 ms for the demo model, most of a build being module
-    set-up and random initialisation nobody uses. A deployed site's process (one message) only builds. The copy
-    keeps tied tensors tied; training reseeds its own randomness (fl_client.train)."""
+    copy, when `keep`, and deep-copies it from then on: 7 ms instead of 21 ms for the demo model, most of a build
+    being module set-up and random initialisation nobody uses. A deployed site's process (one message) only
+    builds. The copy keeps tied tensors tied; training reseeds its own randomness (fl_client.train)."""
     import copy
 
     if (template := MODEL_TEMPLATES.get(model_config)) is not None:
         return copy.deepcopy(template)
     model = build()
-    if model_config in BUILT_ONCE:
+    if keep and model_config in BUILT_ONCE:
         MODEL_TEMPLATES.clear()  # one config at a time: a template can be as large as the model
         MODEL_TEMPLATES[model_config] = copy.deepcopy(model)
     BUILT_ONCE.clear()

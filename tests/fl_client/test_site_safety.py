@@ -92,6 +92,12 @@ def test_a_process_that_builds_a_config_again_copies_an_untouched_model_and_only
         assert all(p.grad is None for p in model.parameters()) and model.training == first.training
     [template] = round_config.MODEL_TEMPLATES.values()
     assert not any(p is q for p in template.parameters() for m in models for q in m.parameters())
+    # a model over TEMPLATE_MAX_NUMBERS is built every time, never held twice
+    monkeypatch.setattr(round_config, "MODEL_TEMPLATES", {})
+    monkeypatch.setattr(round_config, "TEMPLATE_MAX_NUMBERS", config_shapes(cfg.model_config)[0] - 1)
+    for _ in range(3):
+        build_global_model(cfg, state)
+    assert round_config.MODEL_TEMPLATES == {}
 
 
 def test_a_model_config_over_the_sites_bound_is_refused_before_it_is_built(site):
