@@ -33,19 +33,10 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/fedrec-simulate
 
-MYPY := $(BIN)/mypy shared_model fl_client fl_server simulations
-
 lint: install
 	$(BIN)/ruff check .
-	$(MYPY)
+	$(BIN)/mypy shared_model fl_client fl_server simulations
 	$(BIN)/lint-imports
 
-# mypy runs beside pytest, not before it: on a fresh checkout it takes 80 s on one core, while the other idled.
-# Its report follows the tests'; either failing fails `make test` (make's error names pytest's exit code first).
-test: install
-	$(BIN)/ruff check .
-	$(BIN)/lint-imports
-	@$(MYPY) > $(VENV)/mypy.log 2>&1 & types=$$!; \
-	OMP_NUM_THREADS=1 $(BIN)/pytest -n $(TEST_WORKERS) --maxschedchunk 1 --durations=20; tests=$$?; \
-	wait $$types; typed=$$?; echo "mypy:"; cat $(VENV)/mypy.log; \
-	if [ $$tests -ne 0 ]; then exit $$tests; fi; exit $$typed
+test: lint
+	OMP_NUM_THREADS=1 $(BIN)/pytest -n $(TEST_WORKERS) --maxschedchunk 1 --durations=20
