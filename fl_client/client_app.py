@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import Mod
 
 from fl_client import secagg
 from fl_client.dp.ledger import LedgerError
@@ -34,7 +33,7 @@ from fl_client.site import SiteConfig, SiteData, SiteStartError, load_site_data
 from shared_model import secure_sum, wire
 from shared_model.catalog import CatalogMismatchError
 from shared_model.console import quiet_library_warnings
-from shared_model.npy import ArrayDataError, decode_npy
+from shared_model.npy import ArrayDataError, decode_array
 from shared_model.secure_sum import SecureSumError, SecureSumSettings
 
 if TYPE_CHECKING:
@@ -119,8 +118,7 @@ def tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     import torch
 
     try:
-        return {name: torch.from_numpy(decode_npy(array.data, array.dtype, tuple(array.shape), name))
-                for name, array in record.items()}
+        return {name: torch.from_numpy(decode_array(array, name)) for name, array in record.items()}
     except ArrayDataError as err:
         raise ModelMismatchError(f"the server's message: {err}") from err
 
@@ -197,10 +195,10 @@ def masked_evaluation(metrics: Mapping[str, float], record: dict, state: secagg.
                        wire.SECAGG: ConfigRecord({"names": names})})
 
 
-def build_client_app(resolve_site: SiteResolver, mods: list[Mod] | None = None) -> ClientApp:
-    """A ClientApp whose handlers find their site through `resolve_site` (`mods`: Flower mods around every
-    handler; simulations use one to make some sites misbehave)."""
-    return serve_sites(ClientApp(mods=mods), resolve_site)
+def build_client_app(resolve_site: SiteResolver) -> ClientApp:
+    """A ClientApp whose handlers find their site through `resolve_site` (a simulation registers them on its own
+    app with `serve_sites`)."""
+    return serve_sites(ClientApp(), resolve_site)
 
 
 def serve_sites(app: ClientApp, resolve_site: SiteResolver) -> ClientApp:

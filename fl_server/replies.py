@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from shared_model import wire
-from shared_model.npy import ArrayDataError, decode_npy
+from shared_model.npy import decode_array
 
 PRIVACY_KEYS = (wire.EPSILON, wire.DELTA, wire.DP_ENABLED, wire.DECLINED)
 COST_KEYS = (wire.TRAIN_SECONDS, wire.PEAK_MEMORY_MB)  # reported as max/mean over sites, not user-weighted
@@ -23,19 +23,8 @@ def reply_metrics(msg: Message) -> dict[str, float]:
     return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
 
 
-def decoded(array: Array, name: str) -> np.ndarray:
-    """A site's tensor as a NumPy array, once its bytes decode, never unpickling anything, to exactly
-    the dtype and shape it declares. The checks compared the declared fields while aggregation adds the decoded
-    bytes: a (3, 3) array declared (3,) turned the global tensor into (3, 3), or crashed the server's average when
-    another reply came first, and bytes that were no array crashed it outright. Raises ArrayDataError naming
-    `name`."""
-    if array.stype != "numpy.ndarray":
-        raise ArrayDataError(f"tensor {name}: serialized as {array.stype!r}, not numpy.ndarray")
-    return decode_npy(array.data, array.dtype, tuple(array.shape), name)
-
-
 class CheckedArray(Array):
-    """A site's Array whose bytes were decoded and checked once (`decoded`): `numpy()` returns those values
+    """A site's Array whose bytes were decoded and checked once (`decode_array`): `numpy()` returns those values
     instead of parsing the bytes again, as Flower's `Array.numpy()` does on every call (the aggregation, the norm
     bound and the direction check each asked for every tensor of every reply)."""
 
@@ -45,7 +34,7 @@ class CheckedArray(Array):
     def of(cls, array: Array, name: str) -> CheckedArray:
         """`array` decoded (ArrayDataError when its bytes are not what it declares), same bytes on the wire."""
         checked = cls(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype, data=array.data)
-        checked.values = decoded(array, name)
+        checked.values = decode_array(array, name)
         return checked
 
     def numpy(self) -> np.ndarray:

@@ -6,7 +6,7 @@ with a reason naming its node and the field or tensor, unless:
 - its records are exactly the ones a site sends (arrays, metrics, notes; item weights and optimiser moments
   when present) and its notes name the run's catalog fingerprint (wire.CATALOG_FINGERPRINT);
 - its weights have exactly the round's tensor names, shapes and dtypes, their bytes decode (never unpickling)
-  to exactly the dtype and shape each declares (fl_server.replies.decoded), all finite. With
+  to exactly the dtype and shape each declares (shared_model.npy.decode_array), all finite. With
   strategy.update_precision=float16 a site may send, instead of its weights (arrays), their change from the
   round's global weights in float16 (update: the same names and shapes, all finite), which is added back to
   the float32 global weights before any other check: what follows sees float32 weights either way;
@@ -47,9 +47,10 @@ from flwr.app import Array, ArrayRecord, Message
 
 from fl_server.config import StrategyConfig
 from fl_server.direction import flat_update, median_cosines
-from fl_server.replies import ArrayDataError, checked_record, decoded, payload_bytes, reply_metrics
+from fl_server.replies import checked_record, payload_bytes, reply_metrics
 from fl_server.round_record import RoundRecord
 from shared_model import wire
+from shared_model.npy import ArrayDataError, decode_array
 
 log = logging.getLogger(__name__)
 TRAIN_METRICS = frozenset({wire.NUM_EXAMPLES, wire.TRAIN_LOSS, wire.DP_ENABLED, wire.EPSILON, wire.DELTA,
@@ -115,7 +116,7 @@ def arrays_problem(sent: ArrayRecord | None, start: ArrayRecord, dtype: str | No
             return (f"tensor {name}: {tuple(array.shape)} {array.dtype}, expected {tuple(expected.shape)} "
                     f"{dtype or expected.dtype}")
         try:
-            if not finite(decoded(array, name)):
+            if not finite(decode_array(array, name)):
                 return f"tensor {name} holds NaN or infinite values"
         except ArrayDataError as err:
             return str(err)
@@ -135,12 +136,12 @@ def weights_problem(msg: Message, start: ArrayRecord, precision: str) -> str:
     return arrays_problem(msg.content.array_records.get(wire.ARRAYS), start)
 
 
-def with_weights(msg: Message, start: ArrayRecord) -> Message:
+def with_weights(msg: Message, start: Mapping[str, np.ndarray]) -> Message:
     """A checked `msg` with a float16 update replaced by the float32 weights it stands for (start + update), and
     every tensor decoded once (fl_server.replies.CheckedArray)."""
     update = msg.content.array_records.get(wire.UPDATE)
     if update is not None:
-        msg.content[wire.ARRAYS] = ArrayRecord({name: Array(start[name].numpy() + array.numpy().astype(np.float32))
+        msg.content[wire.ARRAYS] = ArrayRecord({name: Array(start[name] + array.numpy().astype(np.float32))
                                                 for name, array in checked_record(update).items()})
         del msg.content[wire.UPDATE]
     for key, record in list(msg.content.array_records.items()):
@@ -152,7 +153,7 @@ def moments_problem(moments: ArrayRecord, start: ArrayRecord) -> str:
     """Why shared optimiser moments ("<param>:<moment>" and wire.MOMENTS_STEP) are unusable ("" when fine)."""
     for key, array in moments.items():
         try:
-            values = decoded(array, key)
+            values = decode_array(array, key)
         except ArrayDataError as err:
             return f"{wire.OPTIMIZER_STATE}: {err}"
         param = key.split(":", 1)[0]
@@ -174,8 +175,8 @@ def optional_problem(msg: Message, start: ArrayRecord, rows: int) -> str:
     weights = msg.content.array_records.get(wire.ITEM_WEIGHTS)
     if weights is not None:
         try:
-            values = decoded(weights[wire.ITEM_WEIGHTS], wire.ITEM_WEIGHTS) if set(weights) == {wire.ITEM_WEIGHTS} \
-                else None
+            values = decode_array(weights[wire.ITEM_WEIGHTS], wire.ITEM_WEIGHTS) \
+                if set(weights) == {wire.ITEM_WEIGHTS} else None
         except ArrayDataError:
             values = None
         if values is None or values.ndim != 1 or (rows and values.shape != (rows,)) or not finite(values) \
@@ -322,14 +323,14 @@ class ReplyGate:
             else:
                 valid.append(msg)
         self.last_round.bytes_from_each_site = max((payload_bytes(m.content) for m in valid), default=0)
-        return [with_weights(m, self.round_start) for m in valid], dropped
+        return [with_weights(m, self.start_values()) for m in valid], dropped
 
     def start_values(self) -> dict[str, np.ndarray]:
         """The round's start weights as NumPy arrays, decoded once per round (not once per reply)."""
         if self.round_start is None:
             raise RuntimeError("no round start weights: configure_train has not run")
         if self.decoded_start is None or self.decoded_start[0] is not self.round_start:
-            self.decoded_start = (self.round_start, {k: decoded(v, k) for k, v in self.round_start.items()})
+            self.decoded_start = (self.round_start, {k: decode_array(v, k) for k, v in self.round_start.items()})
         return self.decoded_start[1]
 
     def within_norm_bound(self, trained: list[Message]) -> tuple[list[Message], list[str]]:

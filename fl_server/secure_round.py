@@ -27,9 +27,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from flwr.serverapp import Grid
 
 from fl_server.config import ServerConfig
-from fl_server.replies import ArrayDataError, decoded, payload_bytes
+from fl_server.replies import payload_bytes
 from fl_server.strategy import AVERAGING
 from shared_model import secure_sum, wire
+from shared_model.npy import ArrayDataError, decode_array
 from shared_model.secure_sum import SecureSumError, SecureSumSettings
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class SecureRound:
             vector, problem = None, "no masked vector"
             if record is not None and wire.MASKED in record:
                 try:
-                    vector = decoded(record[wire.MASKED], wire.MASKED)
+                    vector = decode_array(record[wire.MASKED], wire.MASKED)
                 except ArrayDataError as err:
                     problem = str(err)
             if vector is None:

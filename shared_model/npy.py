@@ -12,12 +12,22 @@ from __future__ import annotations
 import io
 import math
 from functools import lru_cache
+from typing import Protocol
 
 import numpy as np
 
 
 class ArrayDataError(ValueError):
     """Bytes that are not the array their dtype and shape fields declare."""
+
+
+class WireArray(Protocol):
+    """What a Flower Array carries (flwr.app.Array; shared_model imports no Flower)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    stype: str
+    data: bytes
 
 
 @lru_cache(maxsize=4096)
@@ -34,6 +44,16 @@ def npy_header(dtype: str, shape: tuple[int, ...]) -> tuple[bytes, np.dtype]:
     np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(kind), "fortran_order": False,
                                                "shape": shape})
     return out.getvalue(), kind
+
+
+def decode_array(array: WireArray, name: str) -> np.ndarray:
+    """A tensor another party sent, as a NumPy array (its own copy), once its bytes decode to exactly the dtype
+    and shape it declares; ArrayDataError naming `name` otherwise. The server's checks once compared the declared
+    fields while its average added the decoded bytes: a (3, 3) array declared (3,) turned the global tensor into
+    (3, 3), or crashed the average when another reply came first, and bytes that were no array crashed it."""
+    if array.stype != "numpy.ndarray":
+        raise ArrayDataError(f"tensor {name}: serialized as {array.stype!r}, not numpy.ndarray")
+    return decode_npy(array.data, array.dtype, tuple(array.shape), name)
 
 
 def decode_npy(data: bytes, dtype: str, shape: tuple[int, ...], name: str) -> np.ndarray:

@@ -113,8 +113,8 @@ class SimulatedClientApp(ClientApp):
     """fedrec's ClientApp serving the simulated sites of a sites file (write_sites_file).
 
     Flower's Ray backend pickles the ClientApp with every message it hands a site's worker, and cloudpickle
-    takes closures by value: the handlers, and through them every site's settings. That cost the driver 8.8 ms
-    a message at 100 sites and the worker another 74 ms to unpickle at 1,000 (BENCHMARKS.md, "Many simulated
+    takes closures by value: the handlers, and through them every site's settings. That cost the driver 6.9 ms
+    a message at 100 sites, 12.1 ms (194 KB) at 1,000 (benchmarks/app_shipping.py; BENCHMARKS.md, "Many simulated
     sites"). This app pickles as the file's path and SHA-256 instead; each worker process builds it from the
     file once (simulated_client_app) and refuses a file that changed since."""
 
@@ -147,9 +147,9 @@ def write_sites_file(sites: Sequence[SiteConfig], folder: Path, attack: Attack |
     and SHA-256."""
     path = folder / "sites.json"
     attack_fields = {"config": asdict(attack[0]), "sites": [int(s) for s in attack[1]]} if attack else None
-    path.write_text(json.dumps({"sites": [site.node_config() for site in sites], "attack": attack_fields}),
-                    encoding="utf-8")
-    return str(path), hashlib.sha256(path.read_bytes()).hexdigest()
+    content = json.dumps({"sites": [site.node_config() for site in sites], "attack": attack_fields}).encode()
+    path.write_bytes(content)
+    return str(path), hashlib.sha256(content).hexdigest()
 
 
 def run_federation(sites: Sequence[SiteConfig], server: ServerConfig, resources: Resources | None = None,

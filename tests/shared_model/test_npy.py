@@ -6,7 +6,7 @@ import io
 import numpy as np
 import pytest
 
-from shared_model.npy import ArrayDataError, decode_npy
+from shared_model.npy import ArrayDataError, decode_array, decode_npy
 
 
 def saved(values, **kwargs) -> bytes:
@@ -55,3 +55,13 @@ def test_an_npz_archive_is_refused():
     np.savez(out, w=np.zeros(3, np.float32))
     with pytest.raises(ArrayDataError, match="its bytes hold NpzFile"):
         decode_npy(out.getvalue(), "float32", (3,), "w")
+
+
+def test_an_array_serialized_as_anything_but_numpy_is_refused():
+    class Sent:  # what a Flower Array carries
+        dtype, shape, stype, data = "float32", (3,), "torch.tensor", saved(np.zeros(3, np.float32))
+
+    with pytest.raises(ArrayDataError, match=r"tensor w: serialized as 'torch\.tensor', not numpy\.ndarray"):
+        decode_array(Sent(), "w")
+    Sent.stype = "numpy.ndarray"
+    assert np.array_equal(decode_array(Sent(), "w"), np.zeros(3, np.float32))
