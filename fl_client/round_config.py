@@ -206,8 +206,9 @@ TEMPLATE_MAX_NUMBERS = 16_000_000
 def untrained_model(model_config: str, build: Callable[[], FedRecModel], keep: bool = True) -> FedRecModel:
     """A new model of `model_config`, its weights about to be overwritten by the global ones. A process that
     builds the same config a second time (a simulated site's worker answers many messages) keeps one untouched
-    copy, when `keep`, and deep-copies it from then on: 7 ms instead of 21 ms for the demo model, most of a build
-    being module set-up and random initialisation nobody uses. A deployed site's process (one message) only
+    copy, when `keep`, and deep-copies it from then on: most of a build is the random initialisation of the item
+    table, which nobody uses (Beauty's 12,101 items: a copy 5-7 ms, a build 26-29 ms; about equal for the demo's
+    500 items, 4-6 ms, since the blocks are fedrec's own; BENCHMARKS.md). A deployed site's process (one message) only
     builds. The copy keeps tied tensors tied; training reseeds its own randomness (fl_client.train)."""
     import copy
 

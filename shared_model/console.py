@@ -100,19 +100,13 @@ def console_command(prog: str, main: Callable[[], int | None],
 
 
 def quiet_library_warnings() -> None:
-    """Silence LIBRARY_NOISE and the transformers progress bars (loading and saving a small model) in this
-    process: each command's console keeps only what its user can act on."""
+    """Silence LIBRARY_NOISE and huggingface_hub's progress bars (which transformers reads when it is imported,
+    to load the text encoder) in this process: each command's console keeps only what its user can act on."""
     for message, _why in LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=re.escape(message))
     from huggingface_hub.utils import disable_progress_bars
 
-    # transformers reads huggingface_hub's setting when it is imported, so a process that loads no model (a
-    # site's secure-aggregation stage) need not import transformers just to silence it
     disable_progress_bars()
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
 
 
 def rng_note(secure_mode: bool) -> str:

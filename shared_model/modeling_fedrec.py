@@ -1,48 +1,103 @@
 """The behaviour model: a causal transformer over (item, position, event type, time gap) that scores
 every catalog item as the user's next one. Only Opacus-supported layers: Embedding, Linear, LayerNorm,
-Dropout (HF BertLayer blocks, attention through SDPA)."""
+Dropout (post-LayerNorm blocks laid out as BERT's, attention through SDPA). Saved as config.json and
+model.safetensors, the files transformers' save_pretrained wrote for it before (those still load)."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
-from transformers.models.bert.modeling_bert import BertLayer
 
 from shared_model.configuration_fedrec import FedRecConfig
 
 POPULARITY_FLOOR = 1.0  # one user's whole weight in a popularity release: noisier counts start the bias level
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+TIED_OUTPUT = "output.weight"  # the item table itself when the item embeddings are tied: saved once
 
 
-class FedRecPreTrainedModel(PreTrainedModel):
-    """HF plumbing: config class and weight init."""
+class SelfAttention(nn.Module):
+    """Multi-head scaled dot-product attention under an additive mask. # (B, T, d) -> (B, T, d)"""
 
-    config_class = FedRecConfig
-    base_model_prefix = "fedrec"
-    # One Parameter in two modules when tied: Opacus' hook mode sums both per-sample parts.
-    _tied_weights_keys = {"output.weight": "item_embeddings.weight"}  # noqa: RUF012 (HF instance attribute)
+    def __init__(self, config: FedRecConfig) -> None:
+        super().__init__()
+        d, heads = config.hidden_size, config.num_attention_heads
+        if d % heads:
+            raise ValueError(f"model config: hidden_size {d} is not a multiple of num_attention_heads {heads}")
+        self.heads, self.dropout = heads, config.attention_probs_dropout_prob
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.config.initializer_range)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = (layer(x).view(B, T, self.heads, d // self.heads).transpose(1, 2)  # (B, H, T, d/H)
+                   for layer in (self.query, self.key, self.value))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return out.transpose(1, 2).reshape(B, T, d)
 
 
-class FedRecModel(FedRecPreTrainedModel):
+class Residual(nn.Module):
+    """LayerNorm(x + dropout(dense(h))): a sub-layer's projection back onto the residual stream."""
+
+    def __init__(self, config: FedRecConfig, width: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(h)) + x)
+
+
+class Attention(nn.Module):
+    """Self-attention and its residual sub-layer (`self`, `output`: BERT's tensor names, which saved models use)."""
+
+    def __init__(self, config: FedRecConfig) -> None:
+        super().__init__()
+        self.self = SelfAttention(config)
+        self.output = Residual(config, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.output(self.self(x, mask), x)
+
+
+class Intermediate(nn.Module):
+    """The feed-forward's widening: GELU(dense(x)). # (B, T, d) -> (B, T, intermediate_size)"""
+
+    def __init__(self, config: FedRecConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class Block(nn.Module):
+    """One post-LayerNorm transformer block: attention, then the feed-forward, each with a residual LayerNorm."""
+
+    def __init__(self, config: FedRecConfig) -> None:
+        super().__init__()
+        self.attention = Attention(config)
+        self.intermediate = Intermediate(config)
+        self.output = Residual(config, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.attention(x, mask)
+        return self.output(self.intermediate(x), x)
+
+
+class FedRecModel(nn.Module):
     """Next-item recommender: hidden states per position, and logits over all catalog rows."""
 
     item_features: torch.Tensor  # (V, F) frozen public features, present when config.feature_dim > 0
 
     def __init__(self, config: FedRecConfig) -> None:
-        super().__init__(config)
+        super().__init__()
+        self.config = config
         d = config.hidden_size
         self.item_embeddings = nn.Embedding(config.num_item_rows, d, padding_idx=0)
         self.position_embeddings = nn.Embedding(config.max_len, d)
@@ -59,18 +114,71 @@ class FedRecModel(FedRecPreTrainedModel):
                 self.feature_output = nn.Linear(d, config.feature_dim, bias=False)
         self.embedding_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        bert = config.to_bert_config()
-        self.layers = nn.ModuleList([BertLayer(bert, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.output = nn.Linear(d, config.num_item_rows, bias=config.item_bias)
         self.candidate_scores = CandidateScores()  # the sampled softmax's use of the output layer
-        self.post_init()
+        self.apply(self._init_weights)
+        if config.tie_item_embeddings:
+            # One Parameter in two modules: Opacus' hook mode sums both per-sample parts.
+            self.output.weight = self.item_embeddings.weight
         if not config.train_item_embeddings:
             # Items are then known only through public features and the bias: under DP this removes the
             # largest noised block (items x d) at the price of item-specific detail.
             for table in (self.item_embeddings, self.output):
                 table.weight.data.zero_()
                 table.weight.requires_grad_(False)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """config.json and model.safetensors in `directory` (created), the tied output table once."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {name: t.detach().contiguous() for name, t in self.state_dict().items()
+                 if not (self.config.tie_item_embeddings and name == TIED_OUTPUT)}
+        (directory / CONFIG_FILE).write_text(self.config.to_json_string(), encoding="utf-8")
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> FedRecModel:
+        """The model `save_pretrained` (or transformers' before it) wrote to `directory`, in eval mode. A config
+        or weights file that does not describe this model is a ValueError naming the file and what is wrong."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        try:
+            config = FedRecConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, ValueError, TypeError) as err:
+            raise ValueError(f"{directory / CONFIG_FILE}: not a fedrec model config ({err})") from err
+        model = cls(config)
+        try:
+            state = load_file(str(directory / WEIGHTS_FILE))
+        except SafetensorError as err:
+            raise ValueError(f"{directory / WEIGHTS_FILE}: not a safetensors file ({err})") from err
+        if config.tie_item_embeddings:
+            state.pop(TIED_OUTPUT, None)  # the item table's own rows: it was tied when saved
+        expected = {k: v for k, v in model.state_dict().items()
+                    if not (config.tie_item_embeddings and k == TIED_OUTPUT)}
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        other = sorted(f"{k} {tuple(state[k].shape)} {state[k].dtype} (expected {tuple(v.shape)} {v.dtype})"
+                       for k, v in expected.items()
+                       if k in state and (state[k].shape != v.shape or state[k].dtype != v.dtype))
+        if missing or unexpected or other:
+            raise ValueError(f"{directory / WEIGHTS_FILE} does not fit {directory / CONFIG_FILE}: missing {missing}, "
+                             f"unexpected {unexpected}, other shapes or dtypes {other}")
+        model.load_state_dict(state, strict=False)
+        return model.eval()
 
     def set_item_features(self, features: torch.Tensor) -> None:
         """Install the frozen (num_item_rows, feature_dim) public item-feature table."""
@@ -129,7 +237,7 @@ class FedRecModel(FedRecPreTrainedModel):
         x = self.embed(item_ids, event_types, time_buckets)
         mask = self.attention_mask(item_ids, x.dtype)
         for layer in self.layers:
-            x = layer(x, attention_mask=mask)
+            x = layer(x, mask)
         return self.final_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The model directory: HF config + safetensors weights + the public item catalog, checked on load."""
+"""The model directory: config.json + safetensors weights + the public item catalog, checked on load."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def save_model_dir(model: FedRecModel, catalog: ItemCatalog, directory: str | Pa
     """Write config.json, model.safetensors and catalog.json; the config records the catalog fingerprint."""
     directory = Path(directory)
     model.config.catalog_fingerprint = catalog.fingerprint
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory)
     catalog.save(directory)
     return directory
 

@@ -72,3 +72,13 @@ def test_secure_aggregation_stages_run_without_importing_torch_transformers_or_o
     assert result["heavy"] == []
     assert all(users > 0 for users in result["users"])
     assert result["unmask"] == [3, 3, 3]  # a seed share of each survivor, itself included
+
+
+def test_train_and_evaluate_messages_import_no_transformers():
+    """A train or evaluate message's process imports torch and (train) Opacus, never transformers' modelling code:
+    about 2.4 s of CPU a message on the 2-core box (BENCHMARKS.md). The text encoder is the server's."""
+    code = ("import sys, fl_client.client_app, fl_client.training_round, fl_client.evaluation, fl_client.distributed_dp"
+            "; print(sorted(m for m in ('torch', 'opacus', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["['opacus',", "'torch']"]

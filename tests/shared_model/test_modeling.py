@@ -1,6 +1,9 @@
 """Behaviour of the transformer model: shapes, causality, padding invariance, save/load, Opacus validity."""
 
+import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ from opacus.validators import ModuleValidator
 
 from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.modeling_fedrec import FedRecModel, draw_negatives, sequence_loss
+from shared_model.serialization import load_model_dir
 
 
 def tiny(**overrides) -> FedRecModel:
@@ -175,3 +179,50 @@ def test_without_event_types_the_model_ignores_them_and_round_trips(tmp_path):
     assert loaded.config.use_event_types is False
     assert torch.allclose(model.score_next(ids, types, gaps), loaded.score_next(ids, types, gaps))
     assert tiny().config.use_event_types is True  # the default keeps them
+
+
+EXPORTED = Path(__file__).parent / "exported_v5"  # written by fedrec 0.x through transformers 5.24's save_pretrained
+
+
+def test_a_model_that_transformers_saved_for_an_older_fedrec_loads_and_scores_exactly_as_it_did():
+    model, catalog = load_model_dir(EXPORTED)
+    expected = json.loads((EXPORTED / "expected_scores.json").read_text())
+    scores = model.score_next(*(torch.tensor(expected[k]) for k in ("item_ids", "event_types", "time_buckets")))
+    assert torch.isinf(scores[:, 0]).all()
+    assert torch.equal(scores[:, 1:], torch.tensor(expected["scores"])[:, 1:])  # bit for bit
+    assert model.output.weight is model.item_embeddings.weight and len(catalog.item_ids) == model.config.num_items
+
+
+def test_a_model_directory_that_does_not_describe_the_model_is_refused_naming_the_file(tmp_path):
+    def copy(name: str) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(EXPORTED, folder)
+        return folder
+
+    config = json.loads((EXPORTED / "config.json").read_text())
+    cases = {"model_type": {**config, "model_type": "bert"}, "field": {**config, "num_layers": 3},
+             "type": {**config, "hidden_size": "8"}, "list": [config]}
+    for name, bad in cases.items():
+        (copy(name) / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=rf"{name}/config.json: not a fedrec model config"):
+            FedRecModel.from_pretrained(tmp_path / name)
+    (copy("garbage") / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"garbage/model\.safetensors: not a safetensors file"):
+        FedRecModel.from_pretrained(tmp_path / "garbage")
+    (copy("wider") / "config.json").write_text(json.dumps({**config, "hidden_size": 16, "intermediate_size": 64}))
+    with pytest.raises(ValueError, match=r"wider/model.safetensors does not fit .*other shapes .*item_embeddings"):
+        FedRecModel.from_pretrained(tmp_path / "wider")
+    (copy("no_bias") / "config.json").write_text(json.dumps({**config, "item_bias": False}))
+    with pytest.raises(ValueError, match=r"unexpected \['output.bias'\]"):
+        FedRecModel.from_pretrained(tmp_path / "no_bias")
+
+
+def test_the_config_travels_as_json_and_comes_back_equal():
+    config = FedRecConfig(num_items=12, feature_dim=3, item_bias=True, catalog_fingerprint="ab")
+    again = FedRecConfig.from_dict(json.loads(config.to_json_string()))
+    assert again == config and again.num_item_rows == 13
+    assert FedRecConfig.from_dict({**config.to_dict(), "hidden_dropout_prob": 0}).hidden_dropout_prob == 0
+    with pytest.raises(TypeError, match="item_bias=1: expected bool"):
+        FedRecConfig.from_dict({**config.to_dict(), "item_bias": 1})
+    with pytest.raises(ValueError, match="hidden_act='relu'"):
+        FedRecConfig(hidden_act="relu")
