@@ -20,7 +20,6 @@ import numpy as np
 from fl_client.dp.enrolment import open_site_ledger, site_lock
 from fl_client.dp.ledger import PrivacyLedger
 from fl_client.dp.settings import PrivacyConfig, resolve_delta
-from shared_model.adapters import load_dataset
 from shared_model.atomic import write_atomically
 from shared_model.catalog import ItemCatalog
 from shared_model.launch import TomlValue
@@ -185,6 +184,8 @@ def load_site_data(site: SiteConfig, num_time_buckets: int = 32) -> SiteData:
         else:
             cache.touch()  # in use: the last to be removed by keep_latest
             return SiteData(catalog, seqs)
+    from shared_model.adapters import load_dataset  # pandas: only to parse events, never for a cached site
+
     events = load_dataset(site.data_format, site.data_path)
     seqs = to_user_sequences(events, catalog, num_time_buckets=num_time_buckets, min_events=site.min_events)
     log.info("site %s; filtered while building sequences: %s", events.report.summary(), seqs.dropped or "nothing")

@@ -28,12 +28,15 @@ from fl_server.strategy import RoundsFailedError, RunSetup, build_strategy
 from shared_model import secure_sum, wire
 from shared_model.adapters import load_dataset
 from shared_model.catalog import ItemCatalog
+from shared_model.console import quiet_library_warnings
 from shared_model.device import resolve_device
 from shared_model.factory import create_model
 from shared_model.metrics import evaluate_model, evaluate_popularity, with_standard_errors
 from shared_model.modeling_fedrec import FedRecModel
 from shared_model.sequences import UserSequences, to_user_sequences
 from shared_model.serialization import save_model_dir
+
+quiet_library_warnings()  # the text encoder's loading bar and library notices an operator cannot act on
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("fedrec.progress")  # one short line per round (the full row: `log`, metrics.jsonl)

@@ -8,12 +8,14 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from shared_model.atomic import write_text_atomically
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CATALOG_FILE = "catalog.json"
 PADDING_ROW = 0  # row 0 of the item table is padding; real items start at row 1

@@ -2,7 +2,7 @@
 
 A plain class, not transformers' PretrainedConfig: a site's train or evaluate message runs in a fresh process
 (deployment) and importing transformers' modelling code cost it about 2.4 s of CPU (BENCHMARKS.md, "A site's
-message process without transformers"). The JSON is the one `save_pretrained` wrote before, and a config.json
+message process without transformers or pandas"). The JSON is the one `save_pretrained` wrote before, and a config.json
 that transformers wrote still loads (its bookkeeping keys are read and dropped)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar
 
-from shared_model.events import EVENT_TYPES
+from shared_model.event_log import EVENT_TYPES
 
 # Keys transformers' PretrainedConfig writes into config.json (always, or when a value differs from its
 # default) that say nothing about this model: read and dropped.

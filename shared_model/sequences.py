@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from shared_model.catalog import PADDING_ROW, ItemCatalog
-from shared_model.events import EVENT_TYPE_CODES, EventLog, LoadReport
+from shared_model.event_log import EVENT_TYPE_CODES, EventLog, LoadReport
 
 if TYPE_CHECKING:  # imported where a batch is made (make_batch): a site's protocol stages import no torch
     import torch

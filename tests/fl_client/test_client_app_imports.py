@@ -1,6 +1,6 @@
 """In deployment Flower starts a fresh ClientApp process for every message, and six of a secure round's eight
 messages are secure-aggregation stages (keys, shares, unmask; for the training and for the evaluation sum).
-Those stages must not pay for importing torch, transformers and Opacus (about 3-5 s a process on the 2-core
+Those stages must not pay for importing torch, transformers, Opacus and pandas (about 3-5 s a process on the 2-core
 box, against about 0.6 s without them)."""
 
 import json
@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+from fl_client.dp.settings import PrivacyConfig
+from fl_client.site import SiteConfig, load_site_data
 from shared_model.catalog import ItemCatalog
 from simulations.synthetic import generate_events, write_events
 
@@ -58,14 +60,17 @@ STAGES = textwrap.dedent("""
         contexts[n].state[SECAGG_STATE] = ConfigRecord(state.to_record())
     unmask = ask(wire.SECAGG_UNMASK_QUERY, {n: {**common, "survivors": nodes, "dropped": []} for n in nodes})
     print(json.dumps({"users": [keys[n]["users"] for n in nodes], "unmask": [len(unmask[n]["shares"]) for n in nodes],
-                      "heavy": sorted(m for m in ("torch", "transformers", "opacus") if m in sys.modules)}))
+                      "heavy": sorted(m for m in ("torch", "transformers", "opacus", "pandas") if m in sys.modules)}))
 """)
 
 
-def test_secure_aggregation_stages_run_without_importing_torch_transformers_or_opacus(tmp_path):
+def test_secure_aggregation_stages_run_without_importing_torch_transformers_opacus_or_pandas(tmp_path):
     log = generate_events(num_users=40, num_items=20, seed=3)
     write_events(log, tmp_path / "events.csv")
     ItemCatalog.from_events(log.frame).save(tmp_path)
+    for n in (1, 2, 3):  # what each site's fedrec-client does before its SuperNode starts: parse, cache
+        load_site_data(SiteConfig(data_path=str(tmp_path / "events.csv"), catalog_path=str(tmp_path / "catalog.json"),
+                                  state_dir=str(tmp_path / f"state{n}"), privacy=PrivacyConfig(enabled=False)))
     out = subprocess.run([sys.executable, "-c", STAGES, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -2,6 +2,8 @@
 the console (still in the run's log file), one short line per round."""
 
 import logging
+import subprocess
+import sys
 import warnings
 
 from flwr.common.logger import console_handler as flower_console_handler
@@ -50,3 +52,14 @@ def test_library_notices_a_user_cannot_act_on_are_silenced():
             warnings.warn(f"{message}. More words.", UserWarning, stacklevel=1)
         warnings.warn("something a user can act on", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something a user can act on"]
+
+
+def test_the_server_app_loads_the_title_encoder_without_a_progress_bar():
+    """The ServerApp (deployment: its own process, its log the operator's) encodes item titles with transformers,
+    whose weight-loading bar is noise to an operator; it showed before the ServerApp quieted its libraries."""
+    code = ("import fl_server.server_app\nfrom shared_model.text import encode_texts\n"
+            "print(tuple(encode_texts(['a title']).shape))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("(1, 384)")
+    assert "Loading weights" not in done.stderr + done.stdout
