@@ -20,7 +20,7 @@ import numpy as np
 from fl_client.dp.enrolment import open_site_ledger, site_lock
 from fl_client.dp.ledger import PrivacyLedger
 from fl_client.dp.settings import PrivacyConfig, resolve_delta
-from shared_model.atomic import write_atomically
+from shared_model.atomic import write_atomically, write_text_atomically
 from shared_model.catalog import ItemCatalog
 from shared_model.launch import TomlValue
 from shared_model.sequences import UserSequences, to_user_sequences
@@ -150,22 +150,54 @@ def check_users(site: SiteConfig, data: SiteData) -> None:
                              "is needed")
 
 
-def data_digest(path: str | Path) -> str:
-    """SHA-256 of the data's content, streamed: a file's bytes, or a folder's files (relative names and bytes)."""
+DIGEST_MEMO = "data_digest.json"  # in the state dir: the events' SHA-256 and the file facts it was taken at
+
+
+def data_digest(path: str | Path, memo_dir: str | Path | None = None) -> str:
+    """SHA-256 of the data's content, streamed: a file's bytes, or a folder's files (relative names and bytes).
+
+    With `memo_dir` (the site's state dir), the digest is kept there with each file's device, inode, size,
+    modification and change times, and read back while they all match: hashing takes seconds a gigabyte, and in
+    deployment every message is a new process that needs the digest (it keys the cached sequences). Any write to
+    a file moves its change time, which a user cannot set back (short of the system clock), so a file that
+    changed is hashed again."""
     root = Path(path)
-    digest = hashlib.sha256()
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    for file in files:
-        digest.update(f"{file.relative_to(root) if root.is_dir() else ''}|{file.stat().st_size}|".encode())
+    names = [str(file.relative_to(root)) if root.is_dir() else "" for file in files]
+    facts = _file_facts(root, files, names)
+    memo = Path(memo_dir) / DIGEST_MEMO if memo_dir is not None else None
+    if memo is not None:
+        try:
+            kept = json.loads(memo.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            kept = None  # none yet, or damaged: hashed again and rewritten
+        if isinstance(kept, dict) and kept.get("facts") == facts and isinstance(kept.get("digest"), str):
+            return kept["digest"]
+    digest = hashlib.sha256()
+    for file, name in zip(files, names, strict=True):
+        digest.update(f"{name}|{file.stat().st_size}|".encode())
         with file.open("rb") as handle:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
+    if memo is not None and _file_facts(root, files, names) == facts:  # not written to while it was read
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(memo, json.dumps({"facts": facts, "digest": digest.hexdigest()}))
     return digest.hexdigest()
+
+
+def _file_facts(root: Path, files: list[Path], names: list[str]) -> list:
+    """What a digest memo is valid for: the data's path, and each file's name, device, inode, size, modification
+    and change times (ns)."""
+    facts: list = [str(root.resolve())]
+    for file, name in zip(files, names, strict=True):
+        st = file.stat()
+        facts.append([name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    return facts
 
 
 def _cache_key(site: SiteConfig, catalog: ItemCatalog, num_time_buckets: int) -> str:
     """Changes whenever the data's content, the catalog or the preprocessing settings change."""
-    parts = [str(CACHE_VERSION), data_digest(site.data_path), site.data_format, catalog.fingerprint,
+    parts = [str(CACHE_VERSION), data_digest(site.data_path, site.state_dir), site.data_format, catalog.fingerprint,
              str(site.min_events), str(num_time_buckets)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 

@@ -26,7 +26,7 @@ from fl_client.client_app import (
 )
 from fl_client.frozen_cache import frozen_path
 from fl_client.round_config import RoundConfig, RoundConfigError
-from fl_client.site import SiteConfig, SiteStartError, load_site_data
+from fl_client.site import DIGEST_MEMO, SiteConfig, SiteStartError, data_digest, load_site_data
 from fl_client.training_round import optimizer_state_path, train_round
 from shared_model import wire
 from shared_model.catalog import ItemCatalog
@@ -156,6 +156,26 @@ def test_the_cache_follows_the_data_content_even_under_the_same_size_and_time(si
     os.utime(events, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # what a restore from backup can leave
     again = load_site_data(site)
     assert again.sequences.offsets.tolist() != first.sequences.offsets.tolist()  # re-read, not the stale cache
+
+
+def test_a_sites_events_are_hashed_once_while_the_file_is_untouched(site, tmp_path, monkeypatch):
+    """Every message of a deployed site is a new process that keys its cached sequences by the events' SHA-256:
+    seconds a gigabyte. The site keeps the digest with the file's facts and reads it back while they match."""
+    events, state = Path(site.data_path), Path(site.state_dir)
+    digest = data_digest(events, state)
+    assert (state / DIGEST_MEMO).exists() and digest == data_digest(events)  # the same digest as without a memo
+    reads, moved = [], tmp_path / "moved.csv"
+    moved.write_bytes(events.read_bytes())
+    opened = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: (reads.append(self.name) if self in (events, moved)
+                                                            else None) or opened(self, *a, **k))
+    assert data_digest(events, state) == digest and len(load_site_data(site).sequences) > 0
+    assert reads == []  # neither the digest nor the cached sequences read the events again
+    (state / DIGEST_MEMO).write_text("{damaged")
+    assert data_digest(events, state) == digest and reads == [events.name]  # hashed again, and kept afresh
+    assert data_digest(events, state) == digest and reads == [events.name]
+    assert data_digest(moved, state) == digest and reads == [events.name, "moved.csv"]  # another file: hashed
+    assert json.loads((state / DIGEST_MEMO).read_text())["facts"][0] == str(moved.resolve())
 
 
 def fewer_users(site: SiteConfig, tmp_path: Path, keep: int, name: str) -> SiteConfig:
