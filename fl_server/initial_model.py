@@ -18,9 +18,8 @@ from shared_model.serialization import load_model_dir
 log = logging.getLogger(__name__)
 INITIAL_MODEL_FILE = "initial_model.json"  # in the run directory: where the first round's weights came from
 FROZEN_ATOL = 1e-6  # frozen public tensors agreeing this closely are the same tensors, rounded differently
-# config.json bookkeeping, not model settings: never reported as a setting the exported model differs in.
-IGNORED_CONFIG_KEYS = {"_name_or_path", "catalog_fingerprint", "architectures", "transformers_version", "torch_dtype",
-                       "dtype"}
+# Not a model setting: the catalog is checked on its own (catalog.json), never reported as a setting that differs.
+IGNORED_CONFIG_KEYS = {"catalog_fingerprint"}
 
 
 class InitialModelError(ValueError):
