@@ -231,3 +231,18 @@ def test_small_simulated_sites_train_while_a_deployed_one_would_refuse(tmp_path)
     parts = [np.arange(0, 20), np.arange(20, 150)]
     sites = write_sites(data, parts, tmp_path / "sites", SiteConfig(data_path="", catalog_path="", state_dir=""))
     assert [s.min_users for s in sites] == [1, 50]  # the small one is simulated anyway (and logged)
+
+
+@pytest.mark.parametrize(("change", "says"), [({"model_type": "bert"}, "'bert' is not 'fedrec'"),
+                                              ({"backdoor": 1}, "unknown model config field 'backdoor'"),
+                                              ({"hidden_act": "relu"}, "hidden_act='relu'"),
+                                              ({"item_bias": "yes"}, "item_bias='yes': expected bool")])
+def test_a_model_config_the_site_does_not_know_is_refused_before_any_training(site, change, says):
+    """transformers' config kept unknown fields silently; the site's own config refuses them, naming the field."""
+    catalog = ItemCatalog.load(site.catalog_path)
+    record, state = round_record(catalog)
+    record[wire.MODEL_CONFIG] = json.dumps({**json.loads(record[wire.MODEL_CONFIG]), **change})
+    for kind in ("train", "evaluate"):
+        reply = call(site, raw_message(kind, record, state))
+        assert reply.has_error() and reply.error.code == MODEL_MISMATCH and says in reply.error.reason, reply.error
+    assert ledger_rounds(site) == []
