@@ -24,7 +24,7 @@ from ray import cloudpickle
 import simulations.simulate  # noqa: F401 (the driver's imports)
 from fl_client.client_app import build_client_app
 from fl_client.site import SiteConfig
-from simulations.federation import SimulatedClientApp, write_sites_file
+from simulations.sites_app import SimulatedClientApp, write_sites_file
 
 
 def timed(call: Callable[[], object], repeats: int = 20) -> float:

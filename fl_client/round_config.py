@@ -223,18 +223,41 @@ def untrained_model(model_config: str, build: Callable[[], FedRecModel], keep: b
     return model
 
 
+RANDOM_INITS = frozenset({"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                          "xavier_uniform_", "xavier_normal_"})
+
+
+def skip_random_init() -> Any:
+    """A torch function mode in which torch.nn.init's random fills and Tensor.normal_ / uniform_ leave their tensor
+    as it is: for a skeleton on the meta device, which holds no values. There each random fill runs Python
+    reference code whose first call imports torch._dynamo: 2.2 s of CPU, in every evaluate message's process
+    (training imports it anyway, through the optimizer)."""
+    from torch.overrides import TorchFunctionMode
+
+    class SkipRandomInit(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                               kwargs: dict[str, Any] | None = None) -> Any:
+            kwargs = kwargs or {}
+            if getattr(func, "__name__", "") in RANDOM_INITS:  # torch.nn.init passes its tensor by keyword
+                return args[0] if args else kwargs["tensor"]
+            return func(*args, **kwargs)
+
+    return SkipRandomInit()
+
+
 @lru_cache(maxsize=4)
 def config_shapes(model_config: str) -> tuple[int, Mapping[str, tuple[tuple[int, ...], torch.dtype]]]:
     """The number of weights and buffers a model config asks for, and each state tensor's shape and dtype, from a
-    skeleton on the meta device (no memory, whatever size the config asks for). Cached per process: a simulated
-    site's worker answers many messages of one config (a refused config raises and is not cached)."""
+    skeleton on the meta device (no memory, whatever size the config asks for), built without its random
+    initialisation (skip_random_init). Cached per process: a simulated site's worker answers many messages of one
+    config (a refused config raises and is not cached)."""
     import torch
 
     from shared_model.configuration_fedrec import FedRecConfig
     from shared_model.modeling_fedrec import FedRecModel
 
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), skip_random_init():
             skeleton = FedRecModel(FedRecConfig.from_dict(json.loads(model_config)))
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, OverflowError) as err:
         raise ModelMismatchError(f"the server's model config ({wire.MODEL_CONFIG}) cannot be built: {err}") from err

@@ -195,7 +195,8 @@ def test_a_site_keeps_the_frozen_tensors_once_sent_and_says_so(site):
 
 
 def test_an_evaluate_message_imports_no_training_or_dp_code(site):
-    """Deployment starts a fresh process per message: an evaluate message must not pay for importing Opacus."""
+    """Deployment starts a fresh process per message: an evaluate message must not pay for importing Opacus, nor
+    torch._dynamo (2.2 s of CPU; the model config's meta-device skeleton imported it, see skip_random_init)."""
     script = f"""
 import sys
 from flwr.supercore.task_identity import TaskIdentity
@@ -207,7 +208,7 @@ from tests.fl_client.test_client_app import call, message
 site = SiteConfig(data_path={site.data_path!r}, catalog_path={site.catalog_path!r}, state_dir={site.state_dir!r})
 reply = call(site, message("evaluate", ItemCatalog.load(site.catalog_path)))
 assert not reply.has_error(), reply.error
-loaded = ("opacus", "fl_client.dp.engine", "fl_client.train", "fl_client.training_round")
+loaded = ("opacus", "fl_client.dp.engine", "fl_client.train", "fl_client.training_round", "torch._dynamo")
 print(sorted(m for m in loaded if m in sys.modules))
 """
     root = Path(__file__).resolve().parents[2]

@@ -70,6 +70,23 @@ def test_a_process_checks_each_model_config_on_one_skeleton_and_still_checks_eve
     assert (config_shapes.cache_info().misses, config_shapes.cache_info().hits) == (1, 2)
 
 
+@pytest.mark.parametrize("fields", [{}, {"item_bias": True, "tie_item_embeddings": False},
+                                    {"feature_dim": 8, "feature_scoring": True}])
+def test_the_skeleton_built_without_random_init_has_the_models_shapes_and_leaves_init_alone(fields):
+    """config_shapes skips the random fills on its meta skeleton (no values to fill; they imported torch._dynamo):
+    every tensor's name, shape and dtype still equal a real model's, and models built after it are initialised."""
+    from shared_model.configuration_fedrec import FedRecConfig
+    from shared_model.modeling_fedrec import FedRecModel
+
+    config = FedRecConfig(num_items=30, hidden_size=16, max_len=12, **fields)
+    size, shapes = config_shapes(config.to_json_string())
+    real = FedRecModel(config)
+    assert dict(shapes) == {name: (tuple(t.shape), t.dtype) for name, t in real.state_dict().items()}
+    assert size == sum(t.numel() for t in real.parameters()) + sum(t.numel() for t in real.buffers())
+    again = FedRecModel(config)  # the mode ended with the skeleton
+    assert again.item_embeddings.weight[1:].std() > 0 and again.layers[0].attention.self.query.weight.std() > 0
+
+
 def test_a_process_that_builds_a_config_again_copies_an_untouched_model_and_only_then(site, monkeypatch):
     """A simulated site's worker builds each message's model from a kept untrained copy (from the config's second
     build on); what one message's training does to its model never reaches the next, and a process that builds

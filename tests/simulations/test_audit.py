@@ -109,7 +109,8 @@ def test_a_claim_below_the_bound_fails_the_audit(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_a_federated_audit_puts_the_canaries_at_site_0_and_checks_that_sites_ledger(tmp_path):
     report = run_audit(audit_config(tmp_path, ["audit.mode=federated", "federation.num_rounds=2",
-                                               "federation.local_epochs=1", "privacy.epsilon=3.0"]))
+                                               "federation.local_epochs=1", "privacy.epsilon=3.0",
+                                               "federation.num_cpus=1"]))  # one worker: see test_federation
     assert report["mode"] == "federated" and "per user of site 0, over its 2 ledger entries" in report["claim"]
     assert 0 <= report["epsilon_lower_bound"] <= report["claimed_epsilon"] <= 3.0 * 1.01
     site0 = pd.read_parquet(tmp_path / "sites" / "site-0" / "events.parquet")

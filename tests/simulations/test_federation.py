@@ -16,9 +16,14 @@ from shared_model import wire
 from shared_model.factory import ModelConfig
 from shared_model.serialization import load_model_dir
 from simulations.config import DataConfig
-from simulations.federation import run_federation, write_sites
+from simulations.federation import Resources, run_federation, write_sites
 from simulations.partition import PartitionConfig, partition_users
 from simulations.prepare import prepare_data
+
+# One worker (Ray actor) for the simulated sites: xdist's two test workers already keep CI's two cores busy, and
+# a second worker only adds its start (10 s of CPU: Ray, Flower, torch, Opacus) to these small runs. One test keeps
+# the default two, so the engine's concurrent workers stay tested.
+ONE_WORKER = Resources(num_cpus=1)
 
 
 def round_records(out):
@@ -52,7 +57,7 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
                            model=ModelConfig(hidden_size=16, max_len=20, item_features=["text"], feature_dim=8,
                                              feature_scoring=True, item_bias=True),
                            strategy=StrategyConfig(min_nodes=3))
-    run_federation(sites, server)
+    run_federation(sites, server, ONE_WORKER)
     rows = round_records(out)
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["train_replies"] == 3 and r["train_failures"] == 0 and r["declined"] == 0 for r in rows)
@@ -85,7 +90,7 @@ def test_three_dp_sites_two_rounds_then_a_resumed_third_round_is_declined_by_bud
         assert [e["round"] for e in ledger["entries"]] == [1, 2]
     # A restarted server asking for a third round continues after round 2 (nothing repeated); the sites
     # planned their whole budget for the two announced rounds, so each declines rather than overspend.
-    run_federation(sites, ServerConfig(**{**server.__dict__, "num_rounds": 3}))
+    run_federation(sites, ServerConfig(**{**server.__dict__, "num_rounds": 3}), ONE_WORKER)
     rows = round_records(out)
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert rows[2]["declined"] == 3 and rows[2]["privacy"]["epsilon_max"] == rows[1]["privacy"]["epsilon_max"]
@@ -103,7 +108,7 @@ def test_sites_send_which_items_they_hold_and_share_their_optimiser_moments_when
                            model=ModelConfig(hidden_size=16, max_len=20, item_features=[], item_bias=False),
                            strategy=StrategyConfig(name="fedavgm", server_lr=1.5, server_momentum=0.0, min_nodes=3,
                                                    item_rows="counts"))
-    run_federation(sites, server)
+    run_federation(sites, server)  # Resources(): two workers, as by default
     rows = round_records(out)
     assert [r["item_rows"] for r in rows] == [{"mode": "counts", "sites": 3, "left_out": []}] * 2
     assert all(r["train_replies"] == 3 and r["declined"] == 0 and r["train_failures"] == 0 for r in rows)
@@ -131,7 +136,7 @@ def test_rounds_between_evaluations_are_not_scored_and_a_training_from_the_expor
     out = tmp_path / "server"
     server = server_config(tmp_path, num_rounds=3, eval_every=2, central_eval_path=sites[0].data_path, model=model,
                            strategy=StrategyConfig(min_nodes=2, update_precision="float16"))
-    run_federation(sites, server)
+    run_federation(sites, server, ONE_WORKER)
     rows = round_records(out)
     assert [r["round"] for r in rows] == [1, 2, 3] and all(r["train_replies"] == 2 for r in rows)
     # float16 updates: the server sends float32 weights and its config, each site 2 bytes a weight and its metrics
@@ -145,7 +150,7 @@ def test_rounds_between_evaluations_are_not_scored_and_a_training_from_the_expor
     exported, fine_tuned = out / "model", tmp_path / "fine_tuned"
     run_federation(sites, server_config(tmp_path, out_dir=str(fine_tuned), num_rounds=1, model=model,
                                         initial_model=str(exported), central_eval_path=sites[0].data_path,
-                                        strategy=StrategyConfig(min_nodes=2)))
+                                        strategy=StrategyConfig(min_nodes=2)), ONE_WORKER)
     scored_before, rows = rows[-1], round_records(fine_tuned)
     assert [r["round"] for r in rows] == [0, 1] and rows[0]["starting_model"] and "train_replies" not in rows[0]
     start = rows[0]
@@ -191,14 +196,14 @@ def test_distributed_dp_rounds_are_one_dp_sgd_step_of_the_union_under_secure_agg
                            strategy=StrategyConfig(name="fedadam", server_lr=0.01, server_tau=1e-8, min_nodes=3,
                                                    secure_aggregation=True, distributed_dp=True, dp_sample_rate=0.1,
                                                    dp_noise_multiplier=1.0, dp_popularity_noise=1.0))
-    run_federation(sites, server)
+    run_federation(sites, server, ONE_WORKER)
     model, _ = load_model_dir(out / "model")  # two server steps of at most 0.01 a weight after the release
     exact = torch.from_numpy(user_normalised_counts(data.sequences, model.config.num_item_rows,
                                                     data.sequences.trainable_users()))
     popular = exact > 8  # the noise (σ_p = 1) moves their log count by under 0.75 (4 σ_p at a count of 8)
     assert popular.sum() >= 10
     assert torch.allclose(model.output.bias.detach().double()[popular], exact[popular].log(), atol=0.75)
-    run_federation(sites, replace(server, num_rounds=3))  # resumed: one more step, and no second release
+    run_federation(sites, replace(server, num_rounds=3), ONE_WORKER)  # resumed: one more step, and no second release
     release, *rows = round_records(out)  # round 0 (the release, checkpointed), then the steps
     assert release["round"] == 0 and {k: v for k, v in release["popularity_release"].items()
                                       if k != "rows_above_floor"} == {"noise_multiplier": 1.0, "sites": 3, "users": 180}

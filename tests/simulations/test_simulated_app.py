@@ -2,6 +2,8 @@
 path and SHA-256 (not every site's settings and the handlers' closures), and a worker builds it once."""
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ from ray import cloudpickle
 from fl_client.dp.settings import PrivacyConfig
 from fl_client.site import SiteConfig
 from simulations.attacks import AttackConfig
-from simulations.federation import SimulatedClientApp, simulated_client_app, write_sites_file
+from simulations.sites_app import SimulatedClientApp, simulated_client_app, write_sites_file
 from tests.simulations.test_attacks import HONEST, START, context, honest_site, sent_update, train_message
 
 
@@ -59,3 +61,19 @@ def test_a_sites_file_changed_after_it_was_written_is_refused(tmp_path):
     Path(app.sites_file).write_text(Path(app.sites_file).read_text().replace("site-1", "site-9"))
     with pytest.raises(ValueError, match=r"sites\.json: the simulated sites file changed"):
         SimulatedClientApp(app.sites_file, app.digest)
+
+
+def test_a_worker_that_unpickles_the_app_imports_no_part_of_the_simulation_driver(tmp_path):
+    """Each of the engine's workers unpickles the app before its first message: it needs the sites' code only.
+    (Unpickled from simulations.federation, it imported the ServerApp with its report's matplotlib, and Opacus
+    and Hydra through the simulation's configs: 3-4 s of CPU in every worker.)"""
+    app = app_of(tmp_path / "a", 2)
+    script = ("import pickle, sys; app = pickle.loads(sys.stdin.buffer.read()); assert len(app.sites) == 2; "
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fl_server', 'opacus', 'matplotlib', "
+              "'hydra', 'omegaconf', 'pandas') or m in ('simulations.federation', 'simulations.prepare', "
+              "'simulations.config', 'torch._dynamo')))")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", script], input=cloudpickle.dumps(app), cwd=root,
+                          capture_output=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.decode().strip().splitlines()[-1] == "[]"
