@@ -27,21 +27,21 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_client.client_app import build_client_app
 from fl_client.dp.settings import PrivacyConfig
-from fl_client.round_config import RoundConfig, build_global_model
 from fl_client.site import SiteConfig
-from shared_model import wire
 from shared_model.catalog import ItemCatalog
 from shared_model.configuration_fedrec import FedRecConfig
 from shared_model.modeling_fedrec import FedRecModel
 from simulations.synthetic import generate_events, write_events
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_message_cost import round_message
 
 CHILD = """
 import pickle, sys
@@ -57,18 +57,6 @@ reply = build_client_app(lambda _context: site)(message, Context(run_id=1, node_
 if reply.has_error():
     raise SystemExit(reply.error.reason)
 """
-
-
-def round_message(kind: str, server_round: int, config: FedRecConfig, catalog: ItemCatalog,
-                  initial: dict[str, torch.Tensor]) -> Message:
-    record: dict[str, Any] = {
-        wire.WIRE_VERSION: wire.VERSION, wire.SERVER_ROUND: server_round, wire.TRAINING_ID: "train-1",
-        wire.NUM_ROUNDS: 5, wire.LOCAL_EPOCHS: 1, wire.BATCH_SIZE: 32, wire.LEARNING_RATE: 0.003,
-        wire.OPTIMIZER: "adam", wire.MODEL_CONFIG: config.to_json_string(),
-        wire.CATALOG_FINGERPRINT: catalog.fingerprint}
-    state = wire.full_state(build_global_model(RoundConfig.from_record(record), initial))
-    return Message(content=RecordDict({wire.ARRAYS: ArrayRecord(state), wire.CONFIG: ConfigRecord(record)}),
-                   message_type=kind, dst_node_id=2)
 
 
 def child_cost(code: str, payload: Path) -> tuple[float, float]:
@@ -105,7 +93,7 @@ def main() -> None:
     torch.manual_seed(0)
     initial = FedRecModel(config).state_dict()
     context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
-    first = build_client_app(lambda _context: site)(round_message("train", 1, config, catalog, initial), context)
+    first = build_client_app(lambda _context: site)(round_message("train", 1, 5, config, catalog, initial), context)
     if first.has_error():
         raise SystemExit(first.error.reason)
     costs: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -117,7 +105,7 @@ def main() -> None:
                 payload = folder / f"{kind}.pickle"
                 with payload.open("wb") as handle:
                     pickle.dump((replace(site, state_dir=str(state)),
-                                 round_message(kind, 2, config, catalog, initial)), handle)
+                                 round_message(kind, 2, 5, config, catalog, initial)), handle)
                 costs.setdefault((code, kind), []).append(child_cost(code, payload))
     print(f"{os.cpu_count()} CPUs; torch {torch.__version__}; {args.runs} runs each, alternated")
     print("| code | message | CPU s (median, range) | wall s (median) |\n|---|---|---|---|")

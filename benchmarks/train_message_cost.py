@@ -34,6 +34,20 @@ from shared_model.modeling_fedrec import FedRecModel
 from simulations.synthetic import generate_events, write_events
 
 
+def round_message(kind: str, server_round: int, num_rounds: int, config: FedRecConfig, catalog: ItemCatalog,
+                  initial: dict[str, torch.Tensor]) -> Message:
+    """A `kind` message of round `server_round` of `num_rounds` (1 local epoch, batch 32, Adam at lr 0.003), with
+    the global weights `initial` as the server sends them."""
+    record: dict[str, Any] = {
+        wire.WIRE_VERSION: wire.VERSION, wire.SERVER_ROUND: server_round, wire.TRAINING_ID: "train-1",
+        wire.NUM_ROUNDS: num_rounds, wire.LOCAL_EPOCHS: 1, wire.BATCH_SIZE: 32, wire.LEARNING_RATE: 0.003,
+        wire.OPTIMIZER: "adam", wire.MODEL_CONFIG: config.to_json_string(),
+        wire.CATALOG_FINGERPRINT: catalog.fingerprint}
+    state = wire.full_state(build_global_model(RoundConfig.from_record(record), initial))
+    return Message(content=RecordDict({wire.ARRAYS: ArrayRecord(state), wire.CONFIG: ConfigRecord(record)}),
+                   message_type=kind, dst_node_id=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8)
@@ -56,14 +70,7 @@ def main() -> None:
     app = build_client_app(lambda _context: site)
     profile = cProfile.Profile()
     for server_round in range(1, args.rounds + 1):
-        record: dict[str, Any] = {
-            wire.WIRE_VERSION: wire.VERSION, wire.SERVER_ROUND: server_round, wire.TRAINING_ID: "train-1",
-            wire.NUM_ROUNDS: 20, wire.LOCAL_EPOCHS: 1, wire.BATCH_SIZE: 32, wire.LEARNING_RATE: 0.003,
-            wire.OPTIMIZER: "adam", wire.MODEL_CONFIG: config.to_json_string(),
-            wire.CATALOG_FINGERPRINT: catalog.fingerprint}
-        state = wire.full_state(build_global_model(RoundConfig.from_record(record), initial))
-        msg = Message(content=RecordDict({wire.ARRAYS: ArrayRecord(state), wire.CONFIG: ConfigRecord(record)}),
-                      message_type="train", dst_node_id=2)
+        msg = round_message("train", server_round, 20, config, catalog, initial)
         context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
         last = server_round == args.rounds
         start = time.perf_counter()

@@ -2,7 +2,8 @@
 
 Kept apart from simulations.federation, which drives a simulation (the ServerApp, the data preparation, Flower's
 simulation engine): a worker serves sites only, and importing the driver cost each worker 3-4 s of CPU at start
-(Opacus through the Hydra configs, matplotlib through the report; BENCHMARKS.md, "A simulated site's worker").
+(Opacus through the Hydra configs, matplotlib through the report; BENCHMARKS.md, "An evaluate message without
+torch._dynamo, simulated workers without the driver, and CI").
 """
 
 from __future__ import annotations
