@@ -2,11 +2,12 @@
 
 python benchmarks/message_process_cost.py [--runs 4] [--code DIR ...]
 
-A DP site (ε = 8, 60 users of the embedded synthetic generator, the demo's model size without title features) is
-prepared in a temporary folder and answers round 1 in this process (it parses its events, searches σ and keeps
-both in its state dir, as a deployed site does at its first round). Then each run starts a fresh Python process for
-a round-2 train message and one for an evaluate message, each on its own copy of that state dir, and takes the
-child's CPU time (user + system) and wall time: its imports, the handler, the reply. Flower's own process start
+A DP site (ε = 8, 60 users of the embedded synthetic generator, the demo's model size without title features) and
+the same site without DP are prepared in a temporary folder and answer round 1 in this process (each parses its
+events, the DP one searches σ, and each keeps that in its state dir, as a deployed site does at its first round).
+Then each run starts a fresh Python process for a round-2 train message of each and one for an evaluate message,
+each on its own copy of the state dir, and takes the child's CPU time (user + system) and wall time: its
+imports, the handler, the reply. Flower's own process start
 (its CLI and the SuperNode's connection) is left out: the same for any app.
 
 `--code DIR` (repeatable): run the children with DIR first on PYTHONPATH (another checkout of fedrec, e.g. an
@@ -88,25 +89,29 @@ def main() -> None:
     site = SiteConfig(data_path=str(write_events(log, folder / "events.csv")),
                       catalog_path=str(folder / "catalog.json"), state_dir=str(folder / "state"),
                       privacy=PrivacyConfig(enabled=True, epsilon=8.0), device="cpu")
+    plain = replace(site, state_dir=str(folder / "state-no-dp"), privacy=PrivacyConfig(enabled=False))
+    messages = {"train (DP)": (site, "train"), "train (no DP)": (plain, "train"), "evaluate": (site, "evaluate")}
     config = FedRecConfig(num_items=len(catalog.item_ids), hidden_size=64, max_len=50, item_bias=True,
                           catalog_fingerprint=catalog.fingerprint)
     torch.manual_seed(0)
     initial = FedRecModel(config).state_dict()
     context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
-    first = build_client_app(lambda _context: site)(round_message("train", 1, 5, config, catalog, initial), context)
-    if first.has_error():
-        raise SystemExit(first.error.reason)
+    for prepared in (site, plain):
+        first = build_client_app(lambda _context, s=prepared: s)(round_message("train", 1, 5, config, catalog, initial),
+                                                                 context)
+        if first.has_error():
+            raise SystemExit(first.error.reason)
     costs: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for run in range(args.runs):
         for code in codes:
-            for kind in ("train", "evaluate"):
-                state = folder / f"state-{run}-{kind}-{codes.index(code)}"
-                shutil.copytree(site.state_dir, state)
-                payload = folder / f"{kind}.pickle"
+            for name, (answering, kind) in messages.items():
+                state = folder / f"state-{run}-{codes.index(code)}-{name}"
+                shutil.copytree(answering.state_dir, state)
+                payload = folder / "message.pickle"
                 with payload.open("wb") as handle:
-                    pickle.dump((replace(site, state_dir=str(state)),
+                    pickle.dump((replace(answering, state_dir=str(state)),
                                  round_message(kind, 2, 5, config, catalog, initial)), handle)
-                costs.setdefault((code, kind), []).append(child_cost(code, payload))
+                costs.setdefault((code, name), []).append(child_cost(code, payload))
     print(f"{os.cpu_count()} CPUs; torch {torch.__version__}; {args.runs} runs each, alternated")
     print("| code | message | CPU s (median, range) | wall s (median) |\n|---|---|---|---|")
     for (code, kind), rows in costs.items():

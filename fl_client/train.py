@@ -6,16 +6,15 @@ import copy
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fl_client.dp.engine import PrivacyConfig, PrivacySpent, StepModel, calibrate_noise, make_private, spent
 from fl_client.dp.popularity import private_popularity
-from fl_client.dp.settings import AccountantHistory, resolve_delta
+from fl_client.dp.settings import AccountantHistory, PrivacyConfig, resolve_delta
 from fl_client.dp.step import ClippingStats, micro_batches, private_step
 from fl_client.round_config import TrainingDivergedError
 from shared_model import wire
@@ -23,6 +22,9 @@ from shared_model.device import resolve_device
 from shared_model.metrics import evaluate_model, without_moments
 from shared_model.modeling_fedrec import FedRecModel, sequence_loss
 from shared_model.sequences import UserSequences, make_batch
+
+if TYPE_CHECKING:  # the DP engine (Opacus) is imported by a private training only: see train()
+    from fl_client.dp.engine import PrivacySpent, StepModel
 
 
 @dataclass
@@ -148,6 +150,8 @@ def train(model: FedRecModel, seqs: UserSequences, config: TrainConfig, privacy:
     result = TrainResult()
     engine = None
     if privacy.enabled:
+        from fl_client.dp.engine import calibrate_noise, make_private, spent  # Opacus: about 3 s of CPU to import
+
         if config.num_negatives and privacy.grad_sample_mode != "bookkeeping":
             raise ValueError("a sampled softmax under DP needs privacy.grad_sample_mode=bookkeeping: Opacus' hooks "
                              "do not see the output rows it gathers")

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from fl_client.dp.engine import AccountantHistory, PrivacyConfig, calibrate_noise
 from fl_client.dp.enrolment import site_lock
 from fl_client.dp.ledger import BudgetExceededError, PrivacyLedger
+from fl_client.dp.settings import AccountantHistory, PrivacyConfig
 from fl_client.moments import from_named_moments, to_named_moments, trainable_names
 from fl_client.round_config import RoundConfig, RoundConfigError, build_global_model, check_training_id
 from fl_client.site import SiteConfig, SiteData, check_users, site_delta
@@ -68,6 +68,8 @@ def planned_sigma(site: SiteConfig, data: SiteData, num_rounds: int, local_epoch
                   delta: float, cache: bool = True) -> tuple[float, AccountantHistory]:
     """`plan_round` for a plan of `num_rounds` x `local_epochs` at `batch_size` (`cache`: keep the σ search in
     the site's state dir)."""
+    from fl_client.dp.engine import calibrate_noise  # Opacus' accountant: imported under DP only
+
     steps_per_epoch, round_steps = plan_steps(site, data, num_rounds, local_epochs, batch_size)
     privacy = site.round_privacy(delta)
     sigma = calibrate_noise(privacy, 1.0 / steps_per_epoch, num_rounds * round_steps, delta,

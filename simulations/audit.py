@@ -28,8 +28,8 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from fl_client.dp.engine import PrivacyConfig
 from fl_client.dp.ledger import PrivacyLedger
+from fl_client.dp.settings import PrivacyConfig
 from fl_client.train import TrainConfig, train
 from shared_model.catalog import PADDING_ROW
 from shared_model.console import console_command, exit_on_error

@@ -16,7 +16,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fl_client.dp.engine import PrivacyConfig
+from fl_client.dp.settings import PrivacyConfig
 from fl_client.train import TrainConfig, TrainResult, train
 from shared_model.console import console_command, exit_on_error, rng_note
 from shared_model.device import resolve_device

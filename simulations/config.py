@@ -7,7 +7,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from fl_client.dp.engine import PrivacyConfig
+from fl_client.dp.settings import PrivacyConfig
 from fl_client.train import TrainConfig
 from shared_model.factory import ModelConfig
 

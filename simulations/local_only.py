@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fl_client.dp.engine import PrivacyConfig
+from fl_client.dp.settings import PrivacyConfig
 from fl_client.train import TrainConfig, train
 from fl_server.initial_model import load_initial_model
 from shared_model.device import resolve_device

@@ -1,5 +1,7 @@
-"""User-level DP-SGD through Opacus: noise calibration, accounting, and wrapping a model for training (the
-settings are fl_client.dp.settings).
+"""User-level DP-SGD through Opacus: noise calibration, accounting, and wrapping a model for training, with
+secure mode's CSPRNG draws (fl_client.dp.secure_rng) in Opacus' loader and optimiser (the settings are
+fl_client.dp.settings). Only what needs DP imports this module, and with it Opacus (about 3 s of CPU): a training
+without DP, an evaluation and the settings never do.
 
 One training row is one user, so Opacus' per-sample (ε, δ) is a per-user guarantee.
 """
@@ -8,8 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,10 +25,12 @@ from opacus import GradSampleModule, PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
 
 from fl_client.dp.bookkeeping import PerUserClipping
-from fl_client.dp.secure_rng import secure_loader, use_secure_noise
+from fl_client.dp.secure_rng import secure_gaussian, secure_uniform
 from fl_client.dp.settings import AccountantHistory, PrivacyConfig
 from shared_model.atomic import write_atomically
 from shared_model.privacy_claim import privacy_claim
@@ -206,6 +211,37 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
         private_loader = secure_loader(private_loader)
         use_secure_noise(private_optimizer)
     return engine, step_model, private_optimizer, private_loader
+
+
+class SecurePoissonSampler(UniformWithReplacementSampler):
+    """Opacus' Poisson sampler (each user in each step independently with probability `sample_rate`),
+    with the coin flips drawn from the OS CSPRNG."""
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            yield np.flatnonzero(secure_uniform(self.num_samples) <= self.sample_rate).tolist()
+
+
+def secure_loader(loader: DataLoader) -> DataLoader:
+    """The same Poisson loader (dataset, steps, Opacus' empty-batch collate) with CSPRNG sampling."""
+    sampler = loader.batch_sampler
+    assert isinstance(sampler, UniformWithReplacementSampler), "expects Opacus' Poisson DPDataLoader"
+    return DataLoader(loader.dataset, collate_fn=loader.collate_fn,
+                      batch_sampler=SecurePoissonSampler(num_samples=sampler.num_samples,
+                                                         sample_rate=sampler.sample_rate, steps=sampler.steps))
+
+
+def use_secure_noise(optimizer: DPOptimizer) -> None:
+    """Make the DP optimiser noise its clipped gradient sums with `secure_gaussian` (same σ·C)."""
+
+    def add_noise(self: DPOptimizer) -> None:
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = secure_gaussian(p.summed_grad, self.noise_multiplier * self.max_grad_norm)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.add_noise = types.MethodType(add_noise, optimizer)
 
 
 def _bookkeeping(engine: PrivacyEngine, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

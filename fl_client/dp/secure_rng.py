@@ -1,4 +1,4 @@
-"""Secure randomness for DP-SGD: Poisson sampling and Gaussian noise drawn from the OS CSPRNG.
+"""Secure randomness for DP-SGD: uniforms (Poisson sampling) and Gaussian noise drawn from the OS CSPRNG.
 
 Opacus' own `secure_mode` needs `torchcsprng`, which is archived and has no build for current torch, so
 `privacy.secure_mode` / `--secure-mode` use this instead. Every random bit of a DP step (which users are
@@ -7,21 +7,17 @@ from torch's Mersenne Twister / Philox generators, whose state could in principl
 The noise also follows Opacus' defence against floating-point attacks on Gaussian samplers
 (arXiv:2107.10138, §5.1, n = 2): each value is the sum of four independent standard normals, halved.
 Sampling and noise are exactly the Sampled Gaussian Mechanism the accountant assumes, so ε is unchanged.
+fl_client.dp.engine puts these draws into Opacus' Poisson loader and DP optimiser; this module imports no Opacus
+(the popularity release and distributed DP draw from it too).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import types
-from collections.abc import Iterator
 
 import numpy as np
 import torch
-from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from torch.utils.data import DataLoader
 
 SUMMED_NORMALS = 4  # 2n with n = 2, as Opacus' secure_mode
 
@@ -46,34 +42,3 @@ def secure_gaussian(reference: torch.Tensor, std: float) -> torch.Tensor:
     total = sum(secure_standard_normal(count) for _ in range(SUMMED_NORMALS))
     noise = torch.from_numpy(total * (std / math.sqrt(SUMMED_NORMALS)))
     return noise.reshape(reference.shape).to(device=reference.device, dtype=reference.dtype)
-
-
-class SecurePoissonSampler(UniformWithReplacementSampler):
-    """Opacus' Poisson sampler (each user in each step independently with probability `sample_rate`),
-    with the coin flips drawn from the OS CSPRNG."""
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.steps):
-            yield np.flatnonzero(secure_uniform(self.num_samples) <= self.sample_rate).tolist()
-
-
-def secure_loader(loader: DataLoader) -> DataLoader:
-    """The same Poisson loader (dataset, steps, Opacus' empty-batch collate) with CSPRNG sampling."""
-    sampler = loader.batch_sampler
-    assert isinstance(sampler, UniformWithReplacementSampler), "expects Opacus' Poisson DPDataLoader"
-    return DataLoader(loader.dataset, collate_fn=loader.collate_fn,
-                      batch_sampler=SecurePoissonSampler(num_samples=sampler.num_samples,
-                                                         sample_rate=sampler.sample_rate, steps=sampler.steps))
-
-
-def use_secure_noise(optimizer: DPOptimizer) -> None:
-    """Make the DP optimiser noise its clipped gradient sums with `secure_gaussian` (same σ·C)."""
-
-    def add_noise(self: DPOptimizer) -> None:
-        for p in self.params:
-            _check_processed_flag(p.summed_grad)
-            noise = secure_gaussian(p.summed_grad, self.noise_multiplier * self.max_grad_norm)
-            p.grad = (p.summed_grad + noise).view_as(p)
-            _mark_as_processed(p.summed_grad)
-
-    optimizer.add_noise = types.MethodType(add_noise, optimizer)

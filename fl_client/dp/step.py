@@ -4,14 +4,12 @@ per-user clipping and noise, and an optional record of the per-user gradient nor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from opacus.optimizers import DPOptimizer
 
 from fl_client.dp.bookkeeping import PerUserClipping
-from fl_client.dp.engine import StepModel
 from fl_client.dp.settings import PrivacyConfig
 from shared_model.modeling_fedrec import FedRecModel, StepNegatives, sequence_loss
 from shared_model.sequences import (
@@ -21,6 +19,11 @@ from shared_model.sequences import (
     micro_batch_positions,
     sampled_softmax_users,
 )
+
+if TYPE_CHECKING:  # Opacus: imported by DP training only (fl_client.dp.engine), not by the non-private step
+    from opacus.optimizers import DPOptimizer
+
+    from fl_client.dp.engine import StepModel
 
 
 class MicroBatchLimits(Protocol):

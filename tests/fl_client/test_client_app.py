@@ -194,11 +194,18 @@ def test_a_site_keeps_the_frozen_tensors_once_sent_and_says_so(site):
     assert not kept.exists() and not send("evaluate", 1, frozen).has_error() and kept.exists()
 
 
-def test_an_evaluate_message_imports_no_training_or_dp_code(site):
+@pytest.mark.parametrize(("kind", "dp", "loads"), [
+    ("evaluate", True, []),
+    # A site without DP trains with no Opacus (about 3 s of CPU a message; it imported the DP engine at load)
+    ("train", False, ["fl_client.train", "fl_client.training_round", "torch._dynamo"]),
+])
+def test_a_message_process_imports_only_what_it_runs(site, kind, dp, loads):
     """Deployment starts a fresh process per message: an evaluate message must not pay for importing Opacus, nor
-    torch._dynamo (2.2 s of CPU; the model config's meta-device skeleton imported it, see skip_random_init)."""
+    torch._dynamo (2.2 s of CPU; the model config's meta-device skeleton imported it, see skip_random_init), nor
+    a training without DP for Opacus. (A training imports torch._dynamo through torch's own optimisers.)"""
     script = f"""
 import sys
+from dataclasses import replace
 from flwr.supercore.task_identity import TaskIdentity
 for name in ("_run_id", "_node_id", "_task_id"):
     setattr(TaskIdentity, name, 1)
@@ -206,15 +213,17 @@ from fl_client.site import SiteConfig
 from shared_model.catalog import ItemCatalog
 from tests.fl_client.test_client_app import call, message
 site = SiteConfig(data_path={site.data_path!r}, catalog_path={site.catalog_path!r}, state_dir={site.state_dir!r})
-reply = call(site, message("evaluate", ItemCatalog.load(site.catalog_path)))
+site = replace(site, privacy=replace(site.privacy, enabled={dp!r}))
+reply = call(site, message({kind!r}, ItemCatalog.load(site.catalog_path)))
 assert not reply.has_error(), reply.error
+assert {kind!r} == "evaluate" or reply.content.metric_records["metrics"]["dp"] == float({dp!r})
 loaded = ("opacus", "fl_client.dp.engine", "fl_client.train", "fl_client.training_round", "torch._dynamo")
 print(sorted(m for m in loaded if m in sys.modules))
 """
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert done.stdout.strip().splitlines()[-1] == str(loads)
 
 
 @pytest.mark.parametrize(("key", "value", "says"), [

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fl_client.dp.engine import PrivacyConfig
-from fl_client.dp.secure_rng import SecurePoissonSampler, secure_gaussian, secure_standard_normal, secure_uniform
+from fl_client.dp.engine import PrivacyConfig, SecurePoissonSampler
+from fl_client.dp.secure_rng import secure_gaussian, secure_standard_normal, secure_uniform
 from fl_client.round_config import RoundConfig
 from fl_client.site import load_site_data
 from fl_client.train import TrainConfig, train

@@ -1,4 +1,4 @@
-"""A real deployment on loopback: `fedrec-server` (SuperLink + ServerApp) and three `fedrec-client` SuperNodes as
+"""A real deployment on loopback: `fedrec-server` (SuperLink + ServerApp) and two `fedrec-client` SuperNodes as
 separate processes, each site with its own events file. Training starts from an exported model, which the sites
 score as round 0; a site is killed while it trains round 1 and restarted; the server side is killed mid-round 2
 and restarted."""
@@ -30,7 +30,7 @@ from simulations.partition import PartitionConfig, partition_users
 from simulations.prepare import prepare_data
 
 BIN = Path(sys.executable).parent
-SITES = 3  # SuperNodes, each with its own events file
+SITES = 2  # SuperNodes, each with its own events file (two: each Flower process of a site costs CI time)
 
 
 def free_ports(count: int) -> list[int]:
@@ -131,7 +131,7 @@ ON_GPU = pytest.param("cuda", ' model.item-features="" model.feature-scoring=fal
 
 @pytest.mark.slow(seconds=300)
 @pytest.mark.parametrize(("device", "features"), [pytest.param("cpu", "", id="cpu"), ON_GPU])
-def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(tmp_path, device, features):
+def test_two_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(tmp_path, device, features):
     data = prepare_data(DataConfig(name="synthetic", synthetic={"num_users": 60 * SITES, "num_items": 40, "seed": 5}))
     parts = partition_users(data.sequences, PartitionConfig(kind="iid", num_partitions=SITES))
     sites = write_sites(data, parts, tmp_path / "sites", SiteConfig(data_path="", catalog_path="", state_dir=""))
@@ -162,7 +162,7 @@ def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(t
                                  start_new_session=True)
         # The sites score the exported model as round 0 (fresh ClientApp processes, the frozen tensors with the
         # evaluate message), spending nothing. Then kill site 0 (every process of it) while it trains round 1,
-        # past its budget check, and start it again: round 1 completes with the other two sites (not scored:
+        # past its budget check, and start it again: round 1 completes with the other site (not scored:
         # eval-every=2), and site 0 rejoins for round 2.
         def site_zero_trains() -> bool:
             assert first.poll() is None, (logs / "server1.log").read_text()[-3000:]  # fail fast, with the log
@@ -198,14 +198,14 @@ def test_three_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(t
     assert "round 0/2 (the starting model, before any training): HR@10 0." in (logs / "server1.log").read_text()
     rows = rows[1:]
     # Round 1 went on without the killed site: silent until round-timeout, or reported unavailable by the
-    # SuperLink once its heartbeats stopped (whichever came first); the other two trained and were aggregated.
+    # SuperLink once its heartbeats stopped (whichever came first); the other one trained and was aggregated.
     dead = rows[0].get("train_no_reply", 0) + rows[0]["train_failures"]
     assert (rows[0]["train_replies"] - rows[0]["train_failures"], dead, rows[0]["declined"]) == (SITES - 1, 1, 0)
     assert rows[0]["privacy"]["sites"] == SITES - 1
     assert rows[1]["train_replies"] == SITES and rows[1]["train_failures"] == 0 and rows[1]["declined"] == 0
     # Every site paid for each round it trained exactly once, crashes or not; scoring round 0 cost nothing; site 0
     # paid nothing for the round it was killed in, and trained round 2 after it rejoined.
-    assert [ledger_rounds(site) for site in sites] == [[2], [1, 2], [1, 2]]
+    assert [ledger_rounds(site) for site in sites] == [[2]] + [[1, 2]] * (SITES - 1)
     if not features:  # title features: sent with each server process' first messages, kept by the sites
         assert [r["frozen_sent_to"] for r in rows] == [SITES, SITES]  # the restarted server knew no site yet
         assert all(len(list((Path(s.state_dir) / "frozen").glob("*.safetensors"))) == 1 for s in sites)
