@@ -180,6 +180,7 @@ def test_two_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(tmp
 
         wait_until(round_two_trained, 400, "no site trained round 2")
         kill_server_side(first, link)
+        assert (out / "flower" / "app" / "pyproject.toml").exists()  # what it staged stays in its out-dir, not /tmp
         rows = (out / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(r)["round"] for r in rows] == [0, 1]
         second = subprocess.run(server_cmd, stdout=(logs / "server2.log").open("w"), stderr=subprocess.STDOUT,
@@ -211,6 +212,7 @@ def test_two_supernodes_two_rounds_survive_a_server_crash_and_export_a_model(tmp
         assert all(len(list((Path(s.state_dir) / "frozen").glob("*.safetensors"))) == 1 for s in sites)
     assert 0 < rows[1]["privacy"]["epsilon_max"] <= 8.0 * 1.01
     assert rows[1]["site_cost"]["train_seconds_max"] > 0 and rows[1]["site_cost"]["peak_memory_mb_max"] > 0
+    assert not (out / "flower" / "app").exists()  # the resumed server replaced it, and removed it when done
     model, catalog = load_model_dir(out / "model")
     assert model.config.hidden_size == 16 and catalog.fingerprint == data.catalog.fingerprint
     assert (out / "report.md").exists() and "ε max" in (out / "report.md").read_text()

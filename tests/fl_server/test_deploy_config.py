@@ -39,6 +39,31 @@ def test_overrides_are_absolute_known_and_typed(tmp_path, catalog, monkeypatch):
     assert flat["model"]["hidden-size"] == 32 and flat["out-dir"] == str(tmp_path / "out")
 
 
+def test_the_app_is_staged_in_the_out_dir_and_removed_when_the_server_stops(tmp_path, catalog, monkeypatch):
+    """The copy of the app that `flwr run` packs lives in the out-dir: a fedrec-server killed mid-run (SIGKILL
+    runs no clean-up) left it in a temporary folder of its own, one more for each crash; now the next start with
+    that out-dir replaces it."""
+    import fl_server.deploy as deploy
+
+    monkeypatch.chdir(tmp_path)
+    left_over = tmp_path / "out" / "flower" / "app" / "stale.py"  # from a killed server
+    left_over.parent.mkdir(parents=True)
+    left_over.write_text("x = 1\n")
+    served: list = []
+
+    def serve(args, app, overrides, num_rounds, stall_s):  # what a killed server sees
+        served.append((app, sorted(p.name for p in app.iterdir())))
+        return 0
+
+    monkeypatch.setattr(deploy, "serve", serve)
+    argv = ["--insecure", "--catalog", "catalog.json", "--out-dir", "out", "--run-config", "model.item-features=''"]
+    assert deploy.main(argv) == 0
+    [(app, names)] = served
+    assert app == tmp_path / "out" / "flower" / "app" and "stale.py" not in names
+    assert {"pyproject.toml", "fl_server", "fl_client", "shared_model"} <= set(names)
+    assert not app.exists()  # removed once the server stops
+
+
 def test_unknown_keys_bad_values_and_missing_files_are_refused_up_front(tmp_path, catalog):
     defaults = app_defaults(PROJECT_ROOT)
     base = ["--insecure", "--catalog", str(catalog), "--out-dir", str(tmp_path / "out")]
