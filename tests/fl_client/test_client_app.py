@@ -1,5 +1,6 @@
 """The ClientApp handlers, driven by hand-built Flower Messages (no simulation engine, no SuperNode)."""
 
+import json
 import math
 import pickle
 import subprocess
@@ -194,36 +195,48 @@ def test_a_site_keeps_the_frozen_tensors_once_sent_and_says_so(site):
     assert not kept.exists() and not send("evaluate", 1, frozen).has_error() and kept.exists()
 
 
-@pytest.mark.parametrize(("kind", "dp", "loads"), [
-    ("evaluate", True, []),
-    # A site without DP trains with no Opacus (about 3 s of CPU a message; it imported the DP engine at load)
-    ("train", False, ["fl_client.train", "fl_client.training_round", "torch._dynamo"]),
+WATCHED = ("pandas", "transformers", "opacus", "fl_client.dp.engine", "fl_client.train", "fl_client.training_round",
+           "torch._dynamo")
+TRAINING = ["fl_client.train", "fl_client.training_round", "torch._dynamo"]  # torch's optimisers import _dynamo
+
+
+@pytest.mark.parametrize(("dp", "loads"), [
+    (True, {"evaluate": [], "train": sorted(["fl_client.dp.engine", "opacus", *TRAINING])}),
+    (False, {"train": TRAINING}),  # without DP no Opacus (about 3 s of CPU a message: it imported the DP engine)
 ])
-def test_a_message_process_imports_only_what_it_runs(site, kind, dp, loads):
-    """Deployment starts a fresh process per message: an evaluate message must not pay for importing Opacus, nor
-    torch._dynamo (2.2 s of CPU; the model config's meta-device skeleton imported it, see skip_random_init), nor
-    a training without DP for Opacus. (A training imports torch._dynamo through torch's own optimisers.)"""
+def test_a_message_process_imports_only_what_it_runs(site, tmp_path, dp, loads):
+    """A deployed site's every message is a fresh process, so each pays for its imports. One that reads the
+    site's cached sequences imports neither pandas (0.35 s of CPU) nor transformers (2.4 s); an evaluate message
+    neither Opacus nor torch._dynamo (2.2 s: the model config's meta-device skeleton imported it, see
+    skip_random_init); a training without DP no Opacus. BENCHMARKS.md, "A site's message process" and after.
+    (Each message's imports are read after it, in one process: an evaluate, then a train message.)"""
+    catalog = ItemCatalog.load(site.catalog_path)
+    load_site_data(site)  # what fedrec-client does before its SuperNode starts: parse the events, cache them
+    messages = tmp_path / "messages.pickle"
+    messages.write_bytes(pickle.dumps([(kind, message(kind, catalog)) for kind in loads]))
     script = f"""
-import sys
-from dataclasses import replace
+import json, pickle, sys
+from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 for name in ("_run_id", "_node_id", "_task_id"):
     setattr(TaskIdentity, name, 1)
+from fl_client.client_app import build_client_app
+from fl_client.dp.settings import PrivacyConfig
 from fl_client.site import SiteConfig
-from shared_model.catalog import ItemCatalog
-from tests.fl_client.test_client_app import call, message
-site = SiteConfig(data_path={site.data_path!r}, catalog_path={site.catalog_path!r}, state_dir={site.state_dir!r})
-site = replace(site, privacy=replace(site.privacy, enabled={dp!r}))
-reply = call(site, message({kind!r}, ItemCatalog.load(site.catalog_path)))
-assert not reply.has_error(), reply.error
-assert {kind!r} == "evaluate" or reply.content.metric_records["metrics"]["dp"] == float({dp!r})
-loaded = ("opacus", "fl_client.dp.engine", "fl_client.train", "fl_client.training_round", "torch._dynamo")
-print(sorted(m for m in loaded if m in sys.modules))
+site = SiteConfig(data_path={site.data_path!r}, catalog_path={site.catalog_path!r}, state_dir={site.state_dir!r},
+                  privacy=PrivacyConfig(enabled={dp!r}, epsilon=4.0), device="cpu")
+app = build_client_app(lambda _context: site)
+loaded = {{}}
+for kind, msg in pickle.loads(open({str(messages)!r}, "rb").read()):
+    reply = app(msg, Context(run_id=1, node_id=2, node_config={{}}, state=RecordDict(), run_config={{}}))
+    assert not reply.has_error(), reply.error
+    assert kind == "evaluate" or reply.content.metric_records["metrics"]["dp"] == float({dp!r})
+    loaded[kind] = sorted(m for m in {WATCHED!r} if m in sys.modules)
+print(json.dumps(loaded))
 """
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == str(loads)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == loads
 
 
 @pytest.mark.parametrize(("key", "value", "says"), [
@@ -255,32 +268,3 @@ def test_a_site_bounds_all_planned_steps_under_dp_and_one_rounds_without(site):
     assert not call(no_dp, message("train", catalog, num_rounds=10**7)).has_error()  # one round: 4 steps
     many_epochs = call(no_dp, message("train", catalog, **{wire.LOCAL_EPOCHS: 3}))
     assert many_epochs.error.code == ROUND_CONFIG and "one round: 3 epochs x 4 steps" in many_epochs.error.reason
-
-
-def test_a_site_whose_events_are_cached_answers_train_and_evaluate_without_pandas_or_transformers(site, tmp_path):
-    """A deployed site's every message is a fresh process: one that reads its cached sequences imports neither
-    pandas (0.35 s of CPU) nor transformers (2.4 s); BENCHMARKS.md, "A site's message process"."""
-    catalog = ItemCatalog.load(site.catalog_path)
-    load_site_data(site)  # what fedrec-client does before its SuperNode starts: parse the events, cache them
-    messages = tmp_path / "messages.pickle"
-    messages.write_bytes(pickle.dumps([message("evaluate", catalog), message("train", catalog)]))
-    script = f"""
-import pickle, sys
-from flwr.app import Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-for name in ("_run_id", "_node_id", "_task_id"):
-    setattr(TaskIdentity, name, 1)
-from fl_client.client_app import build_client_app
-from fl_client.dp.settings import PrivacyConfig
-from fl_client.site import SiteConfig
-site = SiteConfig(data_path={site.data_path!r}, catalog_path={site.catalog_path!r}, state_dir={site.state_dir!r},
-                  privacy=PrivacyConfig(enabled=True, epsilon=4.0), device="cpu")
-app = build_client_app(lambda _context: site)
-for msg in pickle.loads(open({str(messages)!r}, "rb").read()):
-    reply = app(msg, Context(run_id=1, node_id=2, node_config={{}}, state=RecordDict(), run_config={{}}))
-    assert not reply.has_error(), reply.error
-print(sorted(m for m in ("pandas", "transformers", "torch", "opacus") if m in sys.modules))
-"""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "['opacus', 'torch']"
