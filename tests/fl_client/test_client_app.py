@@ -230,7 +230,7 @@ loaded = {{}}
 for kind, msg in pickle.loads(open({str(messages)!r}, "rb").read()):
     reply = app(msg, Context(run_id=1, node_id=2, node_config={{}}, state=RecordDict(), run_config={{}}))
     assert not reply.has_error(), reply.error
-    assert kind == "evaluate" or reply.content.metric_records["metrics"]["dp"] == float({dp!r})
+    assert kind == "evaluate" or reply.content.metric_records[{wire.METRICS!r}][{wire.DP_ENABLED!r}] == float({dp!r})
     loaded[kind] = sorted(m for m in {WATCHED!r} if m in sys.modules)
 print(json.dumps(loaded))
 """
