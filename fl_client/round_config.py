@@ -275,8 +275,7 @@ def check_global_state(expected: Mapping[str, tuple[tuple[int, ...], torch.dtype
     if wrong:
         raise ModelMismatchError(f"the server's global weights do not fit its model config: {'; '.join(wrong[:5])}"
                                  + (f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""))
-    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
-    if bad:
+    if bad := wire.non_finite(state):
         raise NonFiniteModelError(f"the server's global model holds NaN or infinite values in {', '.join(bad[:5])}"
                                   + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
                                   + ": refusing it before training or spending any ε (a server-side problem)")

@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 import zipfile
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -21,11 +24,12 @@ from fl_client.dp.enrolment import open_site_ledger, site_lock
 from fl_client.dp.ledger import PrivacyLedger
 from fl_client.dp.settings import PrivacyConfig, resolve_delta
 from shared_model.atomic import write_atomically, write_text_atomically
-from shared_model.catalog import ItemCatalog
+from shared_model.catalog import CATALOG_FILE, ItemCatalog
 from shared_model.launch import TomlValue
 from shared_model.sequences import UserSequences, to_user_sequences
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 CACHE_VERSION = 2  # 2: keyed by the data's content hash
 MIN_USERS = 50  # fewer trainable users than this and a site refuses DP training (SiteConfig.min_users)
 MAX_MODEL_PARAMETERS = 50_000_000  # the largest global model a site builds by default (200 MB of float32)
@@ -202,19 +206,92 @@ def _cache_key(site: SiteConfig, catalog: ItemCatalog, num_time_buckets: int) ->
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+# A file changed less than this before it was read could change again within the same timestamp tick (a second
+# or two on some file systems) and keep its identity: FileMemo does not keep what it read from it.
+RACY_NS = 3 * 10**9
+IN_USE_TOUCH_S = 60  # mark_in_use touches a file at most this often
+
+
+class FileMemo:
+    """What a long-lived process read from files, kept in memory while each file is unchanged.
+
+    A simulated sites' worker answers many messages of many sites, and every message needs the catalog, the
+    site's cached sequences and its frozen tensors (a deployed site's process answers one message and reads each
+    once). A value is kept with its file's identity (device, inode, size, modification and change times, ns)
+    and served while a stat of the file finds the same. Any write moves the change time, which nobody can set
+    back short of the system clock, so an edited, replaced or damaged file is read (and checked) again; a file
+    changed within RACY_NS before it was read is not kept, since a second change within the same timestamp tick
+    would not show. At most `max_bytes` of values and `max_entries` files are kept, the least recently used
+    dropped first."""
+
+    def __init__(self, max_bytes: int, max_entries: int = 1024) -> None:
+        self.max_bytes, self.max_entries = max_bytes, max_entries
+        self.bytes = 0  # of the values kept
+        self.entries: OrderedDict[str, tuple[tuple[int, ...], Any, int]] = OrderedDict()
+
+    @staticmethod
+    def identity(path: Path) -> tuple[int, ...]:
+        st = path.stat()
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def read(self, path: Path, reader: Callable[[Path], T], nbytes: Callable[[T], int]) -> T:
+        """`reader(path)`, or what it returned before while the file is unchanged. Whatever `reader` raises
+        (a missing or damaged file) is raised and nothing is kept."""
+        key = str(path)
+        try:
+            identity = self.identity(path)
+        except OSError:
+            return reader(path)  # which names the file and what is wrong with it
+        if (entry := self.entries.get(key)) is not None and entry[0] == identity:
+            self.entries.move_to_end(key)
+            return cast(T, entry[1])
+        started = time.time_ns()
+        value = reader(path)
+        if (old := self.entries.pop(key, None)) is not None:
+            self.bytes -= old[2]
+        size = nbytes(value)
+        if identity[4] < started - RACY_NS and size <= self.max_bytes:
+            self.entries[key] = (identity, value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes or len(self.entries) > self.max_entries:
+                self.bytes -= self.entries.popitem(last=False)[1][2]
+        return value
+
+
+def mark_in_use(path: Path) -> None:
+    """Touch a file a site uses (keep_latest removes the least recently used), at most once every
+    IN_USE_TOUCH_S: a touch moves the change time, so a FileMemo reads the file again after it."""
+    if time.time() - path.stat().st_mtime > IN_USE_TOUCH_S:
+        path.touch()
+
+
+# The catalog (simulated sites share one file; Beauty's 12,101 items take 7.6 ms to read and check) and the
+# sites' cached sequences (about 1 ms each for the demo's sites) a process keeps; BENCHMARKS.md, "Many simulated
+# sites". The bounds count the arrays' bytes (the catalog at 100 bytes an item).
+CATALOGS = FileMemo(max_bytes=256 * 2**20)
+SEQUENCES = FileMemo(max_bytes=256 * 2**20)
+
+
+def load_catalog(path: str | Path) -> ItemCatalog:
+    """ItemCatalog.load, kept in memory while the file is unchanged (CATALOGS)."""
+    path = Path(path)
+    return CATALOGS.read(path / CATALOG_FILE if path.is_dir() else path, ItemCatalog.load,
+                         lambda catalog: 100 * len(catalog.item_ids))
+
+
 def load_site_data(site: SiteConfig, num_time_buckets: int = 32) -> SiteData:
     """The site's sequences, from the cache when it is current and intact, else parsed and cached."""
-    catalog = ItemCatalog.load(site.catalog_path)
+    catalog = load_catalog(site.catalog_path)
     cache = Path(site.state_dir) / f"sequences_{_cache_key(site, catalog, num_time_buckets)}.npz"
     if cache.exists():
         try:
-            seqs = _read_cache(cache)
+            seqs = SEQUENCES.read(cache, _read_cache, UserSequences.nbytes)
         except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
             log.warning("%s: preprocessing cache is damaged (%s: %s); removed it, rebuilding from %s", cache,
                         type(err).__name__, err, site.data_path)
             cache.unlink(missing_ok=True)
         else:
-            cache.touch()  # in use: the last to be removed by keep_latest
+            mark_in_use(cache)
             return SiteData(catalog, seqs)
     from shared_model.adapters import load_dataset  # pandas: only to parse events, never for a cached site
 
@@ -256,6 +333,8 @@ def _read_cache(path: Path) -> UserSequences:
         seqs = UserSequences(user_ids=meta["user_ids"], offsets=arrays["offsets"], items=arrays["items"],
                              event_types=arrays["event_types"], time_buckets=arrays["time_buckets"],
                              regions=meta["regions"], merchants=meta["merchants"], dropped=meta["dropped"])
+    for values in (seqs.offsets, seqs.items, seqs.event_types, seqs.time_buckets):
+        values.flags.writeable = False  # kept in memory and shared by the messages a process answers (SEQUENCES)
     return seqs
 
 

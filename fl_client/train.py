@@ -73,8 +73,7 @@ def check_finite(model: torch.nn.Module, epoch: int, config: TrainConfig) -> Non
     It looks at the weights only, never at a loss on the data, so under DP it is post-processing of the
     noised iterates and costs no privacy.
     """
-    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-    if bad:
+    if bad := wire.non_finite({name: p for name, p in model.named_parameters() if p.requires_grad}):
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise TrainingDivergedError(
             f"training diverged in epoch {epoch}: non-finite weights in {shown} "

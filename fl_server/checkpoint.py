@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from shared_model import wire
 from shared_model.atomic import write_text_atomically
 
 WEIGHTS = "weights.safetensors"
@@ -125,8 +126,7 @@ class RunStore:
              row: dict[str, Any], score: float | None) -> None:
         """Write round `server_round` atomically (folder rename, then the pointer), and the best model
         (`score`: the round's validation score; None for a round that was not evaluated)."""
-        bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
-        if bad:  # a NaN model must never replace the last good checkpoint
+        if bad := wire.non_finite(state):  # a NaN model must never replace the last good checkpoint
             raise ValueError(f"round {server_round}: the global model holds NaN or infinite values in {bad[:5]}; "
                              f"not checkpointed (the last good round stays in {self.root})")
         previous = self._pointer()  # metadata only: no need to read the previous weights back

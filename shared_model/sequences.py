@@ -38,6 +38,10 @@ class UserSequences:
     def __len__(self) -> int:
         return len(self.user_ids)
 
+    def nbytes(self) -> int:
+        """The bytes of its event arrays."""
+        return sum(a.nbytes for a in (self.offsets, self.items, self.event_types, self.time_buckets))
+
     def lengths(self) -> np.ndarray:
         """Events per user."""
         return np.diff(self.offsets)

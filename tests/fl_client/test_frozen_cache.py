@@ -34,3 +34,24 @@ def test_a_site_keeps_the_frozen_tensors_it_used_last_and_removes_older_ones(tmp
 def test_a_site_must_keep_at_least_the_copy_in_use():
     with pytest.raises(ValueError, match="cache_keep must be at least 1"):
         SiteConfig(data_path="-", catalog_path="-", state_dir="-", cache_keep=0)
+
+
+def test_a_process_checks_a_sites_kept_copy_once_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from fl_client import site as site_module
+
+    monkeypatch.setattr(site_module, "RACY_NS", 0)  # the file is written just now (test_site_safety.py)
+    site = SiteConfig(data_path="-", catalog_path="-", state_dir=str(tmp_path))
+    ((digest, tensors),) = tables(1)
+    reads, load = [], safetensors.torch.load
+    monkeypatch.setattr(safetensors.torch, "load", lambda data: reads.append(1) or load(data))
+    frozen_tensors(site, digest, tensors)  # sent once, kept on disk
+    for _ in range(3):  # the messages that follow carry none
+        assert torch.equal(frozen_tensors(site, digest, None)["item_features"], tensors["item_features"])
+    assert len(reads) == 1
+    path = frozen_path(site, digest)
+    path.write_bytes(path.read_bytes()[:-1])  # damaged
+    with pytest.raises(FrozenTensorsError, match="damaged"):
+        frozen_tensors(site, digest, None)
+    assert not path.exists()

@@ -3,6 +3,7 @@ users; and what it repairs or never trusts on its own disk: a damaged cache, a k
 
 import json
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from fl_client import round_config
+from fl_client import site as site_module
 from fl_client.dp.enrolment import LEDGER_FILE
 from fl_client.round_config import (
     ModelMismatchError,
@@ -24,6 +26,7 @@ from fl_client.site import SiteStartError, check_site_start, load_site_data
 from fl_client.supernode import parse_args
 from fl_client.training_round import load_reply, reply_path, train_round
 from shared_model import wire
+from shared_model.catalog import ItemCatalog
 from tests.fl_client.server_round import round_record
 from tests.fl_client.test_site_boundaries import Payload
 
@@ -194,6 +197,59 @@ def test_a_damaged_preprocessing_cache_is_rebuilt(site, caplog):
         again = load_site_data(site)
     assert "damaged" in caplog.text and again.sequences.user_ids == first.sequences.user_ids
     assert load_site_data(site).sequences.user_ids == first.sequences.user_ids  # and the rebuilt cache is read
+
+
+def test_a_process_reads_a_sites_files_once_and_again_whenever_one_changes(site, monkeypatch, caplog):
+    reads = {"catalog": 0, "cache": 0}
+
+    def counted(name, read):
+        def wrapper(*args):
+            reads[name] += 1
+            return read(*args)
+        return wrapper
+
+    monkeypatch.setattr(site_module, "RACY_NS", 0)  # the files were written just now (see the next test)
+    monkeypatch.setattr(site_module.ItemCatalog, "load", counted("catalog", site_module.ItemCatalog.load))
+    monkeypatch.setattr(site_module, "_read_cache", counted("cache", site_module._read_cache))
+    first = load_site_data(site)  # parses the events and writes the cache
+    for _ in range(3):  # as a simulated sites' worker answers a site's messages
+        again = load_site_data(site)
+    assert reads == {"catalog": 1, "cache": 1} and again.sequences.user_ids == first.sequences.user_ids
+    with pytest.raises(ValueError, match="read-only"):  # shared by the messages: nobody writes into it
+        again.sequences.items[0] = 0
+    cache = next(Path(site.state_dir).glob("sequences_*.npz"))
+    cache.write_bytes(cache.read_bytes()[:-10])  # damaged: read again, found damaged, rebuilt
+    with caplog.at_level(logging.WARNING):
+        assert load_site_data(site).sequences.user_ids == first.sequences.user_ids
+    assert "damaged" in caplog.text and reads["cache"] == 2
+    # Another catalog in the same file: read again, and the sequences follow it.
+    ItemCatalog(first.catalog.item_ids[:-1]).save(Path(site.catalog_path).parent)
+    assert load_site_data(site).catalog.item_ids == first.catalog.item_ids[:-1] and reads["catalog"] == 2
+
+
+def test_a_file_changed_just_before_it_was_read_is_read_again_until_it_is_settled(tmp_path, monkeypatch):
+    memo, reads = site_module.FileMemo(max_bytes=100, max_entries=2), []
+    path = tmp_path / "a.txt"
+    path.write_text("one")
+
+    def read(file):
+        reads.append(file.name)
+        return file.read_text()
+
+    assert [memo.read(path, read, len) for _ in range(2)] == ["one", "one"] and len(reads) == 2
+    monkeypatch.setattr(site_module, "RACY_NS", 0)  # as when the change is RACY_NS old
+    assert [memo.read(path, read, len) for _ in range(2)] == ["one", "one"] and len(reads) == 3
+    for name in ("b.txt", "c.txt"):  # at most two files: a.txt, the least recently used, is dropped
+        (tmp_path / name).write_text(name)
+        memo.read(tmp_path / name, read, len)
+    memo.read(path, read, len)
+    assert reads == ["a.txt"] * 3 + ["b.txt", "c.txt", "a.txt"]
+    # A use is recorded (for cache_keep) at most once every IN_USE_TOUCH_S, as a touch makes the file new again.
+    site_module.mark_in_use(path)
+    assert memo.read(path, read, len) == "one" and len(reads) == 6
+    os.utime(path, ns=(1, 1))
+    site_module.mark_in_use(path)
+    assert path.stat().st_mtime > 1 and memo.read(path, read, len) == "one" and len(reads) == 7
 
 
 def test_a_kept_reply_is_read_without_running_code_from_it(site):

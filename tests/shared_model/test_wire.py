@@ -56,3 +56,13 @@ def test_tensors_digest_is_equal_only_for_bit_identical_tensors_under_the_same_n
     nudged = state["a"].clone()
     nudged[1, 2] = torch.nextafter(nudged[1, 2], torch.tensor(100.0))
     assert digest != wire.tensors_digest({**state, "a": nudged})  # one ulp in one value
+
+
+def test_non_finite_names_every_nan_or_infinite_tensor_and_no_finite_one():
+    state = {"ok": torch.ones(3), "nan": torch.tensor([1.0, float("nan")]), "ids": torch.arange(3),
+             "half": torch.full((1000,), 60000.0, dtype=torch.float16),  # finite, though its norm overflows
+             "huge": torch.full((4,), 3e38), "minus_inf": torch.tensor([float("-inf")], dtype=torch.float64),
+             "empty": torch.zeros(0)}
+    assert wire.non_finite(state) == ["nan", "minus_inf"]
+    assert wire.non_finite({k: state[k] for k in ("ok", "ids", "half", "huge", "empty")}) == []
+    assert wire.non_finite({}) == []
