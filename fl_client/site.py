@@ -192,11 +192,14 @@ def data_digest(path: str | Path, memo_dir: str | Path | None = None) -> str:
 def _file_facts(root: Path, files: list[Path], names: list[str]) -> list:
     """What a digest memo is valid for: the data's path, and each file's name, device, inode, size, modification
     and change times (ns)."""
-    facts: list = [str(root.resolve())]
-    for file, name in zip(files, names, strict=True):
-        st = file.stat()
-        facts.append([name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
-    return facts
+    return [str(root.resolve())] + [[name, *file_identity(file)] for file, name in zip(files, names, strict=True)]
+
+
+def file_identity(path: Path) -> tuple[int, int, int, int, int]:
+    """A file's device, inode, size, modification and change times (ns): any write changes the change time,
+    which nobody can set back short of the system clock."""
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _cache_key(site: SiteConfig, catalog: ItemCatalog, num_time_buckets: int) -> str:
@@ -217,9 +220,8 @@ class FileMemo:
 
     A simulated sites' worker answers many messages of many sites, and every message needs the catalog, the
     site's cached sequences and its frozen tensors (a deployed site's process answers one message and reads each
-    once). A value is kept with its file's identity (device, inode, size, modification and change times, ns)
-    and served while a stat of the file finds the same. Any write moves the change time, which nobody can set
-    back short of the system clock, so an edited, replaced or damaged file is read (and checked) again; a file
+    once). A value is kept with its file's identity (file_identity) and served while a stat of the file finds the
+    same, so an edited, replaced or damaged file is read (and checked) again; a file
     changed within RACY_NS before it was read is not kept, since a second change within the same timestamp tick
     would not show. At most `max_bytes` of values and `max_entries` files are kept, the least recently used
     dropped first."""
@@ -227,19 +229,14 @@ class FileMemo:
     def __init__(self, max_bytes: int, max_entries: int = 1024) -> None:
         self.max_bytes, self.max_entries = max_bytes, max_entries
         self.bytes = 0  # of the values kept
-        self.entries: OrderedDict[str, tuple[tuple[int, ...], Any, int]] = OrderedDict()
-
-    @staticmethod
-    def identity(path: Path) -> tuple[int, ...]:
-        st = path.stat()
-        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+        self.entries: OrderedDict[str, tuple[tuple[int, int, int, int, int], Any, int]] = OrderedDict()
 
     def read(self, path: Path, reader: Callable[[Path], T], nbytes: Callable[[T], int]) -> T:
         """`reader(path)`, or what it returned before while the file is unchanged. Whatever `reader` raises
         (a missing or damaged file) is raised and nothing is kept."""
         key = str(path)
         try:
-            identity = self.identity(path)
+            identity = file_identity(path)
         except OSError:
             return reader(path)  # which names the file and what is wrong with it
         if (entry := self.entries.get(key)) is not None and entry[0] == identity:
@@ -250,7 +247,8 @@ class FileMemo:
         if (old := self.entries.pop(key, None)) is not None:
             self.bytes -= old[2]
         size = nbytes(value)
-        if identity[4] < started - RACY_NS and size <= self.max_bytes:
+        changed_ns = identity[4]
+        if changed_ns < started - RACY_NS and size <= self.max_bytes:
             self.entries[key] = (identity, value, size)
             self.bytes += size
             while self.bytes > self.max_bytes or len(self.entries) > self.max_entries:

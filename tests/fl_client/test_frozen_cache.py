@@ -55,3 +55,22 @@ def test_a_process_checks_a_sites_kept_copy_once_while_the_file_is_unchanged(tmp
     with pytest.raises(FrozenTensorsError, match="damaged"):
         frozen_tensors(site, digest, None)
     assert not path.exists()
+
+
+def test_a_kept_copy_swapped_for_other_tensors_of_the_same_size_is_refused_after_it_was_kept(tmp_path, monkeypatch):
+    from safetensors.torch import save
+
+    from fl_client import site as site_module
+
+    monkeypatch.setattr(site_module, "RACY_NS", 0)
+    site = SiteConfig(data_path="-", catalog_path="-", state_dir=str(tmp_path))
+    (digest, tensors), (_, others) = tables(2)
+    frozen_tensors(site, digest, tensors)
+    frozen_tensors(site, digest, None)  # checked and kept by this process
+    path = frozen_path(site, digest)
+    swapped = tmp_path / "swapped.safetensors"
+    swapped.write_bytes(save(others))
+    assert swapped.stat().st_size == path.stat().st_size
+    os.replace(swapped, path)  # as an outsider with write access to the state dir would
+    with pytest.raises(FrozenTensorsError, match="damaged"):
+        frozen_tensors(site, digest, None)
