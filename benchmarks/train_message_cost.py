@@ -30,7 +30,6 @@ from flwr.supercore.task_identity import TaskIdentity
 from fl_client import site as site_module
 from fl_client.client_app import build_client_app
 from fl_client.dp.settings import PrivacyConfig
-from fl_client.round_config import RoundConfig, build_global_model
 from fl_client.site import SiteConfig
 from shared_model import wire
 from shared_model.catalog import ItemCatalog
@@ -49,7 +48,8 @@ def round_message(kind: str, server_round: int, num_rounds: int, config: FedRecC
         wire.NUM_ROUNDS: num_rounds, wire.LOCAL_EPOCHS: 1, wire.BATCH_SIZE: 32, wire.LEARNING_RATE: 0.003,
         wire.OPTIMIZER: "adam", wire.MODEL_CONFIG: config.to_json_string(),
         wire.CATALOG_FINGERPRINT: catalog.fingerprint}
-    model = build_global_model(RoundConfig.from_record(record), initial)
+    model = FedRecModel(config)  # not the site's build_global_model: its process keeps models between messages
+    model.load_state_dict(initial)
     trainable, content = wire.trainable_state(model), RecordDict()
     if frozen := {k: v for k, v in wire.full_state(model).items() if k not in trainable}:
         record[wire.FROZEN_DIGEST] = wire.tensors_digest(frozen)  # as the server: sent with the first message

@@ -30,7 +30,7 @@ from fl_client.dp.ledger import BudgetExceededError
 from fl_client.dp.popularity import private_popularity
 from fl_client.dp.secure_rng import secure_gaussian, secure_uniform
 from fl_client.dp.step import private_step
-from fl_client.round_config import RoundConfig, build_global_model
+from fl_client.round_config import RoundConfig, global_model
 from fl_client.site import SiteConfig, SiteData, SiteStartError, check_users
 from fl_client.train import TrainConfig, peak_memory_mb, user_loader
 from fl_client.training_round import RoundReply, declined, keep_reply, resent_reply
@@ -62,26 +62,26 @@ def dp_step_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, stat
     if not site.privacy.enabled:
         raise SiteStartError("distributed DP: this site runs without DP, so it would add no noise while the "
                              "other sites count on its share; start it with a privacy budget")
-    model = build_global_model(round_cfg, state, site.max_model_parameters)
-    release = round_cfg.ddp_popularity_noise
-    if release and (model.output.bias is None or not model.output.bias.requires_grad):
-        raise SiteStartError("distributed DP: the server asks for a popularity release, which starts the item "
-                             "bias, but its model trains none (model.item_bias=true)")
-    planned = [(release, 1.0, 1)] if release else [(round_cfg.ddp_noise_multiplier, round_cfg.ddp_sample_rate, 1)]
-    with site_lock(site.state_dir):
-        ledger = site.open_ledger(len(data.sequences))
-        resent = resent_reply(site, round_cfg, model, ledger)
-        if resent is not None:
-            return resent
-        try:
-            ledger.check(planned, site.privacy.epsilon)
-        except BudgetExceededError as err:
-            return declined(model, ledger.delta, ledger.spent(), str(err))
-        reply = popularity_reply(site, data, model, share) if release else \
-            gradient_step(site, data, round_cfg, model, share)
-        reply.epsilon = ledger.record(round_cfg.training_id, round_cfg.server_round, planned).epsilon_after
-        reply.delta = ledger.delta
-        return keep_reply(site, round_cfg, reply)
+    with global_model(round_cfg, state, site.max_model_parameters) as model:
+        release = round_cfg.ddp_popularity_noise
+        if release and (model.output.bias is None or not model.output.bias.requires_grad):
+            raise SiteStartError("distributed DP: the server asks for a popularity release, which starts the item "
+                                 "bias, but its model trains none (model.item_bias=true)")
+        planned = [(release, 1.0, 1)] if release else [(round_cfg.ddp_noise_multiplier, round_cfg.ddp_sample_rate, 1)]
+        with site_lock(site.state_dir):
+            ledger = site.open_ledger(len(data.sequences))
+            resent = resent_reply(site, round_cfg, model, ledger)
+            if resent is not None:
+                return resent
+            try:
+                ledger.check(planned, site.privacy.epsilon)
+            except BudgetExceededError as err:
+                return declined(model, ledger.delta, ledger.spent(), str(err))
+            reply = popularity_reply(site, data, model, share) if release else \
+                gradient_step(site, data, round_cfg, model, share)
+            reply.epsilon = ledger.record(round_cfg.training_id, round_cfg.server_round, planned).epsilon_after
+            reply.delta = ledger.delta
+            return keep_reply(site, round_cfg, reply)
 
 
 def popularity_reply(site: SiteConfig, data: SiteData, model: FedRecModel, share: float) -> RoundReply:

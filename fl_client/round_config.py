@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from fl_client import model_store
 from fl_client.site import MAX_MODEL_PARAMETERS
 from shared_model import wire
 
@@ -188,7 +190,8 @@ def build_global_model(round_cfg: RoundConfig, state: Mapping[str, torch.Tensor]
     if round_cfg.num_negatives > config.num_items:
         raise RoundConfigError(f"round config asks for {wire.NUM_NEGATIVES}={round_cfg.num_negatives} negatives of "
                                f"a catalog of {config.num_items} items")
-    model = untrained_model(round_cfg.model_config, lambda: FedRecModel(config), keep=size <= TEMPLATE_MAX_NUMBERS)
+    model = model_store.untrained_model(round_cfg.model_config, lambda: FedRecModel(config),
+                                       keep=size <= model_store.TEMPLATE_MAX_NUMBERS)
     try:
         wire.load_state(model, state)
     except (ValueError, RuntimeError) as err:
@@ -196,31 +199,17 @@ def build_global_model(round_cfg: RoundConfig, state: Mapping[str, torch.Tensor]
     return model
 
 
-MODEL_TEMPLATES: dict[str, FedRecModel] = {}  # model config -> an untouched model of it (untrained_model)
-BUILT_ONCE: set[str] = set()  # the model config this process built once
-# The largest model (weights and buffers) a process keeps an untouched copy of: 16M numbers, 64 MB of float32.
-# Larger ones (a million-item catalog) are built each time rather than held twice in every simulated worker.
-TEMPLATE_MAX_NUMBERS = 16_000_000
-
-
-def untrained_model(model_config: str, build: Callable[[], FedRecModel], keep: bool = True) -> FedRecModel:
-    """A new model of `model_config`, its weights about to be overwritten by the global ones. A process that
-    builds the same config a second time (a simulated site's worker answers many messages) keeps one untouched
-    copy, when `keep`, and deep-copies it from then on: most of a build is the random initialisation of the item
-    table, which nobody uses (Beauty's 12,101 items: a copy 5-7 ms, a build 26-29 ms; about equal for the demo's
-    500 items, 4-6 ms, since the blocks are fedrec's own; BENCHMARKS.md). A deployed site's process (one message) only
-    builds. The copy keeps tied tensors tied; training reseeds its own randomness (fl_client.train)."""
-    import copy
-
-    if (template := MODEL_TEMPLATES.get(model_config)) is not None:
-        return copy.deepcopy(template)
-    model = build()
-    if keep and model_config in BUILT_ONCE:
-        MODEL_TEMPLATES.clear()  # one config at a time: a template can be as large as the model
-        MODEL_TEMPLATES[model_config] = copy.deepcopy(model)
-    BUILT_ONCE.clear()
-    BUILT_ONCE.add(model_config)
-    return model
+@contextmanager
+def global_model(round_cfg: RoundConfig, state: Mapping[str, torch.Tensor],
+                 max_parameters: int = MAX_MODEL_PARAMETERS) -> Iterator[FedRecModel]:
+    """`build_global_model` for one message's use: afterwards a process that answers many messages (a simulated
+    sites' worker) takes the model back for its next one (fl_client.model_store.take_back), so nothing may
+    hold on to it past the `with` (replies carry copies of its weights)."""
+    model = build_global_model(round_cfg, state, max_parameters)
+    try:
+        yield model
+    finally:
+        model_store.take_back(round_cfg.model_config, model)
 
 
 RANDOM_INITS = frozenset({"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",

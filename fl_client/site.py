@@ -164,7 +164,9 @@ def data_digest(path: str | Path, memo_dir: str | Path | None = None) -> str:
     modification and change times, and read back while they all match: hashing takes seconds a gigabyte, and in
     deployment every message is a new process that needs the digest (it keys the cached sequences). Any write to
     a file moves its change time, which a user cannot set back (short of the system clock), so a file that
-    changed is hashed again."""
+    changed is hashed again. No memo is kept while a file changed less than RACY_NS before it was hashed: a
+    second write within the same timestamp tick (Linux advances file times in ticks of a few ms) and of the same
+    size would keep every fact."""
     root = Path(path)
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
     names = [str(file.relative_to(root)) if root.is_dir() else "" for file in files]
@@ -177,13 +179,14 @@ def data_digest(path: str | Path, memo_dir: str | Path | None = None) -> str:
             kept = None  # none yet, or damaged: hashed again and rewritten
         if isinstance(kept, dict) and kept.get("facts") == facts and isinstance(kept.get("digest"), str):
             return kept["digest"]
-    digest = hashlib.sha256()
+    started, digest = time.time_ns(), hashlib.sha256()
     for file, name in zip(files, names, strict=True):
         digest.update(f"{name}|{file.stat().st_size}|".encode())
         with file.open("rb") as handle:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
-    if memo is not None and _file_facts(root, files, names) == facts:  # not written to while it was read
+    settled = all(changed_ns < started - RACY_NS for *_, changed_ns in facts[1:])  # as FileMemo keeps values
+    if memo is not None and settled and _file_facts(root, files, names) == facts:  # nor written to while read
         memo.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(memo, json.dumps({"facts": facts, "digest": digest.hexdigest()}))
     return digest.hexdigest()

@@ -22,7 +22,7 @@ from fl_client.dp.enrolment import site_lock
 from fl_client.dp.ledger import BudgetExceededError, PrivacyLedger
 from fl_client.dp.settings import AccountantHistory, PrivacyConfig
 from fl_client.moments import from_named_moments, to_named_moments, trainable_names
-from fl_client.round_config import RoundConfig, RoundConfigError, build_global_model, check_training_id
+from fl_client.round_config import RoundConfig, RoundConfigError, check_training_id, global_model
 from fl_client.site import SiteConfig, SiteData, check_users, site_delta
 from fl_client.train import TrainConfig, TrainingDivergedError, TrainResult, build_optimizer, train
 from shared_model import wire
@@ -124,14 +124,14 @@ def train_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, state:
     data.catalog.check_matches(round_cfg.catalog_fingerprint)
     check_users(site, data)
     plan_steps(site, data, round_cfg.num_rounds, round_cfg.local_epochs, round_cfg.batch_size)
-    model = build_global_model(round_cfg, state, site.max_model_parameters)
-    if not site.privacy.enabled:
-        delta = site_delta(site, data)
-        result = local_training(site, data, round_cfg, model, site.round_privacy(delta), shared_moments)
-        return trained_reply(site, data, round_cfg, model, result, 0.0, delta)
-    with site_lock(site.state_dir):
-        ledger = site.open_ledger(len(data.sequences))
-        return train_private_round(site, data, round_cfg, model, ledger, shared_moments)
+    with global_model(round_cfg, state, site.max_model_parameters) as model:
+        if not site.privacy.enabled:
+            delta = site_delta(site, data)
+            result = local_training(site, data, round_cfg, model, site.round_privacy(delta), shared_moments)
+            return trained_reply(site, data, round_cfg, model, result, 0.0, delta)
+        with site_lock(site.state_dir):
+            ledger = site.open_ledger(len(data.sequences))
+            return train_private_round(site, data, round_cfg, model, ledger, shared_moments)
 
 
 def train_private_round(site: SiteConfig, data: SiteData, round_cfg: RoundConfig, model: FedRecModel,
@@ -176,7 +176,10 @@ def resent_reply(site: SiteConfig, round_cfg: RoundConfig, model: FedRecModel,
 
 def keep_reply(site: SiteConfig, round_cfg: RoundConfig, reply: RoundReply) -> RoundReply:
     """Keep a charged round's reply (so a resend is answered without spending ε again) in place of older ones."""
-    save_atomically(reply_payload(reply), reply_path(site, round_cfg.training_id, round_cfg.server_round))
+    # Not synced to disk: the ledger record before it is, and a reply that a machine crash damages or loses is
+    # refused as unreadable (load_reply), which declines the resent round, never trains it twice.
+    save_atomically(reply_payload(reply), reply_path(site, round_cfg.training_id, round_cfg.server_round),
+                    durable=False)
     drop_older_replies(site, round_cfg.training_id, round_cfg.server_round)
     return reply
 
@@ -283,9 +286,10 @@ def load_optimizer_state(path: Path | None) -> dict[str, Any] | None:
         return None
 
 
-def save_atomically(value: Any, path: Path) -> None:
-    """torch.save through a temporary file, so a crash never leaves a half-written file behind."""
-    write_atomically(path, lambda out: torch.save(value, out))
+def save_atomically(value: Any, path: Path, durable: bool = True) -> None:
+    """torch.save through a temporary file, so a crash never leaves a half-written file behind (shared_model.atomic;
+    `durable`: synced to disk before the rename)."""
+    write_atomically(path, lambda out: torch.save(value, out), durable)
 
 
 def round_seed(site: SiteConfig, round_cfg: RoundConfig) -> int:

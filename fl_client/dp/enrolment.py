@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 IDENTITY_FILE = "site.json"
 LEDGER_FILE = "privacy_ledger.json"
 LOCK_FILE = "site.lock"
+PID_WIDTH = 20  # the holder's pid, padded: a shorter one overwrites a longer one whole
 LOCK_TIMEOUT_S = 3600.0  # longer than any round a site trains: a second process waits for the first to finish
 
 
@@ -41,7 +42,7 @@ def site_lock(state_dir: str | Path, timeout_s: float = LOCK_TIMEOUT_S, poll_s: 
     """
     path = Path(state_dir) / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+", encoding="utf-8") as handle:
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8") as handle:
         deadline = time.monotonic() + timeout_s
         waiting = False
         while True:
@@ -60,10 +61,9 @@ def site_lock(state_dir: str | Path, timeout_s: float = LOCK_TIMEOUT_S, poll_s: 
                     waiting = True
                 time.sleep(poll_s)
         try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(str(os.getpid()))  # who holds it, for the message of the process that waits
-            handle.flush()
+            # Who holds it, for the message of a process that waits: written over the start, never truncated.
+            # Truncating and rewriting the file cost 0.5 ms a lock on ext4, in place 0.01 ms (BENCHMARKS.md).
+            os.pwrite(handle.fileno(), f"{os.getpid():<{PID_WIDTH}}".encode(), 0)
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -4,6 +4,7 @@ dir, its head pins its entries, one process at a time spends from it, and its δ
 Before site identities, each case here read as ε = 0 (or lost a round) without a word."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -184,3 +185,11 @@ def test_a_second_process_waits_for_the_lock_then_gives_up_with_a_clear_error(tm
         pass
     with site_lock(tmp_path, timeout_s=0.2):  # released: the next one gets it at once
         pass
+
+
+def test_the_lock_names_its_holder_over_whatever_an_earlier_holder_wrote(tmp_path):
+    """The holder's pid is written in place (padded), not by truncating the file: a longer pid left by an earlier
+    holder must not show through."""
+    (tmp_path / "site.lock").write_text("98765432109876")
+    with site_lock(tmp_path):
+        assert (tmp_path / "site.lock").read_text().strip() == str(os.getpid())

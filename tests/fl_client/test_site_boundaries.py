@@ -16,6 +16,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fl_client import site as site_module
 from fl_client.client_app import (
     LEDGER,
     MODEL_MISMATCH,
@@ -161,6 +162,7 @@ def test_the_cache_follows_the_data_content_even_under_the_same_size_and_time(si
 def test_a_sites_events_are_hashed_once_while_the_file_is_untouched(site, tmp_path, monkeypatch):
     """Every message of a deployed site is a new process that keys its cached sequences by the events' SHA-256:
     seconds a gigabyte. The site keeps the digest with the file's facts and reads it back while they match."""
+    monkeypatch.setattr(site_module, "RACY_NS", 0)  # the files have settled (the next test: just written)
     events, state = Path(site.data_path), Path(site.state_dir)
     digest = data_digest(events, state)
     assert (state / DIGEST_MEMO).exists() and digest == data_digest(events)  # the same digest as without a memo
@@ -176,6 +178,22 @@ def test_a_sites_events_are_hashed_once_while_the_file_is_untouched(site, tmp_pa
     assert data_digest(events, state) == digest and reads == [events.name]
     assert data_digest(moved, state) == digest and reads == [events.name, "moved.csv"]  # another file: hashed
     assert json.loads((state / DIGEST_MEMO).read_text())["facts"][0] == str(moved.resolve())
+
+
+def test_no_digest_is_kept_for_an_events_file_changed_just_before_it_was_hashed(site, monkeypatch):
+    """Linux advances file times in ticks of a few ms: a second write of the same size within the tick keeps
+    every fact the memo checks, and a digest kept for the first content would key the old cached sequences.
+    A file changed less than RACY_NS before it was hashed is hashed again until it has settled."""
+    events, state = Path(site.data_path), Path(site.state_dir)
+    first = data_digest(events, state)
+    assert not (state / DIGEST_MEMO).exists()  # the fixture wrote the events just now
+    facts, identity = site_module.file_identity(events), site_module.file_identity
+    monkeypatch.setattr(site_module, "file_identity", lambda path: facts if Path(path) == events else identity(path))
+    lines = events.read_text().splitlines(keepends=True)
+    events.write_text("".join([lines[0], "v" + lines[1][1:], *lines[2:]]))  # same size, within the same tick
+    assert data_digest(events, state) == data_digest(events) != first  # the new content's
+    monkeypatch.setattr(site_module, "RACY_NS", 0)  # once settled, kept
+    assert data_digest(events, state) == data_digest(events) and (state / DIGEST_MEMO).exists()
 
 
 def fewer_users(site: SiteConfig, tmp_path: Path, keep: int, name: str) -> SiteConfig:

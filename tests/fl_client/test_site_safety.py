@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_client import round_config
 from fl_client import site as site_module
 from fl_client.dp.enrolment import LEDGER_FILE
 from fl_client.round_config import (
@@ -88,36 +87,6 @@ def test_the_skeleton_built_without_random_init_has_the_models_shapes_and_leaves
     assert size == sum(t.numel() for t in real.parameters()) + sum(t.numel() for t in real.buffers())
     again = FedRecModel(config)  # the mode ended with the skeleton
     assert again.item_embeddings.weight[1:].std() > 0 and again.layers[0].attention.self.query.weight.std() > 0
-
-
-def test_a_process_that_builds_a_config_again_copies_an_untouched_model_and_only_then(site, monkeypatch):
-    """A simulated site's worker builds each message's model from a kept untrained copy (from the config's second
-    build on); what one message's training does to its model never reaches the next, and a process that builds
-    once (a deployed site's) keeps no copy."""
-    record, state = round_record(load_site_data(site).catalog)
-    cfg = RoundConfig.from_record(record)
-    monkeypatch.setattr(round_config, "MODEL_TEMPLATES", {})
-    monkeypatch.setattr(round_config, "BUILT_ONCE", set())
-    first = build_global_model(cfg, state)
-    assert round_config.MODEL_TEMPLATES == {}  # one build: nothing kept
-    second = build_global_model(cfg, state)
-    with torch.no_grad():  # what training does to a message's model
-        for tensor in [*first.parameters(), *second.parameters()]:
-            tensor.add_(1.0)
-    models = [build_global_model(cfg, {k: v + step for k, v in state.items()}) for step in (0.0, 2.0)]
-    assert len({id(m) for m in [first, second, *models]}) == 4
-    for step, model in zip((0.0, 2.0), models, strict=True):
-        assert all(torch.equal(model.state_dict()[k], v + step) for k, v in state.items())
-        assert model.output.weight is model.item_embeddings.weight  # tied, as a built model
-        assert all(p.grad is None for p in model.parameters()) and model.training == first.training
-    [template] = round_config.MODEL_TEMPLATES.values()
-    assert not any(p is q for p in template.parameters() for m in models for q in m.parameters())
-    # a model over TEMPLATE_MAX_NUMBERS is built every time, never held twice
-    monkeypatch.setattr(round_config, "MODEL_TEMPLATES", {})
-    monkeypatch.setattr(round_config, "TEMPLATE_MAX_NUMBERS", config_shapes(cfg.model_config)[0] - 1)
-    for _ in range(3):
-        build_global_model(cfg, state)
-    assert round_config.MODEL_TEMPLATES == {}
 
 
 def test_a_model_config_over_the_sites_bound_is_refused_before_it_is_built(site):
