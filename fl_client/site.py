@@ -188,7 +188,8 @@ def data_digest(path: str | Path, memo_dir: str | Path | None = None) -> str:
     settled = all(changed_ns < started - RACY_NS for *_, changed_ns in facts[1:])  # as FileMemo keeps values
     if memo is not None and settled and _file_facts(root, files, names) == facts:  # nor written to while read
         memo.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(memo, json.dumps({"facts": facts, "digest": digest.hexdigest()}))
+        # A cache: a damaged memo is hashed again, so it is not synced to disk (shared_model.atomic)
+        write_text_atomically(memo, json.dumps({"facts": facts, "digest": digest.hexdigest()}), durable=False)
     return digest.hexdigest()
 
 
@@ -321,11 +322,12 @@ def keep_latest(current: Path, pattern: str, keep: int) -> list[Path]:
 
 
 def _write_cache(path: Path, seqs: UserSequences) -> None:
+    """The sequences cache; not synced to disk (shared_model.atomic): a damaged one is rebuilt (load_site_data)."""
     meta = json.dumps({"user_ids": seqs.user_ids, "regions": seqs.regions, "merchants": seqs.merchants,
                        "dropped": seqs.dropped})
     write_atomically(path, lambda out: np.savez(out, offsets=seqs.offsets, items=seqs.items,
                                                 event_types=seqs.event_types, time_buckets=seqs.time_buckets,
-                                                meta=np.array(meta)))
+                                                meta=np.array(meta)), durable=False)
 
 
 def _read_cache(path: Path) -> UserSequences:

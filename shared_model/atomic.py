@@ -19,7 +19,9 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object], durable: b
     The temporary name is unique, so two writers never share one; on any error it is removed and `path` is
     left as it was. Without `durable` the file is not synced before the rename (1-2 ms less a write): a crashed
     process still leaves the old or the new file, but a crash of the machine may leave an empty or partial one,
-    so only for files whose loss is safe (a site's kept round reply: a lost one declines the resent round).
+    so only for files whose loss is safe: a site's kept round reply (a lost one declines the resent round) and
+    the caches a site checks when it reads them and rebuilds when they are damaged (its sequences, σ plans and
+    events digest).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,6 +38,6 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object], durable: b
         raise
 
 
-def write_text_atomically(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str, durable: bool = True) -> None:
     """`write_atomically` for UTF-8 text."""
-    write_atomically(path, lambda out: out.write(text.encode("utf-8")))
+    write_atomically(path, lambda out: out.write(text.encode("utf-8")), durable)

@@ -74,7 +74,8 @@ def calibrate_noise(config: PrivacyConfig, sample_rate: float, steps: int, delta
     plans = _read_plans(cache_path)
     if key not in plans:
         plans[key] = _calibrated_sigma(*args)
-        write_atomically(cache_path, lambda out: out.write(json.dumps(plans, indent=1).encode()))
+        # not synced to disk (shared_model.atomic): a damaged cache is searched again (_read_plans)
+        write_atomically(cache_path, lambda out: out.write(json.dumps(plans, indent=1).encode()), durable=False)
     return plans[key]
 
 
