@@ -236,9 +236,11 @@ def load_reply(path: Path) -> RoundReply | None:
 def drop_older_replies(site: SiteConfig, training_id: str, server_round: int) -> None:
     """Remove this training's kept replies of rounds before the last two. A server resends only the round after
     its last checkpoint, and it checkpoints every round before asking for the next; a round resent after
-    its reply is gone is still never trained (or paid for) twice: the ledger declines it."""
-    stale = [reply_path(site, training_id, r) for r in range(1, server_round - 1)]
-    removed = [path for path in stale if path.exists()]
+    its reply is gone is still never trained (or paid for) twice: the ledger declines it. The folder is listed
+    (a few files) rather than every earlier round's name looked up (a stat per round, every message)."""
+    prefix = f"{safe_name(training_id)}_round"  # lowercase letters, digits and '-': no glob pattern in it
+    removed = [path for path in reply_path(site, training_id, server_round).parent.glob(f"{prefix}*.pt")
+               if (number := path.name[len(prefix):-len(".pt")]).isdigit() and int(number) < server_round - 1]
     for path in removed:
         path.unlink()
     if removed:

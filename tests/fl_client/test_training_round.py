@@ -13,7 +13,14 @@ from fl_client.dp.settings import PrivacyConfig
 from fl_client.evaluation import evaluate_round
 from fl_client.round_config import RoundConfig, build_global_model
 from fl_client.site import SiteConfig, load_site_data
-from fl_client.training_round import local_train_config, optimizer_state_path, plan_round, train_round
+from fl_client.training_round import (
+    drop_older_replies,
+    local_train_config,
+    optimizer_state_path,
+    plan_round,
+    reply_path,
+    train_round,
+)
 from shared_model import wire
 from shared_model.catalog import CatalogMismatchError, ItemCatalog
 from shared_model.configuration_fedrec import FedRecConfig
@@ -255,3 +262,13 @@ def test_a_dp_round_syncs_its_ledger_and_head_to_disk_and_neither_its_caches_nor
     assert (Path(site.state_dir) / "replies").is_dir() and any(Path(site.state_dir).glob("sequences_*.npz"))
     kinds = sorted({name.split(".tmp")[0].rsplit(".", 1)[0].lstrip(".") for name in synced})
     assert kinds == ["privacy_ledger.json", "site.json"]
+
+
+def test_a_site_keeps_the_replies_of_a_trainings_last_two_rounds_and_every_other_trainings(site):
+    kept = {(t, r): reply_path(site, t, r) for t in ("train-1", "train-10") for r in (1, 2, 3, 5, 12)}
+    for path in kept.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"reply")
+    drop_older_replies(site, "train-1", 13)  # rounds before 12 go: a sparse site trained 1, 2, 3, 5 and 12
+    left = sorted(p.name for p in kept[("train-1", 1)].parent.iterdir())
+    assert left == sorted(["train-1_round12.pt", *(f"train-10_round{r}.pt" for r in (1, 2, 3, 5, 12))])
