@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # imported where the model is built: the protocol stages impo
 MODEL_TEMPLATES: dict[str, FedRecModel] = {}  # model config -> an untouched model of it (untrained_model)
 BUILT_ONCE: set[str] = set()  # the model config this process built once
 SPARE_MODELS: dict[str, FedRecModel] = {}  # model config -> the last message's model, cleaned (take_back)
+TEMPLATE_SIGNATURES: dict[str, tuple[Any, ...] | None] = {}  # model config -> its template's build_signature
 # The largest model (weights and buffers) a process keeps an untouched copy of: 16M numbers, 64 MB of float32.
 # Larger ones (a million-item catalog) are built each time rather than held twice in every simulated worker.
 TEMPLATE_MAX_NUMBERS = 16_000_000
@@ -38,9 +39,10 @@ def untrained_model(model_config: str, build: Callable[[], FedRecModel], keep: b
         return spare if spare is not None else copy.deepcopy(template)
     model = build()
     if keep and model_config in BUILT_ONCE:
-        MODEL_TEMPLATES.clear()  # one config at a time: a template can be as large as the model
-        SPARE_MODELS.clear()
+        for kept in (MODEL_TEMPLATES, SPARE_MODELS, TEMPLATE_SIGNATURES):
+            kept.clear()  # one config at a time: a template can be as large as the model
         MODEL_TEMPLATES[model_config] = copy.deepcopy(model)
+        TEMPLATE_SIGNATURES[model_config] = build_signature(model)
     BUILT_ONCE.clear()
     BUILT_ONCE.add(model_config)
     return model
@@ -50,7 +52,8 @@ def take_back(model_config: str, model: FedRecModel) -> None:
     """Keep a message's model, done with, for this config's next message, when this process keeps a template of
     the config and the model has nothing the template lacks (clean_for_reuse); otherwise let it go."""
     template = MODEL_TEMPLATES.get(model_config)
-    if template is not None and model is not template and clean_for_reuse(model, template):
+    if template is not None and model is not template and model_config in TEMPLATE_SIGNATURES and \
+            clean_for_reuse(model, template, TEMPLATE_SIGNATURES[model_config]):
         SPARE_MODELS[model_config] = model
 
 
@@ -60,16 +63,12 @@ HOOK_FIELDS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
-def clean_for_reuse(model: torch.nn.Module, template: torch.nn.Module) -> bool:
+def clean_for_reuse(model: torch.nn.Module, template: torch.nn.Module, expected: tuple[Any, ...] | None) -> bool:
     """Whether `model`, once its gradients and the attributes an optimiser pinned on its parameters (Opacus'
-    summed_grad, grad_sample) are dropped, is built like `template` (`build_signature`: the same modules and
-    fields, no hook the template lacks, the same settings, tensors and ties), when the template has only buffers
-    that the global state overwrites (persistent ones). Its values do not matter: the next message overwrites
-    them all. Cleans `model` when it answers yes."""
-    if id(template) not in TEMPLATE_SIGNATURES:  # one template at a time (untrained_model)
-        TEMPLATE_SIGNATURES.clear()
-        TEMPLATE_SIGNATURES[id(template)] = (template, build_signature(template))
-    expected = TEMPLATE_SIGNATURES[id(template)][1]
+    summed_grad, grad_sample) are dropped, is built like `template`, whose build_signature is `expected` (the
+    same modules and fields, no hook the template lacks, the same settings, tensors and ties; None when the
+    template has a buffer the global state would not overwrite). Its values do not matter: the next message
+    overwrites them all. Cleans `model` when it answers yes."""
     if expected is None or build_signature(model) != expected:
         return False
     for parameter in model.parameters():
@@ -78,10 +77,6 @@ def clean_for_reuse(model: torch.nn.Module, template: torch.nn.Module) -> bool:
             delattr(parameter, field)
     model.train(template.training)
     return True
-
-
-# id(template) -> (the template, kept alive so that its id is not reused; its build_signature)
-TEMPLATE_SIGNATURES: dict[int, tuple[torch.nn.Module, tuple[Any, ...] | None]] = {}
 
 
 def build_signature(model: torch.nn.Module) -> tuple[Any, ...] | None:

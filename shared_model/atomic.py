@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object], durable: bool = True) -> None:
-    """Call `write` on a temporary file next to `path`, flush it to disk, then rename it over `path`.
+    """Call `write` on a temporary file next to `path`, flush it (and sync it to disk), then rename it over `path`.
 
     The temporary name is unique, so two writers never share one; on any error it is removed and `path` is
     left as it was. Without `durable` the file is not synced before the rename (1-2 ms less a write): a crashed

@@ -14,11 +14,15 @@ from fl_client.training_round import train_round
 from tests.fl_client.server_round import round_record
 
 
+def empty_store(monkeypatch) -> None:
+    """The store of a process that has built nothing yet."""
+    for name in ("MODEL_TEMPLATES", "BUILT_ONCE", "SPARE_MODELS", "TEMPLATE_SIGNATURES"):
+        monkeypatch.setattr(model_store, name, type(getattr(model_store, name))())
+
+
 @pytest.fixture
 def store(monkeypatch):
-    """An empty store, as in a process that has built nothing yet."""
-    for name, empty in (("MODEL_TEMPLATES", {}), ("BUILT_ONCE", set()), ("SPARE_MODELS", {})):
-        monkeypatch.setattr(model_store, name, empty)
+    empty_store(monkeypatch)
     return model_store
 
 
@@ -67,8 +71,7 @@ def test_a_reused_model_trains_another_site_bit_for_bit_as_a_fresh_one(site, sto
     for name in ("reused", "fresh"):
         other = replace(site, state_dir=str(tmp_path / name))
         if name == "fresh":
-            for field, empty in (("MODEL_TEMPLATES", {}), ("BUILT_ONCE", set()), ("SPARE_MODELS", {})):
-                monkeypatch.setattr(store, field, empty)
+            empty_store(monkeypatch)
         record, state = records[0]
         replies.append(train_round(other, load_site_data(other), RoundConfig.from_record(record), state))
         if name == "reused":

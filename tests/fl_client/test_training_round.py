@@ -272,3 +272,18 @@ def test_a_site_keeps_the_replies_of_a_trainings_last_two_rounds_and_every_other
     drop_older_replies(site, "train-1", 13)  # rounds before 12 go: a sparse site trained 1, 2, 3, 5 and 12
     left = sorted(p.name for p in kept[("train-1", 1)].parent.iterdir())
     assert left == sorted(["train-1_round12.pt", *(f"train-10_round{r}.pt" for r in (1, 2, 3, 5, 12))])
+
+
+@pytest.mark.parametrize("left", [0, 0.5], ids=["empty", "half"])
+def test_a_kept_reply_a_machine_crash_damaged_declines_the_resent_round_and_spends_nothing(site, left):
+    """The kept reply is not synced to disk: after a crash of the machine it may be empty or cut short. A round
+    the server then resends is declined, never trained (or paid for) a second time."""
+    data = load_site_data(site)
+    cfg, state = round_config(data.catalog, 1)
+    first = train_round(site, data, cfg, state)
+    kept = reply_path(site, cfg.training_id, 1)
+    kept.write_bytes(kept.read_bytes()[:int(kept.stat().st_size * left)])
+    again = train_round(site, data, cfg, state)
+    assert "already trained here and its reply is lost" in again.declined and again.num_examples == 0
+    assert again.epsilon == pytest.approx(first.epsilon)
+    assert len(PrivacyLedger(site.ledger_path, first.delta).entries) == 1
