@@ -1,11 +1,12 @@
 """Round time and peak memory of fedrec-simulate against the number of sites (issue: scale and speed).
 
 python benchmarks/many_sites.py OUT_DIR [HYDRA OVERRIDES of fedrec-simulate ...] [--sites 100 300 1000]
-                                [--per-round 50] [--users-per-site 20] [--rounds 5]
+                                [--per-round 50] [--users-per-site 20] [--rounds 5] [--preset NAME]
 (the overrides before the options: --sites takes every number after it)
 
 For each number of sites N: the embedded synthetic generator with N x users-per-site users, split iid over N
-sites, `per-round` of them asked to train each round (strategy.fraction_train); only the last round is
+sites (or, with --preset, that preset's data and partition into N sites, e.g. fed_beauty_dp's Dirichlet merchants
+over Beauty's users), `per-round` of them asked to train each round (strategy.fraction_train); only the last round is
 evaluated (federation.eval_every), and the server's own central evaluation is off (its cost grows with the
 users, not the sites). While the run goes, the memory of the whole process tree (the driver, Ray's processes and
 the simulated sites' workers; proportional set size, so shared pages count once) is read whenever the tree's
@@ -78,8 +79,10 @@ def run(sites: int, args: argparse.Namespace, overrides: list[str], out: Path) -
     """One fedrec-simulate run with `sites` sites; its round times and peak memory."""
     run_dir = out / f"sites-{sites}"
     per_round = min(args.per_round, sites)
-    command = [sys.executable, "-m", "simulations.simulate", "partition=iid", f"partition.num_partitions={sites}",
-               f"data.synthetic.num_users={sites * args.users_per_site}", f"strategy.min_nodes={per_round}",
+    data = ([f"+experiment={args.preset}"] if args.preset else
+            ["partition=iid", f"data.synthetic.num_users={sites * args.users_per_site}"])
+    command = [sys.executable, "-m", "simulations.simulate", *data, f"partition.num_partitions={sites}",
+               f"strategy.min_nodes={per_round}",
                f"strategy.fraction_train={per_round / sites}", f"strategy.fraction_evaluate={per_round / sites}",
                f"federation.num_rounds={args.rounds}", f"federation.eval_every={args.rounds}",
                "federation.central_eval=false", *overrides,
@@ -125,11 +128,14 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=50, help="sites asked to train (and evaluate) a round")
     parser.add_argument("--users-per-site", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5, help="rounds per run (the first and last are not timed)")
+    parser.add_argument("--preset", help="a fedrec-simulate preset (e.g. fed_beauty_dp: Dirichlet merchants over "
+                        "Beauty's users) in place of the synthetic sites of --users-per-site users, split iid")
     args, overrides = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = [run(n, args, overrides, args.out) for n in args.sites]
+    sites = f"preset {args.preset}" if args.preset else f"{args.users_per_site} users a site"
     print(f"machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} CPUs; "
-          f"overrides: {' '.join(overrides) or '(none)'}; {args.users_per_site} users a site, {args.rounds} rounds\n")
+          f"overrides: {' '.join(overrides) or '(none)'}; {sites}, {args.rounds} rounds\n")
     print("| sites | asked a round | round s (median) | sites' training s | overhead s | peak MiB (all processes) |")
     print("|---|---|---|---|---|---|")
     for r in results:

@@ -42,6 +42,15 @@ def test_dirichlet_partition_is_skewed_and_seeded(data):
     assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
 
 
+def test_a_dirichlet_split_no_draw_can_give_names_the_sizes_and_the_settings(data):
+    seqs, _ = data  # 400 users over 50 sites is 8 a site: 20 each is impossible, whatever is drawn
+    config = PartitionConfig(kind="dirichlet", by="merchant", num_partitions=50, alpha=0.5, min_partition_size=20)
+    expected = (r"400 users .* 50 sites partition.min_partition_size=20 users .*\(8.0 users a site"
+                r".*lower partition.min_partition_size, raise partition.alpha")
+    with pytest.raises(ValueError, match=expected):
+        partition_users(seqs, config)
+
+
 def test_iid_partition_has_equal_sizes(data):
     seqs, _ = data
     parts = partition_users(seqs, PartitionConfig(kind="iid", num_partitions=3))
