@@ -8,6 +8,10 @@ from typing import Any
 
 from shared_model.factory import ModelConfig
 
+# Strategies that average the sites' updates weighted by their users (before a server step): row-weighted item
+# tables work by pre-scaling their input, and the norm bound may weigh an update's pull on the average.
+AVERAGING = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
+
 
 @dataclass
 class StrategyConfig:
@@ -29,9 +33,11 @@ class StrategyConfig:
     item_rows: str = "average"  # (str) item-table rows: average or counts (FedAvg family, no DP)
     num_selected: int = 0  # (int) MultiKrum: updates averaged after Krum's selection; 0 = the round's usable
     # replies less num_malicious (a site that drops out lowers it, so an attacker is still left out)
-    norm_bound_factor: float = 3.0  # (float) drop updates longer than this times the round's median norm (0 = off);
-    # honest sites measured at most 1.9x the median (BENCHMARKS.md, Robust aggregation), 10x attacks caught;
-    # off under secure aggregation (the server sees only the average; secagg_clip bounds each site instead)
+    norm_bound_factor: float = 3.0  # (float) drop updates longer than this times the round's median norm (0 = off),
+    # unless (averaging rules, item rows averaged) the update's pull on the average, users x norm, is within this
+    # times the round's median pull: honest small DP sites, whose updates are mostly noise, are kept; honest sites
+    # measured at most 1.9x the median (BENCHMARKS.md, Robust aggregation), 10x attacks caught; off under secure
+    # aggregation (the server sees only the average; secagg_clip bounds each site instead)
     max_update_norm: float = 0.0  # (float) drop updates longer than this L2 norm (0 = off)
     min_cosine: float = -1.0  # (float) drop updates whose cosine with the round's coordinate-wise median update
     # is below this (-1 = off; 0 drops sign-flipped updates, which the norm bound cannot see)

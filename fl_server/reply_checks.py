@@ -18,7 +18,15 @@ with a reason naming its node and the field or tensor, unless:
 - its update (its weights minus the round's start, L2 over every trainable tensor) is at most
   `norm_bound_factor` times the median update of the round's otherwise valid replies (with fewer than
   MIN_SITES_FOR_MEDIAN of those, the median of earlier rounds' accepted medians, when there are any) and at
-  most `max_update_norm` (each 0 = off). Under secure aggregation every reply carries the one secure average,
+  most `max_update_norm` (each 0 = off). A longer update is still accepted, within `max_update_norm`, when
+  its pull on the average (its users times its norm) is at most `norm_bound_factor` times the round's median
+  pull, with MIN_SITES_FOR_MEDIAN replies or more, under a rule that averages weighted by users
+  (AVERAGING) with item_rows=average: a site moves such an average by its pull over all the round's users,
+  so it moves it no more than `norm_bound_factor` sites of median pull would. Under DP this keeps honest
+  small sites, whose update is mostly noise of norm about σ·C·√d / users (3 users send an update 6 times as
+  long as 19 users do, with the same pull); a scaled update of a site of typical size (norm and pull both
+  scaled) is still dropped, and so is a long update that claims few users but still pulls too hard. Under
+  secure aggregation every reply carries the one secure average,
   so neither norm check nor the direction check can judge a site: the norm bound is off, `max_update_norm` and
   `min_cosine` are refused, and `secagg_clip` bounds each coordinate of each site's update instead;
 - with `min_cosine` above -1, its update's cosine with the round's coordinate-wise median update is at least
@@ -45,7 +53,7 @@ from statistics import median
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
-from fl_server.config import StrategyConfig
+from fl_server.config import AVERAGING, StrategyConfig
 from fl_server.direction import flat_update, median_cosines
 from fl_server.replies import checked_record, payload_bytes, reply_metrics
 from fl_server.round_record import RoundRecord
@@ -250,6 +258,15 @@ def norm_bound(norms: list[float], earlier: list[float], factor: float, max_norm
     return bound
 
 
+def pull_bound(norms: list[float], users: list[float], factor: float) -> float:
+    """The largest pull on the average (users x update norm) that lets an update above the norm bound in: inf
+    when none does (no factor, too few sites for a median of their own, or no site moved)."""
+    pulls = [u * n for u, n in zip(users, norms, strict=True)]
+    if factor <= 0 or len(pulls) < MIN_SITES_FOR_MEDIAN or not median(pulls):
+        return math.inf
+    return factor * median(pulls)
+
+
 def check_reply_settings(config: StrategyConfig) -> None:
     """ValueError naming a reply-check or robust-aggregation setting that cannot work."""
     if config.norm_bound_factor and config.norm_bound_factor < 1:
@@ -290,6 +307,7 @@ class ReplyGate:
     declared_users: dict[int, int]  # node -> the users it declared with its first accepted reply (checkpointed)
     accepted_norms: list[float]  # medians of the accepted update norms of the last rounds (checkpointed)
     norm_bound_factor: float = 0.0  # drop updates longer than this times the round's median norm (0 = off)
+    weighs_pull: bool = False  # the rule averages weighted by users: a longer update of a small pull is kept
     max_update_norm: float = 0.0  # drop updates longer than this (0 = off)
     min_cosine: float = -1.0  # drop updates whose cosine with the round's median update is below this (-1 = off)
     max_site_users: int = 10_000_000  # no reply may claim more users
@@ -302,6 +320,8 @@ class ReplyGate:
         """Take the reply-check settings; no site has declared its users yet, no round has failed."""
         # under secure aggregation every reply carries the one average: no site's own length to bound
         self.norm_bound_factor = 0.0 if config.secure_aggregation else config.norm_bound_factor
+        # a users-weighted average, and no row weights: a site's users are its whole weight in the average
+        self.weighs_pull = config.name in AVERAGING and config.item_rows == "average"
         self.max_update_norm = config.max_update_norm
         self.min_cosine = config.min_cosine
         self.max_site_users, self.max_failed_rounds = config.max_site_users, config.max_failed_rounds
@@ -340,9 +360,16 @@ class ReplyGate:
         start = self.start_values()
         norms = [update_norm(m.content.array_records[wire.ARRAYS], start) for m in trained]
         bound = norm_bound(norms, self.accepted_norms, self.norm_bound_factor, self.max_update_norm)
-        kept = [(m, n) for m, n in zip(trained, norms, strict=True) if n <= bound]
+        users = [float(reply_metrics(m)[wire.NUM_EXAMPLES]) for m in trained]
+        pulls = pull_bound(norms, users, self.norm_bound_factor) if self.weighs_pull else math.inf
+        hard = self.max_update_norm if self.max_update_norm > 0 else math.inf
+        relief = math.isfinite(pulls)  # no pull bound: the norm alone decides
+        accepted = [n <= bound or (relief and u * n <= pulls and n <= hard) for n, u in zip(norms, users, strict=True)]
+        kept = [(m, n) for m, n, ok in zip(trained, norms, accepted, strict=True) if ok]
         over = [f"node {m.metadata.src_node_id}: update norm {n:.4g} above this round's bound {bound:.4g}"
-                for m, n in zip(trained, norms, strict=True) if n > bound]
+                + (f", and its pull on the average (users x norm) {u * n:.4g} above {pulls:.4g}"
+                   if relief and n <= hard else "")
+                for m, n, u, ok in zip(trained, norms, users, accepted, strict=True) if not ok]
         if self.min_cosine > -1 and kept:
             cosines = median_cosines([flat_update(m.content.array_records[wire.ARRAYS], start) for m, _ in kept])
             over += [f"node {m.metadata.src_node_id}: update at cosine {c:.3f} to the round's median update, below "
@@ -354,7 +381,8 @@ class ReplyGate:
             self.declared_users.setdefault(msg.metadata.src_node_id, int(reply_metrics(msg)[wire.NUM_EXAMPLES]))
         if norms:  # JSON has no infinity: an unbounded round says null
             self.last_round.update_norms = {"median": median(norms), "max_accepted": max((n for _, n in kept),
-                                               default=0.0), "bound": bound if math.isfinite(bound) else None}
+                                               default=0.0), "bound": bound if math.isfinite(bound) else None,
+                                            "pull_bound": pulls if math.isfinite(pulls) else None}
         return [m for m, _ in kept], over
 
     def unusable_round(self, global_round: int, why: str) -> tuple[None, None]:

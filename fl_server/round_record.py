@@ -32,8 +32,9 @@ class RoundRecord:
     dropped_reasons: list[str] | None = None  # why each was dropped
     # why the round left the global model unchanged (too few usable replies, non-finite aggregate)
     unusable: str | None = None
-    # the norm bound's figures: median update norm, bound (null: unbounded) and largest norm accepted (with
-    # secure aggregation every reply carries the secure average: these are its norm, not any site's)
+    # the norm bound's figures: median update norm, bound (null: unbounded), pull bound (users x norm that lets a
+    # longer update in; null: none this round) and largest norm accepted (with secure aggregation every reply
+    # carries the secure average: these are its norm, not any site's)
     update_norms: dict[str, float | None] | None = None
     # the largest train message sent to a site (bytes; with secure aggregation including the sealed shares)
     bytes_to_each_site: int | None = None

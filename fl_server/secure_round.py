@@ -26,9 +26,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fl_server.config import ServerConfig
+from fl_server.config import AVERAGING, ServerConfig
 from fl_server.replies import payload_bytes
-from fl_server.strategy import AVERAGING
 from shared_model import secure_sum, wire
 from shared_model.npy import ArrayDataError, decode_array
 from shared_model.secure_sum import SecureSumError, SecureSumSettings

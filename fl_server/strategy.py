@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
-from fl_server.config import StrategyConfig
+from fl_server.config import AVERAGING, StrategyConfig
 from fl_server.frozen import with_frozen
 from fl_server.item_rows import average_moments, item_weights, reweight_item_rows
 from fl_server.replies import (
@@ -56,8 +56,6 @@ log = logging.getLogger(__name__)
 __all__ = ["RoundHooks", "RoundsFailedError", "RunSetup", "build_strategy"]
 # Server-side optimiser state some strategies keep between rounds; checkpointed so a resume continues it.
 STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "shared_moments", "declared_users", "accepted_norms")
-# Strategies that average (before a server step): row-weighted item tables work by pre-scaling their input.
-AVERAGING = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
 # What a server step (FedAdam, FedYogi, FedAvgM) or moment sharing changes: put back when its aggregate is unusable.
 STEP_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "current_arrays", "shared_moments")
 

@@ -249,6 +249,57 @@ def test_the_default_bound_drops_a_tenfold_update_of_a_site_whose_own_update_is_
     assert old.last_round.dropped == 0  # what the old default let through
 
 
+def dp_like_sites(sizes, pull=100.0, seed=9):
+    """Updates that are mostly DP noise: a random direction each, of norm pull / users (pull: users x norm)."""
+    rng = np.random.default_rng(seed)
+    states = []
+    for users in sizes:
+        noise = {k: rng.normal(size=v.shape) for k, v in START.items()}
+        norm = np.sqrt(sum(float(np.sum(d ** 2)) for d in noise.values()))
+        states.append({k: (START[k] + pull / users * noise[k] / norm).astype(np.float32) for k in START})
+    return states
+
+
+def test_a_small_sites_long_update_is_kept_when_its_pull_on_the_average_is_a_typical_sites(serverapp_identity):
+    # Beauty over 1,000 Dirichlet merchants under DP (BENCHMARKS.md, "Dirichlet merchants over Beauty's users"):
+    # a merchant's update is its noisy mean gradient, of norm about σ·C·√d / users; the 3-users ones sent
+    # updates 6 times the median one and the 3x norm bound dropped them every round, honest as they were.
+    sizes = [3, 10, 19, 19, 40, 80, 160]
+    states = dp_like_sites(sizes)
+    strategy = strategy_for()
+    arrays, _ = strategy.aggregate_train(1, [site_reply(s, n) for s, n in zip(states, sizes, strict=True)])
+    assert strategy.last_round.dropped == 0
+    norms = strategy.last_round.update_norms
+    assert norms["max_accepted"] > 6 * norms["median"] and norms["pull_bound"] == pytest.approx(300.0, rel=1e-5)
+    expected = sum(n * s["w"].astype(np.float64) for s, n in zip(states, sizes, strict=True)) / sum(sizes)
+    np.testing.assert_allclose(arrays["w"].numpy(), expected, rtol=1e-5)  # the 3-users site averaged in
+
+
+def test_a_scaled_update_is_dropped_whether_it_claims_a_typical_or_a_small_number_of_users(serverapp_identity):
+    sizes = [3, 10, 19, 19, 40, 80, 160]
+    honest = dp_like_sites(sizes)
+    scaled = {k: START[k] + 10 * (honest[2][k] - START[k]) for k in START}  # 19 users: norm and pull x10
+    liar = {k: START[k] + 80 * (honest[2][k] - START[k]) for k in START}  # claims 1 user: pull 421 > 3 x 100
+    for attacker, users in ((scaled, 19), (liar, 1)):
+        strategy = strategy_for()
+        strategy.aggregate_train(1, [*(site_reply(s, n) for s, n in zip(honest, sizes, strict=True)),
+                                     site_reply(attacker, users)])
+        assert strategy.last_round.dropped == 1
+        assert "its pull on the average (users x norm)" in strategy.last_round.dropped_reasons[0]
+
+
+def test_only_a_users_weighted_average_lets_a_long_update_in_by_its_pull(serverapp_identity):
+    sizes = [3, 10, 19, 19, 40, 80, 160]
+    replies = lambda: [site_reply(s, n) for s, n in zip(dp_like_sites(sizes), sizes, strict=True)]  # noqa: E731
+    median_rule = strategy_for("fedmedian")  # does not weigh sites by users: the norm alone decides
+    median_rule.aggregate_train(1, replies())
+    assert median_rule.last_round.dropped == 1 and median_rule.last_round.update_norms["pull_bound"] is None
+    assert "pull" not in median_rule.last_round.dropped_reasons[0]
+    capped = strategy_for(max_update_norm=30.0)  # the absolute bound holds for every update (3 users: 33.3)
+    capped.aggregate_train(1, replies())
+    assert capped.last_round.dropped == 1 and "pull" not in capped.last_round.dropped_reasons[0]
+
+
 def test_each_rounds_update_norms_are_recorded_and_earlier_rounds_bound_a_round_of_few_sites(serverapp_identity):
     strategy = strategy_for(min_nodes=1)
     strategy.aggregate_train(1, good_replies())
