@@ -215,8 +215,10 @@ def run(args: argparse.Namespace) -> None:
         install(args.kit, site, log)
         summary.append(f"| install the kit | 0 | {time.monotonic() - start:.0f} |")
         note("environment")
-        subprocess.run(["nvidia-smi"], stdout=log, stderr=subprocess.STDOUT, check=False) if shutil.which(
-            "nvidia-smi") else note("no nvidia-smi")
+        if shutil.which("nvidia-smi"):
+            subprocess.run(["nvidia-smi"], stdout=log, stderr=subprocess.STDOUT, check=False)
+        else:
+            note("no nvidia-smi")
         check = ("import torch, flwr, ray, opacus, hydra, transformers, simulations.simulate, fl_client.client_app, "
                  "fl_server.server_app; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), "
                  "'flwr', flwr.__version__, 'ray', ray.__version__, 'opacus', opacus.__version__, 'transformers', "
@@ -253,7 +255,10 @@ def main() -> None:
     running.add_argument("--budget", type=float, default=540.0, help="seconds for everything, install included")
     running.add_argument("--rehearse", action="store_true", help="every step at a tiny size on the CPU")
     args = parser.parse_args()
-    pack(args) if args.command == "pack" else run(args)
+    if args.command == "pack":
+        pack(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

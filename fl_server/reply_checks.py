@@ -258,12 +258,12 @@ def norm_bound(norms: list[float], earlier: list[float], factor: float, max_norm
     return bound
 
 
-def pull_bound(norms: list[float], users: list[float], factor: float) -> float:
-    """The largest pull on the average (users x update norm) that lets an update above the norm bound in: inf
+def pull_bound(norms: list[float], users: list[float], factor: float) -> float | None:
+    """The largest pull on the average (users x update norm) that lets an update above the norm bound in; None
     when none does (no factor, too few sites for a median of their own, or no site moved)."""
     pulls = [u * n for u, n in zip(users, norms, strict=True)]
     if factor <= 0 or len(pulls) < MIN_SITES_FOR_MEDIAN or not median(pulls):
-        return math.inf
+        return None
     return factor * median(pulls)
 
 
@@ -361,14 +361,14 @@ class ReplyGate:
         norms = [update_norm(m.content.array_records[wire.ARRAYS], start) for m in trained]
         bound = norm_bound(norms, self.accepted_norms, self.norm_bound_factor, self.max_update_norm)
         users = [float(reply_metrics(m)[wire.NUM_EXAMPLES]) for m in trained]
-        pulls = pull_bound(norms, users, self.norm_bound_factor) if self.weighs_pull else math.inf
+        pulls = pull_bound(norms, users, self.norm_bound_factor) if self.weighs_pull else None  # None: norm alone
         hard = self.max_update_norm if self.max_update_norm > 0 else math.inf
-        relief = math.isfinite(pulls)  # no pull bound: the norm alone decides
-        accepted = [n <= bound or (relief and u * n <= pulls and n <= hard) for n, u in zip(norms, users, strict=True)]
+        accepted = [n <= bound or (pulls is not None and u * n <= pulls and n <= hard)
+                    for n, u in zip(norms, users, strict=True)]
         kept = [(m, n) for m, n, ok in zip(trained, norms, accepted, strict=True) if ok]
         over = [f"node {m.metadata.src_node_id}: update norm {n:.4g} above this round's bound {bound:.4g}"
                 + (f", and its pull on the average (users x norm) {u * n:.4g} above {pulls:.4g}"
-                   if relief and n <= hard else "")
+                   if pulls is not None and n <= hard else "")
                 for m, n, u, ok in zip(trained, norms, users, accepted, strict=True) if not ok]
         if self.min_cosine > -1 and kept:
             cosines = median_cosines([flat_update(m.content.array_records[wire.ARRAYS], start) for m, _ in kept])
@@ -382,7 +382,7 @@ class ReplyGate:
         if norms:  # JSON has no infinity: an unbounded round says null
             self.last_round.update_norms = {"median": median(norms), "max_accepted": max((n for _, n in kept),
                                                default=0.0), "bound": bound if math.isfinite(bound) else None,
-                                            "pull_bound": pulls if math.isfinite(pulls) else None}
+                                            "pull_bound": pulls}
         return [m for m, _ in kept], over
 
     def unusable_round(self, global_round: int, why: str) -> tuple[None, None]:

@@ -82,13 +82,13 @@ def partition_users(seqs: UserSequences, config: PartitionConfig,
             parts = [np.sort(np.asarray(partitioner.load_partition(i)["user"], dtype=np.int64))
                      for i in range(partitioner.num_partitions)]
     except ValueError as err:
-        if config.kind != "dirichlet":
+        # flwr-datasets draws a Dirichlet split again until every site has min_partition_size users, then gives up
+        # naming only alpha; any other error stands as raised
+        if config.kind != "dirichlet" or "attempts" not in str(err):
             raise
-        # flwr-datasets draws the split again (10 times at most) until every site has min_partition_size users,
-        # and then names only alpha
         raise ValueError(f"partition: no Dirichlet split (alpha {config.alpha}) of {len(seqs):,} users gave each "
                          f"of {config.num_partitions:,} sites partition.min_partition_size={config.min_partition_size}"
-                         f" users in 10 draws ({len(seqs) / config.num_partitions:,.1f} users a site on average); "
+                         f" users ({len(seqs) / config.num_partitions:,.1f} users a site on average); "
                          f"lower partition.min_partition_size, raise partition.alpha or use fewer sites "
                          f"(flwr-datasets: {err})") from err
     assigned = np.concatenate(parts) if parts else np.zeros(0, np.int64)
